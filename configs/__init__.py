@@ -1,0 +1,1 @@
+"""Bundled configs: YAML diffs over the defaults in spp_detect/config.py (`-c NAME` finds them)."""

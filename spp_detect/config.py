@@ -1,0 +1,268 @@
+"""Typed defaults for every stage, YAML diffs over them, strict overrides and fingerprints.
+
+The defaults are the paper's VOC 2007 setting (``../shared/SPEC.md``, ``ARCHITECTURE.md`` §2).
+A YAML file holds only what differs; ``--set section.key=value`` overrides it. Unknown keys and
+wrong types fail with the valid keys named. Only ``cli.py`` and ``stages/`` see a :class:`Config`;
+library functions take explicit arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spp_detect.errors import UserError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used 874 for 864
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/VOCdevkit/VOC2007"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/
+    classes: tuple[str, ...] = VOC_CLASSES  # foreground classes, label i = classes[i]; background = K
+    train_split: str = "trainval"  # ImageSets/Main/<name>.txt used by propose/extract/finetune/svm/bbox
+    test_split: str = "test"  # ImageSets/Main/<name>.txt used by test/eval
+
+
+@dataclass(frozen=True)
+class ProposeConfig:
+    method: str = "selective_search"  # selective_search | edge_boxes | mat
+    mode: str = "fast"  # selective search strategy: fast | quality (OpenCV ximgproc)
+    base_k: int = 150  # graph-segmentation k of the first strategy (OpenCV default)
+    inc_k: int = 150  # increment of k between strategies (OpenCV default)
+    sigma: float = 0.8  # graph-segmentation Gaussian sigma (SPEC §11)
+    edge_model: str = ""  # structured-edge model .yml.gz for edge_boxes; "" = gradient edges
+    edge_max_boxes: int = 2000  # EdgeBoxes maxBoxes (paper: about 2,000 windows per image)
+    mat_file: str = ""  # R-CNN/SPP-net proposal .mat (method: mat); boxes stored [y1 x1 y2 x2] 1-based
+    min_size: int = 20  # drop boxes narrower or shorter than this, px (SPEC §11, SS-IJCV BoxSize)
+    max_per_image: int = 0  # keep at most this many boxes per image; 0 = keep all (SPEC §11)
+    max_side: int = 0  # downscale images whose longer side exceeds this for proposing; 0 = never
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbone: str = "zf5"  # zf5 | alexnet | vgg16
+    weights: str = "none"  # torchvision weights name, local file, or none (random init)
+    scales: tuple[int, ...] = PAPER_SCALES  # shorter image side per pyramid level, px
+    max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap (SPEC §3)
+    flip: bool = False  # also cache horizontally flipped maps of training splits (SPEC §6)
+    cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly
+
+
+@dataclass(frozen=True)
+class SppConfig:
+    levels: tuple[int, ...] = (6, 3, 2, 1)  # pyramid bins per side, in output order (paper)
+    target_size: float = 224.0  # window side aimed at by scale selection, px (paper; code: 208)
+    offset: float = 6.5  # box shrink before projection, px (SPEC §4, spp_config.m)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    fc_dim: int = 4096  # width of fc6 and fc7 (SPEC §6)
+    dropout: float = 0.5  # dropout after fc6 and fc7 (SPEC §6)
+    batch_size: int = 128  # windows per minibatch (SPEC §6)
+    fg_fraction: float = 0.25  # foreground share of a minibatch: 32 of 128 (SPEC §6)
+    fg_thresh: float = 0.5  # IoU >= this is foreground (SPEC §6)
+    bg_thresh_lo: float = 0.1  # background IoU lower bound, inclusive (SPEC §6)
+    bg_thresh_hi: float = 0.5  # background IoU upper bound, exclusive (SPEC §6)
+    iterations: int = 90000  # SGD iterations; the last one is kept (no test-set selection)
+    lr: float = 1e-3  # base learning rate (SPEC §6 "vstep")
+    lr_steps: tuple[int, ...] = (30000, 60000)  # lr x0.1 at each of these iterations (SPEC §6)
+    momentum: float = 0.9  # SGD momentum (SPEC §6)
+    weight_decay: float = 5e-4  # L2 weight decay (SPEC §6)
+    seed: int = 6  # RNG seed (SPEC §6: Caffe seed 6)
+    checkpoint_every: int = 2000  # iterations between resumable checkpoints
+    log_every: int = 100  # iterations between history entries
+    val_split: str = ""  # held-out split for window accuracy in history; "" = none
+
+
+@dataclass(frozen=True)
+class SvmConfig:
+    C: float = 1e-3  # liblinear -c (SPEC §7)
+    pos_weight: float = 2.0  # liblinear -w1: positive-class cost multiplier (SPEC §7)
+    intercept_scaling: float = 10.0  # liblinear -B (SPEC §7)
+    tol: float = 0.1  # liblinear eps for -s 3 (SPEC §7)
+    neg_iou: float = 0.3  # negatives have IoU < this with every gt of the class (SPEC §7)
+    hard_thresh: float = -1.0001  # mine negatives scoring above this (SPEC §7)
+    evict_thresh: float = -1.2  # evict cached negatives scoring below this (SPEC §7)
+    retrain_limit: int = 2000  # retrain after this many new negatives (SPEC §7)
+    target_norm: float = 20.0  # features scaled to this mean L2 norm (SPEC §7)
+    norm_images: int = 200  # images sampled to estimate the mean norm (SPEC §7)
+    norm_windows: int = 200  # windows per image for the mean norm (SPEC §7)
+    seed: int = 3  # RNG seed for the norm estimate (SPEC §7: rng seed 3)
+
+
+@dataclass(frozen=True)
+class BboxRegConfig:
+    ridge_lambda: float = 4000.0  # ridge penalty, bias included (SPEC §8; R-CNN used 1000)
+    min_iou: float = 0.5  # train on windows whose best gt IoU is > this (SPEC §8)
+    target_norm: float = 20.0  # pool5 features scaled to this mean L2 norm (SPEC §8)
+    whiten_eps: float = 1e-3  # added to target covariance eigenvalues (SPEC §8)
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    score_thresh: float = -1.5  # keep windows scoring above this (SPEC §9)
+    nms_thresh: float = 0.3  # per-class NMS IoU, before and after regression (SPEC §9–10)
+    max_per_class: int = 100  # detections kept per class and image (SPEC §9)
+    bbox_reg: bool = True  # apply the box regressors when trained (SPEC §8)
+    batch_windows: int = 4096  # windows per fc6/fc7 batch
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    iou_thresh: float = 0.5  # a detection matches a gt at IoU >= this (VOC devkit)
+    use_07_metric: bool = True  # headline AP: VOC07 11-point (True) or area under PR (False)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    propose: ProposeConfig = field(default_factory=ProposeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    spp: SppConfig = field(default_factory=SppConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SvmConfig = field(default_factory=SvmConfig)
+    bbox_reg: BboxRegConfig = field(default_factory=BboxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "default"  # used for the default run directory runs/<name>
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections; a stage records the sections it depends on."""
+        payload = json.dumps({s: _plain(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def dump(self, path: str | Path) -> None:
+        from spp_detect.artifacts import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML diff at ``path``, then each ``section.key=value`` override."""
+    tree: dict[str, Any] = {}
+    name = "default"
+    if path is not None:
+        path = resolve_config_path(path)
+        tree = _read_yaml(path)
+        name = tree.pop("name", path.stem)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        tree.setdefault(section, {})[key] = value
+    return _build(tree, name=str(name), origin=str(path) if path else "--set")
+
+
+def bundled_configs() -> dict[str, Path]:
+    """The configs shipped with the package (the repo's configs/), by name."""
+    from importlib.resources import files
+
+    folder = files("spp_detect.configs")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file path, or the name of a bundled config such as ``toy`` or ``raccoon``."""
+    path = Path(path)
+    if path.is_file() or path.suffix:
+        return path
+    bundled = bundled_configs()
+    if str(path) in bundled:
+        return bundled[str(path)]
+    raise UserError(f"{path}: no such config file or bundled config; bundled: {', '.join(sorted(bundled))}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass an existing YAML file to -c")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    return tree
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    target, sep, raw = item.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set test.nms_thresh=0.4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def _build(tree: dict[str, Any], name: str, origin: str) -> Config:
+    sections = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise UserError(f"{origin}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section {section!r} must be a mapping of keys")
+        sections[section] = _build_section(section, values, origin)
+    return Config(name=name, **sections)
+
+
+def _build_section(section: str, values: dict[str, Any], origin: str) -> Any:
+    cls = {f.name: f.type for f in dataclasses.fields(Config)}[section]
+    cls = globals()[cls] if isinstance(cls, str) else cls
+    hints = typing.get_type_hints(cls)
+    valid = ", ".join(hints)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{origin}: unknown key {section}.{key}; valid keys: {valid}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against a field type; ints are accepted as floats, lists as tuples."""
+    origin_type = typing.get_origin(hint)
+    if origin_type is tuple:
+        (item_type, _) = typing.get_args(hint)
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(v, item_type, key, origin) for v in items)
+    if origin_type in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {hint}")
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise UserError(
+            f"{origin}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value

@@ -1,0 +1,110 @@
+"""What every stage shares: the split's records, fingerprints, upstream checks and summaries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spp_detect.artifacts import load_npz, require_manifest
+from spp_detect.config import Config
+from spp_detect.errors import UserError
+from spp_detect.run_dir import RunDir
+from spp_detect.structures import ImageRecord
+
+# Config sections each stage's output depends on, its upstream stages' included.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "propose": ("data", "propose"),
+    "extract": ("data", "extract"),
+    "finetune": ("data", "propose", "extract", "spp", "finetune"),
+    "train-svm": ("data", "propose", "extract", "spp", "finetune", "svm"),
+    "train-bbox": ("data", "propose", "extract", "spp", "bbox_reg"),
+    "test": ("data", "propose", "extract", "spp", "finetune", "svm", "bbox_reg", "test"),
+    "eval": ("data", "propose", "extract", "spp", "finetune", "svm", "bbox_reg", "test", "eval"),
+}
+
+
+def fingerprint(config: Config, stage: str) -> str:
+    return config.fingerprint(*STAGE_SECTIONS[stage])
+
+
+def stage_dir(run_dir: RunDir, stage: str, split: str) -> Path:
+    """The folder whose manifest.json closes ``stage`` (for the split, where it has one)."""
+    return {
+        "propose": run_dir.proposals_dir(split),
+        "extract": run_dir.features_dir(split),
+        "finetune": run_dir.finetune_dir,
+        "train-svm": run_dir.svm_dir,
+        "train-bbox": run_dir.bbox_dir,
+        "test": run_dir.detections_dir / split,
+        "eval": run_dir.devkit_dir(split),
+    }[stage]
+
+
+def require_upstream(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:
+    """The manifest of a completed upstream ``stage``, made with the current config."""
+    return require_manifest(stage_dir(run_dir, stage, split), stage, fingerprint(config, stage))
+
+
+def split_records(config: Config, split: str, limit: int | None = None) -> list[ImageRecord]:
+    """The annotated images of ``split``, the first ``limit`` of them when given."""
+    from spp_detect.voc import read_split
+
+    records = read_split(Path(config.data.root), split, config.data.classes)
+    if not records:
+        raise UserError(f"{Path(config.data.root) / 'ImageSets/Main' / (split + '.txt')}: no images")
+    return records[:limit] if limit else records
+
+
+def load_proposals(run_dir: RunDir, split: str, image_id: str) -> np.ndarray:
+    """Proposal boxes (R, 4) float32 of one image; a missing file names the stage to run."""
+    path = run_dir.proposal_path(split, image_id)
+    if not path.is_file():
+        raise UserError(f"{path}: no proposals for this image; run `spp-detect propose --split {split}`")
+    return load_npz(path)["boxes"].astype(np.float32, copy=False)
+
+
+def windows_of(record: ImageRecord, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All windows of an image, gt first as in the original roidb (SPEC §0).
+
+    Returns boxes (G + R, 4) float32 and is_gt (G + R,) bool.
+    """
+    boxes = np.concatenate([record.gt_boxes, proposals]).astype(np.float32, copy=False)
+    is_gt = np.zeros(len(boxes), dtype=bool)
+    is_gt[: len(record.gt_boxes)] = True
+    return boxes, is_gt
+
+
+@dataclass
+class Summary:
+    """A stage's one-line ending: items, time, bytes."""
+
+    stage: str
+    started: float = field(default_factory=time.perf_counter)
+    items: int = 0
+    bytes_written: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        seconds = time.perf_counter() - self.started
+        parts = [f"{self.stage}: {self.items} items in {seconds:.1f} s"]
+        if self.items:
+            parts.append(f"{seconds / self.items:.3f} s/item")
+        if self.bytes_written:
+            parts.append(f"{format_bytes(self.bytes_written)} written")
+        return ", ".join(parts + self.notes)
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def dir_bytes(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())

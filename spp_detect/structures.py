@@ -1,0 +1,80 @@
+"""Frozen struct-of-arrays records that pass between the library and the stages.
+
+Shapes: G gt boxes in an image, M detections over a split, N images.
+Boxes are float32 (·, 4) XYXY in continuous pixel coordinates (ARCHITECTURE.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _check(name: str, array: np.ndarray, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
+    array = np.asarray(array, dtype=dtype)
+    ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
+    if not ok:
+        raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
+    return array
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One annotated image: gt_boxes (G, 4) float32, gt_labels (G,) int64, difficult (G,) bool."""
+
+    image_id: str
+    path: Path
+    height: int
+    width: int
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    difficult: np.ndarray
+
+    def __post_init__(self) -> None:
+        boxes = _check("gt_boxes", self.gt_boxes, np.float32, (None, 4))
+        count = len(boxes)
+        object.__setattr__(self, "gt_boxes", boxes)
+        object.__setattr__(self, "gt_labels", _check("gt_labels", self.gt_labels, np.int64, (count,)))
+        object.__setattr__(self, "difficult", _check("difficult", self.difficult, bool, (count,)))
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections over a split (ARCHITECTURE.md §4, `detections/<split>.npz`).
+
+    image_ids (N,) str; image_index (M,) int64 into image_ids; boxes (M, 4) float32;
+    scores (M,) float32; labels (M,) int64 foreground class indices.
+    """
+
+    image_ids: np.ndarray
+    image_index: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_ids", np.asarray(self.image_ids, dtype=str).reshape(-1))
+        count = len(np.asarray(self.scores).reshape(-1))
+        object.__setattr__(self, "image_index", _check("image_index", self.image_index, np.int64, (count,)))
+        object.__setattr__(self, "boxes", _check("boxes", self.boxes, np.float32, (count, 4)))
+        object.__setattr__(self, "scores", _check("scores", self.scores, np.float32, (count,)))
+        object.__setattr__(self, "labels", _check("labels", self.labels, np.int64, (count,)))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "image_ids": self.image_ids,
+            "image_index": self.image_index,
+            "boxes": self.boxes,
+            "scores": self.scores,
+            "labels": self.labels,
+        }
