@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,19 +45,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> None:
     """Write arrays to ``path`` atomically (``path`` must end in ``.npz``)."""
+    for name, array in arrays.items():
+        if np.asarray(array).dtype.hasobject:  # np.savez would pickle these silently
+            raise ValueError(f"{name}: object arrays need pickle; store plain numeric/str arrays")
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         (np.savez_compressed if compress else np.savez)(handle, **arrays)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz``, read eagerly; a corrupt or missing file is a :class:`UserError`."""
+    """All arrays of an ``.npz``, read eagerly; a corrupt or missing file is a ``UserError``."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except Exception as exc:  # numpy/zipfile/zlib/tokenize raise many types for a corrupt file
         raise UserError(f"{path}: unreadable ({exc}); delete it and rerun the stage") from None
 
 
@@ -127,7 +129,9 @@ def require_manifest(stage_dir: str | Path, stage: str, fingerprint: str) -> dic
     """The upstream manifest, or a :class:`UserError` naming the stage to (re)run."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
-        raise UserError(f"{stage_dir}: no completed '{stage}' output; run `spp-detect {stage}` first")
+        raise UserError(
+            f"{stage_dir}: no completed '{stage}' output; run `spp-detect {stage}` first"
+        )
     if manifest.get("fingerprint") != fingerprint:
         raise UserError(
             f"{Path(stage_dir) / MANIFEST}: made with a different config than the current one; "

@@ -31,9 +31,15 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/VOCdevkit/VOC2007"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/
-    classes: tuple[str, ...] = VOC_CLASSES  # foreground classes, label i = classes[i]; background = K
-    train_split: str = "trainval"  # ImageSets/Main/<name>.txt used by propose/extract/finetune/svm/bbox
+    root: str = (
+        "data/VOCdevkit/VOC2007"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/
+    )
+    classes: tuple[str, ...] = (
+        VOC_CLASSES  # foreground classes, label i = classes[i]; background = K
+    )
+    train_split: str = (
+        "trainval"  # ImageSets/Main/<name>.txt used by propose/extract/finetune/svm/bbox
+    )
     test_split: str = "test"  # ImageSets/Main/<name>.txt used by test/eval
 
 
@@ -46,7 +52,9 @@ class ProposeConfig:
     sigma: float = 0.8  # graph-segmentation Gaussian sigma (SPEC §11)
     edge_model: str = ""  # structured-edge model .yml.gz for edge_boxes; "" = gradient edges
     edge_max_boxes: int = 2000  # EdgeBoxes maxBoxes (paper: about 2,000 windows per image)
-    mat_file: str = ""  # R-CNN/SPP-net proposal .mat (method: mat); boxes stored [y1 x1 y2 x2] 1-based
+    mat_file: str = (
+        ""  # R-CNN/SPP-net proposal .mat (method: mat); boxes stored [y1 x1 y2 x2] 1-based
+    )
     min_size: int = 20  # drop boxes narrower or shorter than this, px (SPEC §11, SS-IJCV BoxSize)
     max_per_image: int = 0  # keep at most this many boxes per image; 0 = keep all (SPEC §11)
     max_side: int = 0  # downscale images whose longer side exceeds this for proposing; 0 = never
@@ -176,7 +184,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         name = tree.pop("name", path.stem)
     for item in overrides:
         section, key, value = _parse_override(item)
-        tree.setdefault(section, {})[key] = value
+        _build({section: {key: value}}, name="", origin=f"--set {item}")  # a typo names the --set
+        if tree.get(section) is None:  # absent, or an empty "section:" line in the YAML
+            tree[section] = {}
+        tree[section][key] = value
     return _build(tree, name=str(name), origin=str(path) if path else "--set")
 
 
@@ -196,7 +207,9 @@ def resolve_config_path(path: str | Path) -> Path:
     bundled = bundled_configs()
     if str(path) in bundled:
         return bundled[str(path)]
-    raise UserError(f"{path}: no such config file or bundled config; bundled: {', '.join(sorted(bundled))}")
+    raise UserError(
+        f"{path}: no such config file or bundled config; bundled: {', '.join(sorted(bundled))}"
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -217,7 +230,9 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     target, sep, raw = item.partition("=")
     section, dot, key = target.strip().partition(".")
     if not sep or not dot:
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set test.nms_thresh=0.4")
+        raise UserError(
+            f"--set {item!r}: expected section.key=value, e.g. --set test.nms_thresh=0.4"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -229,7 +244,9 @@ def _build(tree: dict[str, Any], name: str, origin: str) -> Config:
     sections = {}
     for section, values in tree.items():
         if section not in SECTIONS:
-            raise UserError(f"{origin}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+            raise UserError(
+                f"{origin}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}"
+            )
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section {section!r} must be a mapping of keys")
         sections[section] = _build_section(section, values, origin)
@@ -261,6 +278,13 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # YAML reads split names such as 2007 as numbers
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads exponents without a dot, e.g. 1e-3, as strings
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         raise UserError(
             f"{origin}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})"

@@ -6,11 +6,19 @@ Images are numpy uint8 (H, W, 3) in RGB order everywhere in the package.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from spp_detect.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: proposal workers never need it
+    import torch
+
+
+# Pixels as stored, like the VOC devkit and the sizes voc.py reads: EXIF rotation is ignored.
+_DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -19,7 +27,72 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: image not found; check data.root and the split file")
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, _DECODE_FLAGS) if data.size else None
     if image is None:
-        raise UserError(f"{path}: not a readable image; replace the file or drop its id from the split")
+        raise UserError(
+            f"{path}: not a readable image; replace the file or drop its id from the split"
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# Normalisations, chosen by the backbone's weights (ARCHITECTURE §2 backbones row).
+CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (SPEC §3)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB mean of torchvision's ImageNet weights, after /255
+IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB std of torchvision's ImageNet weights, after /255
+NORMALIZATIONS = ("caffe_bgr", "imagenet")
+
+
+def resized_hw(
+    image_hw: tuple[int, int], short_side: int, max_long_side: int = 0
+) -> tuple[int, int]:
+    """(H, W) after resizing the shorter side to ``short_side`` (SPEC §3).
+
+    The longer side becomes round(s·long/short), halves rounded up. With ``max_long_side`` > 0
+    and a longer side above it, the longer side becomes the cap and the shorter side
+    round(cap·short/long) instead (the image keeps its aspect ratio).
+    """
+    height, width = image_hw
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = short_side, _round_ratio(short_side * long, short)
+    if max_long_side > 0 and new_long > max_long_side:
+        new_short, new_long = max(1, _round_ratio(max_long_side * short, long)), max_long_side
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+def _round_ratio(numerator: int, denominator: int) -> int:
+    """round(numerator / denominator) with halves up, in exact integer arithmetic."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def resize_short_side(image: np.ndarray, short_side: int, max_long_side: int = 0) -> np.ndarray:
+    """uint8 (H, W, 3) → (H', W', 3) with the shorter side ``short_side``; bilinear, no antialias
+    (``cv2.INTER_LINEAR``, as the original's imresize with antialiasing off, SPEC §3)."""
+    height, width = resized_hw(image.shape[:2], short_side, max_long_side)
+    if (height, width) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def image_to_tensor(
+    image: np.ndarray, normalization: str, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB → float32 (3, H, W) on ``device``, normalised for the weights.
+
+    "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5, SPEC §3). "imagenet": /255,
+    then ImageNet mean/std per RGB channel (torchvision weights).
+    """
+    import torch
+
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
+    if normalization == "caffe_bgr":
+        return pixels.flip(0) - CAFFE_PIXEL_MEAN
+    if normalization == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
+        return (pixels / 255.0 - mean) / std
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def flip_image(image: np.ndarray) -> np.ndarray:
+    """The horizontally flipped image (columns reversed), contiguous."""
+    return np.ascontiguousarray(image[:, ::-1])

@@ -14,7 +14,9 @@ import numpy as np
 
 def _check(name: str, array: np.ndarray, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
     array = np.asarray(array, dtype=dtype)
-    ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
+    ok = array.ndim == len(shape) and all(
+        s is None or s == a for s, a in zip(shape, array.shape, strict=False)
+    )
     if not ok:
         raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
     return array
@@ -36,7 +38,9 @@ class ImageRecord:
         boxes = _check("gt_boxes", self.gt_boxes, np.float32, (None, 4))
         count = len(boxes)
         object.__setattr__(self, "gt_boxes", boxes)
-        object.__setattr__(self, "gt_labels", _check("gt_labels", self.gt_labels, np.int64, (count,)))
+        object.__setattr__(
+            self, "gt_labels", _check("gt_labels", self.gt_labels, np.int64, (count,))
+        )
         object.__setattr__(self, "difficult", _check("difficult", self.difficult, bool, (count,)))
         object.__setattr__(self, "path", Path(self.path))
 
@@ -62,7 +66,9 @@ class Detections:
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_ids", np.asarray(self.image_ids, dtype=str).reshape(-1))
         count = len(np.asarray(self.scores).reshape(-1))
-        object.__setattr__(self, "image_index", _check("image_index", self.image_index, np.int64, (count,)))
+        object.__setattr__(
+            self, "image_index", _check("image_index", self.image_index, np.int64, (count,))
+        )
         object.__setattr__(self, "boxes", _check("boxes", self.boxes, np.float32, (count, 4)))
         object.__setattr__(self, "scores", _check("scores", self.scores, np.float32, (count,)))
         object.__setattr__(self, "labels", _check("labels", self.labels, np.int64, (count,)))

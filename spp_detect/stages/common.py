@@ -55,7 +55,9 @@ def split_records(config: Config, split: str, limit: int | None = None) -> list[
 
     records = read_split(Path(config.data.root), split, config.data.classes)
     if not records:
-        raise UserError(f"{Path(config.data.root) / 'ImageSets/Main' / (split + '.txt')}: no images")
+        raise UserError(
+            f"{Path(config.data.root) / 'ImageSets/Main' / (split + '.txt')}: no images"
+        )
     return records[:limit] if limit else records
 
 
@@ -63,7 +65,9 @@ def load_proposals(run_dir: RunDir, split: str, image_id: str) -> np.ndarray:
     """Proposal boxes (R, 4) float32 of one image; a missing file names the stage to run."""
     path = run_dir.proposal_path(split, image_id)
     if not path.is_file():
-        raise UserError(f"{path}: no proposals for this image; run `spp-detect propose --split {split}`")
+        raise UserError(
+            f"{path}: no proposals for this image; run `spp-detect propose --split {split}`"
+        )
     return load_npz(path)["boxes"].astype(np.float32, copy=False)
 
 

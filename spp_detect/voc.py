@@ -1,0 +1,288 @@
+"""Reading a VOC-layout dataset: ``ImageSets/Main/<split>.txt``, ``Annotations/``, ``JPEGImages/``.
+
+Shapes: G gt boxes of one image.
+
+The reader is tolerant of what real-world VOC-style sets contain (missing ``<difficult>`` or
+``<truncated>`` tags, float coordinates, padded or differently-cased class names, objects of
+classes outside ``classes``, boxes reaching outside the image, a ``<size>`` that disagrees with the
+image file) and strict about what it cannot repair: each such problem is a :class:`UserError` that
+names the file and the fix. Boxes leave this module in the one internal format (ARCHITECTURE.md
+§2); :func:`voc_to_continuous` is the only place that converts from the XML's 1-based inclusive
+pixel indices.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from spp_detect.errors import UserError
+from spp_detect.structures import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # tried when <filename> fails
+BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+MAX_EXAMPLES = 3  # files named in one aggregated warning line
+
+
+def voc_to_continuous(voc_boxes: np.ndarray) -> np.ndarray:
+    """VOC ``(xmin, ymin, xmax, ymax)``, 1-based inclusive (G, 4) → continuous XYXY (G, 4) float32.
+
+    Pixel ``xmin`` (1-based) starts at continuous ``xmin − 1``; pixel ``xmax`` ends at ``xmax``.
+    """
+    boxes = np.asarray(voc_boxes, dtype=np.float32).reshape(-1, 4)
+    return boxes - np.array([1, 1, 0, 0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class VocAnnotation:
+    """One parsed XML: boxes (G, 4) float32 continuous and not yet clipped, labels (G,) int64,
+    difficult (G,) bool; ``size_hw`` from ``<size>`` (None when absent or unusable);
+    ``skipped`` counts objects whose class is not in ``classes``."""
+
+    filename: str | None
+    size_hw: tuple[int, int] | None
+    boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> VocAnnotation:
+    """Parse one VOC XML; objects of other classes are skipped and counted, not errors."""
+    xml_path = Path(xml_path)
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise UserError(f"{xml_path}: not valid XML ({exc}); fix or replace the file") from None
+    except OSError as exc:
+        raise UserError(f"{xml_path}: unreadable ({exc.strerror}); check the file") from None
+    label_of = _label_lookup(classes)
+    voc_boxes, labels, difficult = [], [], []
+    skipped: Counter[str] = Counter()
+    for index, obj in enumerate(root.iter("object")):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise UserError(f"{xml_path}: <object> {index + 1} has no <name>; add the class name")
+        label = label_of.get(name, label_of.get(name.lower()))
+        if label is None:
+            skipped[name] += 1
+            continue
+        voc_boxes.append(_read_bndbox(obj, xml_path, index))
+        labels.append(label)
+        difficult.append(_read_flag(obj.findtext("difficult")))
+    return VocAnnotation(
+        filename=(root.findtext("filename") or "").strip() or None,
+        size_hw=_read_size(root),
+        boxes=voc_to_continuous(np.array(voc_boxes, dtype=np.float32).reshape(-1, 4)),
+        labels=np.array(labels, dtype=np.int64),
+        difficult=np.array(difficult, dtype=bool),
+        skipped=skipped,
+    )
+
+
+def _label_lookup(classes: Sequence[str]) -> dict[str, int]:
+    """Exact (stripped) names first, then lower-case ones, so 'Raccoon ' finds 'raccoon'."""
+    lookup: dict[str, int] = {}
+    for label, name in enumerate(classes):
+        lookup.setdefault(name.strip().lower(), label)
+    for label, name in enumerate(classes):
+        lookup[name.strip()] = label
+    return lookup
+
+
+def _read_bndbox(obj: ET.Element, xml_path: Path, index: int) -> list[float]:
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise UserError(
+            f"{xml_path}: <object> {index + 1} has no <bndbox>; add the box or remove the object"
+        )
+    values = []
+    for tag in BOX_TAGS:
+        text = (bndbox.findtext(tag) or "").strip()
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise UserError(
+                f"{xml_path}: <object> {index + 1} <bndbox><{tag}> is {text!r}, not a number; "
+                "fix the coordinate"
+            ) from None
+    return values
+
+
+def _read_flag(text: str | None) -> bool:
+    """``<difficult>`` as a bool; absent or empty means 0, as in the VOC devkit."""
+    text = (text or "").strip().lower()
+    if text in ("true", "yes"):
+        return True
+    try:
+        return float(text) != 0
+    except ValueError:
+        return False
+
+
+def _read_size(root: ET.Element) -> tuple[int, int] | None:
+    try:
+        height = int(float(root.findtext("size/height") or ""))
+        width = int(float(root.findtext("size/width") or ""))
+    except ValueError:
+        return None
+    return (height, width) if height > 0 and width > 0 else None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header only (PIL opens lazily; no pixel is decoded)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(
+            f"{path}: not a readable image ({type(exc).__name__}); replace the file or drop its id "
+            "from the split"
+        ) from None
+    return height, width
+
+
+def find_image(root: Path, image_id: str, filename: str | None) -> Path:
+    """The image of ``image_id``: the XML's ``<filename>`` when present, else ``<id>.jpg`` etc."""
+    folder = root / "JPEGImages"
+    candidates = [folder / Path(filename).name] if filename else []
+    candidates += [folder / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"{folder / (image_id + '.jpg')}: image not found for id {image_id!r}; add the image "
+        "(.jpg/.jpeg/.png) or drop the id from the split"
+    )
+
+
+def read_split_ids(root: Path, split: str, classes: Sequence[str] = ()) -> list[str]:
+    """Image ids of ``ImageSets/Main/<split>.txt`` in file order (first token of each line)."""
+    root = Path(root)
+    check_layout(root)
+    split_dir = root / "ImageSets" / "Main"
+    split_file = split_dir / f"{split}.txt"
+    if not split_file.is_file():
+        available = available_splits(root, classes)
+        hint = f"available: {', '.join(available)}" if available else "the folder has no splits"
+        raise UserError(f"{split_file}: split file not found; use --split with one of those {hint}")
+    ids: list[str] = []
+    for line in split_file.read_text(errors="replace").splitlines():
+        tokens = line.split()
+        if tokens:
+            ids.append(tokens[0])
+    unique = list(dict.fromkeys(ids))
+    if len(unique) != len(ids):
+        logger.warning("%s: %d duplicate ids ignored", split_file, len(ids) - len(unique))
+    return unique
+
+
+def check_layout(root: Path) -> None:
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: dataset root not found; set data.root (in the -c config or "
+            "--set data.root=PATH) to a VOC-layout folder"
+        )
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        if not (root / sub).is_dir():
+            raise UserError(
+                f"{root / sub}: folder missing; data.root must be a VOC-layout folder with "
+                "Annotations/, JPEGImages/ and ImageSets/Main/"
+            )
+
+
+def available_splits(root: Path, classes: Sequence[str] = ()) -> list[str]:
+    """Split names in ``ImageSets/Main``, leaving out the per-class lists ``<class>_<split>``."""
+    prefixes = tuple(f"{name}_" for name in classes)
+    stems = sorted(p.stem for p in (Path(root) / "ImageSets" / "Main").glob("*.txt"))
+    return [s for s in stems if not (prefixes and s.startswith(prefixes))]
+
+
+@dataclass
+class _SplitLog:
+    """Problems collected over a split, logged as one line each instead of one per file."""
+
+    skipped: Counter[str] = field(default_factory=Counter)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, problem: str, path: Path) -> None:
+        self.problems.setdefault(problem, []).append(str(path))
+
+    def emit(self, where: str) -> None:
+        for problem, paths in self.problems.items():
+            examples = ", ".join(paths[:MAX_EXAMPLES]) + (
+                ", …" if len(paths) > MAX_EXAMPLES else ""
+            )
+            logger.warning("%s: %s in %d file(s): %s", where, problem, len(paths), examples)
+
+
+def read_split(root: Path, split: str, classes: Sequence[str]) -> list[ImageRecord]:
+    """The annotated images of ``split``, in split-file order; labels index into ``classes``."""
+    root = Path(root)
+    ids = read_split_ids(root, split, classes)
+    log = _SplitLog()
+    records = [_read_record(root, image_id, classes, log) for image_id in ids]
+    num_boxes = sum(len(r.gt_boxes) for r in records)
+    num_difficult = sum(int(r.difficult.sum()) for r in records)
+    skipped = ""
+    if log.skipped:
+        counts = ", ".join(f"{name} {count}" for name, count in log.skipped.most_common())
+        skipped = f"; skipped {sum(log.skipped.values())} objects of other classes ({counts})"
+    logger.info(
+        "%s split %s: %d images, %d boxes (%d difficult)%s",
+        root, split, len(records), num_boxes, num_difficult, skipped,
+    )  # fmt: skip
+    log.emit(f"{root} split {split}")
+    return records
+
+
+def _read_record(root: Path, image_id: str, classes: Sequence[str], log: _SplitLog) -> ImageRecord:
+    xml_path = root / "Annotations" / f"{image_id}.xml"
+    if not xml_path.is_file():
+        raise UserError(
+            f"{xml_path}: no annotation for id {image_id!r} listed in ImageSets/Main; add the XML "
+            "or drop the id from the split file"
+        )
+    annotation = parse_annotation(xml_path, classes)
+    log.skipped.update(annotation.skipped)
+    image_path = find_image(root, image_id, annotation.filename)
+    height, width = image_size(image_path)
+    if annotation.size_hw is None:
+        log.note("no usable <size> (image size read from the file)", xml_path)
+    elif annotation.size_hw != (height, width):
+        log.note("<size> differs from the image (the image is trusted)", xml_path)
+    boxes, keep = _clip(annotation.boxes, height, width, xml_path, log)
+    if not len(annotation.boxes):
+        logger.debug("%s: no objects of the configured classes", xml_path)
+    return ImageRecord(
+        image_id=image_id,
+        path=image_path,
+        height=height,
+        width=width,
+        gt_boxes=boxes[keep],
+        gt_labels=annotation.labels[keep],
+        difficult=annotation.difficult[keep],
+    )
+
+
+def _clip(
+    boxes: np.ndarray, height: int, width: int, xml_path: Path, log: _SplitLog
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (G, 4) clipped to the image, and a (G,) mask of those with a positive area."""
+    limits = np.array([width, height, width, height], dtype=np.float32)
+    clipped = np.clip(boxes, 0, limits)
+    if not np.array_equal(clipped, boxes):
+        log.note("boxes outside the image (clipped)", xml_path)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not keep.all():
+        log.note("boxes with no area (dropped)", xml_path)
+    return clipped, keep

@@ -1,0 +1,208 @@
+"""The command line's foundation: help, version, make-toy, and bad input → one line, exit code 2.
+
+Stage-level bad input goes through a local click group of the same class as ``cli`` with one
+probe command built from ``stage_options`` (the global ``cli`` group is left untouched).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from spp_detect import __version__
+from spp_detect.artifacts import MANIFEST, write_manifest
+from spp_detect.cli import StageContext, cli, split_option, stage_options
+from spp_detect.config import load_config
+from spp_detect.run_dir import RunDir
+from spp_detect.stages.common import fingerprint, require_upstream, split_records, stage_dir
+from spp_detect.toy import TOY_CLASSES
+
+
+@click.group(cls=type(cli))
+def local() -> None:
+    """A group like `spp-detect` holding only the probe."""
+
+
+@local.command("probe")
+@stage_options
+@split_option
+@click.option("--upstream", default=None, help="Require this upstream stage's manifest.")
+def probe(ctx: StageContext, split: str | None, upstream: str | None) -> None:
+    """Read the split (and an upstream manifest) the way a stage does."""
+    split = split or ctx.config.data.train_split
+    if upstream:
+        require_upstream(ctx.config, ctx.run_dir, upstream, split)
+    records = split_records(ctx.config, split, ctx.limit)
+    click.echo(f"probe: {len(records)} images")
+
+
+def assert_one_line_error(result, *names: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0 and "make-toy" in result.output
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    result = runner.invoke(cli, ["make-toy", "--help"])
+    assert result.exit_code == 0 and "--num-train" in result.output and "--seed" in result.output
+
+
+def test_make_toy(tmp_path):
+    out = tmp_path / "toy"
+    args = ["make-toy", str(out), "--num-train", "4", "--num-test", "3", "--seed", "5"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"toy dataset in {out}: 4 trainval + 3 test images")
+    assert len(result.stdout.splitlines()) == 1
+    assert len((out / "ImageSets/Main/test.txt").read_text().split()) == 3
+    assert len(list((out / "JPEGImages").glob("*.jpg"))) == 7
+
+
+def test_make_toy_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(cli, ["make-toy", str(tmp_path / "mine")])
+    assert_one_line_error(result, str(tmp_path / "mine"), "not a toy dataset")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code = "from spp_detect.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "make-toy", str(tmp_path / "mine")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def stage_env(toy_root, tmp_path):
+    """A private copy of the toy set, a run dir, and the probe's base arguments (one good run)."""
+    data = tmp_path / "data"
+    shutil.copytree(toy_root, data)
+    run_dir = tmp_path / "run"
+    base = [
+        "probe", "--run-dir", str(run_dir), "--device", "cpu",
+        "--set", f"data.root={data}", "--set", f"data.classes=[{', '.join(TOY_CLASSES)}]",
+    ]  # fmt: skip
+    result = CliRunner().invoke(local, base)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "probe: 12 images\n"
+    config_path = run_dir / "config.yaml"
+    assert load_config(config_path).data.root == str(data)
+    return data, run_dir, base, config_path.read_bytes()
+
+
+def test_probe_split_and_limit(stage_env):
+    _, _, base, _ = stage_env
+    result = CliRunner().invoke(local, [*base, "--split", "test", "--limit", "4"])
+    assert result.exit_code == 0 and result.stdout == "probe: 4 images\n"
+
+
+BREAKAGES = {
+    "missing split file": (["--split", "val"], None, "ImageSets/Main/val.txt", "trainval"),
+    "id without xml": ([], "ghost", "Annotations/ghost.xml", "drop the id"),
+    "xml not xml": ([], "bad_xml", "Annotations/trainval_00002.xml", "not valid XML"),
+    "image does not decode": ([], "bad_jpg", "JPEGImages/trainval_00003.jpg", "not a readable"),
+    "image missing": ([], "no_jpg", "JPEGImages/trainval_00004.jpg", "image not found"),
+}
+
+
+@pytest.mark.parametrize("case", BREAKAGES)
+def test_bad_dataset_is_one_line(stage_env, case):
+    data, run_dir, base, config_bytes = stage_env
+    extra, breakage, name, fix = BREAKAGES[case]
+    if breakage == "ghost":
+        with (data / "ImageSets/Main/trainval.txt").open("a") as split:
+            split.write("ghost\n")
+    elif breakage == "bad_xml":
+        (data / "Annotations/trainval_00002.xml").write_text("<annotation><object>")
+    elif breakage == "bad_jpg":
+        (data / "JPEGImages/trainval_00003.jpg").write_bytes(b"\xff\xd8 truncated nonsense")
+    elif breakage == "no_jpg":
+        (data / "JPEGImages/trainval_00004.jpg").unlink()
+    result = CliRunner().invoke(local, [*base, *extra])
+    assert_one_line_error(result, str(data / name), fix)
+    assert (run_dir / "config.yaml").read_bytes() == config_bytes  # same config, same file
+
+
+def test_missing_dataset_root(stage_env, tmp_path):
+    _, run_dir, base, _ = stage_env
+    result = CliRunner().invoke(local, [*base, "--set", f"data.root={tmp_path / 'absent'}"])
+    assert_one_line_error(result, str(tmp_path / "absent"), "data.root")
+    load_config(run_dir / "config.yaml")  # still a whole, valid config
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("svm.CC=1", ["svm.CC", "valid keys: C, pos_weight"]),
+        ("svn.C=1", ["svn", "valid: data, propose"]),
+        ("test.nms_thresh=high", ["test.nms_thresh", "must be float"]),
+        ("extract.scales=[688, x]", ["extract.scales", "must be int"]),
+        ("nodot=1", ["expected section.key=value"]),
+    ],
+)
+def test_bad_set_is_one_line_and_writes_nothing(stage_env, override, names):
+    _, run_dir, base, config_bytes = stage_env
+    result = CliRunner().invoke(local, [*base, "--set", override])
+    assert_one_line_error(result, *names)
+    assert (run_dir / "config.yaml").read_bytes() == config_bytes
+
+
+def test_bad_config_file_is_one_line(stage_env, tmp_path):
+    _, run_dir, base, config_bytes = stage_env
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("test:\n  nms_tresh: 0.3\n")
+    result = CliRunner().invoke(local, [*base, "-c", str(typo)])
+    assert_one_line_error(result, str(typo), "test.nms_tresh", "nms_thresh")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("svm: {C: [\n")
+    result = CliRunner().invoke(local, [*base, "-c", str(broken)])
+    assert_one_line_error(result, str(broken), "not valid YAML")
+    assert (run_dir / "config.yaml").read_bytes() == config_bytes
+
+
+def test_stale_upstream_fingerprint(stage_env):
+    data, run_dir, base, _ = stage_env
+    classes = f"data.classes=[{', '.join(TOY_CLASSES)}]"
+    current = load_config(None, [f"data.root={data}", classes])
+    older = load_config(None, [f"data.root={data}", classes, "propose.min_size=10"])
+    assert fingerprint(older, "propose") != fingerprint(current, "propose")
+    folder = stage_dir(RunDir(run_dir), "propose", "trainval")
+    write_manifest(folder, "propose", "trainval", 12, fingerprint(older, "propose"))
+    manifest_bytes = (folder / MANIFEST).read_bytes()
+    result = CliRunner().invoke(local, [*base, "--upstream", "propose"])
+    assert_one_line_error(result, str(folder / MANIFEST), "different config", "--force")
+    assert (folder / MANIFEST).read_bytes() == manifest_bytes  # the old artefacts are kept
+    result = CliRunner().invoke(
+        local, [*base, "--upstream", "propose", "--set", "propose.min_size=10"]
+    )
+    assert result.exit_code == 0 and result.stdout == "probe: 12 images\n"
+
+
+def test_missing_upstream_names_the_stage_to_run(stage_env):
+    _, run_dir, base, _ = stage_env
+    result = CliRunner().invoke(local, [*base, "--upstream", "extract"])
+    assert_one_line_error(result, str(run_dir / "features" / "trainval"), "spp-detect extract")

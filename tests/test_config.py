@@ -1,0 +1,160 @@
+"""Config: SPEC defaults, YAML diffs, --set parsing, strict errors, fingerprints, round trips."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from spp_detect.config import VOC_CLASSES, Config, load_config
+from spp_detect.errors import UserError
+
+
+def test_defaults_are_the_paper_values():
+    config = load_config()
+    assert config.name == "default"
+    assert config.svm.C == 1e-3 and config.svm.pos_weight == 2.0
+    assert config.svm.intercept_scaling == 10.0 and config.svm.target_norm == 20.0
+    assert config.svm.hard_thresh == -1.0001 and config.svm.evict_thresh == -1.2
+    assert config.test.nms_thresh == 0.3 and config.test.score_thresh == -1.5
+    assert config.test.max_per_class == 100
+    assert config.spp.levels == (6, 3, 2, 1) and config.spp.target_size == 224.0
+    assert config.spp.offset == 6.5
+    assert config.extract.scales == (480, 576, 688, 864, 1200)
+    assert config.finetune.batch_size == 128 and config.finetune.fg_fraction == 0.25
+    assert config.bbox_reg.ridge_lambda == 4000.0
+    assert config.data.classes == VOC_CLASSES and len(VOC_CLASSES) == 20
+    assert (config.data.train_split, config.data.test_split) == ("trainval", "test")
+    assert config.eval.iou_thresh == 0.5 and config.eval.use_07_metric is True
+
+
+def test_yaml_diff_over_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  classes: [raccoon]\nextract:\n  scales: [688]\nsvm:\n  C: 1e-2\n")
+    config = load_config(path)
+    assert config.name == "mine"
+    assert config.data.classes == ("raccoon",) and config.extract.scales == (688,)
+    assert config.svm.C == 0.01 and isinstance(config.svm.C, float)
+    assert config.svm.pos_weight == 2.0 and config.test == Config().test  # the rest: defaults
+    path.write_text("name: other\nspp:\n  levels: [4, 1]\n")
+    assert load_config(path).name == "other"
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "key", "expected"),
+    [
+        ("finetune.iterations=500", "finetune", "iterations", 500),
+        ("test.nms_thresh=0.4", "test", "nms_thresh", 0.4),
+        ("svm.C=1e-3", "svm", "C", 1e-3),  # PyYAML reads this as a string
+        ("svm.C=1", "svm", "C", 1.0),  # int accepted for float
+        ("extract.scales=[480, 688]", "extract", "scales", (480, 688)),
+        ("extract.scales=688", "extract", "scales", (688,)),  # a scalar becomes a 1-tuple
+        ("extract.flip=true", "extract", "flip", True),
+        ("eval.use_07_metric=false", "eval", "use_07_metric", False),
+        ("data.root=/some/where/VOC2007", "data", "root", "/some/where/VOC2007"),
+        ("data.classes=[a, b, c]", "data", "classes", ("a", "b", "c")),
+        ("propose.edge_model=", "propose", "edge_model", ""),
+        ("test.score_thresh=-2.5", "test", "score_thresh", -2.5),
+    ],
+)
+def test_set_parsing(override, section, key, expected):
+    value = getattr(getattr(load_config(None, [override]), section), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_set_overrides_yaml_and_later_set_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("test:\n  nms_thresh: 0.5\n  max_per_class: 7\nsvm:\n")
+    config = load_config(path, ["test.nms_thresh=0.6", "test.nms_thresh=0.7", "svm.C=2"])
+    assert config.test.nms_thresh == 0.7 and config.test.max_per_class == 7
+    assert config.svm.C == 2.0
+
+
+def test_unknown_section():
+    with pytest.raises(UserError, match=r"unknown config section 'svn'; valid: data, propose"):
+        load_config(None, ["svn.C=1"])
+
+
+def test_unknown_key_names_the_valid_ones(tmp_path):
+    with pytest.raises(UserError, match=r"^--set svm\.c=1: unknown key svm\.c; valid keys: C, "):
+        load_config(None, ["svm.c=1"])
+    path = tmp_path / "typo.yaml"
+    path.write_text("test:\n  nms_tresh: 0.3\n")
+    with pytest.raises(UserError, match=r"typo\.yaml: unknown key test\.nms_tresh; .*nms_thresh"):
+        load_config(path)
+
+
+def test_set_typo_names_the_set_not_the_file(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text("svm:\n  C: 0.1\n")
+    with pytest.raises(UserError, match=r"^--set svm\.CC=1: unknown key") as info:
+        load_config(path, ["svm.CC=1"])
+    assert "good.yaml" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("test.nms_thresh=abc", "test.nms_thresh must be float, got 'abc' (str)"),
+        ("finetune.iterations=1.5", "finetune.iterations must be int, got 1.5 (float)"),
+        ("finetune.iterations=true", "finetune.iterations must be int, got True (bool)"),
+        ("extract.scales=[480, big]", "extract.scales must be int, got 'big' (str)"),
+        ("extract.flip=3", "extract.flip must be bool, got 3 (int)"),
+    ],
+)
+def test_wrong_type_names_the_key(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["svm.C", "svmC=1", "=1"])
+def test_malformed_set(override):
+    with pytest.raises(UserError, match=r"expected section\.key=value"):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match=r"missing\.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("svm: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML \(line \d+\); fix the syntax"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: expected a mapping of sections"):
+        load_config(bad)
+    bad.write_text("svm: 3\n")
+    with pytest.raises(UserError, match="section 'svm' must be a mapping"):
+        load_config(bad)
+
+
+def test_fingerprint_stable_and_sensitive():
+    base = load_config()
+    assert base.fingerprint("svm", "test") == load_config().fingerprint("svm", "test")
+    assert len(base.fingerprint("svm")) == 16
+    changed = load_config(None, ["svm.C=0.002"])
+    assert changed.fingerprint("svm") != base.fingerprint("svm")
+    assert changed.fingerprint("test", "data") == base.fingerprint("test", "data")  # other sections
+    assert base.fingerprint("svm", "test") == base.fingerprint("test", "svm")  # order-free
+    renamed = load_config(None, ["svm.C=0.001"])  # same values spelt differently
+    assert renamed.fingerprint("svm") == base.fingerprint("svm")
+
+
+def test_dump_load_round_trip(tmp_path):
+    config = load_config(
+        None, ["svm.C=1e-10", "extract.scales=[688]", "data.classes=[raccoon]", "extract.flip=true"]
+    )
+    path = tmp_path / "run" / "config.yaml"
+    config.dump(path)
+    again = load_config(path)
+    assert again == config
+    assert again.fingerprint("svm", "extract", "data") == config.fingerprint(
+        "svm", "extract", "data"
+    )
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary file left
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(AttributeError):
+        config.svm.C = 1.0  # type: ignore[misc]

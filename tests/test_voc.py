@@ -1,0 +1,213 @@
+"""VOC-layout reading: the raccoon set, hand-made XML edge cases, and every bad input."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from spp_detect.errors import UserError
+from spp_detect.voc import available_splits, parse_annotation, read_split, voc_to_continuous
+
+CLASSES = ("cat", "dog")
+
+
+def obj(name: str, box: tuple, difficult: str | None = "0", truncated: bool = True) -> str:
+    tags = f"<name>{name}</name>"
+    if truncated:
+        tags += "<truncated>0</truncated>"
+    if difficult is not None:
+        tags += f"<difficult>{difficult}</difficult>"
+    coords = "".join(
+        f"<{t}>{v}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True)
+    )
+    return f"<object>{tags}<bndbox>{coords}</bndbox></object>"
+
+
+def xml(objects: str, size: tuple[int, int] | None = (60, 80), filename: str | None = None) -> str:
+    head = f"<filename>{filename}</filename>" if filename else ""
+    if size is not None:
+        head += f"<size><width>{size[1]}</width><height>{size[0]}</height><depth>3</depth></size>"
+    return f"<annotation>{head}{objects}</annotation>"
+
+
+def make_voc(
+    root: Path,
+    annotations: dict[str, str],
+    image_hw: tuple[int, int] = (60, 80),
+    split_text: str | None = None,
+    suffix: str = ".jpg",
+) -> Path:
+    """A VOC folder with split 'trainval' listing every id, an image of ``image_hw`` per id."""
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, text in annotations.items():
+        (root / "Annotations" / f"{image_id}.xml").write_text(text)
+        image = np.full((*image_hw, 3), 128, dtype=np.uint8)
+        cv2.imwrite(str(root / "JPEGImages" / f"{image_id}{suffix}"), image)
+    if split_text is None:
+        split_text = "".join(f"{image_id}\n" for image_id in annotations)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text(split_text)
+    return root
+
+
+def test_voc_to_continuous_hand_case():
+    boxes = voc_to_continuous(np.array([[1, 1, 10, 20], [81.5, 3, 100, 4]]))
+    assert boxes.dtype == np.float32
+    np.testing.assert_array_equal(boxes, [[0, 0, 10, 20], [80.5, 2, 100, 4]])
+    assert voc_to_continuous(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_raccoon_has_200_images_and_217_boxes(raccoon_root):
+    trainval = read_split(raccoon_root, "trainval", ["raccoon"])
+    test = read_split(raccoon_root, "test", ["raccoon"])
+    assert (len(trainval), len(test)) == (160, 40)
+    records = trainval + test
+    assert len({r.image_id for r in records}) == 200
+    assert sum(len(r.gt_boxes) for r in records) == 217
+    for record in records:
+        assert record.path.is_file()
+        assert (record.gt_labels == 0).all()
+        boxes = record.gt_boxes
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= record.width).all()
+        assert (boxes[:, 3] <= record.height).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    first = next(r for r in trainval if r.image_id == "raccoon-1")  # XML: 81 88 522 408, 650x417
+    np.testing.assert_array_equal(first.gt_boxes, [[80, 87, 522, 408]])
+    assert first.image_hw == (417, 650)
+
+
+def test_tolerant_parsing(tmp_path, caplog):
+    objects = (
+        obj("  cat ", (11, 21, 40.5, 50), difficult=None, truncated=False)
+        + obj("Dog", (1, 1, 80, 60), difficult="1")
+        + obj("bird", (1, 1, 5, 5))
+        + obj("bird", (2, 2, 6, 6))
+    )
+    root = make_voc(tmp_path / "voc", {"a": xml(objects)})
+    with caplog.at_level(logging.INFO, logger="spp_detect.voc"):
+        (record,) = read_split(root, "trainval", CLASSES)
+    np.testing.assert_array_equal(record.gt_boxes, [[10, 20, 40.5, 50], [0, 0, 80, 60]])
+    np.testing.assert_array_equal(record.gt_labels, [0, 1])
+    np.testing.assert_array_equal(record.difficult, [False, True])
+    assert record.image_hw == (60, 80)
+    assert "skipped 2 objects of other classes (bird 2)" in caplog.text
+
+
+def test_parse_annotation_returns_unclipped_boxes_and_skips(tmp_path):
+    path = tmp_path / "a.xml"
+    path.write_text(xml(obj("dog", (5, 6, 200, 7)) + obj("cow", (1, 1, 2, 2)), filename="a.png"))
+    annotation = parse_annotation(path, CLASSES)
+    np.testing.assert_array_equal(annotation.boxes, [[4, 5, 200, 7]])
+    assert annotation.labels.tolist() == [1] and annotation.skipped == {"cow": 1}
+    assert annotation.filename == "a.png" and annotation.size_hw == (60, 80)
+
+
+def test_boxes_outside_clipped_and_degenerate_dropped(tmp_path, caplog):
+    objects = (
+        obj("cat", (-5, 10, 100, 70)) + obj("dog", (90, 10, 120, 20)) + obj("dog", (5, 5, 5, 9))
+    )
+    root = make_voc(tmp_path / "voc", {"a": xml(objects)})
+    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+        (record,) = read_split(root, "trainval", CLASSES)
+    # box 2 starts right of the 80-px image; box 3 is one pixel column wide, kept
+    np.testing.assert_array_equal(record.gt_boxes, [[0, 9, 80, 60], [4, 4, 5, 9]])
+    assert record.gt_labels.tolist() == [0, 1]
+    assert "clipped" in caplog.text and "dropped" in caplog.text
+
+
+def test_real_image_size_wins_over_xml(tmp_path, caplog):
+    annotations = {"a": xml(obj("cat", (1, 1, 80, 60)), size=(600, 800)), "b": xml("", size=None)}
+    root = make_voc(tmp_path / "voc", annotations, image_hw=(30, 40))
+    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+        first, second = read_split(root, "trainval", CLASSES)
+    assert first.image_hw == second.image_hw == (30, 40)
+    np.testing.assert_array_equal(first.gt_boxes, [[0, 0, 40, 30]])
+    assert second.gt_boxes.shape == (0, 4) and second.gt_labels.shape == (0,)
+    assert "<size> differs" in caplog.text and "no usable <size>" in caplog.text
+
+
+def test_split_file_columns_blank_lines_duplicates_and_png(tmp_path):
+    annotations = {"b": xml(obj("cat", (1, 1, 5, 5))), "a": xml(obj("dog", (1, 1, 5, 5)))}
+    split = "b  1\n\n   \na -1\nb 1\n"
+    root = make_voc(tmp_path / "voc", annotations, split_text=split, suffix=".png")
+    records = read_split(root, "trainval", CLASSES)
+    assert [r.image_id for r in records] == ["b", "a"]
+    assert records[0].path.name == "b.png"
+
+
+def test_xml_filename_is_used(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("", filename="other.jpg")})
+    image = np.zeros((10, 20, 3), dtype=np.uint8)
+    cv2.imwrite(str(root / "JPEGImages" / "other.jpg"), image)
+    (record,) = read_split(root, "trainval", CLASSES)
+    assert record.path.name == "other.jpg" and record.image_hw == (10, 20)
+
+
+def test_available_splits_leave_out_class_lists(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("")})
+    (root / "ImageSets/Main/cat_trainval.txt").write_text("a 1\n")
+    (root / "ImageSets/Main/test.txt").write_text("a\n")
+    assert available_splits(root, CLASSES) == ["test", "trainval"]
+
+
+def raises_naming(path: Path | str, fix: str):
+    """A UserError whose single-line message names ``path`` and contains ``fix``."""
+    return pytest.raises(UserError, match=rf"^{re.escape(str(path))}: [^\n]*{re.escape(fix)}")
+
+
+def test_missing_root(tmp_path):
+    with raises_naming(tmp_path / "nope", "set data.root"):
+        read_split(tmp_path / "nope", "trainval", CLASSES)
+
+
+def test_missing_layout_folder(tmp_path):
+    (tmp_path / "voc" / "Annotations").mkdir(parents=True)
+    with raises_naming(tmp_path / "voc" / "JPEGImages", "VOC-layout"):
+        read_split(tmp_path / "voc", "trainval", CLASSES)
+
+
+def test_missing_split_lists_available(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("")})
+    (root / "ImageSets/Main/dog_trainval.txt").write_text("a 1\n")
+    with raises_naming(root / "ImageSets/Main/val.txt", "one of those available: trainval") as info:
+        read_split(root, "val", CLASSES)
+    assert "dog_trainval" not in str(info.value)
+
+
+def test_id_without_xml(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("")}, split_text="a\nghost\n")
+    with raises_naming(root / "Annotations/ghost.xml", "drop the id from the split file"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_xml_that_is_not_xml(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": "this is <not xml"})
+    with raises_naming(root / "Annotations/a.xml", "not valid XML"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_object_without_bndbox_or_number(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("<object><name>cat</name></object>")})
+    with raises_naming(root / "Annotations/a.xml", "has no <bndbox>"):
+        read_split(root, "trainval", CLASSES)
+    (root / "Annotations/a.xml").write_text(xml(obj("cat", (1, "x", 3, 4))))
+    with raises_naming(root / "Annotations/a.xml", "<ymin> is 'x', not a number"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_missing_image(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("")})
+    (root / "JPEGImages/a.jpg").unlink()
+    with raises_naming(root / "JPEGImages/a.jpg", "image not found"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_image_that_does_not_decode(tmp_path):
+    root = make_voc(tmp_path / "voc", {"a": xml("")})
+    (root / "JPEGImages/a.jpg").write_bytes(b"\x00garbage, not an image" * 10)
+    with raises_naming(root / "JPEGImages/a.jpg", "not a readable image"):
+        read_split(root, "trainval", CLASSES)
