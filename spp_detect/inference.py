@@ -1,0 +1,134 @@
+"""Detections of one image from per-window class scores (SPEC §9, §10).
+
+Shapes: R windows of the image, K foreground classes, M detections, N images.
+
+Per class: keep windows scoring above the threshold (strict), greedy NMS, the top
+``max_per_class``; then optionally regress the kept boxes, clip them to the image and run NMS
+again (the original's second NMS in the result writer). torchvision's NMS drops boxes with IoU
+> threshold, as the original's `nms.m`; its IoU without +1 on continuous boxes equals the
+original's +1 IoU (ARCHITECTURE.md §2).
+
+Pass only proposal windows (not the gt rows that training uses): the original scores gt rows
+but masks them out at test time (SPEC §9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from spp_detect.boxes import clip_boxes
+from spp_detect.structures import Detections
+
+# regress(window_index (M,), labels (M,)) -> regressed boxes (M, 4), for the windows kept.
+RegressFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _by_class(
+    labels: torch.Tensor, scores: torch.Tensor, max_per_class: int | None
+) -> torch.Tensor:
+    """Indices (M',) ordered by class, then by descending score; at most ``max_per_class`` each."""
+    pieces = []
+    for label in labels.unique().tolist():  # ascending
+        rows = torch.nonzero(labels == label).squeeze(1)
+        rows = rows[torch.argsort(scores[rows], descending=True, stable=True)]
+        pieces.append(rows[:max_per_class])
+    return torch.cat(pieces) if pieces else labels.new_zeros(0)
+
+
+def select_detections(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    score_thresh: float,
+    nms_thresh: float,
+    max_per_class: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class threshold → NMS → top-k on scores (R, K) of windows boxes (R, 4) (SPEC §9).
+
+    Returns window_index (M,) int64 into the R windows, labels (M,) int64 and scores (M,),
+    ordered by class, then by descending score.
+    """
+    boxes = torch.as_tensor(boxes, device=scores.device)
+    windows, labels = torch.nonzero(scores > score_thresh, as_tuple=True)
+    kept_scores = scores[windows, labels]
+    keep = batched_nms(boxes[windows].float(), kept_scores.float(), labels, nms_thresh)
+    keep = keep[_by_class(labels[keep], kept_scores[keep], max_per_class)]
+    return windows[keep], labels[keep], kept_scores[keep]
+
+
+def finalize_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    image_hw: tuple[int, int],
+    nms_thresh: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip boxes (M, 4) to the image and run per-class NMS again (SPEC §8 clip, §10 NMS).
+
+    Returns (boxes (M', 4), scores (M',), labels (M',)) ordered by class, then by score.
+    """
+    boxes = clip_boxes(torch.as_tensor(boxes), image_hw)
+    keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)
+    keep = keep[_by_class(labels[keep], scores[keep], None)]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def detect_image(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    image_hw: tuple[int, int],
+    score_thresh: float,
+    nms_thresh: float,
+    max_per_class: int,
+    regress: RegressFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's detections from window scores (R, K) and proposal boxes (R, 4).
+
+    1. :func:`select_detections`; 2. ``regress(window_index, labels)`` → new boxes (M, 4) when
+    given, else the windows' own boxes; 3. :func:`finalize_detections`.
+    Returns (boxes (M, 4), scores (M,), labels (M,)).
+    """
+    boxes = torch.as_tensor(boxes, device=scores.device)
+    window_index, labels, kept_scores = select_detections(
+        scores, boxes, score_thresh, nms_thresh, max_per_class
+    )
+    kept_boxes = boxes[window_index] if regress is None else regress(window_index, labels)
+    return finalize_detections(kept_boxes, kept_scores, labels, image_hw, nms_thresh)
+
+
+def combine_detections(first: Detections, second: Detections, nms_thresh: float) -> Detections:
+    """The union of two runs' detections, reduced by per-image, per-class NMS.
+
+    The paper's model combination (SPP-net §4.4: pool both models' detections, then NMS).
+    Images are matched by id; the result lists ``first``'s images, then any only in ``second``,
+    and its detections ordered by image, class, then descending score.
+    """
+    image_ids = list(first.image_ids.tolist())
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    for image_id in second.image_ids.tolist():
+        if image_id not in position:
+            position[image_id] = len(image_ids)
+            image_ids.append(image_id)
+    remap = np.array([position[i] for i in second.image_ids.tolist()], np.int64)
+    image_index = np.concatenate([first.image_index, remap[second.image_index]])
+    boxes = torch.from_numpy(np.concatenate([first.boxes, second.boxes]))
+    scores = torch.from_numpy(np.concatenate([first.scores, second.scores]))
+    labels = torch.from_numpy(np.concatenate([first.labels, second.labels]))
+    by_image = np.argsort(image_index, kind="stable")
+    images, starts = np.unique(image_index[by_image], return_index=True)
+    kept = []
+    for group in np.split(by_image, starts[1:]) if len(images) else []:
+        rows = torch.from_numpy(group)
+        keep = rows[batched_nms(boxes[rows], scores[rows], labels[rows], nms_thresh)]
+        kept.append(keep[_by_class(labels[keep], scores[keep], None)])
+    keep = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
+    return Detections(
+        image_ids=np.asarray(image_ids, dtype=str),
+        image_index=image_index[keep],
+        boxes=boxes.numpy()[keep],
+        scores=scores.numpy()[keep],
+        labels=labels.numpy()[keep],
+    )

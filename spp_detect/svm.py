@@ -1,0 +1,322 @@
+"""Per-class linear SVMs trained with one pass of hard-negative mining (SPEC §7).
+
+Shapes: K classes, D feature dim, P positives of a class, N negatives of a class.
+
+The solver is liblinear's dual L1-loss SVC through scikit-learn, with the bias as an extra
+feature of value B = ``intercept_scaling`` (so the bias is regularised, as in the original). The
+mining loop follows R-CNN/SPP-net ``*_train.m``: a per-class cache of negatives, filled with every
+negative of the first image, then with the "hard" negatives of later images; a class is retrained
+when its cache grew by more than ``retrain_limit`` and at the last image, and easy negatives are
+evicted after each retrain. Only the caches and one image's candidates are held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from spp_detect.artifacts import load_npz, save_npz
+from spp_detect.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Bias given to a class that could not be trained (no positives or no negatives): with a zero
+# weight its every score is this, far below any sensible test threshold (SPEC §9 uses −1.5), so
+# the class yields no detections and evaluates to AP 0. Finite, so arithmetic stays well defined.
+SKIPPED_CLASS_BIAS = -1000.0
+
+# liblinear 1.93's iteration cap for the dual solvers (`solve_l2r_l1l2_svc`, max_iter = 1000).
+LIBLINEAR_MAX_ITER = 1000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SvmParams:
+    """Solver and mining settings (the config's `svm` section; defaults and sources live there)."""
+
+    C: float
+    pos_weight: float
+    intercept_scaling: float
+    tol: float
+    hard_thresh: float
+    evict_thresh: float
+    retrain_limit: int
+    max_iter: int = LIBLINEAR_MAX_ITER
+
+
+@dataclass(frozen=True)
+class SvmModel:
+    """Trained SVMs, ready to use: score (R, K) = features (R, D) @ weight.T + bias.
+
+    weight (K, D) float32 and bias (K,) float32 apply to the *unscaled* features (the feature
+    scale is folded in); report holds one JSON-ready dict per class.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    report: list[dict[str, Any]] = field(default_factory=list)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Scores (R, K) of features (R, D)."""
+        return features @ self.weight.T + self.bias
+
+    def save(self, path: str | Path) -> None:
+        save_npz(path, weight=self.weight, bias=self.bias)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SvmModel:
+        arrays = load_npz(path)
+        weight, bias = arrays.get("weight"), arrays.get("bias")
+        if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
+            raise UserError(
+                f"{path}: not an SVM file (need weight (K, D), bias (K,)); rerun train-svm"
+            )
+        return cls(weight.astype(np.float32), bias.astype(np.float32))
+
+
+def fold_feature_scale(
+    weight: np.ndarray, bias: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A model trained on ``features · scale`` as one that takes the raw features.
+
+    w·(s·x) + b = (s·w)·x + b, so the stored model needs no feature scaling at test time
+    (py-faster-rcnn stores SVM weights × feature scale the same way). Any weight shape.
+    """
+    return (weight * np.float32(scale)).astype(np.float32), np.asarray(bias, dtype=np.float32)
+
+
+def svm_objective(
+    weight: np.ndarray, bias: float, pos: np.ndarray, neg: np.ndarray, params: SvmParams
+) -> float:
+    """liblinear's primal objective ½‖w‖² + ½(b/B)² + C Σ cost·max(0, 1 − y(w·x + b)) (SPEC §7)."""
+    w64 = weight.astype(np.float64)
+    pos_hinge = np.maximum(0.0, 1.0 - (pos.astype(np.float64) @ w64 + bias)).sum()
+    neg_hinge = np.maximum(0.0, 1.0 + (neg.astype(np.float64) @ w64 + bias)).sum()
+    regulariser = 0.5 * (w64 @ w64) + 0.5 * (bias / params.intercept_scaling) ** 2
+    return float(regulariser + params.C * (params.pos_weight * pos_hinge + neg_hinge))
+
+
+def train_linear_svm(
+    pos: np.ndarray, neg: np.ndarray, params: SvmParams
+) -> tuple[np.ndarray, float, float]:
+    """One binary SVM: pos (P, D) and neg (N, D) float32 → (weight (D,) float32, bias, objective).
+
+    liblinear ``-s 3 -c C -w1 pos_weight -B intercept_scaling -e tol`` (SPEC §7). Both P and N
+    must be positive (a one-class problem has no SVM).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(
+            f"train_linear_svm needs positives and negatives, got {len(pos)}, {len(neg)}"
+        )
+    features = np.concatenate([pos, neg])  # positives first, as the original
+    targets = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)])
+    svc = LinearSVC(
+        loss="hinge",
+        dual=True,
+        C=params.C,
+        class_weight={1: params.pos_weight, 0: 1.0},
+        intercept_scaling=params.intercept_scaling,
+        tol=params.tol,
+        max_iter=params.max_iter,
+        random_state=0,  # liblinear shuffles its coordinates; fixed for reproducible runs
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svc.fit(features, targets)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        logger.debug("liblinear stopped at max_iter=%d before tol=%g", params.max_iter, params.tol)
+    weight = svc.coef_[0].astype(np.float32)
+    bias = float(svc.intercept_[0])
+    return weight, bias, svm_objective(weight, bias, pos, neg, params)
+
+
+@dataclass
+class _ClassCache:
+    """One class's training state: its positives, the cached negatives and the current model."""
+
+    positives: np.ndarray  # (P, D) float32
+    weight: np.ndarray  # (D,) float32; zero until the first successful training
+    bias: float = 0.0
+    chunks: list[np.ndarray] = field(default_factory=list)  # cached negatives, (n_i, D) each
+    key_chunks: list[np.ndarray] = field(default_factory=list)  # (n_i, 2) (image, window) keys
+    keys: set[tuple[int, int]] = field(default_factory=set)
+    num_added: int = 0  # negatives added since the last retrain
+    retrains: int = 0
+    objective: float = float("nan")
+    seconds: float = 0.0
+
+    def negatives(self) -> tuple[np.ndarray, np.ndarray]:
+        """All cached negatives (N, D) and their keys (N, 2), merged into one chunk."""
+        if len(self.chunks) != 1:
+            dim = self.positives.shape[1]
+            self.chunks = [
+                np.concatenate(self.chunks) if self.chunks else np.zeros((0, dim), np.float32)
+            ]
+            self.key_chunks = [
+                np.concatenate(self.key_chunks) if self.key_chunks else np.zeros((0, 2), np.int64)
+            ]
+        return self.chunks[0], self.key_chunks[0]
+
+    def add(self, features: np.ndarray, keys: np.ndarray) -> None:
+        """Cache negatives (n, D) with keys (n, 2) that are not cached yet (first of repeats)."""
+        fresh = []
+        for i, key in enumerate(map(tuple, keys.tolist())):
+            if key not in self.keys:
+                self.keys.add(key)
+                fresh.append(i)
+        if fresh:
+            self.chunks.append(features[fresh])
+            self.key_chunks.append(keys[fresh])
+            self.num_added += len(fresh)
+
+    def retrain(self, params: SvmParams) -> None:
+        """Train on the positives and the cache, then evict the easy negatives (SPEC §7)."""
+        negatives, keys = self.negatives()
+        self.num_added = 0
+        if len(negatives) == 0:
+            return  # nothing to train against yet; scores stay 0, so every negative is mined
+        start = time.perf_counter()
+        self.weight, self.bias, self.objective = train_linear_svm(self.positives, negatives, params)
+        self.seconds += time.perf_counter() - start
+        self.retrains += 1
+        keep = negatives @ self.weight + self.bias >= params.evict_thresh
+        self.chunks, self.key_chunks = [negatives[keep]], [keys[keep]]
+        self.keys = set(map(tuple, keys[keep].tolist()))
+
+
+def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """Each item with a flag that is True for the last one (one item of look-ahead)."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+class HardNegativeMiner:
+    """K per-class caches fed one image at a time; :meth:`model` gives the trained SVMs (SPEC §7).
+
+    positives: K arrays (P_k, D), the gt features of each class.
+    feature_scale: every feature is multiplied by it before training (20 / mean norm, SPEC §7);
+        :meth:`model` folds it in, so the result scores the raw features.
+    """
+
+    def __init__(
+        self, positives: Sequence[np.ndarray], params: SvmParams, feature_scale: float = 1.0
+    ):
+        self.params = params
+        self.feature_scale = feature_scale
+        self.num_images = 0
+        dim = positives[0].shape[1]
+        scale = np.float32(feature_scale)
+        self.caches = [
+            _ClassCache(
+                positives=np.asarray(p, np.float32) * scale, weight=np.zeros(dim, np.float32)
+            )
+            for p in positives
+        ]
+        for label, cache in enumerate(self.caches):
+            if len(cache.positives) == 0:
+                logger.warning("class %d has no positives; it is not trained (AP 0)", label)
+
+    def add_image(self, negatives: Sequence[tuple[np.ndarray, np.ndarray]], is_last: bool) -> None:
+        """Mine one image: K pairs (features (N_k, D), window keys (N_k,) int) of candidates.
+
+        A class is (re)trained after its first image with negatives (the original trains every
+        class after the first image), whenever more than ``retrain_limit`` negatives were added
+        since its last retrain, and at the last image.
+        """
+        if len(negatives) != len(self.caches):
+            raise ValueError(f"negatives for {len(negatives)} classes, need {len(self.caches)}")
+        scale = np.float32(self.feature_scale)
+        for cache, (features, keys) in zip(self.caches, negatives, strict=True):
+            if len(cache.positives) == 0:
+                continue
+            _mine_image(
+                cache, self.num_images, np.asarray(features, np.float32) * scale, keys, self.params
+            )
+            untrained = cache.retrains == 0
+            if untrained or is_last or cache.num_added > self.params.retrain_limit:
+                cache.retrain(self.params)
+        self.num_images += 1
+
+    def cached_keys(self, label: int) -> np.ndarray:
+        """(image number, window key) rows (N, 2) of class ``label``'s cached negatives."""
+        return self.caches[label].negatives()[1]
+
+    def model(self) -> SvmModel:
+        """The current SVMs with the feature scale folded in, and the per-class report.
+
+        A class without positives, or that never saw a negative, is not trained: zero weight,
+        bias ``SKIPPED_CLASS_BIAS`` and ``"skipped": true`` in the report.
+        """
+        weights, biases, report = [], [], []
+        for label, cache in enumerate(self.caches):
+            skipped = cache.retrains == 0
+            if skipped and len(cache.positives):
+                logger.warning("class %d saw no negatives; it is not trained (AP 0)", label)
+            weights.append(np.zeros_like(cache.weight) if skipped else cache.weight)
+            biases.append(SKIPPED_CLASS_BIAS if skipped else cache.bias)
+            report.append(
+                {
+                    "class_index": label,
+                    "positives": len(cache.positives),
+                    "negatives": len(cache.negatives()[0]),
+                    "retrains": cache.retrains,
+                    "objective": None if skipped else cache.objective,
+                    "seconds": round(cache.seconds, 3),
+                    "skipped": skipped,
+                }
+            )
+        weight, bias = fold_feature_scale(np.stack(weights), np.array(biases), self.feature_scale)
+        return SvmModel(weight=weight, bias=bias, report=report)
+
+
+def _mine_image(
+    cache: _ClassCache, image_number: int, features: np.ndarray, keys: np.ndarray, params: SvmParams
+) -> None:
+    """Cache one image's negatives of a class: all while untrained, else those > hard_thresh.
+
+    The original adds all negatives of the first image; before any training the model is zero
+    with bias 0 > hard_thresh, so "all" and "hard" coincide until the class is first trained.
+    """
+    if len(features) == 0:
+        return
+    hard = features @ cache.weight + cache.bias > params.hard_thresh
+    window = np.asarray(keys, np.int64).reshape(-1)
+    full_keys = np.stack([np.full_like(window, image_number), window], axis=1)
+    cache.add(features[hard], full_keys[hard])
+
+
+def mine_and_train(
+    positives: Sequence[np.ndarray],
+    negatives_per_image: Iterable[Sequence[tuple[np.ndarray, np.ndarray]]],
+    params: SvmParams,
+    feature_scale: float = 1.0,
+) -> SvmModel:
+    """Train K SVMs with one pass of hard-negative mining over the images (SPEC §7).
+
+    positives: K arrays (P_k, D). negatives_per_image: per image, in image-list order, K pairs
+    (features (N_k, D), window keys (N_k,) int) of that class's candidate negatives (IoU <
+    neg_iou, deduplicated); keys identify a window inside its image. Consumed lazily, one image
+    ahead (to know which image is the last). See :class:`HardNegativeMiner`.
+    """
+    miner = HardNegativeMiner(positives, params, feature_scale)
+    for negatives, is_last in _with_last(negatives_per_image):
+        miner.add_image(negatives, is_last)
+    return miner.model()

@@ -1,0 +1,93 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spp_detect.boxes import (
+    MAX_LOG_SCALE,
+    clip_boxes,
+    decode_deltas,
+    encode_deltas,
+    flip_boxes,
+    xywh_to_xyxy,
+)
+
+
+def random_boxes(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    corner = rng.uniform(0, 400, (count, 2))
+    size = rng.uniform(10, 200, (count, 2))  # size ratios stay below the log cap
+    return np.concatenate([corner, corner + size], axis=1)
+
+
+def test_encode_hand_case():
+    proposal = np.array([[0.0, 0.0, 10.0, 20.0]])
+    gt = np.array([[5.0, 0.0, 25.0, 10.0]])
+    # p: centre (5, 10), size (10, 20); g: centre (15, 5), size (20, 10)
+    expected = [[1.0, -0.25, math.log(2.0), math.log(0.5)]]
+    np.testing.assert_allclose(encode_deltas(proposal, gt), expected, atol=1e-12)
+
+
+def test_decode_hand_case():
+    proposal = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    deltas = torch.tensor([[1.0, -0.25, math.log(2.0), math.log(0.5)]])
+    decoded = decode_deltas(proposal, deltas)
+    assert isinstance(decoded, torch.Tensor) and decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, torch.tensor([[5.0, 0.0, 25.0, 10.0]]))
+
+
+def test_zero_deltas_keep_the_box():
+    boxes = random_boxes(50, 0)
+    np.testing.assert_allclose(decode_deltas(boxes, np.zeros_like(boxes)), boxes, atol=1e-9)
+
+
+@pytest.mark.parametrize("to_kind", [np.asarray, torch.from_numpy])
+def test_decode_inverts_encode(to_kind):
+    proposals, gt = random_boxes(200, 1), random_boxes(200, 2)
+    deltas = encode_deltas(to_kind(proposals), to_kind(gt))
+    assert type(deltas) is type(to_kind(proposals))
+    decoded = decode_deltas(to_kind(proposals), deltas)
+    np.testing.assert_allclose(np.asarray(decoded), gt, atol=1e-9)
+
+
+def test_float32_keeps_dtype():
+    proposals = random_boxes(10, 3).astype(np.float32)
+    deltas = encode_deltas(proposals, proposals + 1)
+    assert deltas.dtype == np.float32
+    assert decode_deltas(proposals, deltas).dtype == np.float32
+
+
+def test_decode_caps_log_scale():
+    decoded = decode_deltas(np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([[0, 0, 1e4, 1e4]]))
+    assert np.isfinite(decoded).all()
+    np.testing.assert_allclose(decoded[0, 2] - decoded[0, 0], math.exp(MAX_LOG_SCALE), rtol=1e-9)
+
+
+def test_flip_hand_case_and_twice_is_identity():
+    boxes = np.array([[0.0, 1.0, 10.0, 5.0], [90.0, 2.0, 100.0, 3.0]], np.float32)
+    flipped = flip_boxes(boxes, 100)
+    np.testing.assert_array_equal(flipped, [[90, 1, 100, 5], [0, 2, 10, 3]])
+    np.testing.assert_array_equal(flip_boxes(flipped, 100), boxes)
+    # 1-based inclusive equivalence (SPEC §6): x1' = W + 1 − x2 with x1_1b = x1 + 1, x2_1b = x2
+    one_based_x1 = 100 + 1 - boxes[:, 2]
+    np.testing.assert_array_equal(flipped[:, 0] + 1, one_based_x1)
+
+
+def test_clip():
+    boxes = torch.tensor([[-5.0, -1.0, 120.0, 30.0], [10.0, 10.0, 20.0, 20.0]])
+    clipped = clip_boxes(boxes, (25, 100))
+    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 100.0, 25.0], [10, 10, 20, 20]]))
+    assert clip_boxes(boxes.numpy(), (25, 100)).shape == (2, 4)
+
+
+def test_xywh_to_xyxy():
+    np.testing.assert_array_equal(xywh_to_xyxy(np.array([[2, 3, 10, 20]])), [[2, 3, 12, 23]])
+
+
+def test_empty_inputs():
+    empty = np.zeros((0, 4), np.float32)
+    assert encode_deltas(empty, empty).shape == (0, 4)
+    assert decode_deltas(empty, empty).shape == (0, 4)
+    assert clip_boxes(empty, (10, 10)).shape == (0, 4)
+    assert flip_boxes(empty, 10).shape == (0, 4)

@@ -1,0 +1,123 @@
+import numpy as np
+import torch
+
+from spp_detect.inference import (
+    combine_detections,
+    detect_image,
+    finalize_detections,
+    select_detections,
+)
+from spp_detect.structures import Detections
+
+# Two heavily overlapping boxes (IoU 0.82), one apart, one overlapping the first by IoU 0.25.
+BOXES = torch.tensor(
+    [
+        [0.0, 0.0, 10.0, 10.0],
+        [1.0, 0.0, 11.0, 10.0],
+        [50.0, 50.0, 60.0, 60.0],
+        [0.0, 0.0, 10.0, 2.5],
+    ]
+)
+
+
+def test_threshold_is_strict():
+    scores = torch.tensor([[-1.5], [-1.49], [-2.0], [-1.5]])
+    windows, labels, kept = select_detections(scores, BOXES, -1.5, 0.3, 100)
+    assert windows.tolist() == [1] and labels.tolist() == [0]
+    torch.testing.assert_close(kept, torch.tensor([-1.49]))
+
+
+def test_nms_is_per_class():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.5, -5.0], [0.4, -5.0]])
+    windows, labels, kept = select_detections(scores, BOXES, -1.5, 0.3, 100)
+    # class 0: window 1 suppressed by window 0 (IoU 0.82); window 3 kept (IoU 0.25 ≤ 0.3)
+    # class 1: windows 0 and 1 overlap, the higher-scoring window 1 wins
+    assert list(zip(labels.tolist(), windows.tolist(), strict=True)) == [
+        (0, 0),
+        (0, 2),
+        (0, 3),
+        (1, 1),
+    ]
+    torch.testing.assert_close(kept, torch.tensor([0.9, 0.5, 0.4, 0.7]))
+
+
+def test_nms_keeps_iou_equal_to_threshold():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])  # IoU exactly 0.5
+    windows, _, _ = select_detections(torch.tensor([[1.0], [0.5]]), boxes, -1.5, 0.5, 100)
+    assert windows.tolist() == [0, 1]
+
+
+def test_top_k_per_class():
+    boxes = torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(6)])
+    scores = torch.tensor([[0.1 * i, 1.0 - 0.1 * i] for i in range(6)])
+    windows, labels, kept = select_detections(scores, boxes, -1.5, 0.3, 2)
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert windows.tolist() == [5, 4, 0, 1]
+    torch.testing.assert_close(kept, torch.tensor([0.5, 0.4, 1.0, 0.9]))
+
+
+def test_empty_input():
+    windows, labels, kept = select_detections(
+        torch.zeros((0, 3)), torch.zeros((0, 4)), -1.5, 0.3, 100
+    )
+    assert windows.shape == labels.shape == kept.shape == (0,)
+    boxes, scores, labels = detect_image(torch.full((4, 2), -9.0), BOXES, (100, 100), -1.5, 0.3, 10)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+
+
+def test_finalize_clips_and_runs_nms_again():
+    boxes = torch.tensor([[-5.0, -5.0, 10.0, 10.0], [0.0, 0.0, 10.5, 10.0], [90.0, 0.0, 130.0, 8]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    labels = torch.tensor([0, 0, 1])
+    kept_boxes, kept_scores, kept_labels = finalize_detections(
+        boxes, scores, labels, (50, 100), 0.3
+    )
+    torch.testing.assert_close(
+        kept_boxes, torch.tensor([[0.0, 0.0, 10.0, 10.0], [90.0, 0, 100, 8]])
+    )
+    torch.testing.assert_close(kept_scores, torch.tensor([0.9, 0.7]))
+    assert kept_labels.tolist() == [0, 1]
+
+
+def test_detect_image_uses_the_regressed_boxes():
+    scores = torch.tensor([[0.9], [-5.0], [0.5], [-5.0]])
+    calls = []
+
+    def regress(window_index, labels):
+        calls.append((window_index.tolist(), labels.tolist()))
+        return torch.tensor([[50.0, 50.0, 60.0, 60.0], [50.0, 50.0, 60.0, 64.0]])
+
+    boxes, kept, labels = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100, regress)
+    assert calls == [([0, 2], [0, 0])]
+    # the regressed boxes now overlap (IoU 0.71): the second NMS keeps the better one only
+    torch.testing.assert_close(boxes, torch.tensor([[50.0, 50.0, 60.0, 60.0]]))
+    torch.testing.assert_close(kept, torch.tensor([0.9]))
+    assert labels.tolist() == [0]
+    boxes, _, _ = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100)
+    torch.testing.assert_close(boxes, BOXES[[0, 2]])
+
+
+def test_combine_detections_pools_two_runs_then_nms():
+    first = Detections(
+        image_ids=np.array(["a", "b"]),
+        image_index=np.array([0, 1]),
+        boxes=np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float32),
+        scores=np.array([0.5, 0.4], np.float32),
+        labels=np.array([0, 0]),
+    )
+    second = Detections(
+        image_ids=np.array(["c", "a"]),
+        image_index=np.array([1, 1, 1, 0]),
+        boxes=np.array(
+            [[1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60], [5, 5, 9, 9]], np.float32
+        ),
+        scores=np.array([0.9, 0.3, 0.2, 0.1], np.float32),
+        labels=np.array([0, 1, 0, 0]),
+    )
+    combined = combine_detections(first, second, 0.3)
+    assert combined.image_ids.tolist() == ["a", "b", "c"]
+    # image a, class 0: second's 0.9 box suppresses first's 0.5 one (IoU 0.82); class 1 survives
+    assert combined.image_index.tolist() == [0, 0, 0, 1, 2]
+    assert combined.labels.tolist() == [0, 0, 1, 0, 0]
+    np.testing.assert_allclose(combined.scores, [0.9, 0.2, 0.3, 0.4, 0.1])
+    np.testing.assert_array_equal(combined.boxes[0], [1, 0, 11, 10])

@@ -1,0 +1,178 @@
+import logging
+
+import numpy as np
+import pytest
+
+from spp_detect.svm import (
+    SKIPPED_CLASS_BIAS,
+    HardNegativeMiner,
+    SvmModel,
+    SvmParams,
+    fold_feature_scale,
+    mine_and_train,
+    svm_objective,
+    train_linear_svm,
+)
+
+# SPEC §7's solver settings; the mining tests use a larger C so that a handful of points
+# already pull the hyperplane where the hand analysis says.
+SPEC_PARAMS = SvmParams(
+    C=1e-3,
+    pos_weight=2.0,
+    intercept_scaling=10.0,
+    tol=0.1,
+    hard_thresh=-1.0001,
+    evict_thresh=-1.2,
+    retrain_limit=2000,
+)
+MINING_PARAMS = SvmParams(
+    C=10.0,
+    pos_weight=1.0,
+    intercept_scaling=10.0,
+    tol=1e-6,
+    hard_thresh=-1.0001,
+    evict_thresh=-1.2,
+    retrain_limit=5,
+    max_iter=100_000,
+)
+
+
+def points(x0: list[float], dim: int = 3) -> np.ndarray:
+    """Rows with first coordinate x0 and zeros elsewhere."""
+    rows = np.zeros((len(x0), dim), np.float32)
+    rows[:, 0] = x0
+    return rows
+
+
+def blobs(seed: int, count: int = 60, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pos = rng.normal(0, 1, (count, dim)).astype(np.float32)
+    neg = rng.normal(0, 1, (3 * count, dim)).astype(np.float32)
+    pos[:, 0] += 4
+    neg[:, 0] -= 4
+    return pos, neg
+
+
+def test_separates_separable_data():
+    pos, neg = blobs(0)
+    params = SvmParams(**{**SPEC_PARAMS.__dict__, "C": 1.0})
+    weight, bias, objective = train_linear_svm(pos, neg, params)
+    assert weight.shape == (8,) and weight.dtype == np.float32
+    assert (pos @ weight + bias > 0).all() and (neg @ weight + bias < 0).all()
+    assert objective == pytest.approx(svm_objective(weight, bias, pos, neg, params))
+
+
+def test_solution_is_the_optimum_of_the_documented_objective():
+    """The objective (pos_weight on positives, bias regularised as (b/B)²) is minimal there."""
+    pos, neg = blobs(1, count=30, dim=4)
+    neg[:5, 0] += 6  # overlapping classes, so the hinge terms matter
+    pos[:, 0] += 10  # a boundary far from the origin, so the bias penalty matters
+    neg[:, 0] += 10
+    params = SvmParams(**{**SPEC_PARAMS.__dict__, "C": 0.1, "tol": 1e-8, "max_iter": 100_000})
+    weight, bias, objective = train_linear_svm(pos, neg, params)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        step = rng.normal(0, 1e-2, 5)
+        moved = svm_objective(
+            weight + step[:4].astype(np.float32), bias + step[4], pos, neg, params
+        )
+        assert moved >= objective - 1e-5
+
+
+def test_hard_negative_mining_adds_hard_and_evicts_easy():
+    # Positives at x0 = 2. Image 0: negatives at −2 (kept) and −10 (easy, evicted after the first
+    # training: w ≈ 0.5, b ≈ 0 puts −10 at ≈ −5). Images 1–4: two easy negatives at −10 (never
+    # added) and one hard negative at 0 (score ≈ 0 > −1.0001, added). The last retrain moves the
+    # boundary to x0 = 1, which makes the negatives at −2 easy (≈ −3): evicted.
+    positives = [points([2.0] * 10)]
+    miner = HardNegativeMiner(positives, MINING_PARAMS)
+    miner.add_image([(points([-2, -2, -2, -10, -10]), np.arange(5))], is_last=False)
+    np.testing.assert_array_equal(miner.cached_keys(0), [[0, 0], [0, 1], [0, 2]])
+    for image in range(1, 5):
+        miner.add_image([(points([-10, 0, -10]), np.array([7, 8, 9]))], is_last=image == 4)
+        if image == 1:
+            np.testing.assert_array_equal(miner.cached_keys(0), [[0, 0], [0, 1], [0, 2], [1, 8]])
+    np.testing.assert_array_equal(miner.cached_keys(0), [[1, 8], [2, 8], [3, 8], [4, 8]])
+    model = miner.model()
+    assert model.report[0]["retrains"] == 2  # first image + last image (4 added ≤ limit 5)
+    assert model.report[0]["negatives"] == 4 and not model.report[0]["skipped"]
+    score = model.scores(points([1.0, 0.0, 2.0]))[:, 0]
+    np.testing.assert_allclose(score, [0.0, -1.0, 1.0], atol=1e-3)
+
+
+def test_retrain_limit_triggers_a_retrain():
+    positives = [points([2.0] * 10)]
+    miner = HardNegativeMiner(positives, MINING_PARAMS)
+    miner.add_image([(points([-2.0]), np.array([0]))], is_last=False)
+    hard = points([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # 6 > retrain_limit 5
+    miner.add_image([(hard, np.arange(6))], is_last=False)
+    assert miner.model().report[0]["retrains"] == 2
+
+
+def test_already_cached_negatives_are_not_added_twice():
+    positives = [points([2.0] * 10)]
+    miner = HardNegativeMiner(positives, MINING_PARAMS)
+    miner.add_image([(points([0.0, 0.0]), np.array([3, 3]))], is_last=False)
+    assert len(miner.cached_keys(0)) == 1
+
+
+def test_mine_and_train_matches_the_miner_and_folds_the_scale():
+    rng = np.random.default_rng(2)
+    positives = [rng.normal(1, 1, (20, 6)).astype(np.float32) + 2 for _ in range(2)]
+    images = [
+        [(rng.normal(0, 1, (15, 6)).astype(np.float32), np.arange(15)) for _ in range(2)]
+        for _ in range(6)
+    ]
+    scale = 0.25
+    model = mine_and_train(positives, iter(images), MINING_PARAMS, feature_scale=scale)
+    miner = HardNegativeMiner([p * scale for p in positives], MINING_PARAMS)
+    for number, image in enumerate(images):
+        miner.add_image([(f * scale, k) for f, k in image], is_last=number == len(images) - 1)
+    reference = miner.model()
+    features = rng.normal(0, 1, (10, 6)).astype(np.float32)
+    np.testing.assert_allclose(
+        model.scores(features), reference.scores(features * scale), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_fold_feature_scale_gives_the_scores_of_scaled_features():
+    rng = np.random.default_rng(3)
+    weight, bias = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3)
+    features = rng.normal(size=(7, 5)).astype(np.float32)
+    folded_weight, folded_bias = fold_feature_scale(weight, bias, 20.0 / 7.0)
+    np.testing.assert_allclose(
+        features @ folded_weight.T + folded_bias,
+        (features * (20.0 / 7.0)) @ weight.T + bias,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_class_without_positives_or_negatives_is_skipped(caplog):
+    positives = [points([2.0] * 5), np.zeros((0, 3), np.float32), points([2.0] * 5)]
+    images = [
+        [(points([-2.0]), np.array([0])), (points([-2.0]), np.array([0])), (points([]), [])],
+        [(points([-1.0]), np.array([0])), (points([-1.0]), np.array([0])), (points([]), [])],
+    ]
+    with caplog.at_level(logging.WARNING):
+        model = mine_and_train(positives, images, MINING_PARAMS)
+    assert [r["skipped"] for r in model.report] == [False, True, True]
+    assert "class 1 has no positives" in caplog.text and "class 2 saw no negatives" in caplog.text
+    np.testing.assert_array_equal(model.weight[1:], 0)
+    np.testing.assert_array_equal(model.bias[1:], SKIPPED_CLASS_BIAS)
+    assert model.report[0]["negatives"] >= 1 and model.report[1]["objective"] is None
+
+
+def test_class_trains_once_it_first_sees_negatives():
+    positives = [points([2.0] * 5)]
+    images = [[(points([]), [])], [(points([-2.0, -3.0]), np.array([0, 1]))], [(points([]), [])]]
+    model = mine_and_train(positives, images, MINING_PARAMS)
+    assert model.report[0]["retrains"] == 2 and not model.report[0]["skipped"]
+
+
+def test_model_save_load_round_trip(tmp_path):
+    model = SvmModel(np.ones((2, 3), np.float32), np.array([0.5, -1.0], np.float32))
+    model.save(tmp_path / "svms.npz")
+    loaded = SvmModel.load(tmp_path / "svms.npz")
+    np.testing.assert_array_equal(loaded.weight, model.weight)
+    np.testing.assert_array_equal(loaded.bias, model.bias)
