@@ -1,0 +1,223 @@
+"""Benchmark conv5 extraction and SPP pooling (issue 4 figures).
+
+Measures, for a backbone (default zf5, random weights) on VOC-layout images (default the raccoon
+set at ../shared/datasets/raccoon):
+  1. seconds per image for the conv pass at 1 scale (688) and at the paper's 5 scales;
+  2. cache bytes per image at 1 and 5 scales (float16 .npz, uncompressed and zlib) and write time;
+  3. time to pool N windows (default 2,000) spread over the 5 scales: the vectorised
+     ``pool_windows`` against the slow reference of tests/test_spp.py (Python loops) and
+     torchvision's ``roi_pool`` (one call per level), all checked equal;
+  4. peak resident memory after each phase (ru_maxrss, monotonic).
+
+Example: python scripts/bench_extract.py --images 10 --windows 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the slow reference lives with the tests
+
+from test_spp import reference_pool  # noqa: E402
+
+from spp_detect.artifacts import save_npz  # noqa: E402
+from spp_detect.backbones import build_backbone  # noqa: E402
+from spp_detect.config import PAPER_SCALES  # noqa: E402
+from spp_detect.features import cache_arrays, compute_maps, resolve_device  # noqa: E402
+from spp_detect.image import read_image  # noqa: E402
+from spp_detect.spp import pool_windows, select_scale, window_cells  # noqa: E402
+
+ONE_SCALE = (688,)
+LEVELS = (6, 3, 2, 1)
+OFFSET = 6.5  # SPEC §4
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def image_paths(root: Path, count: int) -> list[Path]:
+    paths = sorted((root / "JPEGImages").glob("*.jpg"))[:count]
+    if not paths:
+        raise SystemExit(f"{root}: no JPEGImages/*.jpg")
+    return paths
+
+
+def bench_conv(backbone, images, scales, device) -> tuple[float, list[list[torch.Tensor]]]:
+    """Seconds per image for one forward pass per scale; the maps of every image."""
+    all_maps = []
+    with torch.inference_mode():
+        compute_maps(backbone, images[0], scales)  # warm-up (allocator, kernels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for image in images:
+            maps = compute_maps(backbone, image, scales)
+            all_maps.append([m.cpu() for m in maps])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - started) / len(images), all_maps
+
+
+def bench_cache(all_maps, scales, image_hws) -> dict[str, float]:
+    """Mean bytes and write seconds per image, uncompressed and zlib-compressed."""
+    result = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for compress in (False, True):
+            sizes, seconds = [], []
+            for index, (maps, hw) in enumerate(zip(all_maps, image_hws, strict=True)):
+                arrays = cache_arrays(maps, None, scales, hw, "bench")
+                path = Path(folder) / f"{index}_{compress}.npz"
+                started = time.perf_counter()
+                save_npz(path, compress=compress, **arrays)
+                seconds.append(time.perf_counter() - started)
+                sizes.append(path.stat().st_size)
+            key = "zlib" if compress else "raw"
+            result[f"{key}_bytes"] = float(np.mean(sizes))
+            result[f"{key}_write_s"] = float(np.mean(seconds))
+        started = time.perf_counter()
+        for index in range(len(all_maps)):
+            with np.load(Path(folder) / f"{index}_False.npz") as data:
+                [torch.from_numpy(data[f"fmap_{k}"]).float() for k in range(len(scales))]
+        result["raw_read_s"] = (time.perf_counter() - started) / len(all_maps)
+    return result
+
+
+def random_windows(rng, count: int, image_hw) -> np.ndarray:
+    """Proposal-like boxes: sides log-uniform from 20 px to the image side, anywhere inside."""
+    height, width = image_hw
+    w = np.exp(rng.uniform(np.log(20), np.log(width), count))
+    h = np.exp(rng.uniform(np.log(20), np.log(height), count))
+    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+
+
+def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, reference_windows):
+    rng = np.random.default_rng(0)
+    boxes = random_windows(rng, windows, image_hw)
+    index = select_scale(boxes, image_hw, scales)
+    args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
+    pooled = pool_windows(maps, *args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        pooled = pool_windows(maps, *args)
+        times.append(time.perf_counter() - started)
+    half_maps = [m.half() for m in maps]  # as read from the float16 cache
+    half_times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        from_half = pool_windows(half_maps, *args, out_dtype=torch.float32)
+        half_times.append(time.perf_counter() - started)
+    assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args))
+    result = {
+        "float16_maps_s": min(half_times),
+        "windows": windows,
+        "per_scale": np.bincount(index.numpy(), minlength=len(scales)).tolist(),
+        "vectorised_s": min(times),
+        "vectorised_median_s": float(np.median(times)),
+    }
+    cells = window_cells(boxes, image_hw, scales, index, [m.shape[1:] for m in maps], stride,
+                         offset0, OFFSET)  # fmt: skip
+    result["roi_pool_s"] = time_roi_pool(maps, cells, index, pooled)
+    subset = slice(0, reference_windows)
+    started = time.perf_counter()
+    expected = np.concatenate([
+        reference_pool(maps[k].numpy(), cells[subset][index[subset] == k].tolist(), LEVELS)
+        for k in range(len(scales))
+    ])  # fmt: skip
+    reference_s = time.perf_counter() - started
+    order = torch.cat([torch.nonzero(index[subset] == k).flatten() for k in range(len(scales))])
+    assert torch.equal(pooled[subset][order], torch.from_numpy(expected)), "reference differs"
+    result["reference_windows"] = reference_windows
+    result["reference_s"] = reference_s
+    result["reference_s_per_2000"] = reference_s * 2000 / reference_windows
+    return result
+
+
+def time_roi_pool(maps, cells, index, pooled) -> float:
+    from torchvision.ops import roi_pool
+
+    started = time.perf_counter()
+    out = torch.empty_like(pooled)
+    for k, fmap in enumerate(maps):
+        rows = torch.nonzero(index == k).flatten()
+        if len(rows) == 0:
+            continue
+        rois = torch.cat([torch.zeros(len(rows), 1), cells[rows].float()], dim=1)
+        parts = [roi_pool(fmap[None], rois, (n, n), 1.0).reshape(len(rows), -1) for n in LEVELS]
+        out[rows] = torch.cat(parts, dim=1)
+    seconds = time.perf_counter() - started
+    assert torch.equal(out, pooled), "roi_pool differs"
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO.parent / "shared/datasets/raccoon")
+    parser.add_argument("--backbone", default="zf5")
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--images", type=int, default=10, help="images for the conv timing")
+    parser.add_argument("--windows", type=int, default=2000)
+    parser.add_argument("--reference-windows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = resolve_device(args.device)
+    backbone = build_backbone(args.backbone, args.weights).to(device)
+    images = [read_image(p) for p in image_paths(args.root, args.images)]
+    hws = [image.shape[:2] for image in images]
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), device {device}"
+    )
+    print(f"images: {len(images)} from {args.root}, median size {np.median(hws, axis=0).tolist()}")
+    print(f"peak RSS after loading: {peak_rss_mib():.0f} MiB")
+
+    conv = {}
+    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
+        seconds, conv[label] = bench_conv(backbone, images, scales, device)
+        print(f"conv pass, {label} {scales}: {seconds:.3f} s/image; RSS {peak_rss_mib():.0f} MiB")
+
+    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
+        c = bench_cache(conv[label], scales, hws)
+        print(
+            f"cache, {label}: {c['raw_bytes'] / 2**20:.2f} MiB/image uncompressed (write "
+            f"{c['raw_write_s']:.3f} s, read {c['raw_read_s']:.3f} s); "
+            f"{c['zlib_bytes'] / 2**20:.2f} MiB/image zlib (write {c['zlib_write_s']:.3f} s)"
+        )
+
+    for label, scales in (("5 scales", PAPER_SCALES), ("1 scale", ONE_SCALE)):
+        reference_windows = min(args.reference_windows, args.windows)
+        p = bench_pool(
+            conv[label][0], hws[0], scales, backbone.stride, backbone.offset0, args.windows,
+            args.repeats, reference_windows,
+        )  # fmt: skip
+        print(
+            f"pool {p['windows']} windows, {label} {p['per_scale']}: vectorised "
+            f"{p['vectorised_s'] * 1000:.0f} ms (median {p['vectorised_median_s'] * 1000:.0f}), "
+            f"from float16 maps {p['float16_maps_s'] * 1000:.0f} ms; "
+            f"torchvision roi_pool {p['roi_pool_s'] * 1000:.0f} ms; slow reference "
+            f"{p['reference_s']:.1f} s for {p['reference_windows']} windows; outputs equal"
+        )
+    print(f"peak RSS at the end: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Conv trunks (zf5, alexnet, vgg16) with their total stride and receptive-field centre; weights.
+
+Shapes: B images, C channels of the last conv layer, H'/W' its map size.
+
+Each trunk ends at its last conv layer + ReLU (conv5 features are post-ReLU). Its geometry is
+derived from its own layer list by :func:`receptive_center`, not typed in: ZF-5 → stride 16,
+offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5 (ARCHITECTURE §2, SPEC §2).
+
+Weights are ``none`` (random, seeded, so every stage and process sees the same network), a
+torchvision weights name (``AlexNet_Weights.IMAGENET1K_V1`` or just ``IMAGENET1K_V1``; fetched
+into the torch hub cache when online) or a local file loaded with ``weights_only=True``: the
+trunk's own state dict or a full torchvision classification state dict (``features.*`` keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spp_detect.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("zf5", "alexnet", "vgg16")
+RANDOM_INIT_SEED = 0  # random ("none") weights are seeded: extract and later stages must agree
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")  # names that can only be files
+
+# ZF-5 local response normalisation (SPEC §2, Zeiler_conv5.prototxt norm1/norm2).
+ZF5_LRN_SIZE = 3
+ZF5_LRN_ALPHA = 5e-5
+ZF5_LRN_BETA = 0.75
+
+
+class WithinChannelLRN(nn.Module):
+    """Caffe's WITHIN_CHANNEL LRN: x · (1 + α/size² · Σ_{size×size} x²)^(−β).
+
+    The sum runs over the spatial neighbourhood with zero padding and the divisor is always
+    size² (CAFFE-SPP ``lrn_layer.cpp``: AVE pooling with pad, counted over the padded window),
+    which is ``avg_pool2d(count_include_pad=True)``.
+    """
+
+    def __init__(self, size: int, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta = size, alpha, beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_square = F.avg_pool2d(
+            x * x, self.size, stride=1, padding=(self.size - 1) // 2, count_include_pad=True
+        )
+        # in place on the temporary: large maps (scale 1200) would otherwise hold three copies
+        return x * mean_square.mul_(self.alpha).add_(1.0).pow_(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"
+
+
+class Backbone(nn.Module):
+    """A conv trunk: ``forward`` (B, 3, H, W) normalised images → (B, C, H', W') post-ReLU maps.
+
+    Attributes: ``name``; ``stride`` (input pixels per map cell); ``channels`` (C); ``offset0``
+    (1-based input pixel at the centre of map cell 1); ``normalization`` ("caffe_bgr" for zf5,
+    "imagenet" for the torchvision trunks, see ``image.image_to_tensor``).
+    """
+
+    def __init__(self, name: str, features: nn.Sequential, normalization: str) -> None:
+        super().__init__()
+        self.name = name
+        self.features = features
+        self.normalization = normalization
+        self.stride, self.offset0 = receptive_center(features)
+        self.channels = [m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+    def output_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(H', W') of the map of an (H, W) input, by the layers' size arithmetic."""
+        return output_hw(self.features, image_hw)
+
+
+def _pair(value: int | Sequence[int]) -> int:
+    """One side of a square kernel/stride/padding (all trunks here use square ones)."""
+    return int(value[0]) if isinstance(value, tuple | list) else int(value)
+
+
+def _geometry(layer: nn.Module) -> tuple[int, int, int] | None:
+    """(effective kernel, stride, padding) of a layer that moves the grid, else None."""
+    if isinstance(layer, nn.Conv2d):
+        kernel = (_pair(layer.kernel_size) - 1) * _pair(layer.dilation) + 1
+        return kernel, _pair(layer.stride), _pair(layer.padding)
+    if isinstance(layer, nn.MaxPool2d | nn.AvgPool2d):
+        dilation = _pair(getattr(layer, "dilation", 1))
+        kernel = (_pair(layer.kernel_size) - 1) * dilation + 1
+        return kernel, _pair(layer.stride or layer.kernel_size), _pair(layer.padding)
+    return None
+
+
+def receptive_center(layers: Sequence[nn.Module]) -> tuple[int, float]:
+    """(total stride, offset0): offset0 is the 1-based input pixel at the centre of map cell 1.
+
+    Cell 0 of a layer with kernel k and padding p covers its input cells −p … k−1−p, so its
+    centre sits ((k−1)/2 − p) input cells right of the input's cell 0; in image pixels that is
+    times the input's stride. Summing over the layers gives the 0-based centre; +1 makes it
+    1-based as in SPEC §4 (ZF-5: 20 → 21).
+    """
+    stride, center = 1, 0.0
+    for layer in layers:
+        geometry = _geometry(layer)
+        if geometry is None:
+            continue
+        kernel, layer_stride, padding = geometry
+        center += ((kernel - 1) / 2 - padding) * stride
+        stride *= layer_stride
+    return stride, center + 1.0
+
+
+def output_hw(layers: Sequence[nn.Module], image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Map size after ``layers``: floor for conv, ceil or floor for pooling (PyTorch rules)."""
+    sides = list(image_hw)
+    for layer in layers:
+        geometry = _geometry(layer)
+        if geometry is None:
+            continue
+        kernel, stride, padding = geometry
+        ceil_mode = bool(getattr(layer, "ceil_mode", False))
+        sides = [_pooled_side(side, kernel, stride, padding, ceil_mode) for side in sides]
+    return sides[0], sides[1]
+
+
+def _pooled_side(side: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    span = side + 2 * padding - kernel
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= side + padding:
+        out -= 1  # the last window must start inside the input (PyTorch and Caffe agree)
+    return out
+
+
+def _zf5_features() -> nn.Sequential:
+    """ZF-5 conv1–conv5 exactly as SPEC §2 (Zeiler_conv5.prototxt): LRN, ceil-mode pooling."""
+
+    def lrn() -> WithinChannelLRN:
+        return WithinChannelLRN(ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA)
+
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 7, stride=2, padding=1), nn.ReLU(inplace=True), lrn(),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        nn.Conv2d(96, 256, 5, stride=2, padding=0), nn.ReLU(inplace=True), lrn(),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def _init_zf5(features: nn.Sequential) -> None:
+    """He-normal weights, zero bias: activations keep their scale through the five layers."""
+    for layer in features:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+
+def _torchvision_features(name: str) -> nn.Sequential:
+    """torchvision's ``features`` up to the last conv + ReLU (the final max-pool dropped)."""
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    layers = list(model.features)
+    last_conv = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d))
+    # keep module indices so torchvision state-dict keys (features.<i>.*) load unchanged
+    return nn.Sequential(*layers[: last_conv + 2])
+
+
+def _random_trunk(name: str) -> Backbone:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if name == "zf5":
+            features = _zf5_features()
+            _init_zf5(features)
+            return Backbone(name, features, "caffe_bgr")
+        return Backbone(name, _torchvision_features(name), "imagenet")
+
+
+def check_backbone_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise UserError(
+            f"extract.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
+        )
+
+
+def build_backbone(name: str, weights: str) -> Backbone:
+    """The ``name`` trunk with ``weights`` (torchvision name | local file | "none"), eval mode.
+
+    Raises UserError for an unknown name, a missing or unfit weights file (mismatched keys named),
+    or a torchvision name that is neither cached nor downloadable.
+    """
+    check_backbone_name(name)
+    backbone = _random_trunk(name)
+    if weights.strip().lower() == "none":
+        logger.warning(
+            "extract.weights is none: the %s conv layers are random (seed %d); "
+            "fine for tests and the toy demo, not for real detection",
+            name, RANDOM_INIT_SEED,
+        )  # fmt: skip
+    else:
+        state, source = load_weights_state(name, weights)
+        _load_trunk(backbone, state, source)
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def load_weights_state(name: str, weights: str) -> tuple[dict[str, Tensor], str]:
+    """The full state dict behind ``weights`` and a description of where it came from."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return _read_state_file(path), str(path)
+    if path.exists() or _looks_like_path(weights):
+        raise UserError(
+            f"{weights}: weights file not found; fix extract.weights (a file, a torchvision "
+            "weights name or none)"
+        )
+    return _torchvision_state(name, weights)
+
+
+def _looks_like_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or weights.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _read_state_file(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise UserError(
+            f"{path}: not a loadable weights file ({type(exc).__name__}); pass a state dict "
+            "saved with torch.save"
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(
+            f"{path}: not a state dict of tensors; pass a state dict saved with torch.save"
+        )
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _torchvision_state(name: str, weights: str) -> tuple[dict[str, Tensor], str]:
+    if name == "zf5":
+        raise UserError(
+            f"extract.weights: {weights!r} is not a file and zf5 has no torchvision weights; "
+            "pass a local zf5 state dict or none"
+        )
+    entry = _torchvision_weights(name, weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+    if not cached.is_file():
+        _download(entry, cached)
+    return _read_state_file(cached), f"{type(entry).__name__}.{entry.name}"
+
+
+def _torchvision_weights(name: str, weights: str):  # -> torchvision WeightsEnum member
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    member = weights.split(".")[-1]
+    owner = weights.rsplit(".", 1)[0] if "." in weights else enum.__name__
+    valid = ", ".join(f"{enum.__name__}.{w.name}" for w in enum)
+    if owner != enum.__name__ or (member not in enum.__members__ and member != "DEFAULT"):
+        raise UserError(
+            f"extract.weights: {weights!r} is not a file nor a weights name for {name}; "
+            f"use one of {valid}, a local file or none"
+        )
+    return enum.DEFAULT if member == "DEFAULT" else enum[member]
+
+
+def _download(entry, cached: Path) -> None:
+    label = f"{type(entry).__name__}.{entry.name}"
+    logger.info("downloading %s into %s", label, cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(entry.url, str(cached), progress=True)
+    except Exception as exc:  # URLError, HTTPError, socket and SSL errors when offline
+        raise UserError(
+            f"extract.weights: {label} is not in the torch hub cache ({cached}) and could not be "
+            f"downloaded ({type(exc).__name__}); run once with network access, or download "
+            f"{entry.url} to {cached}, or pass a local weights file"
+        ) from None
+
+
+def _load_trunk(backbone: Backbone, state: Mapping[str, Tensor], source: str) -> None:
+    """Copy ``features.*`` tensors into the trunk; any key or shape mismatch is one UserError."""
+    if not any(key.startswith("features.") for key in state):
+        state = {f"features.{key}": value for key, value in state.items()}  # a bare Sequential
+    trunk = {k: v for k, v in state.items() if k.startswith("features.")}
+    expected = backbone.state_dict()
+    problems = []
+    missing = [key for key in expected if key not in trunk]
+    unexpected = [key for key in trunk if key not in expected]
+    shapes = [
+        f"{key} {tuple(trunk[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in trunk and trunk[key].shape != value.shape
+    ]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if items:
+            shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+            problems.append(f"{label} {shown}")
+    if problems:
+        raise UserError(
+            f"{source}: weights do not fit the {backbone.name} trunk ({'; '.join(problems)}); "
+            f"pass weights made for extract.backbone={backbone.name}"
+        )
+    backbone.load_state_dict(trunk)
+    logger.info("%s conv layers loaded from %s", backbone.name, source)
+
+
+def load_classifier_state(name: str, weights: str) -> dict[str, Tensor] | None:
+    """Pretrained fc6/fc7 behind ``weights``, or None when there are none.
+
+    Returns ``fc6.weight`` (F, C·n²) in the classifier's own column order (torchvision flattens
+    its n×n pooled map channel-major: n = 6 AlexNet, 7 VGG16), ``fc6.bias`` (F,), ``fc7.weight``
+    (F, F), ``fc7.bias`` (F,). Source keys: ``fc6.*``/``fc7.*`` directly, or the first two linear
+    layers of ``classifier.*`` (torchvision). None for "none", for files without a classifier and
+    for classifiers holding non-finite values (torchvision ``VGG16_Weights.IMAGENET1K_FEATURES``).
+    """
+    check_backbone_name(name)
+    if weights.strip().lower() == "none":
+        return None
+    state, source = load_weights_state(name, weights)
+    if all(f"{layer}.{kind}" in state for layer in ("fc6", "fc7") for kind in ("weight", "bias")):
+        result = {key: state[key] for key in ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias")}
+    else:
+        linear = sorted(
+            int(key.split(".")[1])
+            for key, value in state.items()
+            if key.startswith("classifier.") and key.endswith(".weight") and value.ndim == 2
+        )
+        if len(linear) < 2:
+            return None
+        result = {}
+        for layer, index in zip(("fc6", "fc7"), linear[:2], strict=True):
+            result[f"{layer}.weight"] = state[f"classifier.{index}.weight"]
+            result[f"{layer}.bias"] = state[f"classifier.{index}.bias"]
+    if not all(bool(torch.isfinite(value).all()) for value in result.values()):
+        logger.info("%s: the classifier holds non-finite values; fc6/fc7 start at random", source)
+        return None
+    return {key: value.float() for key, value in result.items()}

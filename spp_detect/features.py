@@ -1,0 +1,304 @@
+"""Conv5 maps of an image at every scale, from the disk cache or computed on the fly, and pooling.
+
+Shapes: R windows, C channels, S scales, H_k/W_k the map at scale k, D = C·Σn² pooled dim.
+
+Cache file (ARCHITECTURE §4), one per image, ``features/<split>/<image_id>.npz``:
+``fmap_<k>`` float16 (C, H_k, W_k) for scale index k; ``flip_fmap_<k>`` the same for the
+horizontally flipped image (training splits with ``extract.flip``); ``scales`` int64 (S,);
+``image_hw`` int64 (2,) of the original image; ``fingerprint`` str (the extract config that made
+it, so a resumed run never keeps a stale file).
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spp_detect.backbones import Backbone
+from spp_detect.errors import UserError
+from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
+from spp_detect.spp import pool_windows, pyramid_dim, select_scale
+from spp_detect.structures import ImageRecord
+
+FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
+CACHE_MODES = ("disk", "none")
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """How windows become pooled vectors: the backbone's ``stride`` and ``offset0`` (SPEC §4),
+    the box shrink ``offset`` (px), pyramid ``levels`` in output order, and ``target_size`` (px),
+    the window side scale selection aims at (ARCHITECTURE §2)."""
+
+    stride: int
+    offset0: float
+    offset: float
+    levels: tuple[int, ...]
+    target_size: float
+
+    def feature_dim(self, channels: int) -> int:
+        """D = C · Σ n²."""
+        return pyramid_dim(channels, self.levels)
+
+
+def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """``extract.scales`` as a tuple; UserError when empty, repeated or not positive."""
+    values = tuple(scales)
+    if not values:
+        raise UserError("extract.scales: empty; give at least one shorter-side size, e.g. [688]")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in values):
+        raise UserError(f"extract.scales: sizes must be positive integers (px), got {list(values)}")
+    if len(set(values)) != len(values):
+        raise UserError(f"extract.scales: a size is repeated in {list(values)}; list each once")
+    return values
+
+
+def check_scales_fit(backbone: Backbone, scales: Sequence[int]) -> None:
+    """UserError when the smallest scale leaves the backbone no conv cell."""
+    smallest = min(scales)
+    if min(backbone.output_hw((smallest, smallest))) < 1:
+        fits = next(s for s in range(smallest, 10_000) if min(backbone.output_hw((s, s))) >= 1)
+        raise UserError(
+            f"extract.scales: {smallest} px is too small for {backbone.name}; use at least {fits}"
+        )
+
+
+def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(levels)
+    if not values or any(not isinstance(n, int) or n <= 0 for n in values):
+        raise UserError(
+            f"spp.levels: need positive bin counts, e.g. [6, 3, 2, 1]; got {list(values)}"
+        )
+    return values
+
+
+def check_extract_settings(scales: Sequence[int], max_long_side: int, cache: str) -> None:
+    check_scales(scales)
+    if max_long_side < 0:
+        raise UserError(
+            f"extract.max_long_side: must be 0 (no cap) or positive, got {max_long_side}"
+        )
+    if cache not in CACHE_MODES:
+        raise UserError(f"extract.cache: must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device; UserError for a malformed name or an absent CUDA device."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a torch device; use cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device available; use --device cpu")
+    return resolved
+
+
+def effective_scales(
+    image_hw: tuple[int, int], scales: Sequence[int], max_long_side: int = 0
+) -> list[int]:
+    """The shorter side each scale gives this image (less than the scale only under a cap)."""
+    return [min(resized_hw(image_hw, s, max_long_side)) for s in scales]
+
+
+def read_record_image(record: ImageRecord) -> np.ndarray:
+    """The record's image; UserError when its decoded size is not the record's (H, W)."""
+    image = read_image(record.path)
+    if image.shape[:2] != record.image_hw:
+        raise UserError(
+            f"{record.path}: decodes to {image.shape[0]}×{image.shape[1]} but its header says "
+            f"{record.height}×{record.width} (EXIF rotation?); save it upright without EXIF "
+            "orientation"
+        )
+    return image
+
+
+def compute_maps(
+    backbone: Backbone,
+    image: np.ndarray,
+    scales: Sequence[int],
+    max_long_side: int = 0,
+) -> list[Tensor]:
+    """One forward pass per scale of uint8 (H, W, 3) RGB ``image``: S maps (C, H_k, W_k) float32
+    on the backbone's device. Call under ``torch.no_grad`` or ``torch.inference_mode``."""
+    device = next(backbone.parameters()).device
+    maps = []
+    for scale in scales:
+        resized = resize_short_side(image, scale, max_long_side)
+        pixels = image_to_tensor(resized, backbone.normalization, device)
+        maps.append(backbone(pixels[None])[0])
+    return maps
+
+
+def to_float16(fmap: Tensor) -> np.ndarray:
+    """A map as float16 numpy for the cache; values beyond float16's range are clipped."""
+    return fmap.clamp(max=FLOAT16_MAX).to(torch.float16).cpu().numpy()
+
+
+def cache_arrays(
+    maps: Sequence[Tensor],
+    flipped_maps: Sequence[Tensor] | None,
+    scales: Sequence[int],
+    image_hw: tuple[int, int],
+    fingerprint: str,
+) -> dict[str, np.ndarray]:
+    """The arrays of one cache file (module docstring)."""
+    arrays = {f"fmap_{k}": to_float16(fmap) for k, fmap in enumerate(maps)}
+    for k, fmap in enumerate(flipped_maps or ()):
+        arrays[f"flip_fmap_{k}"] = to_float16(fmap)
+    arrays["scales"] = np.asarray(scales, dtype=np.int64)
+    arrays["image_hw"] = np.asarray(image_hw, dtype=np.int64)
+    arrays["fingerprint"] = np.asarray(fingerprint)
+    return arrays
+
+
+def cache_fingerprint(path: Path) -> str | None:
+    """The fingerprint stored in a cache file, or None when unreadable or absent."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["fingerprint"]) if "fingerprint" in data.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+
+
+class FeatureSource:
+    """Conv5 maps and pooled windows of the images of one split.
+
+    ``scales`` (S,) shorter sides, ``geometry`` (:class:`PoolGeometry`), ``channels`` (C) and
+    ``device``. Maps come from the cache (``cache_path(image_id)`` → .npz) or, with
+    ``backbone`` instead, are computed on the fly. The last image's maps are kept, so ``maps``
+    and ``pool`` on the same image read or compute them once.
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[int],
+        geometry: PoolGeometry,
+        channels: int,
+        device: str | torch.device,
+        *,
+        cache_path: Callable[[str], Path] | None = None,
+        backbone: Backbone | None = None,
+        max_long_side: int = 0,
+    ) -> None:
+        if (cache_path is None) == (backbone is None):
+            raise ValueError("give exactly one of cache_path and backbone")
+        self.scales = check_scales(scales)
+        self.geometry = geometry
+        self.channels = int(channels)
+        self.device = resolve_device(device)
+        self.max_long_side = max_long_side
+        self._cache_path = cache_path
+        self._backbone = backbone.to(self.device).eval() if backbone is not None else None
+        if backbone is not None:
+            check_scales_fit(backbone, self.scales)
+        self._last_key: tuple[str, bool] | None = None
+        self._last_maps: list[Tensor | None] = []
+
+    @property
+    def feature_dim(self) -> int:
+        return self.geometry.feature_dim(self.channels)
+
+    def maps(self, record: ImageRecord, flipped: bool = False) -> list[Tensor]:
+        """S float32 maps (C, H_k, W_k) on the device; ``flipped``: of the mirrored image."""
+        maps = self._maps(record, flipped, range(len(self.scales)))
+        return [fmap.float() for fmap in maps if fmap is not None]
+
+    def pool(
+        self,
+        record: ImageRecord,
+        boxes: np.ndarray | Tensor,
+        scale_index: Tensor | np.ndarray | None = None,
+        flipped: bool = False,
+    ) -> Tensor:
+        """Pooled features (R, D) float32 on the device, rows in the order of ``boxes`` (R, 4).
+
+        ``scale_index`` (R,) picks each window's scale (fine-tuning draws it at random); None
+        picks the best scale (``select_scale``). With ``flipped`` the boxes are in the
+        coordinates of the mirrored image (``boxes.flip_boxes``).
+        """
+        boxes = torch.as_tensor(boxes if isinstance(boxes, Tensor) else np.asarray(boxes))
+        image_hw = record.image_hw
+        scales = effective_scales(image_hw, self.scales, self.max_long_side)
+        if scale_index is None:
+            index = select_scale(boxes, image_hw, scales, self.geometry.target_size)
+        else:
+            index = torch.as_tensor(scale_index).to(device="cpu", dtype=torch.long).reshape(-1)
+        if len(index) and not (int(index.min()) >= 0 and int(index.max()) < len(scales)):
+            raise ValueError(f"scale_index must lie in [0, {len(scales)})")
+        maps = self._maps(record, flipped, sorted(set(index.tolist())) or [0])
+        g = self.geometry
+        return pool_windows(
+            maps, boxes, image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
+            out_dtype=torch.float32,
+        )  # fmt: skip
+
+    def _maps(
+        self, record: ImageRecord, flipped: bool, needed: Sequence[int]
+    ) -> list[Tensor | None]:
+        """Maps of the ``needed`` scale indices (float16 from the cache, float32 computed);
+        the others may be None."""
+        key = (str(record.path), flipped)
+        if self._last_key != key:
+            self._last_key, self._last_maps = key, [None] * len(self.scales)
+        missing = [k for k in needed if self._last_maps[k] is None]
+        if missing:
+            load = self._read if self._backbone is None else self._compute
+            for k, fmap in zip(missing, load(record, flipped, missing), strict=True):
+                self._last_maps[k] = fmap
+        return list(self._last_maps)
+
+    def _read(self, record: ImageRecord, flipped: bool, needed: Sequence[int]) -> list[Tensor]:
+        assert self._cache_path is not None
+        path = self._cache_path(record.image_id)
+        prefix = "flip_fmap" if flipped else "fmap"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self._check_cache(path, data, record, flipped)
+                arrays = [data[f"{prefix}_{k}"] for k in needed]
+        except FileNotFoundError:
+            raise UserError(
+                f"{path}: no cached conv5 maps for this image; run `spp-detect extract` for "
+                "this split"
+            ) from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UserError(
+                f"{path}: unreadable cache file ({exc}); delete it and rerun `spp-detect extract`"
+            ) from None
+        # kept float16: pooling (a max) is exact in it and moves half the bytes
+        return [torch.from_numpy(array).to(self.device) for array in arrays]
+
+    def _check_cache(self, path: Path, data, record: ImageRecord, flipped: bool) -> None:
+        cached = tuple(int(s) for s in data["scales"])
+        if cached != self.scales:
+            raise UserError(
+                f"{path}: cached for scales {list(cached)}, the config has {list(self.scales)}; "
+                "rerun `spp-detect extract --force`"
+            )
+        cached_hw = tuple(int(v) for v in data["image_hw"])
+        if cached_hw != record.image_hw:
+            raise UserError(
+                f"{path}: cached for a {cached_hw[0]}×{cached_hw[1]} image, {record.path} is "
+                f"{record.height}×{record.width}; rerun `spp-detect extract --force`"
+            )
+        if flipped and "flip_fmap_0" not in data.files:
+            raise UserError(
+                f"{path}: no flipped maps cached; set extract.flip=true and rerun "
+                "`spp-detect extract --force` on the training split"
+            )
+
+    def _compute(self, record: ImageRecord, flipped: bool, needed: Sequence[int]) -> list[Tensor]:
+        assert self._backbone is not None
+        image = read_record_image(record)
+        if flipped:
+            image = flip_image(image)
+        with torch.no_grad():
+            return compute_maps(
+                self._backbone, image, [self.scales[k] for k in needed], self.max_long_side
+            )

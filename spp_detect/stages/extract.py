@@ -1,0 +1,204 @@
+"""`spp-detect extract`: conv5 maps of every image at every scale, cached as float16 .npz.
+
+Steps: 1. check the settings and build the backbone; 2. log the projected cache size; 3. per
+image, skip a file already made with the same settings (unless --force), else one forward pass
+per scale (plus the mirrored image on training splits with ``extract.flip``) and an atomic write;
+an image that runs out of GPU memory is redone on the CPU; 4. the manifest, last.
+Cache layout: ``spp_detect.features`` (module docstring) and ARCHITECTURE §4.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spp_detect.artifacts import clear_manifest, save_npz, write_manifest
+from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
+from spp_detect.config import Config
+from spp_detect.features import (
+    cache_arrays,
+    cache_fingerprint,
+    check_extract_settings,
+    check_scales_fit,
+    compute_maps,
+    read_record_image,
+    resolve_device,
+)
+from spp_detect.image import flip_image, resized_hw
+from spp_detect.stages.common import fingerprint, format_bytes, split_records
+from spp_detect.structures import ImageRecord
+
+if TYPE_CHECKING:
+    from spp_detect.cli import StageContext
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_WRITES = 2  # cache files being written in the background while the next image runs
+FLOAT16_BYTES = 2
+
+
+def run_extract(ctx: StageContext, split: str) -> str:
+    """Cache the conv5 maps of ``split``; returns the one-line summary."""
+    config = ctx.config
+    settings = config.extract
+    check_backbone_name(settings.backbone)
+    check_extract_settings(settings.scales, settings.max_long_side, settings.cache)
+    if settings.cache == "none":
+        return "extract: extract.cache is none, later stages compute conv5 maps on the fly"
+    device = resolve_device(ctx.device)
+    records = split_records(config, split, ctx.limit)
+    backbone = build_backbone(settings.backbone, settings.weights)
+    check_scales_fit(backbone, settings.scales)
+    flip = settings.flip and split == config.data.train_split
+    out_dir = ctx.run_dir.features_dir(split)
+    file_fingerprint = _file_fingerprint(config)
+    _log_projected_size(records, backbone, settings.scales, settings.max_long_side, flip, out_dir)
+
+    clear_manifest(out_dir)
+    paths = [ctx.run_dir.feature_path(split, record.image_id) for record in records]
+    todo = [
+        (record, path)
+        for record, path in zip(records, paths, strict=True)
+        if ctx.force or cache_fingerprint(path) != file_fingerprint
+    ]
+    extractor = _Extractor(backbone, device, settings.scales, settings.max_long_side, flip)
+    started = time.perf_counter()
+    bytes_written = _extract_all(extractor, todo, file_fingerprint, len(records), split)
+    seconds = time.perf_counter() - started
+
+    write_manifest(
+        out_dir, "extract", split, len(records), fingerprint(config, "extract"),
+        extra={
+            "backbone": backbone.name, "channels": backbone.channels, "stride": backbone.stride,
+            "offset0": backbone.offset0, "scales": list(settings.scales), "flip": flip,
+        },
+    )  # fmt: skip
+    per_image = f" ({seconds / len(todo):.3f} s/image)" if todo else ""
+    return (
+        f"extract ({split}): {len(todo)} images in {seconds:.1f} s{per_image}, "
+        f"{format_bytes(bytes_written)} written, {len(records) - len(todo)} already cached"
+        + (f", {extractor.cpu_fallbacks} redone on the CPU" if extractor.cpu_fallbacks else "")
+    )
+
+
+def _file_fingerprint(config: Config) -> str:
+    """What a cache file's content depends on: the extract settings and the images' folder."""
+    payload = json.dumps([config.fingerprint("extract"), config.data.root])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class _Extractor:
+    """Forward passes for one image on the device, redone on the CPU after a CUDA OOM."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        device: torch.device,
+        scales: Sequence[int],
+        max_long_side: int,
+        flip: bool,
+    ) -> None:
+        # a CPU copy is kept aside before the move: copying after an OOM could run out again
+        self.cpu_backbone = copy.deepcopy(backbone) if device.type == "cuda" else backbone
+        self.backbone = backbone.to(device)
+        self.scales, self.max_long_side, self.flip = tuple(scales), max_long_side, flip
+        self.cpu_fallbacks = 0
+
+    def arrays(self, record: ImageRecord, image: np.ndarray, file_fp: str) -> dict[str, np.ndarray]:
+        try:
+            return self._arrays(self.backbone, image, file_fp)
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("%s: out of GPU memory; redoing this image on the CPU", record.path)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.cpu_fallbacks += 1
+            return self._arrays(self.cpu_backbone, image, file_fp)
+
+    def _arrays(self, backbone: Backbone, image: np.ndarray, file_fp: str) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            maps = compute_maps(backbone, image, self.scales, self.max_long_side)
+            flipped = None
+            if self.flip:
+                flipped = compute_maps(backbone, flip_image(image), self.scales, self.max_long_side)
+            return cache_arrays(maps, flipped, self.scales, image.shape[:2], file_fp)
+
+
+def _extract_all(
+    extractor: _Extractor,
+    todo: Sequence[tuple[ImageRecord, Path]],
+    file_fp: str,
+    total: int,
+    split: str,
+) -> int:
+    """Run the images in ``todo``: decode ahead and write behind in threads. Returns bytes."""
+    written = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[int]] = deque()
+        bar = tqdm(total=total, initial=total - len(todo), desc=f"extract {split}", unit="img")
+        with bar:
+            for (record, path), image in _decoded_ahead(pool, todo):
+                arrays = extractor.arrays(record, image, file_fp)
+                pending.append(pool.submit(_save, path, arrays))
+                while len(pending) > MAX_PENDING_WRITES:
+                    written += pending.popleft().result()
+                bar.update()
+            while pending:
+                written += pending.popleft().result()
+    return written
+
+
+def _decoded_ahead(
+    pool: ThreadPoolExecutor, todo: Sequence[tuple[ImageRecord, Path]]
+) -> Iterator[tuple[tuple[ImageRecord, Path], np.ndarray]]:
+    """Each item with its decoded image; the next image decodes while this one runs."""
+    upcoming = pool.submit(read_record_image, todo[0][0]) if todo else None
+    for position, item in enumerate(todo):
+        current = upcoming
+        following = position + 1 < len(todo)
+        upcoming = pool.submit(read_record_image, todo[position + 1][0]) if following else None
+        assert current is not None
+        yield item, current.result()
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:
+    save_npz(path, **arrays)  # uncompressed: zlib halves the size but writes ~25× slower
+    return path.stat().st_size
+
+
+def _log_projected_size(
+    records: Sequence[ImageRecord],
+    backbone: Backbone,
+    scales: Sequence[int],
+    max_long_side: int,
+    flip: bool,
+    out_dir: Path,
+) -> None:
+    """Log the cache size from the images' sizes and the conv size arithmetic; warn if no room."""
+    total = 0
+    for record in records:
+        for scale in scales:
+            fmap_h, fmap_w = backbone.output_hw(resized_hw(record.image_hw, scale, max_long_side))
+            total += backbone.channels * fmap_h * fmap_w * FLOAT16_BYTES
+    total *= 2 if flip else 1
+    logger.info(
+        "projected cache size: %s for %d images × %d scales%s (float16 %s maps, %d channels)",
+        format_bytes(total), len(records), len(scales), " + flips" if flip else "",
+        backbone.name, backbone.channels,
+    )  # fmt: skip
+    existing = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < total:
+        logger.warning("only %s free under %s", format_bytes(free), existing)

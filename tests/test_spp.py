@@ -1,0 +1,331 @@
+"""spp.py against a slow reference written from SPEC §4–5, plus the hand cases of SPEC §14."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spp_detect.spp import (
+    SpatialPyramidPool,
+    dedup_keys,
+    pool_windows,
+    project_boxes,
+    pyramid_dim,
+    select_scale,
+    spatial_pyramid_pool,
+    window_cells,
+)
+
+ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # SPEC §4 spp_config.m values
+LEVELS = (6, 3, 2, 1)
+
+
+# ---------------------------------------------------------------- slow reference (SPEC §4–5)
+
+
+def reference_select_scale(box, image_hw, scales, target=224.0) -> int:
+    """SPEC §4 steps 1–2 with ARCHITECTURE's e = target·m/√A: nearest scale, ties to the smaller."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    expected = target * min(image_hw) / math.sqrt((x2 - x1) * (y2 - y1))
+    best = None
+    for k, scale in enumerate(scales):
+        distance = abs(scale - expected)
+        if best is None or distance < best[0] or (distance == best[0] and scale < scales[best[1]]):
+            best = (distance, k)
+    return best[1]
+
+
+def reference_edges(box, image_hw, scale, stride, offset0, offset) -> tuple[int, int, int, int]:
+    """SPEC §4 steps 3–4 for one box, 1-based, unclamped."""
+    x1, y1, x2, y2 = float(box[0]) + 1, float(box[1]) + 1, float(box[2]), float(box[3])
+    m = min(image_hw)
+
+    def scaled(v: float) -> float:
+        return (v - 1) * (scale - 1) / (m - 1) + 1
+
+    left = math.floor((scaled(x1) - offset0 + offset) / stride + 0.5) + 1
+    top = math.floor((scaled(y1) - offset0 + offset) / stride + 0.5) + 1
+    right = math.ceil((scaled(x2) - offset0 - offset) / stride - 0.5) + 1
+    bottom = math.ceil((scaled(y2) - offset0 - offset) / stride - 0.5) + 1
+    return left, top, right, bottom
+
+
+def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
+    """SPEC §4 steps 3–6 for one box → 0-based inclusive cells."""
+    left, top, right, bottom = reference_edges(box, image_hw, scale, stride, offset0, offset)
+    if left > right:
+        left = right = math.trunc((left + right) / 2)  # C integer division
+    if top > bottom:
+        top = bottom = math.trunc((top + bottom) / 2)
+    fmap_h, fmap_w = fmap_hw
+    left, right = min(max(left, 1), fmap_w), min(max(right, 1), fmap_w)
+    top, bottom = min(max(top, 1), fmap_h), min(max(bottom, 1), fmap_h)
+    return left - 1, top - 1, right - 1, bottom - 1
+
+
+def reference_pool(fmap: np.ndarray, cells, levels) -> np.ndarray:
+    """SPEC §5: loops over windows, levels, bins and cells; accumulator starts at 0."""
+    channels = fmap.shape[0]
+    rows = []
+    for left, top, right, bottom in cells:
+        width, height = right - left + 1, bottom - top + 1
+        parts = []
+        for n in levels:
+            level = np.zeros((channels, n, n), dtype=fmap.dtype)
+            for i in range(n):
+                for j in range(n):
+                    y_start = top + (i * height) // n
+                    y_end = top + -(-((i + 1) * height) // n)
+                    x_start = left + (j * width) // n
+                    x_end = left + -(-((j + 1) * width) // n)
+                    for y in range(y_start, y_end):
+                        for x in range(x_start, x_end):
+                            level[:, i, j] = np.maximum(level[:, i, j], fmap[:, y, x])
+            parts.append(level.reshape(-1))  # channel-major [C][n][n]
+        rows.append(np.concatenate(parts))
+    return np.stack(rows) if rows else np.zeros((0, pyramid_dim(channels, levels)), fmap.dtype)
+
+
+def zf5_fmap_side(side: int) -> int:
+    """SPEC §2 conv5 size arithmetic (floor for conv, ceil for pooling)."""
+    c1 = (side - 5) // 2 + 1
+    p1 = -(-(c1 - 3) // 2) + 1
+    c2 = (p1 - 5) // 2 + 1
+    return -(-(c2 - 3) // 2) + 1
+
+
+def random_boxes(rng: np.random.Generator, count: int, image_hw, min_side=1.0) -> np.ndarray:
+    """Continuous boxes inside the image, sides from 1 px to the whole image, some integer."""
+    height, width = image_hw
+    w = rng.uniform(min_side, width, count)
+    h = rng.uniform(min_side, height, count)
+    x1 = rng.uniform(0, width - w)
+    y1 = rng.uniform(0, height - h)
+    boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1)
+    boxes[: count // 2] = np.round(boxes[: count // 2])  # VOC boxes are whole pixels
+    boxes[: count // 2, 2:] = np.maximum(boxes[: count // 2, 2:], boxes[: count // 2, :2] + 1)
+    return boxes.astype(np.float32)
+
+
+def relu_map(rng: np.random.Generator, channels: int, height: int, width: int) -> torch.Tensor:
+    """A post-ReLU-like map: non-negative with many exact zeros."""
+    return torch.from_numpy(np.maximum(rng.standard_normal((channels, height, width)), 0)).float()
+
+
+# ---------------------------------------------------------------- hand cases (SPEC §14)
+
+
+def test_224_box_at_scale_224_covers_13_by_13_cells():
+    assert zf5_fmap_side(224) == 13
+    cells = project_boxes(
+        torch.tensor([[0.0, 0.0, 224.0, 224.0]]), (224, 224), 224, (13, 13), **ZF5
+    )
+    assert cells.tolist() == [[0, 0, 12, 12]]  # L = ⌊−0.34⌋+1 = 0 → clamped to 1; R = 13
+
+
+def test_bins_of_a_13_cell_window():
+    """A one-hot map (channel c lights cell c) shows which cells each bin takes."""
+    fmap = torch.eye(13).reshape(13, 1, 13)  # C = 13, H = 1, W = 13
+    pooled = spatial_pyramid_pool(fmap, torch.tensor([[0, 0, 12, 0]]), LEVELS)[0]
+    expected = {
+        6: [(0, 3), (2, 5), (4, 7), (6, 9), (8, 11), (10, 13)],
+        3: [(0, 5), (4, 9), (8, 13)],
+        2: [(0, 7), (6, 13)],
+        1: [(0, 13)],
+    }
+    column = 0
+    for n in LEVELS:
+        level = pooled[column : column + 13 * n * n].reshape(13, n, n)
+        column += 13 * n * n
+        for i in range(n):  # every bin row covers the single map row
+            spans = []
+            for j in range(n):
+                lit = torch.nonzero(level[:, i, j]).flatten().tolist()
+                spans.append((lit[0], lit[-1] + 1))
+                assert lit == list(range(lit[0], lit[-1] + 1))
+            assert spans == expected[n]
+
+
+def test_one_pixel_box_collapses_to_one_cell():
+    # x1 = 108 → 1-based 109: L = ⌊(109−21+6.5)/16+0.5⌋+1 = 7, R = ⌈(109−21−6.5)/16−0.5⌉+1 = 6;
+    # L > R → both ⌊13/2⌋ = 6 → 0-based 5 (SPEC §4 step 5)
+    box = np.array([[108.0, 108.0, 109.0, 109.0]], dtype=np.float32)
+    assert reference_edges(box[0], (300, 300), 300, **ZF5)[0::2] == (7, 6)
+    cells = project_boxes(box, (300, 300), 300, (17, 17), **ZF5)
+    assert cells.tolist() == [[5, 5, 5, 5]]
+
+
+def test_one_pixel_box_in_the_corner():
+    cells = project_boxes(np.array([[0.0, 0.0, 1.0, 1.0]]), (300, 300), 300, (17, 17), **ZF5)
+    assert cells.tolist() == [[0, 0, 0, 0]]
+
+
+def test_full_image_box_covers_the_whole_map():
+    image_hw = (300, 400)
+    fmap_hw = (zf5_fmap_side(300), zf5_fmap_side(400))
+    assert fmap_hw == (17, 24)
+    cells = project_boxes(np.array([[0.0, 0.0, 400.0, 300.0]]), image_hw, 300, fmap_hw, **ZF5)
+    assert cells.tolist() == [[0, 0, 23, 16]]  # bottom: B = 18 clamped to H_f = 17
+
+
+def test_box_on_the_border_and_beyond_is_clamped():
+    image_hw, fmap_hw = (300, 400), (17, 24)
+    boxes = np.array([[350.0, 250.0, 400.0, 300.0], [-40.0, -40.0, 450.0, 350.0]])
+    cells = project_boxes(boxes, image_hw, 300, fmap_hw, **ZF5)
+    assert cells.tolist()[1] == [0, 0, 23, 16]
+    assert cells.tolist()[0] == list(reference_project(boxes[0], image_hw, 300, fmap_hw, **ZF5))
+    assert cells[0, 2] == 23 and cells[0, 3] == 16
+
+
+def test_projection_scales_about_pixel_one():
+    """At twice the shorter side, 1-based x maps to (x−1)(S−1)/(m−1)+1 (SPEC §4 step 3)."""
+    box = np.array([[99.0, 99.0, 200.0, 200.0]])  # 1-based 100 … 200
+    image_hw, scale = (301, 301), 601  # factor (601−1)/(301−1) = 2
+    left, top, right, bottom = reference_edges(box[0], image_hw, scale, **ZF5)
+    assert left == math.floor((199 - 21 + 6.5) / 16 + 0.5) + 1  # x1' = 99·2 + 1 = 199
+    assert right == math.ceil((399 - 21 - 6.5) / 16 - 0.5) + 1  # x2' = 199·2 + 1 = 399
+    cells = project_boxes(box, image_hw, scale, (40, 40), **ZF5)
+    assert cells.tolist() == [[left - 1, top - 1, right - 1, bottom - 1]]
+
+
+def test_scale_selection_ties_go_to_the_smaller_scale():
+    # m = 300, √A = 448 → e = 224·300/448 = 150, halfway between 100 and 200
+    box = torch.tensor([[0.0, 0.0, 448.0, 448.0]])
+    assert select_scale(box, (300, 500), (100, 200)).tolist() == [0]
+    assert select_scale(box, (300, 500), (200, 100)).tolist() == [1]  # order does not matter
+    slightly_smaller = torch.tensor([[0.0, 0.0, 447.0, 448.0]])  # e > 150 → 200
+    assert select_scale(slightly_smaller, (300, 500), (100, 200)).tolist() == [1]
+
+
+def test_scale_selection_paper_scales():
+    scales = (480, 576, 688, 864, 1200)
+    image_hw = (375, 500)
+    boxes = torch.tensor([[0.0, 0.0, 500.0, 375.0], [10.0, 10.0, 40.0, 40.0], [0, 0, 122, 122]])
+    # e = 224·375/433 = 194 → 480; e = 224·375/30 = 2800 → 1200; e = 224·375/122 = 688.5 → 688
+    assert select_scale(boxes, image_hw, scales).tolist() == [0, 4, 2]
+
+
+def test_output_dimension_is_12800_for_256_channels():
+    assert pyramid_dim(256, LEVELS) == 12_800
+    fmap = torch.rand(256, 13, 13)
+    assert spatial_pyramid_pool(fmap, torch.tensor([[0, 0, 12, 12]]), LEVELS).shape == (1, 12_800)
+
+
+def test_whole_window_level_one_is_the_channel_max():
+    fmap = torch.rand(8, 5, 7)
+    pooled = spatial_pyramid_pool(fmap, torch.tensor([[0, 0, 6, 4]]), LEVELS)
+    assert torch.equal(pooled[0, -8:], fmap.amax(dim=(1, 2)))
+
+
+def test_empty_window_list():
+    pooled = spatial_pyramid_pool(
+        torch.rand(4, 5, 5), torch.zeros((0, 4), dtype=torch.long), LEVELS
+    )
+    assert pooled.shape == (0, 200)
+
+
+def test_cells_outside_the_map_are_refused():
+    with pytest.raises(ValueError):
+        spatial_pyramid_pool(torch.rand(4, 5, 5), torch.tensor([[0, 0, 5, 4]]), LEVELS)
+
+
+# ---------------------------------------------------------------- vectorised vs reference
+
+
+@pytest.mark.parametrize("scale", [160, 224, 480, 688])
+def test_projection_matches_reference_on_random_boxes(scale):
+    rng = np.random.default_rng(scale)
+    image_hw = (333, 500)
+    boxes = random_boxes(rng, 500, image_hw)
+    resized = (scale, round(scale * 500 / 333))
+    fmap_hw = (zf5_fmap_side(resized[0]), zf5_fmap_side(resized[1]))
+    cells = project_boxes(boxes, image_hw, scale, fmap_hw, **ZF5)
+    expected = [reference_project(b, image_hw, scale, fmap_hw, **ZF5) for b in boxes]
+    assert cells.tolist() == [list(e) for e in expected]
+    keys = dedup_keys(boxes, image_hw, [scale], torch.zeros(len(boxes)), **ZF5)
+    assert keys[:, :4].tolist() == [list(reference_edges(b, image_hw, scale, **ZF5)) for b in boxes]
+
+
+def test_scale_selection_matches_reference_on_random_boxes():
+    rng = np.random.default_rng(1)
+    image_hw, scales = (333, 500), (480, 576, 688, 864, 1200)
+    boxes = random_boxes(rng, 2000, image_hw)
+    expected = [reference_select_scale(b, image_hw, scales) for b in boxes]
+    assert select_scale(boxes, image_hw, scales).tolist() == expected
+
+
+@pytest.mark.parametrize("levels", [LEVELS, (4, 3, 2), (7, 5, 1), (1,)])
+def test_pooling_matches_reference_on_random_windows(levels):
+    rng = np.random.default_rng(sum(levels))
+    fmap = relu_map(rng, 16, 23, 37)
+    left = rng.integers(0, 37, 300)
+    top = rng.integers(0, 23, 300)
+    right = np.minimum(left + rng.integers(0, 37, 300), 36)
+    bottom = np.minimum(top + rng.integers(0, 23, 300), 22)
+    cells = np.stack([left, top, right, bottom], axis=1)
+    cells[:3] = [[0, 0, 36, 22], [5, 5, 5, 5], [36, 22, 36, 22]]  # whole map, 1 cell, corner
+    pooled = spatial_pyramid_pool(fmap, torch.from_numpy(cells), levels)
+    assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
+    assert torch.equal(SpatialPyramidPool(levels)(fmap, torch.from_numpy(cells)), pooled)
+
+
+def test_pool_windows_matches_reference_at_several_scales():
+    """Boxes → best scale → cells → pyramid, against the reference, rows in input order."""
+    rng = np.random.default_rng(7)
+    image_hw, scales = (150, 200), (96, 128, 224)
+    fmaps = [
+        relu_map(rng, 8, zf5_fmap_side(s), zf5_fmap_side(round(s * 200 / 150))) for s in scales
+    ]
+    boxes = random_boxes(rng, 400, image_hw, min_side=4.0)
+    scale_index = select_scale(boxes, image_hw, scales, target=100.0)  # all three in use
+    assert len(set(scale_index.tolist())) == 3
+    pooled = pool_windows(fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, **ZF5)
+    expected = []
+    for box, k in zip(boxes, scale_index.tolist(), strict=True):
+        fmap_hw = tuple(fmaps[k].shape[1:])
+        cells = [reference_project(box, image_hw, scales[k], fmap_hw, **ZF5)]
+        expected.append(reference_pool(fmaps[k].numpy(), cells, LEVELS)[0])
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled, torch.from_numpy(np.stack(expected)))
+
+
+def test_pool_windows_with_random_scales_and_unused_maps():
+    rng = np.random.default_rng(3)
+    image_hw, scales = (120, 160), (96, 128)
+    fmaps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
+    boxes = random_boxes(rng, 50, image_hw)
+    index = torch.from_numpy(rng.integers(0, 2, 50))
+    pooled = pool_windows(fmaps, boxes, image_hw, scales, index, levels=LEVELS, **ZF5)
+    cells = window_cells(boxes, image_hw, scales, index, [(5, 7), (7, 9)], **ZF5)
+    for row in range(50):
+        k = int(index[row])
+        expected = spatial_pyramid_pool(fmaps[k], cells[row : row + 1], LEVELS)[0]
+        assert torch.equal(pooled[row], expected)
+    only_second = torch.ones(5, dtype=torch.long)
+    pooled = pool_windows(
+        [None, fmaps[1]], boxes[:5], image_hw, scales, only_second, levels=LEVELS, **ZF5
+    )
+    assert pooled.shape == (5, 4 * 50)
+
+
+def test_pool_windows_without_windows():
+    boxes = np.zeros((0, 4), dtype=np.float32)
+    index = select_scale(boxes, (100, 120), (64, 96))
+    maps = [torch.rand(8, 3, 4), None]
+    pooled = pool_windows(maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, **ZF5)
+    assert index.shape == (0,) and pooled.shape == (0, 400)
+
+
+def test_float16_maps_pool_exactly_into_float32():
+    rng = np.random.default_rng(5)
+    image_hw, scales = (120, 160), (96, 128)
+    maps = [relu_map(rng, 8, 5, 7).half(), relu_map(rng, 8, 7, 9).half()]
+    boxes = random_boxes(rng, 60, image_hw)
+    index = torch.from_numpy(rng.integers(0, 2, 60))
+    args = (boxes, image_hw, scales, index)
+    pooled = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)
+    expected = pool_windows([m.float() for m in maps], *args, levels=LEVELS, **ZF5)
+    assert pooled.dtype == torch.float32 and torch.equal(pooled, expected)
