@@ -119,6 +119,9 @@ class BboxRegConfig:
     min_iou: float = 0.5  # train on windows whose best gt IoU is > this (SPEC §8)
     target_norm: float = 20.0  # pool5 features scaled to this mean L2 norm (SPEC §8)
     whiten_eps: float = 1e-3  # added to target covariance eigenvalues (SPEC §8)
+    norm_images: int = 200  # images sampled to estimate the pool5 mean norm (SPEC §7–8)
+    norm_windows: int = 200  # windows per image for the mean norm (SPEC §7–8)
+    seed: int = 3  # RNG seed for the norm estimate (SPEC §7: rng seed 3)
 
 
 @dataclass(frozen=True)

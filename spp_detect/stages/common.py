@@ -112,3 +112,59 @@ def format_bytes(count: float) -> str:
 
 def dir_bytes(paths: Sequence[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def check_classes(manifest: dict, classes: tuple[str, ...], path: Path, stage: str) -> None:
+    """Refuse an artefact trained for other classes than ``data.classes``."""
+    saved = tuple(manifest.get("classes", classes))
+    if saved != tuple(classes):
+        raise UserError(
+            f"{path}: trained for classes {list(saved)}, config has {list(classes)}; "
+            f"rerun `spp-detect {stage} --force` or fix data.classes"
+        )
+
+
+def load_trained_head(config: Config, run_dir: RunDir, device: str):
+    """The fine-tuned head (eval mode, on ``device``), checked against the config."""
+    from spp_detect.head import load_head
+
+    manifest = require_upstream(config, run_dir, "finetune", config.data.train_split)
+    check_classes(manifest, config.data.classes, run_dir.head_path, "finetune")
+    return load_head(run_dir.head_path, device)
+
+
+def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
+    """Conv5 maps of ``split`` as a ``features.FeatureSource``: the extract cache (its manifest
+    checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly."""
+    import functools
+
+    from spp_detect.backbones import build_backbone, check_backbone_name
+    from spp_detect.features import (
+        FeatureSource,
+        PoolGeometry,
+        check_extract_settings,
+        check_levels,
+    )
+
+    settings = config.extract
+    check_backbone_name(settings.backbone)
+    check_extract_settings(settings.scales, settings.max_long_side, settings.cache)
+    levels = check_levels(config.spp.levels)
+
+    def geometry(stride: int, offset0: float) -> PoolGeometry:
+        spp = config.spp
+        return PoolGeometry(stride, offset0, spp.offset, levels, spp.target_size)
+
+    if settings.cache == "disk":
+        manifest = require_upstream(config, run_dir, "extract", split)
+        return FeatureSource(
+            settings.scales, geometry(int(manifest["stride"]), float(manifest["offset0"])),
+            int(manifest["channels"]), device,
+            cache_path=functools.partial(run_dir.feature_path, split),
+            max_long_side=settings.max_long_side,
+        )  # fmt: skip
+    backbone = build_backbone(settings.backbone, settings.weights)
+    return FeatureSource(
+        settings.scales, geometry(backbone.stride, backbone.offset0), backbone.channels, device,
+        backbone=backbone, max_long_side=settings.max_long_side,
+    )  # fmt: skip

@@ -1,0 +1,105 @@
+"""`spp-detect eval`: VOC AP of a split's detections, devkit result files, PR curves.
+
+Steps (SPEC §10):
+1. the split's detections (running `test` first when they are missing), optionally merged with
+   another run's by NMS on the union (the paper's model combination);
+2. AP per class with the devkit rules: 11-point and area;
+3. `eval/<name>.json`, the devkit files, the PR-curve PNG when matplotlib is there, the table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json, write_manifest
+from spp_detect.cli import StageContext
+from spp_detect.errors import UserError
+from spp_detect.inference import combine_detections
+from spp_detect.run_dir import RunDir
+from spp_detect.stages.common import (
+    Summary,
+    check_classes,
+    fingerprint,
+    require_upstream,
+    split_records,
+    stage_dir,
+)
+from spp_detect.structures import Detections
+from spp_detect.voc_eval import (
+    evaluate_all_classes,
+    format_ap_table,
+    plot_pr_curves,
+    summarize,
+    write_devkit_files,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def run_eval(
+    ctx: StageContext, split: str, use_07_metric: bool, combine: Path | None = None
+) -> str:
+    config, run_dir = ctx.config, ctx.run_dir
+    summary = Summary("eval")
+    # 1. detections
+    records = split_records(config, split, ctx.limit)
+    detections = _own_detections(ctx, split)
+    name = split
+    if combine is not None:
+        other = load_detections(RunDir(combine), split, config.data.classes)
+        detections = combine_detections(detections, other, config.test.nms_thresh)
+        name = f"{split}_combined"
+    out_dir = run_dir.devkit_dir(name)
+    clear_manifest(out_dir)
+    # 2. AP
+    results = evaluate_all_classes(
+        detections, records, len(config.data.classes), config.eval.iou_thresh
+    )
+    report = summarize(
+        results, config.data.classes, use_07_metric, config.eval.iou_thresh, len(records)
+    )
+    if combine is not None:
+        report["combined_with"] = str(combine)
+    # 3. outputs
+    save_json(run_dir.eval_path(name), report)
+    write_devkit_files(detections, config.data.classes, out_dir, split)
+    curves = run_dir.eval_dir / f"{name}_pr.png"
+    plotted = plot_pr_curves(results, config.data.classes, curves)
+    write_manifest(out_dir, "eval", split, len(records), fingerprint(config, "eval"))
+    summary.items = len(records)
+    summary.notes.append(f"mAP {100 * report['mAP']:.2f} ({report['metric']})")
+    notes = [format_ap_table(report), f"wrote {run_dir.eval_path(name)} and {out_dir}/"]
+    notes.append(
+        f"PR curves: {curves}" if plotted else "PR curves: install matplotlib to draw them"
+    )
+    return "\n".join([*notes, summary.line()])
+
+
+def _own_detections(ctx: StageContext, split: str) -> Detections:
+    """This run's detections of ``split``; `test` runs first when they are missing."""
+    config, run_dir = ctx.config, ctx.run_dir
+    if read_manifest(stage_dir(run_dir, "test", split)) is None:
+        from spp_detect.stages.test import run_test
+
+        logger.info("no detections for %s yet: running test first", split)
+        logger.info(run_test(ctx, split))
+    require_upstream(config, run_dir, "test", split)
+    return load_detections(run_dir, split, config.data.classes)
+
+
+def load_detections(run_dir: RunDir, split: str, classes: tuple[str, ...]) -> Detections:
+    """Another run's detections of ``split``, refused if made for other classes."""
+    manifest = read_manifest(stage_dir(run_dir, "test", split))
+    if manifest is None:
+        raise UserError(
+            f"{run_dir.root}: no detections for split {split!r}; run `spp-detect test` there first"
+        )
+    check_classes(manifest, classes, run_dir.detections_path(split), "test")
+    arrays = load_npz(run_dir.detections_path(split))
+    try:
+        return Detections(**arrays)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"{run_dir.detections_path(split)}: not a detections file ({exc})"
+        ) from None

@@ -1,0 +1,142 @@
+"""`spp-detect test`: detections for every image of a split (SPEC §9).
+
+Steps:
+1. check the upstream stages; open the features, the head, the SVMs and the regressors;
+2. per image: pool5 of every proposal at its best scale → fc7 → SVM scores (one product for
+   all classes) → threshold, NMS, top-k → regression of the kept windows (reusing their pool5)
+   → clip and NMS again; written as `detections/<split>/<id>.npz`, so a killed run resumes;
+3. merge them into `detections/<split>.npz` and write the manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spp_detect.artifacts import clear_manifest, load_npz, save_npz, write_manifest
+from spp_detect.bbox_reg import BoxRegressors
+from spp_detect.cli import StageContext
+from spp_detect.config import Config
+from spp_detect.features import FeatureSource
+from spp_detect.head import Head
+from spp_detect.inference import detect_image
+from spp_detect.run_dir import RunDir
+from spp_detect.spp import select_scale
+from spp_detect.stages.common import (
+    Summary,
+    check_classes,
+    fingerprint,
+    load_proposals,
+    load_trained_head,
+    open_feature_source,
+    require_upstream,
+    split_records,
+    stage_dir,
+)
+from spp_detect.structures import Detections, ImageRecord
+from spp_detect.svm import SvmModel
+
+
+class Detector:
+    """Everything trained, ready to turn an image's conv5 maps and proposals into detections."""
+
+    def __init__(
+        self,
+        config: Config,
+        head: Head,
+        svms: SvmModel,
+        regressors: BoxRegressors | None,
+        device: str,
+    ):
+        self.test = config.test
+        self.head = head
+        self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
+        self.svm_bias = torch.as_tensor(svms.bias, device=device)
+        self.regressors = regressors
+
+    @torch.inference_mode()
+    def detect(
+        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(boxes (M, 4), scores (M,), labels (M,)) of one image, on the CPU."""
+        if len(proposals) == 0:
+            return torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        scales = source.scales
+        scale_index = select_scale(proposals, record.image_hw, scales, source.geometry.target_size)
+        pooled = source.pool(record, proposals, scale_index)
+        scores = self.head.features(pooled) @ self.svm_weight + self.svm_bias
+        boxes = torch.as_tensor(proposals, device=scores.device)
+
+        def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return self.regressors.apply(
+                boxes[window_index], pooled[window_index], labels, record.image_hw
+            )
+
+        test = self.test
+        found = detect_image(
+            scores, boxes, record.image_hw, test.score_thresh, test.nms_thresh,
+            test.max_per_class, regress if self.regressors is not None else None,
+        )  # fmt: skip
+        return tuple(t.cpu() for t in found)
+
+
+def load_detector(config: Config, run_dir: RunDir, device: str) -> Detector:
+    """The trained head, SVMs and (when ``test.bbox_reg``) regressors of a run directory."""
+    head = load_trained_head(config, run_dir, device)
+    manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
+    check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
+    svms = SvmModel.load(run_dir.svm_path)
+    regressors = None
+    if config.test.bbox_reg:
+        manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
+        check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
+        regressors = BoxRegressors.load(run_dir.bbox_path)
+    return Detector(config, head, svms, regressors, device)
+
+
+def run_test(ctx: StageContext, split: str) -> str:
+    config, run_dir = ctx.config, ctx.run_dir
+    summary = Summary("test")
+    # 1. upstream
+    records = split_records(config, split, ctx.limit)
+    require_upstream(config, run_dir, "propose", split)
+    source = open_feature_source(config, run_dir, split, ctx.device)
+    detector = load_detector(config, run_dir, ctx.device)
+    parts_dir = stage_dir(run_dir, "test", split)
+    clear_manifest(parts_dir)
+    # 2. per image
+    for record in tqdm(records, desc=f"test {split}", unit="img"):
+        path = parts_dir / f"{record.image_id}.npz"
+        if path.is_file() and not ctx.force:
+            continue
+        proposals = load_proposals(run_dir, split, record.image_id)
+        boxes, scores, labels = detector.detect(source, record, proposals)
+        save_npz(path, boxes=boxes.numpy(), scores=scores.numpy(), labels=labels.numpy())
+        summary.items += 1
+    # 3. merge
+    detections = _merge(records, parts_dir)
+    save_npz(run_dir.detections_path(split), **detections.to_arrays())
+    write_manifest(
+        parts_dir, "test", split, len(records), fingerprint(config, "test"),
+        extra={"classes": list(config.data.classes), "detections": len(detections)},
+    )  # fmt: skip
+    summary.notes.append(f"{len(detections)} detections on {len(records)} images")
+    return summary.line()
+
+
+def _merge(records: list[ImageRecord], parts_dir) -> Detections:
+    image_index, boxes, scores, labels = [], [], [], []
+    for index, record in enumerate(records):
+        part = load_npz(parts_dir / f"{record.image_id}.npz")
+        image_index.append(np.full(len(part["scores"]), index, np.int64))
+        boxes.append(part["boxes"].reshape(-1, 4))
+        scores.append(part["scores"])
+        labels.append(part["labels"])
+    return Detections(
+        image_ids=np.array([r.image_id for r in records]),
+        image_index=np.concatenate(image_index),
+        boxes=np.concatenate(boxes),
+        scores=np.concatenate(scores),
+        labels=np.concatenate(labels),
+    )

@@ -1,0 +1,171 @@
+"""`spp-detect train-svm`: per-class linear SVMs on fine-tuned fc7, one hard-negative pass.
+
+Steps (SPEC §7):
+1. check the upstream stages and open the features and the fine-tuned head;
+2. estimate the fc7 scale that gives mean norm 20;
+3. collect every class's positives (its gt windows, difficult included);
+4. stream the images once: each class's candidate negatives (IoU < 0.3, deduplicated by conv5
+   window and scale) go to the hard-negative miner, which retrains and evicts as it goes;
+5. save the SVMs with the scale folded in, the report, and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from spp_detect.artifacts import clear_manifest, save_json, write_manifest
+from spp_detect.cli import StageContext
+from spp_detect.features import FeatureSource
+from spp_detect.head import Head
+from spp_detect.spp import dedup_keys, select_scale
+from spp_detect.stages.common import (
+    Summary,
+    fingerprint,
+    load_proposals,
+    load_trained_head,
+    open_feature_source,
+    require_upstream,
+    split_records,
+    windows_of,
+)
+from spp_detect.structures import ImageRecord
+from spp_detect.svm import SvmParams, mine_and_train
+from spp_detect.window_features import feature_scale, sample_for_norm
+
+logger = logging.getLogger(__name__)
+
+
+class WindowFeatures:
+    """fc7 features (R, F) of an image's windows (gt first) at their best scale."""
+
+    def __init__(self, ctx: StageContext, split: str, source: FeatureSource, head: Head):
+        self.run_dir, self.split, self.source, self.head = ctx.run_dir, split, source, head
+
+    def windows(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+        return windows_of(record, load_proposals(self.run_dir, self.split, record.image_id))
+
+    def scale_index(self, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
+        geometry = self.source.geometry
+        return select_scale(boxes, record.image_hw, self.source.scales, geometry.target_size)
+
+    @torch.inference_mode()
+    def fc7(self, record: ImageRecord, boxes: np.ndarray, scale_index: torch.Tensor) -> np.ndarray:
+        pooled = self.source.pool(record, boxes, scale_index)
+        return self.head.features(pooled).float().cpu().numpy()
+
+
+def run_train_svm(ctx: StageContext, split: str) -> str:
+    config, run_dir = ctx.config, ctx.run_dir
+    summary = Summary("train-svm")
+    # 1. upstream
+    records = split_records(config, split, ctx.limit)
+    require_upstream(config, run_dir, "propose", split)
+    source = open_feature_source(config, run_dir, split, ctx.device)
+    windows = WindowFeatures(ctx, split, source, load_trained_head(config, run_dir, ctx.device))
+    clear_manifest(run_dir.svm_dir)
+    # 2. feature scale
+    scale = _estimate_scale(config.svm, records, windows)
+    logger.info("fc7 feature scale %.4f (mean norm -> %g)", scale, config.svm.target_norm)
+    # 3.-4. positives, then one mining pass
+    num_classes = len(config.data.classes)
+    positives = _positives(records, windows, num_classes)
+    negatives = _negatives(records, windows, num_classes, config.svm.neg_iou, config.spp.offset)
+    model = mine_and_train(positives, negatives, _params(config.svm), feature_scale=scale)
+    # 5. outputs
+    model.save(run_dir.svm_path)
+    report = _report(model.report, config.data.classes, scale)
+    save_json(run_dir.svm_report_path, report)
+    write_manifest(
+        run_dir.svm_dir, "train-svm", split, len(records), fingerprint(config, "train-svm"),
+        extra={"classes": list(config.data.classes)},
+    )  # fmt: skip
+    summary.items = len(records)
+    trained = sum(not c["skipped"] for c in report["classes"])
+    summary.notes.append(f"{trained}/{num_classes} classes trained")
+    return summary.line()
+
+
+def _params(svm) -> SvmParams:
+    return SvmParams(
+        C=svm.C, pos_weight=svm.pos_weight, intercept_scaling=svm.intercept_scaling,
+        tol=svm.tol, hard_thresh=svm.hard_thresh, evict_thresh=svm.evict_thresh,
+        retrain_limit=svm.retrain_limit,
+    )  # fmt: skip
+
+
+def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) -> float:
+    counts = [len(windows.windows(r)[0]) for r in records]
+    picks = sample_for_norm(counts, svm.norm_images, svm.norm_windows, svm.seed)
+
+    def fc7_of(image: int, rows: np.ndarray) -> torch.Tensor:
+        record = records[image]
+        boxes = windows.windows(record)[0][rows]
+        return torch.from_numpy(windows.fc7(record, boxes, windows.scale_index(record, boxes)))
+
+    return feature_scale(fc7_of, picks, svm.target_norm)
+
+
+def _positives(records: list[ImageRecord], windows: WindowFeatures, num_classes: int) -> list:
+    """K arrays (P_k, F): fc7 of every gt box, difficult included (SPEC §0, §7)."""
+    per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for record in tqdm(records, desc="svm positives", unit="img", leave=False):
+        if len(record.gt_boxes) == 0:
+            continue
+        gt = record.gt_boxes
+        fc7 = windows.fc7(record, gt, windows.scale_index(record, gt))
+        for label in range(num_classes):
+            per_class[label].append(fc7[record.gt_labels == label])
+    dim = windows.head.fc7.out_features
+    return [np.concatenate(p) if p else np.zeros((0, dim), np.float32) for p in per_class]
+
+
+def _negatives(
+    records: list[ImageRecord],
+    windows: WindowFeatures,
+    num_classes: int,
+    neg_iou: float,
+    offset: float,
+) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per image, per class: (fc7 (N_k, F), window keys (N_k,)) of its candidate negatives."""
+    geometry = windows.source.geometry
+    for record in tqdm(records, desc="hard-negative mining", unit="img"):
+        boxes, _ = windows.windows(record)
+        scale_index = windows.scale_index(record, boxes)
+        keys = dedup_keys(
+            boxes, record.image_hw, windows.source.scales, scale_index,
+            geometry.stride, geometry.offset0, offset,
+        )  # fmt: skip
+        first = _first_occurrences(keys.numpy())
+        is_negative = _class_overlaps(record, boxes[first], num_classes) < neg_iou  # (U, K)
+        useful = is_negative.any(axis=1)
+        candidates, is_negative = first[useful], is_negative[useful]
+        fc7 = windows.fc7(record, boxes[candidates], scale_index[candidates])
+        yield [(fc7[mask], candidates[mask]) for mask in is_negative.T]
+
+
+def _first_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Sorted indices of the first row of each distinct key row (MATLAB `unique`, SPEC §4)."""
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _class_overlaps(record: ImageRecord, boxes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(R, K): each window's max IoU with the gt of each class, 0 where a class has no gt."""
+    overlaps = np.zeros((len(boxes), num_classes), np.float32)
+    if len(record.gt_boxes):
+        iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(record.gt_boxes)).numpy()
+        for label in np.unique(record.gt_labels):
+            overlaps[:, label] = iou[:, record.gt_labels == label].max(axis=1)
+    return overlaps
+
+
+def _report(per_class: list[dict], classes: tuple[str, ...], scale: float) -> dict:
+    for entry in per_class:
+        entry["class"] = classes[entry["class_index"]]
+    return {"feature_scale": scale, "classes": per_class}
