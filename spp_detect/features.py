@@ -210,6 +210,15 @@ class FeatureSource:
         maps = self._maps(record, flipped, range(len(self.scales)))
         return [fmap.float() for fmap in maps if fmap is not None]
 
+    def image_scales(self, record: ImageRecord) -> list[int]:
+        """The shorter side of each level of this image's pyramid (S,)."""
+        return effective_scales(record.image_hw, self.scales, self.max_long_side)
+
+    def scale_index(self, record: ImageRecord, boxes: np.ndarray | Tensor) -> Tensor:
+        """The best scale (R,) of each window (R, 4), as :meth:`pool` picks it by default."""
+        scales = self.image_scales(record)
+        return select_scale(boxes, record.image_hw, scales, self.geometry.target_size)
+
     def pool(
         self,
         record: ImageRecord,
@@ -225,7 +234,7 @@ class FeatureSource:
         """
         boxes = torch.as_tensor(boxes if isinstance(boxes, Tensor) else np.asarray(boxes))
         image_hw = record.image_hw
-        scales = effective_scales(image_hw, self.scales, self.max_long_side)
+        scales = self.image_scales(record)
         if scale_index is None:
             index = select_scale(boxes, image_hw, scales, self.geometry.target_size)
         else:

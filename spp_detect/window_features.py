@@ -45,3 +45,21 @@ def feature_scale(
             count += len(windows)
     mean_norm = total / max(count, 1)
     return target_norm / mean_norm if mean_norm > 0 else 1.0
+
+
+def distinct_windows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows that pool identical features share a key row (R, k); compute each one once.
+
+    Returns first (U,), the index of the first window of each distinct key in window order, and
+    inverse (R,), the position of each window's key in ``first``: ``x[first][inverse]`` equals
+    ``x`` for any per-window quantity that is a function of the key.
+    """
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    count = int(inverse.max()) + 1 if len(inverse) else 0
+    position = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, position, reduce="amin")
+    order = torch.argsort(first)  # distinct windows in the order they first appear
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(count, device=order.device)
+    return first[order], rank[inverse]

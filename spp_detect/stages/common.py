@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,38 +134,54 @@ def load_trained_head(config: Config, run_dir: RunDir, device: str):
     return load_head(run_dir.head_path, device)
 
 
-def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
-    """Conv5 maps of ``split`` as a ``features.FeatureSource``: the extract cache (its manifest
-    checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly."""
-    import functools
+def _geometry(config: Config, stride: int, offset0: float):
+    from spp_detect.features import PoolGeometry, check_levels
 
-    from spp_detect.backbones import build_backbone, check_backbone_name
-    from spp_detect.features import (
-        FeatureSource,
-        PoolGeometry,
-        check_extract_settings,
-        check_levels,
-    )
+    spp = config.spp
+    return PoolGeometry(stride, offset0, spp.offset, check_levels(spp.levels), spp.target_size)
+
+
+def _check_extract(config: Config) -> None:
+    from spp_detect.backbones import check_backbone_name
+    from spp_detect.features import check_extract_settings
 
     settings = config.extract
     check_backbone_name(settings.backbone)
     check_extract_settings(settings.scales, settings.max_long_side, settings.cache)
-    levels = check_levels(config.spp.levels)
 
-    def geometry(stride: int, offset0: float) -> PoolGeometry:
-        spp = config.spp
-        return PoolGeometry(stride, offset0, spp.offset, levels, spp.target_size)
 
-    if settings.cache == "disk":
-        manifest = require_upstream(config, run_dir, "extract", split)
-        return FeatureSource(
-            settings.scales, geometry(int(manifest["stride"]), float(manifest["offset0"])),
-            int(manifest["channels"]), device,
-            cache_path=functools.partial(run_dir.feature_path, split),
-            max_long_side=settings.max_long_side,
-        )  # fmt: skip
+def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
+    """Conv5 maps of ``split`` as a ``features.FeatureSource``: the extract cache (its manifest
+    checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly."""
+    from spp_detect.features import FeatureSource
+
+    if config.extract.cache != "disk":
+        return live_feature_source(config, device)
+    _check_extract(config)
+    manifest = require_upstream(config, run_dir, "extract", split)
+    return FeatureSource(
+        config.extract.scales,
+        _geometry(config, int(manifest["stride"]), float(manifest["offset0"])),
+        int(manifest["channels"]),
+        device,
+        cache_path=functools.partial(run_dir.feature_path, split),
+        max_long_side=config.extract.max_long_side,
+    )
+
+
+def live_feature_source(config: Config, device: str):
+    """A ``features.FeatureSource`` that runs the backbone on each image (no cache needed)."""
+    from spp_detect.backbones import build_backbone
+    from spp_detect.features import FeatureSource
+
+    _check_extract(config)
+    settings = config.extract
     backbone = build_backbone(settings.backbone, settings.weights)
     return FeatureSource(
-        settings.scales, geometry(backbone.stride, backbone.offset0), backbone.channels, device,
-        backbone=backbone, max_long_side=settings.max_long_side,
-    )  # fmt: skip
+        settings.scales,
+        _geometry(config, backbone.stride, backbone.offset0),
+        backbone.channels,
+        device,
+        backbone=backbone,
+        max_long_side=settings.max_long_side,
+    )

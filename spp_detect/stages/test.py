@@ -22,7 +22,7 @@ from spp_detect.features import FeatureSource
 from spp_detect.head import Head
 from spp_detect.inference import detect_image
 from spp_detect.run_dir import RunDir
-from spp_detect.spp import select_scale
+from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
     Summary,
     check_classes,
@@ -36,6 +36,7 @@ from spp_detect.stages.common import (
 )
 from spp_detect.structures import Detections, ImageRecord
 from spp_detect.svm import SvmModel
+from spp_detect.window_features import distinct_windows
 
 
 class Detector:
@@ -50,6 +51,7 @@ class Detector:
         device: str,
     ):
         self.test = config.test
+        self.batch = config.test.batch_windows
         self.head = head
         self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
         self.svm_bias = torch.as_tensor(svms.bias, device=device)
@@ -62,16 +64,13 @@ class Detector:
         """(boxes (M, 4), scores (M,), labels (M,)) of one image, on the CPU."""
         if len(proposals) == 0:
             return torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long)
-        scales = source.scales
-        scale_index = select_scale(proposals, record.image_hw, scales, source.geometry.target_size)
-        pooled = source.pool(record, proposals, scale_index)
-        scores = self.head.features(pooled) @ self.svm_weight + self.svm_bias
+        pooled, fc7, inverse = self.window_features(source, record, proposals)
+        scores = (fc7 @ self.svm_weight + self.svm_bias)[inverse]
         boxes = torch.as_tensor(proposals, device=scores.device)
 
         def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return self.regressors.apply(
-                boxes[window_index], pooled[window_index], labels, record.image_hw
-            )
+            features = pooled[inverse[window_index]]
+            return self.regressors.apply(boxes[window_index], features, labels, record.image_hw)
 
         test = self.test
         found = detect_image(
@@ -79,6 +78,25 @@ class Detector:
             test.max_per_class, regress if self.regressors is not None else None,
         )  # fmt: skip
         return tuple(t.cpu() for t in found)
+
+    def window_features(
+        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pool5 (U, D) and fc7 (U, F) of the U distinct windows, and inverse (R,) into them.
+
+        Windows with the same conv5 cells at the same scale have the same features (SPEC §4
+        dedup), so each distinct window is pooled and passed through fc6/fc7 once.
+        """
+        scale_index = source.scale_index(record, proposals)
+        g = source.geometry
+        keys = dedup_keys(
+            proposals, record.image_hw, source.image_scales(record), scale_index,
+            g.stride, g.offset0, g.offset,
+        )  # fmt: skip
+        first, inverse = distinct_windows(keys)
+        pooled = source.pool(record, proposals[first.numpy()], scale_index[first])
+        fc7 = torch.cat([self.head.features(chunk) for chunk in pooled.split(self.batch)])
+        return pooled, fc7, inverse.to(pooled.device)
 
 
 def load_detector(config: Config, run_dir: RunDir, device: str) -> Detector:

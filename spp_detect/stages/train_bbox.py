@@ -23,7 +23,6 @@ from spp_detect.bbox_reg import BoxRegressors, fit_box_regressors
 from spp_detect.boxes import decode_deltas
 from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource
-from spp_detect.spp import select_scale
 from spp_detect.stages.common import (
     Summary,
     fingerprint,
@@ -80,8 +79,7 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
 
 @torch.inference_mode()
 def _pool5(source: FeatureSource, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
-    scale_index = select_scale(boxes, record.image_hw, source.scales, source.geometry.target_size)
-    return source.pool(record, boxes, scale_index).float()
+    return source.pool(record, boxes).float()
 
 
 def _examples(

@@ -23,7 +23,7 @@ from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource
 from spp_detect.head import Head
-from spp_detect.spp import dedup_keys, select_scale
+from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
     Summary,
     fingerprint,
@@ -51,8 +51,7 @@ class WindowFeatures:
         return windows_of(record, load_proposals(self.run_dir, self.split, record.image_id))
 
     def scale_index(self, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
-        geometry = self.source.geometry
-        return select_scale(boxes, record.image_hw, self.source.scales, geometry.target_size)
+        return self.source.scale_index(record, boxes)
 
     @torch.inference_mode()
     def fc7(self, record: ImageRecord, boxes: np.ndarray, scale_index: torch.Tensor) -> np.ndarray:
@@ -138,7 +137,7 @@ def _negatives(
         boxes, _ = windows.windows(record)
         scale_index = windows.scale_index(record, boxes)
         keys = dedup_keys(
-            boxes, record.image_hw, windows.source.scales, scale_index,
+            boxes, record.image_hw, windows.source.image_scales(record), scale_index,
             geometry.stride, geometry.offset0, offset,
         )  # fmt: skip
         first = _first_occurrences(keys.numpy())

@@ -1,0 +1,89 @@
+"""Window dedup, the norm-estimate sampling and the feature scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spp_detect.backbones import build_backbone
+from spp_detect.config import Config
+from spp_detect.features import FeatureSource, PoolGeometry
+from spp_detect.head import Head
+from spp_detect.stages.test import Detector
+from spp_detect.svm import SvmModel
+from spp_detect.voc import read_split
+from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
+
+TOY_CLASSES = ("circle", "square", "triangle")
+
+
+def test_distinct_windows_first_occurrences_in_order():
+    keys = torch.tensor([[3, 1], [1, 2], [3, 1], [0, 0], [1, 2], [3, 1]])
+    first, inverse = distinct_windows(keys)
+    assert first.tolist() == [0, 1, 3]
+    assert inverse.tolist() == [0, 1, 0, 2, 1, 0]
+    assert torch.equal(keys[first][inverse], keys)
+
+
+def test_distinct_windows_random_round_trip():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 4, (500, 5), generator=generator)
+    first, inverse = distinct_windows(keys)
+    assert torch.equal(keys[first][inverse], keys)
+    assert len(torch.unique(keys, dim=0)) == len(first)
+    assert torch.all(first[1:] > first[:-1])
+
+
+def test_distinct_windows_empty():
+    first, inverse = distinct_windows(torch.zeros((0, 5), dtype=torch.long))
+    assert len(first) == 0 and len(inverse) == 0
+
+
+def test_sample_for_norm_caps_and_is_seeded():
+    counts = [5, 300, 0, 50]
+    picks = sample_for_norm(counts, max_images=3, max_windows=200, seed=3)
+    assert len(picks) == 3
+    assert [i for i, _ in picks] == sorted(i for i, _ in picks)
+    for image, rows in picks:
+        assert len(rows) == min(counts[image], 200)
+        assert len(set(rows.tolist())) == len(rows)
+    again = sample_for_norm(counts, max_images=3, max_windows=200, seed=3)
+    assert all(
+        a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(picks, again, strict=True)
+    )
+
+
+def test_feature_scale_reaches_the_target_mean_norm():
+    rng = np.random.default_rng(0)
+    features = [torch.from_numpy(rng.normal(size=(40, 16))) for _ in range(3)]
+    picks = [(i, np.arange(40)) for i in range(3)]
+    scale = feature_scale(lambda i, rows: features[i][rows], picks, 20.0)
+    norms = torch.cat([torch.linalg.vector_norm(f * scale, dim=1) for f in features])
+    assert float(norms.mean()) == pytest.approx(20.0, rel=1e-6)
+
+
+def test_dedup_gives_the_same_scores_as_every_window(toy_root):
+    """The fast test path (distinct windows once) against pooling every window."""
+    record = read_split(toy_root, "test", TOY_CLASSES)[0]
+    backbone = build_backbone("zf5", "none")
+    geometry = PoolGeometry(backbone.stride, backbone.offset0, 6.5, (6, 3, 2, 1), 224.0)
+    source = FeatureSource((160, 240), geometry, backbone.channels, "cpu", backbone=backbone)
+    torch.manual_seed(0)
+    head = Head(geometry.feature_dim(backbone.channels), 64, len(TOY_CLASSES)).eval()
+    svms = SvmModel(np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), np.zeros(3))
+    rng = np.random.default_rng(1)
+    corner = rng.uniform(0, 0.6, size=(300, 2)) * [record.width, record.height]
+    size = rng.uniform(0.1, 0.4, size=(300, 2)) * [record.width, record.height]
+    boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+    boxes = np.concatenate([boxes, boxes[:50] + 0.5])  # near-duplicates share conv5 cells
+
+    detector = Detector(Config(), head, svms, None, "cpu")
+    with torch.inference_mode():
+        pooled, fc7, inverse = detector.window_features(source, record, boxes)
+        fast = (fc7 @ detector.svm_weight + detector.svm_bias)[inverse]
+        every = source.pool(record, boxes)
+        slow = head.features(every) @ detector.svm_weight + detector.svm_bias
+    assert len(pooled) < len(boxes)
+    torch.testing.assert_close(pooled[inverse], every)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
