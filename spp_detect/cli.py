@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(self.format(record), file=click.get_text_stream("stderr"))
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -66,25 +67,56 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def stage_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every stage shares (ARCHITECTURE.md §5); passes a ``ctx: StageContext``."""
+def stage_options(
+    func: Callable[..., Any] | None = None, *, default_config: str | None = None
+) -> Callable[..., Any]:
+    """The options every stage shares (ARCHITECTURE.md §5); passes a ``ctx: StageContext``.
 
-    @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-                  help="YAML file with what differs from the defaults (see configs/).")
-    @click.option("--run-dir", type=click.Path(file_okay=False),
-                  help="Where artefacts go. Default: runs/<config name>.")
-    @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                  help="Override one config value (YAML syntax); repeatable.")
+    Without -c, the config is the run directory's saved `config.yaml` when there is one (so
+    `--run-dir DIR` alone picks up that run), else ``default_config`` or the code defaults.
+    """
+    if func is None:
+        return functools.partial(stage_options, default_config=default_config)
+
+    @click.option(
+        "-c",
+        "--config",
+        "config_path",
+        help="YAML file, or a bundled config name (configs/): what differs from the defaults.",
+    )
+    @click.option(
+        "--run-dir",
+        type=click.Path(file_okay=False),
+        help="Where artefacts go. Default: runs/<config name>.",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override one config value (YAML syntax); repeatable.",
+    )
     @click.option("--device", default=None, help="torch device. Default: cuda when available.")
-    @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Worker processes. Default: all cores.")
-    @click.option("--limit", type=click.IntRange(min=1), default=None,
-                  help="Use only the first N images of the split.")
+    @click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Worker processes. Default: all cores.",
+    )
+    @click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Use only the first N images of the split.",
+    )
     @click.option("--force", is_flag=True, help="Recompute outputs that already exist.")
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
     @functools.wraps(func)
     def wrapper(config_path, run_dir, overrides, device, workers, limit, force, verbose, **kw):
         _setup_logging(verbose)
+        saved = Path(run_dir or "", "config.yaml")
+        if config_path is None:
+            config_path = saved if run_dir and saved.is_file() else default_config
         config = load_config(config_path, overrides)
         root = Path(run_dir) if run_dir else Path("runs") / config.name
         ctx = StageContext(
@@ -95,16 +127,20 @@ def stage_options(func: Callable[..., Any]) -> Callable[..., Any]:
             limit=limit,
             force=force,
         )
-        root.mkdir(parents=True, exist_ok=True)
+        result = func(ctx=ctx, **kw)
+        # Saved after the stage succeeds, so a failed call never replaces the last good record.
         config.dump(ctx.run_dir.config_path)
-        return func(ctx=ctx, **kw)
+        return result
 
     return wrapper
 
 
 def split_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--split", default=None,
-                        help="Image split (ImageSets/Main/<split>.txt). Default: the stage's own.")(func)
+    return click.option(
+        "--split",
+        default=None,
+        help="Image split (ImageSets/Main/<split>.txt). Default: the stage's own.",
+    )(func)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,6 +164,139 @@ def make_toy(out: str, num_train: int, num_test: int, seed: int) -> None:
 
     summary = make_toy_dataset(Path(out), num_train=num_train, num_test=num_test, seed=seed)
     click.echo(summary)
+
+
+@cli.command("propose")
+@stage_options
+@split_option
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Only print and save the recall report of existing proposals.",
+)
+def propose(ctx: StageContext, split: str | None, report_only: bool) -> None:
+    """Region proposals per image (selective search, EdgeBoxes or a .mat file) + recall report."""
+    from spp_detect.stages.propose import run_propose
+
+    click.echo(run_propose(ctx, split or ctx.config.data.train_split, report_only=report_only))
+
+
+@cli.command("extract")
+@stage_options
+@split_option
+def extract(ctx: StageContext, split: str | None) -> None:
+    """Cache conv5 maps of every image at every scale (float16 .npz per image)."""
+    from spp_detect.stages.extract import run_extract
+
+    click.echo(run_extract(ctx, split or ctx.config.data.train_split))
+
+
+@cli.command("finetune")
+@stage_options
+@split_option
+def finetune(ctx: StageContext, split: str | None) -> None:
+    """Fine-tune fc6, fc7 and a (K+1)-way classifier on pooled windows; resumes when killed."""
+    from spp_detect.stages.finetune import run_finetune
+
+    click.echo(run_finetune(ctx, split or ctx.config.data.train_split))
+
+
+@cli.command("train-svm")
+@stage_options
+@split_option
+def train_svm(ctx: StageContext, split: str | None) -> None:
+    """Per-class linear SVMs on fine-tuned fc7, with one hard-negative mining pass."""
+    from spp_detect.stages.train_svm import run_train_svm
+
+    click.echo(run_train_svm(ctx, split or ctx.config.data.train_split))
+
+
+@cli.command("train-bbox")
+@stage_options
+@split_option
+def train_bbox(ctx: StageContext, split: str | None) -> None:
+    """Class-specific bounding-box regression on pool5 features."""
+    from spp_detect.stages.train_bbox import run_train_bbox
+
+    click.echo(run_train_bbox(ctx, split or ctx.config.data.train_split))
+
+
+@cli.command("test")
+@stage_options
+@split_option
+def test(ctx: StageContext, split: str | None) -> None:
+    """Detections for every image of a split (default data.test_split)."""
+    from spp_detect.stages.test import run_test
+
+    click.echo(run_test(ctx, split or ctx.config.data.test_split))
+
+
+@cli.command("eval")
+@stage_options
+@split_option
+@click.option(
+    "--voc2007",
+    is_flag=True,
+    help="The VOC2007 test split with the 11-point metric as the headline.",
+)
+@click.option(
+    "--combine",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Another run directory: merge its detections with NMS and evaluate both.",
+)
+def eval_(ctx: StageContext, split: str | None, voc2007: bool, combine: str | None) -> None:
+    """VOC AP (11-point and area) of a split's detections; runs test first when needed."""
+    from spp_detect.stages.eval import run_eval
+
+    split = "test" if voc2007 else split or ctx.config.data.test_split
+    use_07 = True if voc2007 else ctx.config.eval.use_07_metric
+    click.echo(run_eval(ctx, split, use_07, Path(combine) if combine else None))
+
+
+@cli.command("run")
+@stage_options
+def run(ctx: StageContext) -> None:
+    """Every stage in order, skipping those already complete; a time table at the end."""
+    from spp_detect.stages.run import run_all
+
+    click.echo(run_all(ctx))
+
+
+@cli.command("detect")
+@stage_options
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder. Default: <run-dir>/detect.",
+)
+@click.option(
+    "--score-thresh",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Keep detections whose SVM score is at least this.",
+)
+def detect(
+    ctx: StageContext, images: tuple[str, ...], out_dir: str | None, score_thresh: float
+) -> None:
+    """Detect objects in IMAGES with a trained run: one JSON and one drawn PNG per image."""
+    from spp_detect.stages.detect import run_detect
+
+    out = Path(out_dir) if out_dir else ctx.run_dir.root / "detect"
+    click.echo(run_detect(ctx, [Path(p) for p in images], out, score_thresh))
+
+
+@cli.command("demo")
+@stage_options(default_config="toy")
+def demo(ctx: StageContext) -> None:
+    """Build the toy dataset (data/toy) and run the whole pipeline on it; CPU, minutes."""
+    from spp_detect.stages.demo import run_demo
+
+    click.echo(run_demo(ctx, Path(ctx.config.data.root)))
 
 
 def main() -> None:

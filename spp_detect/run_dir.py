@@ -24,6 +24,9 @@ class RunDir:
     def proposal_path(self, split: str, image_id: str) -> Path:
         return self.proposals_dir(split) / f"{image_id}.npz"
 
+    def proposal_report_path(self, split: str) -> Path:
+        return self.proposals_dir(split) / "report.json"
+
     # extract
     def features_dir(self, split: str) -> Path:
         return self.root / "features" / split

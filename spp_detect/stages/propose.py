@@ -1,0 +1,377 @@
+"""`spp-detect propose`: region proposals for every image of a split (SPEC §11).
+
+Steps: 1. the split's records and the method's inputs; 2. one atomic
+``proposals/<split>/<id>.npz`` per image (``boxes`` float32 (R, 4), ``seconds``, ``fingerprint``
+of the propose config), computed in worker processes; a file made with the same propose config
+is kept (resume); 3. failures are listed and end the stage with exit code 2 and no manifest, so a
+rerun redoes only them; 4. the manifest; 5. the recall report (``report.json`` and a table).
+
+Each image runs in a worker process (spawned, OpenCV single-threaded in each), so an image on
+which OpenCV crashes its process costs only that image: the pool is restarted, the images that
+were in flight with it are retried one at a time, and one that crashes alone is marked failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from spp_detect import proposals
+from spp_detect.artifacts import clear_manifest, load_npz, save_json, save_npz, write_manifest
+from spp_detect.config import Config, ProposeConfig
+from spp_detect.errors import UserError
+from spp_detect.image import read_image
+from spp_detect.run_dir import RunDir
+from spp_detect.stages.common import Summary, dir_bytes, fingerprint, split_records
+from spp_detect.structures import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_FAILURES = 10  # failures named in the error line; all of them are logged
+MAX_REASON_CHARS = 300  # OpenCV errors span many lines; keep one short line per image
+# spawn: a fresh interpreter per worker, safe whatever threads the parent runs (torch, OpenCV)
+# and the same on Linux, macOS and Windows.
+MP_START_METHOD = "spawn"
+PARENT_POLL_SECONDS = 1.0  # how often a worker checks that the stage process is still alive
+
+
+@dataclass(frozen=True)
+class ProposalJob:
+    """One image: where to read it, where its ``.npz`` goes, the ``propose_image`` kwargs."""
+
+    image_id: str
+    image_path: str
+    out_path: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # of the propose config section, stored with the boxes
+
+
+def compute_proposals(job: ProposalJob) -> int:
+    """Worker body: read the image, propose, write its ``.npz``; returns R."""
+    image = read_image(job.image_path)
+    started = time.perf_counter()
+    boxes = proposals.propose_image(image, **job.params)
+    save_proposals(job.out_path, boxes, job.fingerprint, time.perf_counter() - started)
+    return len(boxes)
+
+
+def save_proposals(
+    path: str | Path, boxes: np.ndarray, propose_fingerprint: str, seconds: float | None = None
+) -> None:
+    """One image's file: ``boxes`` (R, 4) float32, ``fingerprint``, ``seconds`` when measured."""
+    extra = {} if seconds is None else {"seconds": np.float64(seconds)}
+    save_npz(
+        path, boxes=boxes.astype(np.float32), fingerprint=np.str_(propose_fingerprint), **extra
+    )
+
+
+def _is_done(path: Path, propose_fingerprint: str) -> bool:
+    """True when ``path`` holds proposals made with the same propose config."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "fingerprint" in data.files and str(data["fingerprint"]) == propose_fingerprint
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # missing or damaged: compute again
+
+
+def run_propose(ctx: Any, split: str, report_only: bool = False) -> str:
+    """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
+    config, run_dir = ctx.config, ctx.run_dir
+    out_dir = run_dir.proposals_dir(split)
+    summary = Summary("propose")
+    # 1. records and method inputs
+    records = split_records(config, split, ctx.limit)
+    if report_only:
+        return _report(config, run_dir, records, split, summary)
+    _check_method(config.propose)
+    clear_manifest(out_dir)
+    _remove_stale_temporaries(out_dir)
+    # a file counts as done only when made with the same propose config (no silent mixing)
+    files_fingerprint = config.fingerprint("propose")
+    todo = [
+        r
+        for r in records
+        if ctx.force or not _is_done(run_dir.proposal_path(split, r.image_id), files_fingerprint)
+    ]
+    if len(todo) < len(records):
+        summary.notes.append(f"{len(records) - len(todo)} already done")
+    # 2. proposals per image
+    paths = [run_dir.proposal_path(split, r.image_id) for r in todo]
+    if config.propose.method == "mat":
+        failures = _import_mat(config.propose, todo, paths, files_fingerprint)
+    else:
+        params = proposal_params(config.propose)
+        jobs = [
+            ProposalJob(r.image_id, str(r.path), str(p), params, files_fingerprint)
+            for r, p in zip(todo, paths, strict=True)
+        ]
+        failures = run_jobs(jobs, ctx.workers, compute_proposals, desc=f"propose {split}")
+    summary.items = len(todo) - len(failures)
+    summary.bytes_written = dir_bytes(paths)
+    # 3. failures: no manifest, exit code 2
+    if failures:
+        _raise_failures(failures, len(records), split)
+    # 4. manifest
+    write_manifest(out_dir, "propose", split, len(records), fingerprint(config, "propose"))
+    # 5. recall report
+    return _report(config, run_dir, records, split, summary)
+
+
+def _check_method(propose: ProposeConfig) -> None:
+    if propose.method not in proposals.METHODS:
+        raise UserError(
+            f"propose.method: unknown {propose.method!r}; use one of {', '.join(proposals.METHODS)}"
+        )
+    if (
+        propose.method == "selective_search"
+        and propose.mode not in proposals.SELECTIVE_SEARCH_MODES
+    ):
+        raise UserError(f"propose.mode: unknown {propose.mode!r}; use fast or quality")
+    if propose.method == "edge_boxes":
+        if propose.edge_model:
+            _check_edge_model(propose.edge_model)
+        else:
+            logger.warning(
+                "propose.edge_model is empty: EdgeBoxes runs on a gradient edge map, which gives "
+                "lower recall than the structured-edge model (see README)"
+            )
+    if propose.method == "mat" and not propose.mat_file:
+        raise UserError("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")
+
+
+def _check_edge_model(model_path: str) -> None:
+    """Load the structured-edge model once in a throwaway process: a foreign file crashes OpenCV."""
+    context = multiprocessing.get_context(MP_START_METHOD)
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            pool.submit(proposals.check_edge_model, model_path).result()
+        except BrokenProcessPool:
+            raise UserError(
+                f"{model_path}: not a structured-edge model (OpenCV crashed loading it); use the "
+                "model.yml.gz from opencv_extra (see README)"
+            ) from None
+
+
+def proposal_params(propose: ProposeConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`proposals.propose_image` from the config section."""
+    return {
+        "method": propose.method,
+        "mode": propose.mode,
+        "base_k": propose.base_k,
+        "inc_k": propose.inc_k,
+        "sigma": propose.sigma,
+        "edge_model": propose.edge_model or None,
+        "edge_max_boxes": propose.edge_max_boxes,
+        "max_side": propose.max_side,
+        "min_size": propose.min_size,
+        "max_per_image": propose.max_per_image,
+    }
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary files a killed run left behind (artifacts.atomic_path names them .<name>.*.tmp)."""
+    for stale in out_dir.glob(".*.npz.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _import_mat(
+    propose: ProposeConfig, records: list[ImageRecord], paths: list[Path], propose_fingerprint: str
+) -> dict[str, str]:
+    """Method ``mat``: the precomputed boxes of each image, clipped and filtered like the others."""
+    boxes_by_id = proposals.load_mat_proposals(propose.mat_file, [r.image_id for r in records])
+    for record, path in zip(tqdm(records, desc="import .mat", unit="img"), paths, strict=True):
+        boxes = proposals.clip_to_image(boxes_by_id[record.image_id], record.image_hw)
+        boxes = proposals.filter_boxes(boxes, propose.min_size, propose.max_per_image)
+        save_proposals(path, boxes, propose_fingerprint)
+    return {}
+
+
+# --- crash-isolated worker pool ----------------------------------------------------------------
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the processes
+    # A killed stage (SIGKILL, SIGTERM) would leave its workers blocked on the job queue forever.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _guarded(job_fn: Callable[[ProposalJob], int], job: ProposalJob) -> tuple[bool, int | str]:
+    """Run ``job_fn`` in a worker; a Python exception becomes (False, one-line reason)."""
+    try:
+        return True, job_fn(job)
+    except Exception as exc:  # OpenCV raises cv2.error; any failure is one image's failure
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return False, f"{type(exc).__name__}: {reason}"[:MAX_REASON_CHARS]
+
+
+def run_jobs(
+    jobs: Iterable[ProposalJob],
+    workers: int,
+    job_fn: Callable[[ProposalJob], int] = compute_proposals,
+    desc: str = "propose",
+) -> dict[str, str]:
+    """Run ``job_fn`` on every job in ``workers`` processes; returns {image_id: failure reason}.
+
+    ``job_fn`` must be a module-level function (it is pickled to spawned workers). When a worker
+    process dies, every job in flight with it is retried alone in a fresh pool; a job that kills
+    its worker while alone is reported as failed and the others carry on.
+    """
+    waiting = deque(jobs)
+    suspects: deque[ProposalJob] = deque()  # in flight when a worker died: retried one at a time
+    failures: dict[str, str] = {}
+    context = multiprocessing.get_context(MP_START_METHOD)
+    with tqdm(total=len(waiting), desc=desc, unit="img") as bar:
+
+        def finish(job: ProposalJob, outcome: tuple[bool, int | str]) -> None:
+            ok, value = outcome
+            if not ok:
+                failures[job.image_id] = str(value)
+                logger.warning("%s: %s", job.image_path, value)
+            bar.update(1)
+
+        while waiting or suspects:
+            # suspects get a one-process pool of their own; the rest a full one
+            queue = suspects if suspects else waiting
+            num_workers = 1 if suspects else max(1, min(workers, len(waiting)))
+            with ProcessPoolExecutor(
+                num_workers, mp_context=context, initializer=_init_worker
+            ) as pool:
+                lost = _drain(pool, num_workers, queue, job_fn, finish)
+            if len(lost) == 1:
+                finish(
+                    lost[0],
+                    (False, "the worker process crashed on this image (e.g. inside OpenCV)"),
+                )
+            else:
+                suspects.extend(lost)
+    return failures
+
+
+def _drain(
+    pool: ProcessPoolExecutor,
+    num_workers: int,
+    queue: deque[ProposalJob],
+    job_fn: Callable[[ProposalJob], int],
+    finish: Callable[[ProposalJob, tuple[bool, int | str]], None],
+) -> list[ProposalJob]:
+    """Feed ``pool`` from ``queue`` until it is empty or a worker dies; returns the jobs lost.
+
+    At most ``num_workers`` jobs are in flight; the lost ones are those in flight at the crash.
+    """
+    in_flight: dict[Future, ProposalJob] = {}
+    while queue or in_flight:
+        while queue and len(in_flight) < num_workers:
+            job = queue.popleft()
+            in_flight[pool.submit(_guarded, job_fn, job)] = job
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        broken = False
+        for future in done:
+            job = in_flight.pop(future)
+            try:
+                finish(job, future.result())
+            except BrokenProcessPool:
+                in_flight[future] = job
+                broken = True
+        if broken:
+            return _collect_lost(in_flight, finish)
+    return []
+
+
+def _collect_lost(
+    in_flight: dict[Future, ProposalJob],
+    finish: Callable[[ProposalJob, tuple[bool, int | str]], None],
+) -> list[ProposalJob]:
+    """After a worker died: finish the jobs that completed anyway, return the others."""
+    wait(in_flight)  # the executor fails every pending future once the pool is broken
+    lost = []
+    for future, job in in_flight.items():
+        if future.exception() is None:
+            finish(job, future.result())
+        else:
+            lost.append(job)
+    return lost
+
+
+def _raise_failures(failures: Mapping[str, str], num_images: int, split: str) -> None:
+    listed = "; ".join(
+        f"{image_id} ({reason})"
+        for image_id, reason in list(failures.items())[:MAX_LISTED_FAILURES]
+    )
+    more = (
+        f"; and {len(failures) - MAX_LISTED_FAILURES} more (see the log)"
+        if len(failures) > MAX_LISTED_FAILURES
+        else ""
+    )
+    raise UserError(
+        f"propose --split {split}: {len(failures)} of {num_images} images failed: {listed}{more}; "
+        "the others are saved: fix or drop these images and rerun to redo only them"
+    )
+
+
+# --- recall report -----------------------------------------------------------------------------
+
+
+def _report(
+    config: Config, run_dir: RunDir, records: list[ImageRecord], split: str, summary: Summary
+) -> str:
+    """Recall table and ``report.json`` over the split's non-difficult gt, then the summary line."""
+    out_dir = run_dir.proposals_dir(split)
+    missing = [
+        r.image_id for r in records if not run_dir.proposal_path(split, r.image_id).is_file()
+    ]
+    if missing:
+        raise UserError(
+            f"{out_dir}: no proposals for {len(missing)} of {len(records)} images "
+            f"(e.g. {missing[0]}); run `spp-detect propose --split {split}` first"
+        )
+    gt_boxes = [r.gt_boxes[~r.difficult] for r in records]
+    if sum(len(g) for g in gt_boxes) == 0:
+        logger.info("%s: no annotated boxes, no recall report", split)
+        return summary.line()
+    boxes, seconds = [], []
+    for record in tqdm(records, desc="recall", unit="img", leave=False):
+        arrays = load_npz(run_dir.proposal_path(split, record.image_id))
+        boxes.append(arrays["boxes"].astype(np.float32, copy=False))
+        if "seconds" in arrays:
+            seconds.append(float(arrays["seconds"]))
+    recall = proposals.proposal_recall(gt_boxes, boxes)
+    report = {
+        "split": split,
+        "method": config.propose.method,
+        "mode": config.propose.mode if config.propose.method == "selective_search" else None,
+        "num_images": len(records),
+        "num_gt": int(sum(len(g) for g in gt_boxes)),
+        "gt": "non-difficult",
+        "mean_boxes_per_image": float(np.mean([len(b) for b in boxes])),
+        "seconds_per_image": float(np.mean(seconds)) if seconds else None,
+        "recall": recall,
+    }
+    save_json(run_dir.proposal_report_path(split), report)
+    seconds_text = f"{report['seconds_per_image']:.2f} s/image" if seconds else "time unknown"
+    head = (
+        f"{split}: {len(records)} images, {report['num_gt']} non-difficult gt boxes, "
+        f"{report['mean_boxes_per_image']:.0f} boxes/image, {seconds_text}"
+    )
+    return "\n".join([head, proposals.format_recall_table(recall), summary.line()])
