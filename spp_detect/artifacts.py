@@ -23,6 +23,15 @@ from spp_detect.errors import UserError
 MANIFEST = "manifest.json"
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
@@ -32,6 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; artefacts get the usual umask mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -138,3 +138,16 @@ def test_manifest_write_require_mismatch_clear(tmp_path):
     clear_manifest(stage_dir)
     assert read_manifest(stage_dir) is None
     clear_manifest(stage_dir)  # clearing twice is fine
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from spp_detect.artifacts import atomic_write_text
+
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
