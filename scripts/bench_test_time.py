@@ -1,0 +1,222 @@
+"""Per-image SPP test time, broken into parts, at 1 scale (688) and the paper's 5 scales.
+
+The path is the test stage's (``stages/test.py``, ``Detector.detect``, conv5 maps computed on the
+fly): per scale, resize + normalise ("prep") and the conv trunk ("conv"); scale choice,
+projection and dedup of the R windows; pooling of the U distinct windows; fc6/fc7; SVM scores
+of K classes; threshold + per-class NMS + top-k; box regression of the kept windows; clip +
+NMS. Models have random weights of the paper's sizes (fc width 4,096, K = 20 SVMs and
+regressors; SVMs calibrated so that 10% of the windows pass the -1.5 threshold per class).
+Each part is the median over the timed images, after warm-up. In the same run: a plain
+``torch.mm`` of fc6's and fc7's shapes (the matrix-multiply reference) and the package's own
+``Detector.detect`` end to end (its total should match the sum of the parts).
+
+Example (the figures in notes/bench_perf.md):
+
+    python scripts/bench_test_time.py                 # zf5, 1 + 5 warm-up/timed images
+    python scripts/bench_test_time.py --backbone alexnet
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from _bench_common import (
+    ONE_SCALE,
+    TEST,
+    BenchImage,
+    Models,
+    Stopwatch,
+    base_parser,
+    build_models,
+    calibrate,
+    describe_images,
+    fc_gflop,
+    group_parts,
+    load_images,
+    machine_header,
+    markdown_table,
+    medians,
+    ms,
+    percent,
+    scales_label,
+    setup,
+    spp_conv_gflop,
+    spp_test_image,
+    timed_runs,
+)
+
+from spp_detect.config import PAPER_SCALES, Config
+from spp_detect.features import FeatureSource
+from spp_detect.stages.test import Detector
+from spp_detect.svm import SvmModel
+
+POOLING_TARGET = 0.05  # issue 8: pooling at most 5% of the per-image test time (CPU)
+FC_TARGET = 0.5  # issue 8: fc stage at least 50% of torch's matmul throughput
+
+
+def matmul_reference(models: Models, rows: int) -> dict[str, float]:
+    """Seconds of plain ``torch.mm`` with fc6's (rows×D @ D×F) and fc7's (rows×F @ F×F) shapes."""
+    dim, fc_dim = models.feature_dim, models.head.fc6.out_features
+    device = models.device
+    x6, w6 = torch.rand(rows, dim, device=device), torch.randn(dim, fc_dim, device=device)
+    x7, w7 = torch.rand(rows, fc_dim, device=device), torch.randn(fc_dim, fc_dim, device=device)
+    watch = Stopwatch(device)
+    with torch.inference_mode():
+        with watch.part("mm fc6"):
+            torch.mm(x6, w6)
+        with watch.part("mm fc7"):
+            torch.mm(x7, w7)
+    return watch.seconds
+
+
+def package_detector(models: Models, scales) -> tuple[Detector, FeatureSource]:
+    """The package's Detector and a live FeatureSource holding the same models."""
+    svms = SvmModel(models.svm_weight.T.cpu().numpy().copy(), models.svm_bias.cpu().numpy().copy())
+    detector = Detector(Config(), models.head, svms, models.regressors, str(models.device))
+    source = FeatureSource(
+        scales, models.geometry, models.backbone.channels, models.device,
+        backbone=models.backbone,
+    )  # fmt: skip
+    return detector, source
+
+
+def measure(models: Models, item: BenchImage, scales, detector, source) -> dict:
+    parts, counts = spp_test_image(models, item, scales)
+    reference = matmul_reference(models, counts["distinct"])
+    result = {"parts": parts, "counts": counts, "mm": reference}
+    if detector is not None:
+        watch = Stopwatch(models.device)
+        with watch.part("Detector.detect"):
+            detector.detect(source, item.record, item.boxes)
+        result["package"] = watch.seconds
+    return result
+
+
+def run_setting(models, images, scales, args) -> dict:
+    detector, source = package_detector(models, scales) if args.package_check else (None, None)
+    samples = timed_runs(
+        images, args.warmup, lambda item: measure(models, item, scales, detector, source)
+    )
+    totals = [group_parts(s["parts"]) for s in samples]
+    fc_rates, mm_rates = [], []
+    for s in samples:
+        gflop = fc_gflop(s["counts"]["distinct"], models.feature_dim, args.fc_dim)
+        fc_rates.append(gflop / s["parts"]["fc6/fc7"])
+        mm_rates.append(gflop / (s["mm"]["mm fc6"] + s["mm"]["mm fc7"]))
+    conv_gflop = [spp_conv_gflop(models.backbone, item.record.image_hw, scales) for item in images]
+    return {
+        "scales": scales,
+        "parts": medians([s["parts"] for s in samples]),
+        "grouped": medians(totals),
+        "counts": medians([s["counts"] for s in samples]),
+        "mm": medians([s["mm"] for s in samples]),
+        "package": medians([s["package"] for s in samples]) if args.package_check else {},
+        "fc_gflops": float(np.median(fc_rates)),
+        "mm_gflops": float(np.median(mm_rates)),
+        "fc_ratio": float(np.median(np.array(fc_rates) / np.array(mm_rates))),
+        "conv_gflop": float(np.median(conv_gflop[args.warmup :])),
+    }
+
+
+def parts_table(results: list[dict]) -> str:
+    names = list(dict.fromkeys(name for r in results for name in r["parts"]))
+    prep = [n for n in names if n.startswith("prep ")]
+    rows = []
+    if prep:
+        rows.append(["image prep (resize + normalise), all scales", *_cells(results, prep)])
+    for name in names:
+        if not name.startswith("prep "):
+            label = f"{name} (trunk)" if name.startswith("conv ") else name
+            rows.append([label, *_cells(results, [name])])
+    rows.append(["**total** (median of per-image sums)"] + [
+        cell for r in results for cell in (f"**{ms(r['grouped']['total'])}**", "100%")
+    ])  # fmt: skip
+    if results[0]["package"]:
+        rows.append(["package `Detector.detect`, end to end (check)"] + [
+            cell
+            for r in results
+            for cell in (ms(r["package"]["Detector.detect"]), "")
+        ])  # fmt: skip
+    headers = ["part"] + [h for r in results for h in (f"{scales_label(r['scales'])} ms", "share")]
+    return markdown_table(headers, rows)
+
+
+def _cells(results: list[dict], names: list[str]) -> list[str]:
+    cells = []
+    for r in results:
+        if not any(name in r["parts"] for name in names):
+            cells += ["", ""]
+            continue
+        seconds = sum(r["parts"].get(name, 0.0) for name in names)
+        cells += [ms(seconds), percent(seconds, r["grouped"]["total"])]
+    return cells
+
+
+def summary_tables(results: list[dict], fc_dim: int) -> str:
+    counts = markdown_table(
+        ["setting", "windows R", "distinct U", "scores > -1.5", "kept after NMS/top-k",
+         "detections"],
+        [[scales_label(r["scales"]), *(f"{r['counts'][k]:.0f}" for k in
+          ("windows", "distinct", "passing", "kept", "detections"))] for r in results],
+    )  # fmt: skip
+    rows = []
+    for r in results:
+        grouped, parts = r["grouped"], r["parts"]
+        conv = grouped["conv"]
+        rows.append([
+            scales_label(r["scales"]), ms(conv), f"{r['conv_gflop']:.0f}",
+            f"{r['conv_gflop'] / conv:.0f}", ms(parts["fc6/fc7"]), f"{r['fc_gflops']:.0f}",
+            ms(r["mm"]["mm fc6"]), ms(r["mm"]["mm fc7"]), f"{r['mm_gflops']:.0f}",
+            f"{100 * r['fc_ratio']:.0f}%",
+        ])  # fmt: skip
+    throughput = markdown_table(
+        ["setting", "conv ms", "conv GFLOP", "conv GFLOP/s", "fc6/fc7 ms", "fc GFLOP/s",
+         f"mm fc6 (U×D @ D×{fc_dim}) ms", f"mm fc7 (U×{fc_dim} @ {fc_dim}×{fc_dim}) ms",
+         "mm GFLOP/s", "fc / mm throughput"],
+        rows,
+    )  # fmt: skip
+    targets = []
+    for r in results:
+        pool_share = r["parts"]["pooling"] / r["grouped"]["total"]
+        targets.append([
+            scales_label(r["scales"]),
+            f"{100 * pool_share:.1f}% ({'met' if pool_share <= POOLING_TARGET else 'NOT met'})",
+            f"{100 * r['fc_ratio']:.0f}% ({'met' if r['fc_ratio'] >= FC_TARGET else 'NOT met'})",
+        ])  # fmt: skip
+    target_table = markdown_table(
+        ["setting", f"pooling share (target ≤ {POOLING_TARGET:.0%})",
+         f"fc / matmul throughput (target ≥ {FC_TARGET:.0%})"],
+        targets,
+    )  # fmt: skip
+    return "\n\n".join([counts, throughput, target_table])
+
+
+def main() -> None:
+    parser = base_parser(__doc__, images=5)
+    parser.add_argument(
+        "--no-package-check", dest="package_check", action="store_false",
+        help="skip timing the package's Detector.detect end to end",
+    )  # fmt: skip
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # random weights warn once per build
+    device = setup(args)
+    images = load_images(args)
+    models = build_models(args, device)
+    calibrate(models, images[0], PAPER_SCALES, args.pass_fraction)
+    print(f"## Per-image SPP test time, {args.backbone} (weights {args.weights})\n")
+    print(machine_header(device))
+    print(describe_images(images, args.warmup))
+    print(
+        f"- models: pooled dim D = {models.feature_dim}, fc width F = {args.fc_dim}, "
+        f"K = {args.num_classes} SVMs and regressors; test settings {TEST}\n"
+    )
+    results = [run_setting(models, images, scales, args) for scales in (ONE_SCALE, PAPER_SCALES)]
+    print(parts_table(results))
+    print()
+    print(summary_tables(results, args.fc_dim))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""SPP-net against R-CNN on the same backbone, images and proposals: the paper's Tables 9-10 here.
+
+R-CNN (this script only, not in the package): every proposal is cropped from the image, warped
+to 224×224 (the trunk's classification input; ``cv2.resize`` bilinear, no context padding),
+normalised and run through the conv trunk in batches; its conv5 map (13×13 for zf5 and alexnet)
+goes through the classification net's pooling (zf5: the pyramid (6, 3, 2, 1) over the whole map,
+12,800 dims; alexnet: torchvision's 3×3/2 max-pool + 6×6 average pool, 9,216 dims), then fc6/fc7,
+K SVMs, NMS, regression, clip + NMS. SPP: the test stage's path (conv once per scale, pooling of
+the distinct windows), at 1 scale (688) and 5 scales.
+
+R-CNN's crop/warp, normalisation, conv and pooling are measured on the first ``--rcnn-windows``
+proposals (default 128) of each image and **extrapolated linearly** to all R (default 2,000):
+those steps cost the same for every window (same input size), so time ∝ windows. fc6/fc7, SVMs,
+NMS and regression are measured on all R rows (the measured windows' pooled rows repeated: the
+cost of a dense product does not depend on the values). Columns follow the paper: conv = image
+→ conv5 (resize/crop/warp + trunk), fc = pooling + fc6/fc7 + SVM scores, other = projection,
+NMS, regression (not in the paper's table); all per image, median over the timed images.
+
+Example (the figures in notes/bench_perf.md):
+
+    python scripts/bench_vs_rcnn.py                       # zf5, 1 + 3 images, 2,000 proposals
+    python scripts/bench_vs_rcnn.py --backbone alexnet
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import partial
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _bench_common import (
+    ONE_SCALE,
+    SPP,
+    TEST,
+    BenchImage,
+    Models,
+    Stopwatch,
+    base_parser,
+    build_models,
+    calibrate,
+    calibrated_regressors,
+    calibrated_svms,
+    conv_gflop,
+    describe_images,
+    detect_from_features,
+    fc_gflop,
+    group_parts,
+    load_images,
+    machine_header,
+    markdown_table,
+    medians,
+    random_head,
+    scales_label,
+    setup,
+    spp_conv_gflop,
+    spp_test_image,
+    timed_runs,
+)
+from torch import Tensor, nn
+
+from spp_detect.config import PAPER_SCALES
+from spp_detect.image import image_to_tensor
+from spp_detect.spp import spatial_pyramid_pool
+
+RCNN_INPUT = 224  # warped window side: the classification input of zf5 / torchvision trunks
+# The paper's GPU seconds per image (Tables 9-10, SPEC §12): R-CNN on the same ZF-5 net, and SPP.
+PAPER = {
+    "R-CNN": {"conv": 14.37, "fc": None, "total": 14.46},
+    "SPP 1 scale": {"conv": 0.053, "fc": 0.089, "total": 0.142, "speedup": 102},
+    "SPP 5 scales": {"conv": 0.293, "fc": 0.089, "total": 0.382, "speedup": 38},
+}
+EXTRAPOLATED = ("crop + warp", "normalise", "conv (trunk)", "pool")
+
+
+# ---------------------------------------------------------------- the R-CNN path
+
+
+def classifier_pool(models: Models) -> Callable[[Tensor], Tensor]:
+    """conv5 maps (B, C, h, w) of warped windows → fc6 inputs (B, D_rcnn), as the
+    classification net pools them."""
+    name, levels = models.backbone.name, SPP.levels
+    if name == "zf5":
+        # adaptive max pooling's bins [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) are the SPP bins (SPEC §5)
+        return lambda maps: torch.cat(
+            [F.adaptive_max_pool2d(maps, n).flatten(1) for n in levels], dim=1
+        )
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    return nn.Sequential(model.features[-1], model.avgpool, nn.Flatten()).to(models.device).eval()
+
+
+def check_pyramid(models: Models, pool: Callable[[Tensor], Tensor]) -> None:
+    """zf5: the whole-map pyramid equals ``spatial_pyramid_pool`` of the full window."""
+    if models.backbone.name != "zf5":
+        return
+    maps = torch.rand(2, models.backbone.channels, 13, 13, device=models.device)
+    full = torch.tensor([[0, 0, 12, 12]])
+    expected = torch.cat([spatial_pyramid_pool(m, full, SPP.levels) for m in maps])
+    assert torch.equal(pool(maps), expected), "whole-map pyramid differs from spp"
+
+
+def warp_windows(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (M, size, size, 3): each box's pixels [⌊x1⌋, ⌈x2⌉) × [⌊y1⌋, ⌈y2⌉), resized
+    anisotropically (R-CNN's warp, without its 16 px context padding)."""
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for row, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        left, top = math.floor(x1), math.floor(y1)
+        right, bottom = max(left + 1, math.ceil(x2)), max(top + 1, math.ceil(y2))
+        crop = image[top:bottom, left:right]
+        out[row] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def normalise_batch(warped: np.ndarray, models: Models) -> Tensor:
+    """uint8 (B, S, S, 3) → float (B, 3, S, S), normalised as the package does one image: the
+    batch goes through ``image_to_tensor`` as one (B·S, S, 3) image (per-channel ops only)."""
+    count, size = warped.shape[:2]
+    flat = image_to_tensor(
+        warped.reshape(count * size, size, 3), models.backbone.normalization, models.device
+    )
+    return flat.view(3, count, size, size).transpose(0, 1).contiguous()
+
+
+def rcnn_windows_pooled(
+    models: Models, pool, image: np.ndarray, boxes: np.ndarray, batch: int, watch: Stopwatch
+) -> Tensor:
+    """fc6 inputs (M, D_rcnn) of M windows: crop + warp, normalise, trunk, pooling."""
+    pooled = []
+    for start in range(0, len(boxes), batch):
+        with watch.part("crop + warp"):
+            warped = warp_windows(image, boxes[start : start + batch], RCNN_INPUT)
+        with watch.part("normalise"):
+            pixels = normalise_batch(warped, models)
+        with watch.part("conv (trunk)"):
+            maps = models.backbone(pixels)
+        with watch.part("pool"):
+            pooled.append(pool(maps))
+    return torch.cat(pooled)
+
+
+def rcnn_test_image(
+    rcnn: Models, pool, item: BenchImage, measured: int, batch: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds per part for all R windows (the per-window parts extrapolated from ``measured``)."""
+    watch = Stopwatch(rcnn.device)
+    count = len(item.boxes)
+    with torch.inference_mode():
+        pooled = rcnn_windows_pooled(rcnn, pool, item.image, item.boxes[:measured], batch, watch)
+        factor = count / len(pooled)
+        watch.seconds = {k: v * factor for k, v in watch.seconds.items()}
+        every = pooled.repeat(math.ceil(factor), 1)[:count]  # R rows for the dense parts
+        with watch.part("fc6/fc7"):
+            fc7 = torch.cat([rcnn.head.features(p) for p in every.split(TEST.batch_windows)])
+        inverse = torch.arange(count, device=rcnn.device)
+        hw = item.record.image_hw
+        counts = detect_from_features(rcnn, every, fc7, inverse, item.boxes, hw, watch)
+    counts.update(windows=count, measured=len(pooled))
+    return watch.seconds, counts
+
+
+def rcnn_models(spp: Models, pool, item: BenchImage, args) -> Models:
+    """R-CNN's head (fc6 of the classifier's input width), SVMs and regressors, calibrated on
+    one image's windows like the SPP ones."""
+    with torch.inference_mode():
+        sample = rcnn_windows_pooled(
+            spp, pool, item.image, item.boxes[: args.rcnn_batch], args.rcnn_batch,
+            Stopwatch(spp.device),
+        )  # fmt: skip
+    head = random_head(sample.shape[1], args.fc_dim, args.num_classes, spp.device)
+    with torch.inference_mode():
+        fc7 = head.features(sample)
+        svm_weight, svm_bias = calibrated_svms(fc7, args.num_classes, args.pass_fraction)
+        regressors = calibrated_regressors(sample, args.num_classes)
+    return Models(spp.backbone, spp.geometry, head, svm_weight, svm_bias, regressors, spp.device)
+
+
+# ---------------------------------------------------------------- report
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def main_table(rows: dict[str, dict]) -> str:
+    rcnn_total = rows["R-CNN"]["grouped"]["total"]
+    rcnn_conv = rows["R-CNN"]["grouped"]["conv"]
+    lines = []
+    for label, r in rows.items():
+        g, paper = r["grouped"], PAPER[label]
+        speedup = "-" if label == "R-CNN" else f"**{rcnn_total / g['total']:.1f}×**"
+        conv_speedup = "-" if label == "R-CNN" else f"{rcnn_conv / g['conv']:.0f}×"
+        paper_conv_speedup = (
+            "-" if label == "R-CNN" else f"{PAPER['R-CNN']['conv'] / paper['conv']:.0f}×"
+        )
+        lines.append([
+            label, seconds(g["conv"]), seconds(g["fc"]), seconds(g["other"]),
+            seconds(g["total"]), speedup, conv_speedup, paper["conv"],
+            paper["fc"] if paper["fc"] is not None else "-", paper["total"],
+            f"{paper['speedup']}×" if "speedup" in paper else "-", paper_conv_speedup,
+        ])  # fmt: skip
+    return markdown_table(
+        ["method", "conv s", "fc s", "other s", "total s", "speed-up (total)",
+         "speed-up (conv)", "paper conv s (GPU)", "paper fc s", "paper total s",
+         "paper speed-up", "paper conv speed-up"],
+        lines,
+    )  # fmt: skip
+
+
+def parts_table(rows: dict[str, dict]) -> str:
+    names = list(dict.fromkeys(name for r in rows.values() for name in r["parts"]))
+    lines = []
+    for name in names:
+        note = " (extrapolated)" if name in EXTRAPOLATED else ""
+        cells = [seconds(r["parts"][name]) if name in r["parts"] else "" for r in rows.values()]
+        lines.append([name + note, *cells])
+    return markdown_table(["part, s per image", *rows], lines)
+
+
+def flop_table(rows: dict[str, dict]) -> str:
+    lines = []
+    for label, r in rows.items():
+        g = r["grouped"]
+        lines.append([
+            label, f"{r['conv_gflop']:.0f}", f"{r['conv_gflop'] / g['conv']:.0f}",
+            f"{r['fc_gflop']:.0f}", f"{r['fc_gflop'] / r['parts']['fc6/fc7']:.0f}",
+            f"{(r['conv_gflop'] + r['fc_gflop']) / g['total']:.0f}",
+        ])  # fmt: skip
+    return markdown_table(
+        ["method", "conv GFLOP", "conv GFLOP/s", "fc6/fc7 GFLOP", "fc6/fc7 GFLOP/s",
+         "GFLOP/s overall"],
+        lines,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = base_parser(__doc__, images=3)
+    parser.add_argument("--rcnn-windows", type=int, default=128, help="R-CNN windows measured")
+    parser.add_argument("--rcnn-batch", type=int, default=32, help="warped windows per batch")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    device = setup(args)
+    images = load_images(args)
+    spp = build_models(args, device)
+    calibrate(spp, images[0], PAPER_SCALES, args.pass_fraction)
+    pool = classifier_pool(spp)
+    check_pyramid(spp, pool)
+    rcnn = rcnn_models(spp, pool, images[0], args)
+
+    print(f"## SPP vs R-CNN on the same {args.backbone} trunk (weights {args.weights})\n")
+    print(machine_header(device))
+    print(describe_images(images, args.warmup))
+    print(
+        f"- R-CNN: {RCNN_INPUT}×{RCNN_INPUT} warps in batches of {args.rcnn_batch}; crop/warp, "
+        f"normalise, conv and pool measured on {args.rcnn_windows} windows per image and "
+        f"**extrapolated linearly to {args.proposals}**; fc6 input {rcnn.feature_dim} (SPP: "
+        f"{spp.feature_dim}), fc width {args.fc_dim}, K = {args.num_classes}\n"
+    )
+    rows: dict[str, dict] = {}
+    samples = timed_runs(
+        images, args.warmup,
+        lambda item: rcnn_test_image(rcnn, pool, item, args.rcnn_windows, args.rcnn_batch),
+    )  # fmt: skip
+    rows["R-CNN"] = summarise([s[0] for s in samples], [s[1] for s in samples])
+    rows["R-CNN"]["conv_gflop"] = args.proposals * conv_gflop(
+        spp.backbone.features, (RCNN_INPUT, RCNN_INPUT)
+    )
+    rows["R-CNN"]["fc_gflop"] = fc_gflop(args.proposals, rcnn.feature_dim, args.fc_dim)
+    for label, scales in (("SPP 1 scale", ONE_SCALE), ("SPP 5 scales", PAPER_SCALES)):
+        samples = timed_runs(images, args.warmup, partial(spp_test_image, spp, scales=scales))
+        rows[label] = summarise([s[0] for s in samples], [s[1] for s in samples])
+        timed = images[args.warmup :]
+        rows[label]["conv_gflop"] = float(
+            np.median([spp_conv_gflop(spp.backbone, b.record.image_hw, scales) for b in timed])
+        )
+        distinct = rows[label]["counts"]["distinct"]
+        rows[label]["fc_gflop"] = fc_gflop(int(distinct), spp.feature_dim, args.fc_dim)
+        print(f"- {label}: {scales_label(scales)}, median {distinct:.0f} distinct windows")
+    print()
+    print(main_table(rows))
+    print()
+    print(parts_table(rows))
+    print()
+    print(flop_table(rows))
+
+
+def summarise(parts: list[dict[str, float]], counts: list[dict[str, int]]) -> dict:
+    return {
+        "parts": medians(parts),
+        "grouped": medians([group_rcnn(p) for p in parts]),
+        "counts": medians(counts),
+    }
+
+
+def group_rcnn(parts: dict[str, float]) -> dict[str, float]:
+    """Table columns of one image: R-CNN's crop/warp/normalise/trunk are conv and its pooling is
+    fc (as SPP's); other keys as :func:`group_parts`."""
+    if "conv (trunk)" not in parts:
+        return group_parts(parts)
+    conv = sum(parts.get(k, 0.0) for k in ("crop + warp", "normalise", "conv (trunk)"))
+    fc = sum(parts.get(k, 0.0) for k in ("pool", "fc6/fc7", "SVM scores"))
+    total = sum(parts.values())
+    return {"conv": conv, "fc": fc, "other": total - conv - fc, "total": total}
+
+
+if __name__ == "__main__":
+    main()
