@@ -74,6 +74,19 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: unreadable ({exc}); delete it and rerun the stage") from None
 
 
+def stored_fingerprint(path: str | Path) -> str | None:
+    """The ``fingerprint`` key of a per-item ``.npz``; None when absent, missing or damaged.
+
+    Per-item files carry the fingerprint of the config that made them, so a resumed stage
+    recomputes the items made with another config instead of mixing them in.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["fingerprint"]) if "fingerprint" in data.files else None
+    except Exception:  # missing or damaged: the item is simply computed again
+        return None
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

@@ -158,15 +158,6 @@ def cache_arrays(
     return arrays
 
 
-def cache_fingerprint(path: Path) -> str | None:
-    """The fingerprint stored in a cache file, or None when unreadable or absent."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return str(data["fingerprint"]) if "fingerprint" in data.files else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
-        return None
-
-
 class FeatureSource:
     """Conv5 maps and pooled windows of the images of one split.
 

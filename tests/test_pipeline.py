@@ -171,3 +171,14 @@ def test_raccoon_end_to_end(raccoon_root, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run/eval/test.json").read_text())
     assert report["mAP"] >= RACCOON_MAP_FLOOR, report
+
+
+def test_changed_test_setting_recomputes_every_image(toy_run, tmp_path):
+    """Per-image detections made with another test config are recomputed, not mixed in."""
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_run, copy)
+    result = invoke("test", "--run-dir", copy, "--set", "test.bbox_reg=false")
+    assert result.exit_code == 0, result.output
+    assert "test: 6 items" in result.output
+    again = invoke("test", "--run-dir", copy, "--set", "test.bbox_reg=false")
+    assert "test: 0 items" in again.output

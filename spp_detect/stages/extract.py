@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_npz, write_manifest
+from spp_detect.artifacts import clear_manifest, save_npz, stored_fingerprint, write_manifest
 from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
 from spp_detect.config import Config
 from spp_detect.features import (
     cache_arrays,
-    cache_fingerprint,
     check_extract_settings,
     check_scales_fit,
     compute_maps,
@@ -72,7 +71,7 @@ def run_extract(ctx: StageContext, split: str) -> str:
     todo = [
         (record, path)
         for record, path in zip(records, paths, strict=True)
-        if ctx.force or cache_fingerprint(path) != file_fingerprint
+        if ctx.force or stored_fingerprint(path) != file_fingerprint
     ]
     extractor = _Extractor(backbone, device, settings.scales, settings.max_long_side, flip)
     started = time.perf_counter()

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import threading
 import time
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -31,7 +30,14 @@ import numpy as np
 from tqdm import tqdm
 
 from spp_detect import proposals
-from spp_detect.artifacts import clear_manifest, load_npz, save_json, save_npz, write_manifest
+from spp_detect.artifacts import (
+    clear_manifest,
+    load_npz,
+    save_json,
+    save_npz,
+    stored_fingerprint,
+    write_manifest,
+)
 from spp_detect.config import Config, ProposeConfig
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
@@ -79,15 +85,6 @@ def save_proposals(
     )
 
 
-def _is_done(path: Path, propose_fingerprint: str) -> bool:
-    """True when ``path`` holds proposals made with the same propose config."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return "fingerprint" in data.files and str(data["fingerprint"]) == propose_fingerprint
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False  # missing or damaged: compute again
-
-
 def run_propose(ctx: Any, split: str, report_only: bool = False) -> str:
     """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
     config, run_dir = ctx.config, ctx.run_dir
@@ -105,7 +102,8 @@ def run_propose(ctx: Any, split: str, report_only: bool = False) -> str:
     todo = [
         r
         for r in records
-        if ctx.force or not _is_done(run_dir.proposal_path(split, r.image_id), files_fingerprint)
+        if ctx.force
+        or stored_fingerprint(run_dir.proposal_path(split, r.image_id)) != files_fingerprint
     ]
     if len(todo) < len(records):
         summary.notes.append(f"{len(records) - len(todo)} already done")

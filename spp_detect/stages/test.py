@@ -14,7 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, load_npz, save_npz, write_manifest
+from spp_detect.artifacts import (
+    clear_manifest,
+    load_npz,
+    save_npz,
+    stored_fingerprint,
+    write_manifest,
+)
 from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.cli import StageContext
 from spp_detect.config import Config
@@ -123,20 +129,22 @@ def run_test(ctx: StageContext, split: str) -> str:
     detector = load_detector(config, run_dir, ctx.device)
     parts_dir = stage_dir(run_dir, "test", split)
     clear_manifest(parts_dir)
+    test_fingerprint = fingerprint(config, "test")
     # 2. per image
     for record in tqdm(records, desc=f"test {split}", unit="img"):
         path = parts_dir / f"{record.image_id}.npz"
-        if path.is_file() and not ctx.force:
+        if not ctx.force and stored_fingerprint(path) == test_fingerprint:
             continue
         proposals = load_proposals(run_dir, split, record.image_id)
         boxes, scores, labels = detector.detect(source, record, proposals)
-        save_npz(path, boxes=boxes.numpy(), scores=scores.numpy(), labels=labels.numpy())
+        found = {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy()}
+        save_npz(path, **found, fingerprint=np.str_(test_fingerprint))
         summary.items += 1
     # 3. merge
     detections = _merge(records, parts_dir)
     save_npz(run_dir.detections_path(split), **detections.to_arrays())
     write_manifest(
-        parts_dir, "test", split, len(records), fingerprint(config, "test"),
+        parts_dir, "test", split, len(records), test_fingerprint,
         extra={"classes": list(config.data.classes), "detections": len(detections)},
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")
