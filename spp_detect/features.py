@@ -24,7 +24,7 @@ from torch import Tensor
 from spp_detect.backbones import Backbone
 from spp_detect.errors import UserError
 from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
-from spp_detect.spp import pool_windows, pyramid_dim, select_scale
+from spp_detect.spp import pool_windows_unordered, pyramid_dim, select_scale
 from spp_detect.structures import ImageRecord
 
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
@@ -223,21 +223,35 @@ class FeatureSource:
         picks the best scale (``select_scale``). With ``flipped`` the boxes are in the
         coordinates of the mirrored image (``boxes.flip_boxes``).
         """
+        pooled, rows = self.pool_unordered(record, boxes, scale_index, flipped)
+        inverse = torch.empty_like(rows)
+        inverse[rows] = torch.arange(len(rows))
+        return pooled.index_select(0, inverse.to(pooled.device))
+
+    def pool_unordered(
+        self,
+        record: ImageRecord,
+        boxes: np.ndarray | Tensor,
+        scale_index: Tensor | np.ndarray | None = None,
+        flipped: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`pool`, but rows in pooling order: pooled (R, D) and rows (R,), row i being
+        window ``rows[i]`` (the test path needs no input order, so it skips one gather)."""
         boxes = torch.as_tensor(boxes if isinstance(boxes, Tensor) else np.asarray(boxes))
-        image_hw = record.image_hw
         scales = self.image_scales(record)
         if scale_index is None:
-            index = select_scale(boxes, image_hw, scales, self.geometry.target_size)
+            index = select_scale(boxes, record.image_hw, scales, self.geometry.target_size)
         else:
             index = torch.as_tensor(scale_index).to(device="cpu", dtype=torch.long).reshape(-1)
         if len(index) and not (int(index.min()) >= 0 and int(index.max()) < len(scales)):
             raise ValueError(f"scale_index must lie in [0, {len(scales)})")
         maps = self._maps(record, flipped, sorted(set(index.tolist())) or [0])
         g = self.geometry
-        return pool_windows(
-            maps, boxes, image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
+        pooled, rows = pool_windows_unordered(
+            maps, boxes, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
             out_dtype=torch.float32,
         )  # fmt: skip
+        return pooled, rows
 
     def _maps(
         self, record: ImageRecord, flipped: bool, needed: Sequence[int]

@@ -463,6 +463,26 @@ def pool_windows(
     window's scale. A map no window uses may be None. One vectorised pooling call per used scale.
     ``out_dtype`` as in :func:`spatial_pyramid_pool`.
     """
+    pooled, rows = pool_windows_unordered(
+        fmaps, boxes, image_hw, scales, scale_index, stride, offset0, offset, levels, out_dtype
+    )
+    return pooled.index_select(0, _inverse(rows).to(pooled.device))
+
+
+def pool_windows_unordered(
+    fmaps: Sequence[Tensor | None],
+    boxes: BoxesLike,
+    image_hw: tuple[int, int],
+    scales: Sequence[int],
+    scale_index: Tensor,
+    stride: int,
+    offset0: float,
+    offset: float,
+    levels: Sequence[int],
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`pool_windows` without the final reorder: pooled (R, D) and rows (R,), row i being
+    window ``rows[i]``. Saves one gather of the whole output where the order does not matter."""
     index = torch.as_tensor(scale_index, dtype=torch.long, device="cpu").reshape(-1)
     used = sorted(set(index.tolist()))
     present = [m for m in fmaps if m is not None]
@@ -474,16 +494,14 @@ def pool_windows(
         if fmaps[k] is None:
             raise ValueError(f"windows use scale index {k} but its map is None")
     cells = window_cells(boxes, image_hw, scales, index, fmap_hws, stride, offset0, offset)
-    if len(used) <= 1:
-        return spatial_pyramid_pool(reference, cells, levels, out_dtype)
-    # windows grouped by scale into a buffer, then one row gather back to the input order
     dim = pyramid_dim(reference.shape[0], levels)
     buffer = reference.new_empty((len(index), dim), dtype=out_dtype)
     source_rows, start = [], 0
-    for k in used:
-        rows = (index == k).nonzero().squeeze(1)
+    for k in used or [None]:
+        rows = torch.arange(len(index)) if k is None else (index == k).nonzero().squeeze(1)
         block = buffer[start : start + len(rows)]
-        order = _pool_into(block, fmaps[k], cells[rows].to(buffer.device), levels)
+        fmap = reference if k is None else fmaps[k]
+        order = _pool_into(block, fmap, cells[rows].to(buffer.device), levels)
         source_rows.append(rows if order is None else rows[order.cpu()])
         start += len(rows)
-    return buffer.index_select(0, _inverse(torch.cat(source_rows)).to(buffer.device))
+    return buffer, torch.cat(source_rows)

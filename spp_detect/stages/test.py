@@ -88,7 +88,7 @@ class Detector:
     def window_features(
         self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pool5 (U, D) and fc7 (U, F) of the U distinct windows, and inverse (R,) into them.
+        """pool5 (U, D) and fc7 (U, F) of the U distinct windows, and each window's row (R,).
 
         Windows with the same conv5 cells at the same scale have the same features (SPEC §4
         dedup), so each distinct window is pooled and passed through fc6/fc7 once.
@@ -100,9 +100,11 @@ class Detector:
             g.stride, g.offset0, g.offset,
         )  # fmt: skip
         first, inverse = distinct_windows(keys)
-        pooled = source.pool(record, proposals[first.numpy()], scale_index[first])
+        pooled, rows = source.pool_unordered(record, proposals[first.numpy()], scale_index[first])
         fc7 = torch.cat([self.head.features(chunk) for chunk in pooled.split(self.batch)])
-        return pooled, fc7, inverse.to(pooled.device)
+        row_of = torch.empty_like(rows)
+        row_of[rows] = torch.arange(len(rows))  # distinct window -> its pooled row
+        return pooled, fc7, row_of[inverse].to(pooled.device)
 
 
 def load_detector(config: Config, run_dir: RunDir, device: str) -> Detector:
