@@ -1,0 +1,231 @@
+"""The fine-tuned fully connected head: fc6 → fc7 → (K+1)-way classifier (SPEC §6).
+
+Shapes: R windows, D pooled feature dim (C·Σn²), F fc width, K foreground classes, C channels.
+Class K of the classifier is background; only this head has it (ARCHITECTURE §2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from spp_detect.artifacts import load_torch
+from spp_detect.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CLS_WEIGHT_STD = 0.01  # new classifier weights ~ N(0, 0.01²) (SPEC §6, fc8_pascal filler)
+CLS_BIAS = 1.0  # fc8_pascal bias filler (SPEC §6); a constant shift, softmax-invariant
+FC_BIAS = 0.0  # fc6/fc7 bias at random init
+HEAD_KEYS = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "cls.weight", "cls.bias")
+
+
+class Head(nn.Module):
+    """fc6 (D → F) → ReLU → dropout → fc7 (F → F) → ReLU → dropout → cls (F → K+1).
+
+    While training from random weights the pooled features may be standardised before fc6
+    (``set_input_normalization``); ``head_state`` folds that into fc6, so a saved head takes raw
+    pooled features.
+    """
+
+    input_shift: Tensor | None
+    input_scale: Tensor | None
+
+    def __init__(self, in_dim: int, fc_dim: int, num_classes: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_dim, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.cls = nn.Linear(fc_dim, num_classes + 1)
+        self.dropout = dropout
+        # not in the state dict: head_state folds them into fc6
+        self.register_buffer("input_shift", None, persistent=False)
+        self.register_buffer("input_scale", None, persistent=False)
+
+    @property
+    def in_dim(self) -> int:
+        return self.fc6.in_features
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes K (the classifier has K + 1 outputs)."""
+        return self.cls.out_features - 1
+
+    def forward(self, pooled: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Logits (R, K+1) of pooled features (R, D); dropout in training mode only.
+
+        ``generator`` draws the dropout masks, so a resumed run can restore its state.
+        """
+        hidden = torch.relu(self.fc6(self._normalized(pooled)))
+        hidden = _dropout(hidden, self.dropout, self.training, generator)
+        hidden = _dropout(torch.relu(self.fc7(hidden)), self.dropout, self.training, generator)
+        return self.cls(hidden)
+
+    def features(self, pooled: Tensor) -> Tensor:
+        """fc7 after ReLU (R, F), without dropout whatever the mode (input of the SVMs)."""
+        return torch.relu(self.fc7(torch.relu(self.fc6(self._normalized(pooled)))))
+
+    def set_input_normalization(self, shift: Tensor, scale: Tensor) -> None:
+        """Feed fc6 with (pooled − shift) · scale, both (D,), from now on."""
+        device = self.fc6.weight.device
+        self.input_shift, self.input_scale = shift.float().to(device), scale.float().to(device)
+
+    def _normalized(self, pooled: Tensor) -> Tensor:
+        if self.input_scale is None or self.input_shift is None:
+            return pooled
+        return (pooled - self.input_shift) * self.input_scale
+
+
+def _dropout(x: Tensor, p: float, training: bool, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout with an explicit generator (``F.dropout`` takes none)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    return x * keep / (1.0 - p)
+
+
+STD_FLOOR = 0.1  # input std floor, as a fraction of the mean std: near-constant inputs
+# (dead ReLU units in the first block) are amplified at most 10× more than a typical input
+
+
+def input_normalization_for(pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-input shift (D,) and scale (D,) that standardise pooled features (N, D).
+
+    Used with random fc6/fc7 only: a random-weight trunk gives pooled inputs whose scales
+    differ by orders of magnitude (hundreds to thousands overall), and SGD on them unscaled
+    diverges or crawls; standardised, He-initialised fc layers start with unit-variance
+    activations. Pretrained fc6/fc7 expect their trunk's raw features and get none.
+    """
+    total = torch.zeros(pooled.shape[1], dtype=torch.float64, device=pooled.device)
+    total_sq = torch.zeros_like(total)
+    for chunk in pooled.split(4096):
+        chunk = chunk.double()
+        total += chunk.sum(dim=0)
+        total_sq += (chunk * chunk).sum(dim=0)
+    count = max(len(pooled), 1)
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp(min=0).sqrt()
+    floor = STD_FLOOR * float(std.mean()) if float(std.mean()) > 0 else 1.0
+    return mean.float(), (1.0 / std.clamp(min=floor)).float()
+
+
+def init_random(head: Head, generator: torch.Generator | None = None) -> None:
+    """Initialise a head without a pretrained classifier.
+
+    fc6/fc7: He-normal weights (std √(2/fan_in), suits ReLU layers on features of unknown
+    scale better than Caffe's fixed N(0, 0.005²)), zero bias. cls: N(0, 0.01²), bias 1 (SPEC §6).
+    """
+    with torch.no_grad():
+        for layer in (head.fc6, head.fc7):
+            layer.weight.normal_(0.0, math.sqrt(2.0 / layer.in_features), generator=generator)
+            layer.bias.fill_(FC_BIAS)
+    init_classifier(head, generator)
+
+
+def init_classifier(head: Head, generator: torch.Generator | None = None) -> None:
+    """The new (K+1)-way layer: weights N(0, 0.01²), bias 1 (SPEC §6 fc8_pascal)."""
+    with torch.no_grad():
+        head.cls.weight.normal_(0.0, CLS_WEIGHT_STD, generator=generator)
+        head.cls.bias.fill_(CLS_BIAS)
+
+
+def init_from_classifier(
+    head: Head, state: Mapping[str, Tensor], channels: int, levels: Sequence[int]
+) -> None:
+    """Start fc6/fc7 from a pretrained ImageNet classifier (ARCHITECTURE §2 backbones row).
+
+    ``state`` holds ``fc6.weight`` (F, C·n²), ``fc6.bias`` (F,), ``fc7.weight`` (F, F) and
+    ``fc7.bias`` (F,), n the classifier's pooled size (6 AlexNet, 7 VGG16). The pooled input is
+    the levels concatenated in order, each channel-major [C][n][n] like torchvision's flatten, so
+    the first level's columns take the classifier's fc6 as is; all other columns start at zero.
+    The classifier layer is left alone (``init_classifier`` starts it).
+    """
+    missing = [key for key in HEAD_KEYS[:4] if key not in state]
+    if missing:
+        raise ValueError(f"classifier state lacks {', '.join(missing)}")
+    fc6_weight = state["fc6.weight"]
+    fc_dim, classifier_in = fc6_weight.shape
+    pooled_size = math.isqrt(classifier_in // channels) if classifier_in % channels == 0 else 0
+    if pooled_size * pooled_size * channels != classifier_in:
+        raise UserError(
+            f"extract.weights: classifier fc6 takes {classifier_in} inputs, not C·n² for "
+            f"C = {channels}; use the weights that match extract.backbone"
+        )
+    if levels[0] != pooled_size:
+        raise UserError(
+            f"spp.levels: the first level must be {pooled_size} (the classifier's pooled size) "
+            f"to start fc6 from the pretrained classifier; got {tuple(levels)}"
+        )
+    if head.fc6.out_features != fc_dim:
+        raise UserError(
+            f"finetune.fc_dim: must be {fc_dim} (the pretrained classifier's width), "
+            f"got {head.fc6.out_features}; set finetune.fc_dim={fc_dim}"
+        )
+    with torch.no_grad():
+        head.fc6.weight.zero_()
+        head.fc6.weight[:, :classifier_in].copy_(fc6_weight)
+        head.fc6.bias.copy_(state["fc6.bias"])
+        head.fc7.weight.copy_(state["fc7.weight"])
+        head.fc7.bias.copy_(state["fc7.bias"])
+
+
+def head_state(head: Head) -> dict[str, Tensor]:
+    """Tensors only, on the CPU, any input normalisation folded into fc6, ready to use on raw
+    pooled features (ARCHITECTURE §7.8): W·((x − μ)·s) + b = (W·s)·x + (b − (W·s)·μ)."""
+    state = {key: value.detach().cpu().clone() for key, value in head.state_dict().items()}
+    if head.input_scale is not None and head.input_shift is not None:
+        weight = state["fc6.weight"].double() * head.input_scale.detach().cpu().double()
+        bias = state["fc6.bias"].double() - weight @ head.input_shift.detach().cpu().double()
+        state["fc6.weight"], state["fc6.bias"] = weight.float(), bias.float()
+    return state
+
+
+def head_from_state(state: Mapping[str, Tensor], dropout: float = 0.5) -> Head:
+    """A head whose sizes come from the state dict's shapes (D, F, K from fc6 and cls)."""
+    fc_dim, in_dim = state["fc6.weight"].shape
+    head = Head(int(in_dim), int(fc_dim), int(state["cls.weight"].shape[0]) - 1, dropout)
+    head.load_state_dict(dict(state))
+    return head
+
+
+def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
+    """The fine-tuned head saved at ``path``, in eval mode on ``device``."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or any(key not in state for key in HEAD_KEYS):
+        raise UserError(f"{path}: not a fine-tuned head; rerun `spp-detect finetune --force`")
+    try:
+        head = head_from_state(state)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"{path}: inconsistent head shapes ({exc}); rerun finetune --force"
+        ) from None
+    return head.to(device).eval()
+
+
+BIAS_LR_MULT = 2.0  # biases learn twice as fast as weights (SPEC §6, Caffe blobs_lr 1/2)
+LR_STEP_FACTOR = 0.1  # lr × 0.1 at each step ("vstep", SPEC §6)
+
+
+def make_optimizer(head: Head, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with SPEC §6's multipliers: lr ×1 weights, ×2 biases; no weight decay on the
+    classifier bias. Each group's ``lr_mult`` scales the rate ``set_learning_rate`` gives."""
+    groups = [
+        {"params": [head.fc6.weight, head.fc7.weight, head.cls.weight], "lr_mult": 1.0},
+        {"params": [head.fc6.bias, head.fc7.bias], "lr_mult": BIAS_LR_MULT},
+        {"params": [head.cls.bias], "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+
+
+def step_learning_rate(iteration: int, base_lr: float, lr_steps: Sequence[int]) -> float:
+    """The rate at (0-based) ``iteration``: ``base_lr`` × 0.1 per step boundary reached."""
+    return base_lr * LR_STEP_FACTOR ** sum(iteration >= step for step in lr_steps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
