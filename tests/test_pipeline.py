@@ -182,3 +182,50 @@ def test_changed_test_setting_recomputes_every_image(toy_run, tmp_path):
     assert "test: 6 items" in result.output
     again = invoke("test", "--run-dir", copy, "--set", "test.bbox_reg=false")
     assert "test: 0 items" in again.output
+
+
+def test_optimised_test_path_keeps_the_naive_map(toy_run):
+    """Dedup, pooling order and batching against every window pooled in input order."""
+    import torch
+
+    from spp_detect.config import load_config
+    from spp_detect.run_dir import RunDir
+    from spp_detect.stages.common import load_proposals, open_feature_source, split_records
+    from spp_detect.stages.test import Detector, load_detector
+    from spp_detect.structures import Detections
+    from spp_detect.voc_eval import evaluate_detections
+
+    class NaiveDetector(Detector):
+        def window_features(self, source, record, proposals):
+            pooled = source.pool(record, proposals)
+            return pooled, self.head.features(pooled), torch.arange(len(proposals))
+
+    config = load_config(toy_run / "config.yaml")
+    run_dir, split = RunDir(toy_run), config.data.test_split
+    fast = load_detector(config, run_dir, "cpu")
+    naive = NaiveDetector(config, fast.head, _svms_of(fast), fast.regressors, "cpu")
+    source = open_feature_source(config, run_dir, split, "cpu")
+    records = split_records(config, split)
+    parts = []
+    for index, record in enumerate(records):
+        boxes, scores, labels = naive.detect(
+            source, record, load_proposals(run_dir, split, record.image_id)
+        )
+        parts.append((np.full(len(scores), index), boxes.numpy(), scores.numpy(), labels.numpy()))
+    reference = Detections(
+        image_ids=[r.image_id for r in records],
+        image_index=np.concatenate([p[0] for p in parts]),
+        boxes=np.concatenate([p[1] for p in parts]).reshape(-1, 4),
+        scores=np.concatenate([p[2] for p in parts]),
+        labels=np.concatenate([p[3] for p in parts]),
+    )
+    naive_map = evaluate_detections(reference, records, config.data.classes, 0.5, True)["mAP"]
+    fast_map = json.loads((toy_run / "eval/test.json").read_text())["mAP"]
+    assert abs(naive_map - fast_map) <= 0.005
+
+
+def _svms_of(detector):
+    from spp_detect.svm import SvmModel
+
+    weight = detector.svm_weight.T.contiguous().numpy()
+    return SvmModel(weight, detector.svm_bias.numpy())
