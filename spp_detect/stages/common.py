@@ -169,6 +169,13 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
     )
 
 
+def open_split(config: Config, run_dir: RunDir, split: str, limit: int | None, device: str):
+    """The split's records and conv5 maps, after checking that its proposals are complete."""
+    records = split_records(config, split, limit)
+    require_upstream(config, run_dir, "propose", split)
+    return records, open_feature_source(config, run_dir, split, device)
+
+
 def live_feature_source(config: Config, device: str):
     """A ``features.FeatureSource`` that runs the backbone on each image (no cache needed)."""
     from spp_detect.backbones import build_backbone

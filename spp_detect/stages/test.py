@@ -35,9 +35,8 @@ from spp_detect.stages.common import (
     fingerprint,
     load_proposals,
     load_trained_head,
-    open_feature_source,
+    open_split,
     require_upstream,
-    split_records,
     stage_dir,
 )
 from spp_detect.structures import Detections, ImageRecord
@@ -125,9 +124,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("test")
     # 1. upstream
-    records = split_records(config, split, ctx.limit)
-    require_upstream(config, run_dir, "propose", split)
-    source = open_feature_source(config, run_dir, split, ctx.device)
+    records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     detector = load_detector(config, run_dir, ctx.device)
     parts_dir = stage_dir(run_dir, "test", split)
     clear_manifest(parts_dir)

@@ -27,9 +27,7 @@ from spp_detect.stages.common import (
     Summary,
     fingerprint,
     load_proposals,
-    open_feature_source,
-    require_upstream,
-    split_records,
+    open_split,
     windows_of,
 )
 from spp_detect.structures import ImageRecord
@@ -42,9 +40,7 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("train-bbox")
     # 1. upstream
-    records = split_records(config, split, ctx.limit)
-    require_upstream(config, run_dir, "propose", split)
-    source = open_feature_source(config, run_dir, split, ctx.device)
+    records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     clear_manifest(run_dir.bbox_dir)
     windows = [windows_of(r, load_proposals(run_dir, split, r.image_id))[0] for r in records]
     # 2. feature scale

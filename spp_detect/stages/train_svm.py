@@ -29,9 +29,7 @@ from spp_detect.stages.common import (
     fingerprint,
     load_proposals,
     load_trained_head,
-    open_feature_source,
-    require_upstream,
-    split_records,
+    open_split,
     windows_of,
 )
 from spp_detect.structures import ImageRecord
@@ -63,9 +61,7 @@ def run_train_svm(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("train-svm")
     # 1. upstream
-    records = split_records(config, split, ctx.limit)
-    require_upstream(config, run_dir, "propose", split)
-    source = open_feature_source(config, run_dir, split, ctx.device)
+    records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     windows = WindowFeatures(ctx, split, source, load_trained_head(config, run_dir, ctx.device))
     clear_manifest(run_dir.svm_dir)
     # 2. feature scale
