@@ -61,6 +61,21 @@ def _setup_logging(verbose: bool) -> None:
     root.propagate = False
 
 
+def require_torchvision() -> None:
+    """Stop with one line when torchvision's compiled ops do not match the installed torch."""
+    try:
+        import torch
+        import torchvision.ops
+
+        torchvision.ops.nms(torch.zeros((0, 4)), torch.zeros(0), 0.5)
+    except (ImportError, RuntimeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"torchvision does not work with the installed torch ({reason}); install a matching "
+            "pair: pip install --upgrade torch torchvision (do not pin torch alone)"
+        ) from None
+
+
 def default_device() -> str:
     import torch
 
@@ -114,6 +129,7 @@ def stage_options(
     @functools.wraps(func)
     def wrapper(config_path, run_dir, overrides, device, workers, limit, force, verbose, **kw):
         _setup_logging(verbose)
+        require_torchvision()
         saved = Path(run_dir or "", "config.yaml")
         if config_path is None:
             config_path = saved if run_dir and saved.is_file() else default_config

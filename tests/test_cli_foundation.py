@@ -206,3 +206,16 @@ def test_missing_upstream_names_the_stage_to_run(stage_env):
     _, run_dir, base, _ = stage_env
     result = CliRunner().invoke(local, [*base, "--upstream", "extract"])
     assert_one_line_error(result, str(run_dir / "features" / "trainval"), "spp-detect extract")
+
+
+def test_mismatched_torchvision_gives_one_line(monkeypatch, tmp_path):
+    import torchvision.ops
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(torchvision.ops, "nms", broken)
+    result = CliRunner().invoke(cli, ["run", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "install a matching pair" in result.output
+    assert "Traceback" not in result.output
