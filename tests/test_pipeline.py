@@ -157,6 +157,7 @@ RACCOON_SETTINGS = [
     "propose.max_side=400",
     "extract.scales=[400]",
     "finetune.fc_dim=512",
+    "finetune.lr=0.01",
     "finetune.iterations=300",
     "finetune.lr_steps=[200]",
 ]
