@@ -24,7 +24,12 @@ from torch import Tensor
 from spp_detect.backbones import Backbone
 from spp_detect.errors import UserError
 from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
-from spp_detect.spp import pool_windows_unordered, pyramid_dim, select_scale
+from spp_detect.spp import (
+    inverse_permutation,
+    pool_windows_unordered,
+    pyramid_dim,
+    select_scale,
+)
 from spp_detect.structures import ImageRecord
 
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
@@ -224,9 +229,7 @@ class FeatureSource:
         coordinates of the mirrored image (``boxes.flip_boxes``).
         """
         pooled, rows = self.pool_unordered(record, boxes, scale_index, flipped)
-        inverse = torch.empty_like(rows)
-        inverse[rows] = torch.arange(len(rows))
-        return pooled.index_select(0, inverse.to(pooled.device))
+        return pooled.index_select(0, inverse_permutation(rows).to(pooled.device))
 
     def pool_unordered(
         self,

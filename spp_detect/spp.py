@@ -405,10 +405,11 @@ def spatial_pyramid_pool(
     cells = torch.as_tensor(cells, dtype=torch.long).to(fmap.device).reshape(-1, 4)
     out = fmap.new_empty((len(cells), pyramid_dim(fmap.shape[0], levels)), dtype=out_dtype)
     order = _pool_into(out, fmap, cells, levels)
-    return out if order is None else out.index_select(0, _inverse(order))
+    return out if order is None else out.index_select(0, inverse_permutation(order))
 
 
-def _inverse(order: Tensor) -> Tensor:
+def inverse_permutation(order: Tensor) -> Tensor:
+    """``inverse`` (R,) with ``inverse[order[i]] = i``: where each item of a permutation went."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     return inverse
@@ -466,7 +467,7 @@ def pool_windows(
     pooled, rows = pool_windows_unordered(
         fmaps, boxes, image_hw, scales, scale_index, stride, offset0, offset, levels, out_dtype
     )
-    return pooled.index_select(0, _inverse(rows).to(pooled.device))
+    return pooled.index_select(0, inverse_permutation(rows).to(pooled.device))
 
 
 def pool_windows_unordered(

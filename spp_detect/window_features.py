@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from spp_detect.spp import inverse_permutation
+
 
 def sample_for_norm(
     window_counts: Sequence[int], max_images: int, max_windows: int, seed: int
@@ -60,6 +62,4 @@ def distinct_windows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
     first.scatter_reduce_(0, inverse, position, reduce="amin")
     order = torch.argsort(first)  # distinct windows in the order they first appear
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(count, device=order.device)
-    return first[order], rank[inverse]
+    return first[order], inverse_permutation(order)[inverse]

@@ -28,7 +28,7 @@ from spp_detect.features import FeatureSource
 from spp_detect.head import Head
 from spp_detect.inference import detect_image
 from spp_detect.run_dir import RunDir
-from spp_detect.spp import dedup_keys
+from spp_detect.spp import dedup_keys, inverse_permutation
 from spp_detect.stages.common import (
     Summary,
     check_classes,
@@ -56,7 +56,6 @@ class Detector:
         device: str,
     ):
         self.test = config.test
-        self.batch = config.test.batch_windows
         self.head = head
         self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
         self.svm_bias = torch.as_tensor(svms.bias, device=device)
@@ -100,9 +99,9 @@ class Detector:
         )  # fmt: skip
         first, inverse = distinct_windows(keys)
         pooled, rows = source.pool_unordered(record, proposals[first.numpy()], scale_index[first])
-        fc7 = torch.cat([self.head.features(chunk) for chunk in pooled.split(self.batch)])
-        row_of = torch.empty_like(rows)
-        row_of[rows] = torch.arange(len(rows))  # distinct window -> its pooled row
+        chunks = pooled.split(self.test.batch_windows)
+        fc7 = torch.cat([self.head.features(chunk) for chunk in chunks])
+        row_of = inverse_permutation(rows)  # distinct window -> its pooled row
         return pooled, fc7, row_of[inverse].to(pooled.device)
 
 
