@@ -34,7 +34,7 @@ from spp_detect.stages.common import (
 )
 from spp_detect.structures import ImageRecord
 from spp_detect.svm import SvmParams, mine_and_train
-from spp_detect.window_features import feature_scale, sample_for_norm
+from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +136,12 @@ def _negatives(
             boxes, record.image_hw, windows.source.image_scales(record), scale_index,
             geometry.stride, geometry.offset0, offset,
         )  # fmt: skip
-        first = _first_occurrences(keys.numpy())
+        first = distinct_windows(keys)[0].numpy()  # first of each conv5 window (SPEC §4)
         is_negative = _class_overlaps(record, boxes[first], num_classes) < neg_iou  # (U, K)
         useful = is_negative.any(axis=1)
         candidates, is_negative = first[useful], is_negative[useful]
         fc7 = windows.fc7(record, boxes[candidates], scale_index[candidates])
         yield [(fc7[mask], candidates[mask]) for mask in is_negative.T]
-
-
-def _first_occurrences(keys: np.ndarray) -> np.ndarray:
-    """Sorted indices of the first row of each distinct key row (MATLAB `unique`, SPEC §4)."""
-    _, first = np.unique(keys, axis=0, return_index=True)
-    return np.sort(first)
 
 
 def _class_overlaps(record: ImageRecord, boxes: np.ndarray, num_classes: int) -> np.ndarray:
