@@ -309,13 +309,15 @@ def pool_block(
     groups = group_by_entry(block.window_index, pool)
     for entry, positions in tqdm(groups, desc="pool windows", unit="img", leave=False):
         record = records[pool.entry_image[entry]]
-        pooled = source.pool(
+        # rows land at their block positions below, so the pooling order needs no reorder
+        pooled, rows = source.pool_unordered(
             record, pool.boxes[flat_windows[positions]], flat_scales[positions],
             flipped=bool(pool.entry_flipped[entry]),
         )  # fmt: skip
         if features is None:
             features = pooled.new_empty((len(flat_windows), pooled.shape[1]), dtype=torch.float16)
-        features[torch.as_tensor(positions, device=pooled.device)] = pooled.to(torch.float16)
+        targets = torch.as_tensor(positions)[rows]
+        features[targets.to(pooled.device)] = pooled.to(torch.float16)
     assert features is not None
     return features
 
