@@ -16,13 +16,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource
 from spp_detect.head import Head
+from spp_detect.sampling import class_overlaps
 from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
     Summary,
@@ -137,21 +137,12 @@ def _negatives(
             geometry.stride, geometry.offset0, offset,
         )  # fmt: skip
         first = distinct_windows(keys)[0].numpy()  # first of each conv5 window (SPEC §4)
-        is_negative = _class_overlaps(record, boxes[first], num_classes) < neg_iou  # (U, K)
+        overlaps = class_overlaps(boxes[first], record.gt_boxes, record.gt_labels, num_classes)
+        is_negative = overlaps < neg_iou  # (U, K)
         useful = is_negative.any(axis=1)
         candidates, is_negative = first[useful], is_negative[useful]
         fc7 = windows.fc7(record, boxes[candidates], scale_index[candidates])
         yield [(fc7[mask], candidates[mask]) for mask in is_negative.T]
-
-
-def _class_overlaps(record: ImageRecord, boxes: np.ndarray, num_classes: int) -> np.ndarray:
-    """(R, K): each window's max IoU with the gt of each class, 0 where a class has no gt."""
-    overlaps = np.zeros((len(boxes), num_classes), np.float32)
-    if len(record.gt_boxes):
-        iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(record.gt_boxes)).numpy()
-        for label in np.unique(record.gt_labels):
-            overlaps[:, label] = iou[:, record.gt_labels == label].max(axis=1)
-    return overlaps
 
 
 def _report(per_class: list[dict], classes: tuple[str, ...], scale: float) -> dict:
