@@ -48,6 +48,20 @@ def clip_boxes(boxes: Array, image_hw: tuple[int, int]) -> Array:
     return _like(torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1), boxes)
 
 
+def paired_iou(first: Array, second: Array) -> Array:
+    """IoU (R,) of each box first[r] with second[r], both (R, 4).
+
+    ``torchvision.ops.box_iou`` gives all R × R pairs; this is its diagonal in O(R) memory.
+    """
+    a, b = _to_tensor(first), _to_tensor(second)
+    width = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    height = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = width * height
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return _like(inter / (area_a + area_b - inter), first)
+
+
 def xywh_to_xyxy(boxes: Array) -> Array:
     """OpenCV-style (x, y, w, h) rows → (x, y, x + w, y + h) (ARCHITECTURE.md §2 edge)."""
     tensor = _to_tensor(boxes)

@@ -91,3 +91,20 @@ def test_empty_inputs():
     assert decode_deltas(empty, empty).shape == (0, 4)
     assert clip_boxes(empty, (10, 10)).shape == (0, 4)
     assert flip_boxes(empty, 10).shape == (0, 4)
+
+
+def test_paired_iou_is_the_diagonal_of_box_iou():
+    from torchvision.ops import box_iou
+
+    from spp_detect.boxes import paired_iou
+
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand((200, 2), generator=generator) * 100
+    size = torch.rand((200, 2), generator=generator) * 50 + 1
+    first = torch.cat([corner, corner + size], dim=1)
+    second = first + torch.randn((200, 4), generator=generator) * 10
+    second[:, 2:] = torch.maximum(second[:, 2:], second[:, :2] + 1)
+    torch.testing.assert_close(paired_iou(first, second), box_iou(first, second).diagonal())
+    assert paired_iou(first.numpy(), first.numpy()) == pytest.approx(np.ones(200))
+    disjoint = torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([[2.0, 2, 3, 3]])
+    assert float(paired_iou(*disjoint)[0]) == 0.0

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.bbox_reg import BoxRegressors, fit_box_regressors
-from spp_detect.boxes import decode_deltas
+from spp_detect.boxes import decode_deltas, paired_iou
 from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource
 from spp_detect.stages.common import (
@@ -129,8 +129,8 @@ def _iou_before_after(
     deltas = regressors.predict(torch.from_numpy(features).float(), labels)
     regressed = decode_deltas(torch.from_numpy(boxes), deltas)
     gt = torch.from_numpy(gt_boxes)
-    before = box_iou(torch.from_numpy(boxes), gt).diagonal().mean()
-    after = box_iou(regressed, gt).diagonal().mean()
+    before = paired_iou(torch.from_numpy(boxes), gt).mean()
+    after = paired_iou(regressed, gt).mean()
     return {"mean_iou_before": round(float(before), 4), "mean_iou_after": round(float(after), 4)}
 
 
