@@ -62,12 +62,6 @@ def paired_iou(first: Array, second: Array) -> Array:
     return _like(inter / (area_a + area_b - inter), first)
 
 
-def xywh_to_xyxy(boxes: Array) -> Array:
-    """OpenCV-style (x, y, w, h) rows → (x, y, x + w, y + h) (ARCHITECTURE.md §2 edge)."""
-    tensor = _to_tensor(boxes)
-    return _like(torch.cat([tensor[:, :2], tensor[:, :2] + tensor[:, 2:]], dim=1), boxes)
-
-
 def flip_boxes(boxes: Array, width: int) -> Array:
     """Mirror (R, 4) boxes of an image ``width`` pixels wide: x1' = W − x2, x2' = W − x1.
 

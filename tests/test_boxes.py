@@ -10,7 +10,6 @@ from spp_detect.boxes import (
     decode_deltas,
     encode_deltas,
     flip_boxes,
-    xywh_to_xyxy,
 )
 
 
@@ -79,10 +78,6 @@ def test_clip():
     clipped = clip_boxes(boxes, (25, 100))
     torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 100.0, 25.0], [10, 10, 20, 20]]))
     assert clip_boxes(boxes.numpy(), (25, 100)).shape == (2, 4)
-
-
-def test_xywh_to_xyxy():
-    np.testing.assert_array_equal(xywh_to_xyxy(np.array([[2, 3, 10, 20]])), [[2, 3, 12, 23]])
 
 
 def test_empty_inputs():
