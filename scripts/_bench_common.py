@@ -37,7 +37,7 @@ from spp_detect.head import Head, init_random
 from spp_detect.image import image_to_tensor, resize_short_side
 from spp_detect.inference import finalize_detections, select_detections
 from spp_detect.proposals import propose_image
-from spp_detect.spp import dedup_keys, pool_windows, select_scale
+from spp_detect.spp import dedup_keys, inverse_permutation, pool_windows_unordered, select_scale
 from spp_detect.structures import ImageRecord
 from spp_detect.voc import read_split
 from spp_detect.window_features import distinct_windows
@@ -244,6 +244,7 @@ class Models:
     svm_bias: Tensor  # (K,)
     regressors: BoxRegressors
     device: torch.device
+    workspace: Tensor = field(default_factory=lambda: torch.empty(0))  # pooled rows, reused
 
     @property
     def feature_dim(self) -> int:
@@ -336,7 +337,8 @@ def spp_features(
     """``Detector.window_features``: pool5 (U, D), fc7 (U, F), inverse (R,) into the U rows.
 
     Parts: "projection + dedup" (scale choice, conv5 window keys, distinct windows),
-    "pooling" (``pool_windows`` of the distinct windows), "fc6/fc7".
+    "pooling" (``pool_windows_unordered`` of the distinct windows into a workspace kept across
+    images), "fc6/fc7".
     """
     g = models.geometry
     with watch.part("projection + dedup"):
@@ -344,12 +346,16 @@ def spp_features(
         keys = dedup_keys(boxes, image_hw, scales, scale_index, g.stride, g.offset0, g.offset)
         first, inverse = distinct_windows(keys)
     with watch.part("pooling"):
-        pooled = pool_windows(
+        dim = models.feature_dim
+        if len(models.workspace) < len(first):
+            models.workspace = torch.empty((len(first), dim), device=models.device)
+        pooled, rows = pool_windows_unordered(
             maps, boxes[first.numpy()], image_hw, scales, scale_index[first], g.stride,
-            g.offset0, g.offset, g.levels, out_dtype=torch.float32,
+            g.offset0, g.offset, g.levels, out=models.workspace,
         )  # fmt: skip
     with watch.part("fc6/fc7"):
         fc7 = torch.cat([models.head.features(part) for part in pooled.split(TEST.batch_windows)])
+    inverse = inverse_permutation(rows)[inverse]
     return pooled, fc7, inverse.to(pooled.device)
 
 

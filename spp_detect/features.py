@@ -237,9 +237,12 @@ class FeatureSource:
         boxes: np.ndarray | Tensor,
         scale_index: Tensor | np.ndarray | None = None,
         flipped: bool = False,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """As :meth:`pool`, but rows in pooling order: pooled (R, D) and rows (R,), row i being
-        window ``rows[i]`` (the test path needs no input order, so it skips one gather)."""
+        window ``rows[i]`` (the test path needs no input order, so it skips one gather).
+        ``out``: a float32 buffer (≥ R, D) on the device to pool into, as in
+        ``spp.pool_windows_unordered``."""
         boxes = torch.as_tensor(boxes if isinstance(boxes, Tensor) else np.asarray(boxes))
         scales = self.image_scales(record)
         if scale_index is None:
@@ -252,7 +255,7 @@ class FeatureSource:
         g = self.geometry
         pooled, rows = pool_windows_unordered(
             maps, boxes, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
-            out_dtype=torch.float32,
+            out_dtype=torch.float32, out=out,
         )  # fmt: skip
         return pooled, rows
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from spp_detect import spp
 from spp_detect.spp import (
     SpatialPyramidPool,
     dedup_keys,
     pool_windows,
+    pool_windows_unordered,
     project_boxes,
     pyramid_dim,
     select_scale,
@@ -257,19 +259,52 @@ def test_scale_selection_matches_reference_on_random_boxes():
     assert select_scale(boxes, image_hw, scales).tolist() == expected
 
 
+def random_cells(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
+    """(count, 4) windows of any size on a height × width map; the first three are the whole
+    map, one cell and the bottom-right corner."""
+    left = rng.integers(0, width, count)
+    top = rng.integers(0, height, count)
+    right = np.minimum(left + rng.integers(0, width, count), width - 1)
+    bottom = np.minimum(top + rng.integers(0, height, count), height - 1)
+    cells = np.stack([left, top, right, bottom], axis=1)
+    cells[:3] = [[0, 0, width - 1, height - 1], [5, 5, 5, 5], [width - 1, height - 1] * 2]
+    return cells
+
+
 @pytest.mark.parametrize("levels", [LEVELS, (4, 3, 2), (7, 5, 1), (1,)])
 def test_pooling_matches_reference_on_random_windows(levels):
     rng = np.random.default_rng(sum(levels))
     fmap = relu_map(rng, 16, 23, 37)
-    left = rng.integers(0, 37, 300)
-    top = rng.integers(0, 23, 300)
-    right = np.minimum(left + rng.integers(0, 37, 300), 36)
-    bottom = np.minimum(top + rng.integers(0, 23, 300), 22)
-    cells = np.stack([left, top, right, bottom], axis=1)
-    cells[:3] = [[0, 0, 36, 22], [5, 5, 5, 5], [36, 22, 36, 22]]  # whole map, 1 cell, corner
+    cells = random_cells(rng, 300, 23, 37)
     pooled = spatial_pyramid_pool(fmap, torch.from_numpy(cells), levels)
     assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
     assert torch.equal(SpatialPyramidPool(levels)(fmap, torch.from_numpy(cells)), pooled)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000])  # 1 window per chunk; 17 or 8
+@pytest.mark.parametrize("levels", [LEVELS, (7, 5, 1)])
+def test_pooling_in_cache_sized_chunks_matches_reference(monkeypatch, chunk_bytes, levels):
+    monkeypatch.setattr(spp, "POOL_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(11)
+    fmap = relu_map(rng, 16, 23, 37)
+    cells = random_cells(rng, 300, 23, 37)
+    pooled = spatial_pyramid_pool(fmap, torch.from_numpy(cells), levels)
+    assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
+
+
+def test_pool_windows_into_a_larger_buffer():
+    rng = np.random.default_rng(12)
+    image_hw, scales = (120, 160), (96, 128)
+    maps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
+    boxes = random_boxes(rng, 40, image_hw)
+    args = (maps, boxes, image_hw, scales, torch.from_numpy(rng.integers(0, 2, 40)))
+    buffer = torch.full((50, 200), -1.0)
+    pooled, rows = pool_windows_unordered(*args, levels=LEVELS, out=buffer, **ZF5)
+    assert pooled.data_ptr() == buffer.data_ptr() and pooled.shape == (40, 200)
+    expected = pool_windows(*args, levels=LEVELS, **ZF5)
+    assert torch.equal(pooled, expected[rows]) and bool((buffer[40:] == -1).all())
+    with pytest.raises(ValueError, match="cannot hold 40 rows of 200"):
+        pool_windows_unordered(*args, levels=LEVELS, out=torch.empty(39, 200), **ZF5)
 
 
 def test_pool_windows_matches_reference_at_several_scales():
