@@ -49,11 +49,13 @@ class WithinChannelLRN(nn.Module):
         self.size, self.alpha, self.beta = size, alpha, beta
 
     def forward(self, x: Tensor) -> Tensor:
+        # float32 under autocast too: x² of ZF-5's conv1 outputs overflows float16
+        x32 = x.float()
         mean_square = F.avg_pool2d(
-            x * x, self.size, stride=1, padding=(self.size - 1) // 2, count_include_pad=True
+            x32 * x32, self.size, stride=1, padding=(self.size - 1) // 2, count_include_pad=True
         )
         # in place on the temporary: large maps (scale 1200) would otherwise hold three copies
-        return x * mean_square.mul_(self.alpha).add_(1.0).pow_(-self.beta)
+        return (x32 * mean_square.mul_(self.alpha).add_(1.0).pow_(-self.beta)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"

@@ -109,6 +109,15 @@ def test_within_channel_lrn_against_loops():
     assert torch.allclose(out, expected, rtol=1e-5)
 
 
+def test_within_channel_lrn_of_float16_does_not_overflow():
+    """ZF-5's conv1 outputs reach the hundreds; their squares overflow float16 (max 65504)."""
+    x = torch.randn(1, 4, 6, 7) * 300
+    lrn = WithinChannelLRN(3, 5e-5, 0.75)
+    out = lrn(x.half())
+    assert out.dtype == torch.float16 and bool(out.isfinite().all())
+    assert torch.allclose(out.float(), lrn(x), rtol=2e-3, atol=0.5)
+
+
 def test_zf5_pools_in_ceil_mode():
     pools = [m for m in build_backbone("zf5", "none").features if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 2 and all(p.ceil_mode for p in pools)
