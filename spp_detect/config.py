@@ -68,6 +68,7 @@ class ExtractConfig:
     max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap (SPEC §3)
     flip: bool = False  # also cache horizontally flipped maps of training splits (SPEC §6)
     cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly
+    precision: str = "fp32"  # conv trunk: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class TestConfig:
     max_per_class: int = 100  # detections kept per class and image (SPEC §9)
     bbox_reg: bool = True  # apply the box regressors when trained (SPEC §8)
     batch_windows: int = 4096  # windows per fc6/fc7 batch
+    precision: str = "fp32"  # fc6/fc7: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from torch import Tensor
 from spp_detect.backbones import Backbone
 from spp_detect.errors import UserError
 from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
+from spp_detect.precision import autocast, check_precision
 from spp_detect.spp import (
     inverse_permutation,
     pool_windows_unordered,
@@ -84,8 +85,11 @@ def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     return values
 
 
-def check_extract_settings(scales: Sequence[int], max_long_side: int, cache: str) -> None:
+def check_extract_settings(
+    scales: Sequence[int], max_long_side: int, cache: str, precision: str
+) -> None:
     check_scales(scales)
+    check_precision(precision, "extract.precision")
     if max_long_side < 0:
         raise UserError(
             f"extract.max_long_side: must be 0 (no cap) or positive, got {max_long_side}"
@@ -129,15 +133,18 @@ def compute_maps(
     image: np.ndarray,
     scales: Sequence[int],
     max_long_side: int = 0,
+    precision: str = "fp32",
 ) -> list[Tensor]:
     """One forward pass per scale of uint8 (H, W, 3) RGB ``image``: S maps (C, H_k, W_k) float32
-    on the backbone's device. Call under ``torch.no_grad`` or ``torch.inference_mode``."""
+    on the backbone's device, the trunk run in ``precision`` (``spp_detect.precision``). Call
+    under ``torch.no_grad`` or ``torch.inference_mode``."""
     device = next(backbone.parameters()).device
     maps = []
     for scale in scales:
         resized = resize_short_side(image, scale, max_long_side)
         pixels = image_to_tensor(resized, backbone.normalization, device)
-        maps.append(backbone(pixels[None])[0])
+        with autocast(device, precision):
+            maps.append(backbone(pixels[None])[0].float())
     return maps
 
 
@@ -168,8 +175,8 @@ class FeatureSource:
 
     ``scales`` (S,) shorter sides, ``geometry`` (:class:`PoolGeometry`), ``channels`` (C) and
     ``device``. Maps come from the cache (``cache_path(image_id)`` → .npz) or, with
-    ``backbone`` instead, are computed on the fly. The last image's maps are kept, so ``maps``
-    and ``pool`` on the same image read or compute them once.
+    ``backbone`` instead, are computed on the fly (the trunk in ``precision``). The last
+    image's maps are kept, so ``maps`` and ``pool`` on the same image read or compute them once.
     """
 
     def __init__(
@@ -182,6 +189,7 @@ class FeatureSource:
         cache_path: Callable[[str], Path] | None = None,
         backbone: Backbone | None = None,
         max_long_side: int = 0,
+        precision: str = "fp32",
     ) -> None:
         if (cache_path is None) == (backbone is None):
             raise ValueError("give exactly one of cache_path and backbone")
@@ -190,6 +198,7 @@ class FeatureSource:
         self.channels = int(channels)
         self.device = resolve_device(device)
         self.max_long_side = max_long_side
+        self.precision = precision  # of the backbone, for maps computed on the fly
         self._cache_path = cache_path
         self._backbone = backbone.to(self.device).eval() if backbone is not None else None
         if backbone is not None:
@@ -319,6 +328,5 @@ class FeatureSource:
         if flipped:
             image = flip_image(image)
         with torch.no_grad():
-            return compute_maps(
-                self._backbone, image, [self.scales[k] for k in needed], self.max_long_side
-            )
+            scales = [self.scales[k] for k in needed]
+            return compute_maps(self._backbone, image, scales, self.max_long_side, self.precision)

@@ -147,7 +147,9 @@ def _check_extract(config: Config) -> None:
 
     settings = config.extract
     check_backbone_name(settings.backbone)
-    check_extract_settings(settings.scales, settings.max_long_side, settings.cache)
+    check_extract_settings(
+        settings.scales, settings.max_long_side, settings.cache, settings.precision
+    )
 
 
 def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
@@ -191,4 +193,5 @@ def live_feature_source(config: Config, device: str):
         device,
         backbone=backbone,
         max_long_side=settings.max_long_side,
+        precision=settings.precision,
     )

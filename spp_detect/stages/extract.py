@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_npz, stored_fingerprint, write_manifest
 from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
-from spp_detect.config import Config
+from spp_detect.config import Config, ExtractConfig
 from spp_detect.features import (
     cache_arrays,
     check_extract_settings,
@@ -54,7 +54,9 @@ def run_extract(ctx: StageContext, split: str) -> str:
     config = ctx.config
     settings = config.extract
     check_backbone_name(settings.backbone)
-    check_extract_settings(settings.scales, settings.max_long_side, settings.cache)
+    check_extract_settings(
+        settings.scales, settings.max_long_side, settings.cache, settings.precision
+    )
     if settings.cache == "none":
         return "extract: extract.cache is none, later stages compute conv5 maps on the fly"
     device = resolve_device(ctx.device)
@@ -73,7 +75,7 @@ def run_extract(ctx: StageContext, split: str) -> str:
         for record, path in zip(records, paths, strict=True)
         if ctx.force or stored_fingerprint(path) != file_fingerprint
     ]
-    extractor = _Extractor(backbone, device, settings.scales, settings.max_long_side, flip)
+    extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
     bytes_written = _extract_all(extractor, todo, file_fingerprint, len(records), split)
     seconds = time.perf_counter() - started
@@ -106,14 +108,14 @@ class _Extractor:
         self,
         backbone: Backbone,
         device: torch.device,
-        scales: Sequence[int],
-        max_long_side: int,
+        settings: ExtractConfig,
         flip: bool,
     ) -> None:
         # a CPU copy is kept aside before the move: copying after an OOM could run out again
         self.cpu_backbone = copy.deepcopy(backbone) if device.type == "cuda" else backbone
         self.backbone = backbone.to(device)
-        self.scales, self.max_long_side, self.flip = tuple(scales), max_long_side, flip
+        self.scales, self.max_long_side = tuple(settings.scales), settings.max_long_side
+        self.precision, self.flip = settings.precision, flip
         self.cpu_fallbacks = 0
 
     def arrays(self, record: ImageRecord, image: np.ndarray, file_fp: str) -> dict[str, np.ndarray]:
@@ -128,10 +130,9 @@ class _Extractor:
 
     def _arrays(self, backbone: Backbone, image: np.ndarray, file_fp: str) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            maps = compute_maps(backbone, image, self.scales, self.max_long_side)
-            flipped = None
-            if self.flip:
-                flipped = compute_maps(backbone, flip_image(image), self.scales, self.max_long_side)
+            settings = (self.scales, self.max_long_side, self.precision)
+            maps = compute_maps(backbone, image, *settings)
+            flipped = compute_maps(backbone, flip_image(image), *settings) if self.flip else None
             return cache_arrays(maps, flipped, self.scales, image.shape[:2], file_fp)
 
 

@@ -27,6 +27,7 @@ from spp_detect.config import Config
 from spp_detect.features import FeatureSource
 from spp_detect.head import Head
 from spp_detect.inference import detect_image
+from spp_detect.precision import autocast, check_precision
 from spp_detect.run_dir import RunDir
 from spp_detect.spp import dedup_keys, inverse_permutation
 from spp_detect.stages.common import (
@@ -55,6 +56,7 @@ class Detector:
         regressors: BoxRegressors | None,
         device: str,
     ):
+        check_precision(config.test.precision, "test.precision")
         self.test = config.test
         self.head = head
         self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
@@ -105,7 +107,8 @@ class Detector:
             record, proposals[first.numpy()], scale_index[first], out=workspace
         )
         chunks = pooled.split(self.test.batch_windows)
-        fc7 = torch.cat([self.head.features(chunk) for chunk in chunks])
+        with autocast(pooled.device, self.test.precision):
+            fc7 = torch.cat([self.head.features(chunk) for chunk in chunks]).float()
         row_of = inverse_permutation(rows)  # distinct window -> its pooled row
         return pooled, fc7, row_of[inverse].to(pooled.device)
 
