@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,8 @@ class FeatureSource:
             check_scales_fit(backbone, self.scales)
         self._last_key: tuple[str, bool] | None = None
         self._last_maps: list[Tensor | None] = []
+        self._reader: ThreadPoolExecutor | None = None  # one background thread, for prefetch
+        self._prefetched: tuple[tuple[str, bool], Future[list[Tensor]]] | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -268,6 +271,19 @@ class FeatureSource:
         )  # fmt: skip
         return pooled, rows
 
+    def prefetch(self, record: ImageRecord, flipped: bool = False) -> None:
+        """Start reading ``record``'s cached maps (every scale) in a background thread, so the
+        disk read and the copy to the device overlap the work on the current image; the next
+        :meth:`maps` or :meth:`pool` call for it takes them. No-op for maps computed on the fly.
+        """
+        if self._cache_path is None:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-prefetch")
+        scales = range(len(self.scales))
+        future = self._reader.submit(self._read, record, flipped, scales)
+        self._prefetched = ((str(record.path), flipped), future)
+
     def _maps(
         self, record: ImageRecord, flipped: bool, needed: Sequence[int]
     ) -> list[Tensor | None]:
@@ -276,6 +292,9 @@ class FeatureSource:
         key = (str(record.path), flipped)
         if self._last_key != key:
             self._last_key, self._last_maps = key, [None] * len(self.scales)
+            if self._prefetched is not None and self._prefetched[0] == key:
+                future, self._prefetched = self._prefetched[1], None
+                self._last_maps = list(future.result())
         missing = [k for k in needed if self._last_maps[k] is None]
         if missing:
             load = self._read if self._backbone is None else self._compute
@@ -301,7 +320,10 @@ class FeatureSource:
                 f"{path}: unreadable cache file ({exc}); delete it and rerun `spp-detect extract`"
             ) from None
         # kept float16: pooling (a max) is exact in it and moves half the bytes
-        return [torch.from_numpy(array).to(self.device) for array in arrays]
+        tensors = [torch.from_numpy(array) for array in arrays]
+        if self.device.type == "cuda":  # from page-locked memory the copies run asynchronously
+            return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        return tensors
 
     def _check_cache(self, path: Path, data, record: ImageRecord, flipped: bool) -> None:
         cached = tuple(int(s) for s in data["scales"])
@@ -330,3 +352,12 @@ class FeatureSource:
         with torch.no_grad():
             scales = [self.scales[k] for k in needed]
             return compute_maps(self._backbone, image, scales, self.max_long_side, self.precision)
+
+
+def prefetching(source: FeatureSource, records: Sequence[ImageRecord]) -> Iterator[ImageRecord]:
+    """``records`` in order; while the caller works on one, the next one's cached maps are read
+    in the background (:meth:`FeatureSource.prefetch`)."""
+    for position, record in enumerate(records):
+        if position + 1 < len(records):
+            source.prefetch(records[position + 1])
+        yield record

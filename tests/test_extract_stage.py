@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from spp_detect.artifacts import load_json
 from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
-from spp_detect.config import load_config
+from spp_detect.config import ExtractConfig, load_config
 from spp_detect.errors import UserError
 from spp_detect.features import FeatureSource, PoolGeometry, compute_maps, read_record_image
 from spp_detect.image import resized_hw
@@ -141,6 +142,42 @@ def test_feature_source_from_cache_matches_on_the_fly(toy_root, extracted):
     assert torch.equal(disk.pool(record, boxes, index), expected)
 
 
+def test_prefetched_maps_are_read_once_in_the_background(toy_root, extracted, monkeypatch):
+    run, _ = extracted
+    config = _config(toy_root, "extract.flip=true")
+    first, second = split_records(config, "trainval", 2)
+    expected = open_feature_source(config, RunDir(run), "trainval", "cpu").maps(second)
+    source = open_feature_source(config, RunDir(run), "trainval", "cpu")
+    threads, read = [], source._read
+    monkeypatch.setattr(
+        source,
+        "_read",
+        lambda *args: threads.append(threading.current_thread().name) or read(*args),
+    )
+    source.maps(first)
+    source.prefetch(second)
+    maps = source.maps(second)
+    assert threads[0] == "MainThread" and threads[1].startswith("spp-prefetch")
+    assert len(threads) == 2  # maps(second) took the prefetched maps
+    assert all(torch.equal(a, b) for a, b in zip(maps, expected, strict=True))
+    source.prefetch(first, flipped=True)  # the mirrored maps are not the ones asked for next
+    unflipped = open_feature_source(config, RunDir(run), "trainval", "cpu").maps(first)
+    assert all(torch.equal(a, b) for a, b in zip(source.maps(first), unflipped, strict=True))
+
+
+def test_a_prefetched_broken_cache_fails_when_used(toy_root, extracted, tmp_path):
+    run = Path(shutil.copytree(extracted[0], tmp_path / "run"))
+    config = _config(toy_root, "extract.flip=true")
+    first, second = split_records(config, "trainval", 2)
+    broken = RunDir(run).feature_path("trainval", second.image_id)
+    broken.write_bytes(b"not a zip")
+    source = open_feature_source(config, RunDir(run), "trainval", "cpu")
+    source.prefetch(second)
+    source.maps(first)
+    with pytest.raises(UserError, match=f"{broken.name}: unreadable cache file"):
+        source.maps(second)
+
+
 def test_feature_source_refuses_missing_flips_and_stale_cache(toy_root, tmp_path):
     run = tmp_path / "run"
     assert CliRunner().invoke(cli, _args(toy_root, run, "--limit", "1")).exit_code == 0
@@ -180,6 +217,7 @@ def test_cache_none_writes_nothing(toy_root, tmp_path):
         ("extract.scales=[0,688]", "extract.scales: sizes must be positive"),
         ("extract.scales=[-5]", "extract.scales: sizes must be positive"),
         ("extract.cache=ram", "extract.cache"),
+        ("extract.precision=int8", "extract.precision: must be one of fp32, bf16, fp16"),
         ("extract.scales=[20,96]", "extract.scales: 20 px is too small for zf5; use at least"),
     ],
 )
@@ -220,8 +258,9 @@ def test_unreadable_image_stops_cleanly(toy_copy, tmp_path):
 def test_out_of_gpu_memory_is_redone_on_the_cpu(toy_root, monkeypatch, caplog):
     from spp_detect.stages import extract as stage
 
+    settings = ExtractConfig(scales=(64,))
     extractor = stage._Extractor(
-        build_backbone("zf5", "none"), torch.device("cpu"), (64,), 0, False
+        build_backbone("zf5", "none"), torch.device("cpu"), settings, False
     )
     extractor.cpu_backbone = build_backbone("zf5", "none")  # stands in for the CPU copy
     compute = stage.compute_maps

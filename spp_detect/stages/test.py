@@ -4,11 +4,14 @@ Steps:
 1. check the upstream stages; open the features, the head, the SVMs and the regressors;
 2. per image: pool5 of every proposal at its best scale → fc7 → SVM scores (one product for
    all classes) → threshold, NMS, top-k → regression of the kept windows (reusing their pool5)
-   → clip and NMS again; written as `detections/<split>/<id>.npz`, so a killed run resumes;
+   → clip and NMS again; written as `detections/<split>/<id>.npz`, so a killed run resumes.
+   The next image's cached maps are read in a background thread meanwhile;
 3. merge them into `detections/<split>.npz` and write the manifest.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +27,7 @@ from spp_detect.artifacts import (
 from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.cli import StageContext
 from spp_detect.config import Config
-from spp_detect.features import FeatureSource
+from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
 from spp_detect.inference import detect_image
 from spp_detect.precision import autocast, check_precision
@@ -144,14 +147,17 @@ def run_test(ctx: StageContext, split: str) -> str:
     clear_manifest(parts_dir)
     test_fingerprint = fingerprint(config, "test")
     # 2. per image
-    for record in tqdm(records, desc=f"test {split}", unit="img"):
-        path = parts_dir / f"{record.image_id}.npz"
-        if not ctx.force and stored_fingerprint(path) == test_fingerprint:
-            continue
+    todo = [
+        record
+        for record in records
+        if ctx.force or stored_fingerprint(_part_path(parts_dir, record)) != test_fingerprint
+    ]
+    progress = dict(desc=f"test {split}", total=len(todo), unit="img")
+    for record in tqdm(prefetching(source, todo), **progress):
         proposals = load_proposals(run_dir, split, record.image_id)
         boxes, scores, labels = detector.detect(source, record, proposals)
         found = {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy()}
-        save_npz(path, **found, fingerprint=np.str_(test_fingerprint))
+        save_npz(_part_path(parts_dir, record), **found, fingerprint=np.str_(test_fingerprint))
         summary.items += 1
     # 3. merge
     detections = _merge(records, parts_dir)
@@ -164,10 +170,14 @@ def run_test(ctx: StageContext, split: str) -> str:
     return summary.line()
 
 
-def _merge(records: list[ImageRecord], parts_dir) -> Detections:
+def _part_path(parts_dir: Path, record: ImageRecord) -> Path:
+    return parts_dir / f"{record.image_id}.npz"
+
+
+def _merge(records: list[ImageRecord], parts_dir: Path) -> Detections:
     image_index, boxes, scores, labels = [], [], [], []
     for index, record in enumerate(records):
-        part = load_npz(parts_dir / f"{record.image_id}.npz")
+        part = load_npz(_part_path(parts_dir, record))
         image_index.append(np.full(len(part["scores"]), index, np.int64))
         boxes.append(part["boxes"].reshape(-1, 4))
         scores.append(part["scores"])

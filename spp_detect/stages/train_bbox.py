@@ -22,7 +22,7 @@ from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.bbox_reg import BoxRegressors, fit_box_regressors
 from spp_detect.boxes import decode_deltas, paired_iou
 from spp_detect.cli import StageContext
-from spp_detect.features import FeatureSource
+from spp_detect.features import FeatureSource, prefetching
 from spp_detect.stages.common import (
     Summary,
     fingerprint,
@@ -87,9 +87,8 @@ def _examples(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per class (pool5 (N_k, D) float16, windows (N_k, 4), assigned gt (N_k, 4))."""
     parts: list[list[tuple]] = [[] for _ in range(num_classes)]
-    for record, boxes in tqdm(
-        list(zip(records, windows, strict=True)), desc="bbox examples", unit="img"
-    ):
+    pairs = zip(prefetching(source, records), windows, strict=True)
+    for record, boxes in tqdm(pairs, desc="bbox examples", total=len(records), unit="img"):
         if len(record.gt_boxes) == 0:
             continue
         iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(record.gt_boxes))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.cli import StageContext
-from spp_detect.features import FeatureSource
+from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
 from spp_detect.sampling import class_overlaps
 from spp_detect.spp import dedup_keys
@@ -109,9 +109,9 @@ def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) ->
 def _positives(records: list[ImageRecord], windows: WindowFeatures, num_classes: int) -> list:
     """K arrays (P_k, F): fc7 of every gt box, difficult included (SPEC §0, §7)."""
     per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    for record in tqdm(records, desc="svm positives", unit="img", leave=False):
-        if len(record.gt_boxes) == 0:
-            continue
+    with_gt = [record for record in records if len(record.gt_boxes)]
+    progress = dict(desc="svm positives", total=len(with_gt), unit="img", leave=False)
+    for record in tqdm(prefetching(windows.source, with_gt), **progress):
         gt = record.gt_boxes
         fc7 = windows.fc7(record, gt, windows.scale_index(record, gt))
         for label in range(num_classes):
@@ -129,7 +129,8 @@ def _negatives(
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
     """Per image, per class: (fc7 (N_k, F), window keys (N_k,)) of its candidate negatives."""
     geometry = windows.source.geometry
-    for record in tqdm(records, desc="hard-negative mining", unit="img"):
+    progress = dict(desc="hard-negative mining", total=len(records), unit="img")
+    for record in tqdm(prefetching(windows.source, records), **progress):
         boxes, _ = windows.windows(record)
         scale_index = windows.scale_index(record, boxes)
         keys = dedup_keys(
