@@ -36,6 +36,7 @@ from spp_detect.features import PoolGeometry, resolve_device
 from spp_detect.head import Head, init_random
 from spp_detect.image import image_to_tensor, resize_short_side
 from spp_detect.inference import finalize_detections, select_detections
+from spp_detect.precision import autocast
 from spp_detect.proposals import propose_image
 from spp_detect.spp import dedup_keys, inverse_permutation, pool_windows_unordered, select_scale
 from spp_detect.structures import ImageRecord
@@ -245,6 +246,7 @@ class Models:
     regressors: BoxRegressors
     device: torch.device
     workspace: Tensor = field(default_factory=lambda: torch.empty(0))  # pooled rows, reused
+    precision: str = "fp32"  # autocast of the trunk and fc6/fc7 (spp_detect/precision.py)
 
     @property
     def feature_dim(self) -> int:
@@ -257,7 +259,7 @@ def random_head(in_dim: int, fc_dim: int, num_classes: int, device: torch.device
     return head.requires_grad_(False).to(device).eval()
 
 
-def build_models(args: argparse.Namespace, device: torch.device) -> Models:
+def build_models(args: argparse.Namespace, device: torch.device, precision: str = "fp32") -> Models:
     backbone = build_backbone(args.backbone, args.weights).to(device)
     geometry = PoolGeometry(
         backbone.stride, backbone.offset0, SPP.offset, tuple(SPP.levels), SPP.target_size
@@ -272,6 +274,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> Models:
         svm_bias=torch.zeros(k, device=device),
         regressors=BoxRegressors.identity(k, in_dim),
         device=device,
+        precision=precision,
     )
 
 
@@ -321,8 +324,8 @@ def conv_maps(
         with watch.part(f"prep {scale}"):
             resized = resize_short_side(image, scale)
             pixels = image_to_tensor(resized, models.backbone.normalization, models.device)
-        with watch.part(f"conv {scale}"):
-            maps.append(models.backbone(pixels[None])[0])
+        with watch.part(f"conv {scale}"), autocast(models.device, models.precision):
+            maps.append(models.backbone(pixels[None])[0].float())
     return maps
 
 
@@ -353,8 +356,9 @@ def spp_features(
             maps, boxes[first.numpy()], image_hw, scales, scale_index[first], g.stride,
             g.offset0, g.offset, g.levels, out=models.workspace,
         )  # fmt: skip
-    with watch.part("fc6/fc7"):
-        fc7 = torch.cat([models.head.features(part) for part in pooled.split(TEST.batch_windows)])
+    with watch.part("fc6/fc7"), autocast(models.device, models.precision):
+        parts = pooled.split(TEST.batch_windows)
+        fc7 = torch.cat([models.head.features(part) for part in parts]).float()
     inverse = inverse_permutation(rows)[inverse]
     return pooled, fc7, inverse.to(pooled.device)
 

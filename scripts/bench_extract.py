@@ -3,11 +3,14 @@
 Measures, for a backbone (default zf5, random weights) on VOC-layout images (default the raccoon
 set at ../shared/datasets/raccoon):
   1. seconds per image for the conv pass at 1 scale (688) and at the paper's 5 scales;
-  2. cache bytes per image at 1 and 5 scales (float16 .npz, uncompressed and zlib) and write time;
-  3. time to pool N windows (default 2,000) spread over the 5 scales: the vectorised
+  2. the trunk on two same-size images one by one against one batch of 2;
+  3. cache bytes per image at 1 and 5 scales (float16 .npz, uncompressed and zlib) and write time;
+  4. time to pool N windows (default 2,000) spread over the 5 scales: the vectorised
      ``pool_windows`` against the slow reference of tests/test_spp.py (Python loops) and
      torchvision's ``roi_pool`` (one call per level), all checked equal;
-  4. peak resident memory after each phase (ru_maxrss, monotonic).
+  5. a test-like loop over cached images (read the maps, pool the windows), with and without
+     the next image's maps prefetched in the background (``FeatureSource.prefetch``);
+  6. peak resident memory after each phase (ru_maxrss, monotonic).
 
 Example: python scripts/bench_extract.py --images 10 --windows 2000
 """
@@ -15,6 +18,7 @@ Example: python scripts/bench_extract.py --images 10 --windows 2000
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import resource
@@ -34,9 +38,17 @@ from test_spp import reference_pool  # noqa: E402
 from spp_detect.artifacts import save_npz  # noqa: E402
 from spp_detect.backbones import build_backbone  # noqa: E402
 from spp_detect.config import PAPER_SCALES  # noqa: E402
-from spp_detect.features import cache_arrays, compute_maps, resolve_device  # noqa: E402
+from spp_detect.features import (  # noqa: E402
+    FeatureSource,
+    PoolGeometry,
+    cache_arrays,
+    compute_maps,
+    prefetching,
+    resolve_device,
+)
 from spp_detect.image import read_image  # noqa: E402
 from spp_detect.spp import pool_windows, select_scale, window_cells  # noqa: E402
+from spp_detect.structures import ImageRecord  # noqa: E402
 
 ONE_SCALE = (688,)
 LEVELS = (6, 3, 2, 1)
@@ -70,6 +82,34 @@ def bench_conv(backbone, images, scales, device) -> tuple[float, list[list[torch
     return (time.perf_counter() - started) / len(images), all_maps
 
 
+def bench_batching(backbone, sides, device, repeats: int) -> list[tuple[int, float, float]]:
+    """(side, seconds of two batch-1 passes, seconds of one batch-2 pass) of the trunk on
+    side × 4/3·side inputs, best of ``repeats``: whether extraction gains from batching
+    images of one size (or an image with its mirror)."""
+    rows = []
+    with torch.inference_mode():
+        for side in sides:
+            one = torch.rand(1, 3, side, side * 4 // 3, device=device)
+            two = one.repeat(2, 1, 1, 1)
+            backbone(two)  # warm-up
+            singles, pairs = [], []
+            for _ in range(repeats):
+                started = _synchronized(device)
+                backbone(one), backbone(one)
+                singles.append(_synchronized(device) - started)
+                started = _synchronized(device)
+                backbone(two)
+                pairs.append(_synchronized(device) - started)
+            rows.append((side, min(singles), min(pairs)))
+    return rows
+
+
+def _synchronized(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def bench_cache(all_maps, scales, image_hws) -> dict[str, float]:
     """Mean bytes and write seconds per image, uncompressed and zlib-compressed."""
     result = {}
@@ -92,6 +132,43 @@ def bench_cache(all_maps, scales, image_hws) -> dict[str, float]:
                 [torch.from_numpy(data[f"fmap_{k}"]).float() for k in range(len(scales))]
         result["raw_read_s"] = (time.perf_counter() - started) / len(all_maps)
     return result
+
+
+def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: int) -> dict:
+    """Seconds per image of a test-like loop over cached images (read the maps, pool
+    ``windows`` random windows), in turn or with ``FeatureSource.prefetch``, with the cache
+    files in the page cache ("warm") and evicted from it before each loop ("cold": a VOC cache
+    of 43 GB at 5 scales does not fit in memory); best of ``repeats``, the modes alternating."""
+    geometry = PoolGeometry(backbone.stride, backbone.offset0, OFFSET, LEVELS, 224.0)
+    rng = np.random.default_rng(0)
+    boxes = [random_windows(rng, windows, r.image_hw) for r in records]
+    times: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [Path(folder) / f"{record.image_id}.npz" for record in records]
+        for maps, record, path in zip(all_maps, records, paths, strict=True):
+            save_npz(path, **cache_arrays(maps, None, scales, record.image_hw, "bench"))
+        for _ in range(repeats):
+            for cache, mode in itertools.product(("warm", "cold"), ("in turn", "prefetch")):
+                if cache == "cold":
+                    evict_from_page_cache(paths)
+                source = FeatureSource(
+                    scales, geometry, backbone.channels, "cpu",
+                    cache_path=lambda image_id: Path(folder) / f"{image_id}.npz",
+                )  # fmt: skip
+                loop = prefetching(source, records) if mode == "prefetch" else records
+                started = time.perf_counter()
+                for record, image_boxes in zip(loop, boxes, strict=True):
+                    source.pool_unordered(record, image_boxes)
+                seconds = (time.perf_counter() - started) / len(records)
+                times.setdefault((cache, mode), []).append(seconds)
+    return {key: min(values) for key, values in times.items()}
+
+
+def evict_from_page_cache(paths) -> None:
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def random_windows(rng, count: int, image_hw) -> np.ndarray:
@@ -195,6 +272,12 @@ def main() -> None:
         seconds, conv[label] = bench_conv(backbone, images, scales, device)
         print(f"conv pass, {label} {scales}: {seconds:.3f} s/image; RSS {peak_rss_mib():.0f} MiB")
 
+    for side, singles, pair in bench_batching(backbone, (240, 480, 688), device, 3):
+        print(
+            f"conv of two {side}-px images: {singles * 1000:.0f} ms one by one, {pair * 1000:.0f}"
+            f" ms as one batch of 2 ({singles / pair:.2f}x)"
+        )
+
     for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
         c = bench_cache(conv[label], scales, hws)
         print(
@@ -216,6 +299,20 @@ def main() -> None:
             f"torchvision roi_pool {p['roi_pool_s'] * 1000:.0f} ms; slow reference "
             f"{p['reference_s']:.1f} s for {p['reference_windows']} windows; outputs equal"
         )
+    no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
+    records = [
+        ImageRecord(path.stem, path, *image.shape[:2], *no_boxes)
+        for path, image in zip(image_paths(args.root, args.images), images, strict=True)
+    ]
+    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
+        t = bench_prefetch(conv[label], scales, records, backbone, args.windows, args.repeats)
+        for cache in ("warm", "cold"):
+            plain, ahead = t[(cache, "in turn")], t[(cache, "prefetch")]
+            print(
+                f"read cached maps ({cache} page cache) + pool {args.windows} windows, {label}: "
+                f"{plain * 1000:.0f} ms/image in turn, {ahead * 1000:.0f} ms/image with the next "
+                f"image's maps prefetched ({plain / ahead:.2f}x)"
+            )
     print(f"peak RSS at the end: {peak_rss_mib():.0f} MiB")
 
 

@@ -47,8 +47,9 @@ from _bench_common import (
     timed_runs,
 )
 
-from spp_detect.config import PAPER_SCALES, Config
+from spp_detect.config import PAPER_SCALES, Config, TestConfig
 from spp_detect.features import FeatureSource
+from spp_detect.precision import AUTOCAST_DTYPES
 from spp_detect.stages.test import Detector
 from spp_detect.svm import SvmModel
 
@@ -74,10 +75,11 @@ def matmul_reference(models: Models, rows: int) -> dict[str, float]:
 def package_detector(models: Models, scales) -> tuple[Detector, FeatureSource]:
     """The package's Detector and a live FeatureSource holding the same models."""
     svms = SvmModel(models.svm_weight.T.cpu().numpy().copy(), models.svm_bias.cpu().numpy().copy())
-    detector = Detector(Config(), models.head, svms, models.regressors, str(models.device))
+    config = Config(test=TestConfig(precision=models.precision))
+    detector = Detector(config, models.head, svms, models.regressors, str(models.device))
     source = FeatureSource(
         scales, models.geometry, models.backbone.channels, models.device,
-        backbone=models.backbone,
+        backbone=models.backbone, precision=models.precision,
     )  # fmt: skip
     return detector, source
 
@@ -199,18 +201,23 @@ def main() -> None:
         "--no-package-check", dest="package_check", action="store_false",
         help="skip timing the package's Detector.detect end to end",
     )  # fmt: skip
+    parser.add_argument(
+        "--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES),
+        help="autocast dtype of the conv trunk and fc6/fc7 (extract/test.precision)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # random weights warn once per build
     device = setup(args)
     images = load_images(args)
-    models = build_models(args, device)
+    models = build_models(args, device, args.precision)
     calibrate(models, images[0], PAPER_SCALES, args.pass_fraction)
     print(f"## Per-image SPP test time, {args.backbone} (weights {args.weights})\n")
     print(machine_header(device))
     print(describe_images(images, args.warmup))
     print(
         f"- models: pooled dim D = {models.feature_dim}, fc width F = {args.fc_dim}, "
-        f"K = {args.num_classes} SVMs and regressors; test settings {TEST}\n"
+        f"K = {args.num_classes} SVMs and regressors; test settings {TEST}; "
+        f"precision {args.precision}\n"
     )
     results = [run_setting(models, images, scales, args) for scales in (ONE_SCALE, PAPER_SCALES)]
     print(parts_table(results))

@@ -382,7 +382,10 @@ def _prepare(
 
 
 def _pool_chunk(
-    table: _BlockTables, lookup_plans: dict[int, dict[str, Tensor]], rows: slice, levels
+    table: _BlockTables,
+    lookup_plans: dict[int, dict[str, Tensor]],
+    rows: slice,
+    levels: Sequence[int],
 ) -> dict[int, Tensor]:
     """Channel-last bins (r, n, n, C) of each distinct level for the windows ``rows`` of the
     plans."""
@@ -431,8 +434,8 @@ def _pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) 
     (indices into ``cells``; None: their own order).
 
     On the CPU the windows go in chunks whose bins fit in the L2 cache, so every look-up, the
-    coarser levels and the final copy read them there instead of from memory (2.4× at one scale,
-    scripts/bench_test_time.py); a GPU takes all windows at once.
+    coarser levels and the final copy read them there instead of from memory (1.7× for 2,000
+    ZF-5 windows at one scale, BENCHMARKS.md); a GPU takes all windows at once.
     """
     channels, height, width = fmap.shape
     if len(cells) == 0:
