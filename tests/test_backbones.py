@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_spp import zf5_fmap_side  # SPEC §2 size arithmetic, by hand
 from torch import nn
 
 from spp_detect import backbones
@@ -19,14 +20,6 @@ from spp_detect.backbones import (
     receptive_center,
 )
 from spp_detect.errors import UserError
-
-
-def zf5_fmap_side(side: int) -> int:
-    """SPEC §2 conv5 size arithmetic (floor for conv, ceil for pooling)."""
-    c1 = (side - 5) // 2 + 1
-    p1 = -(-(c1 - 3) // 2) + 1
-    c2 = (p1 - 5) // 2 + 1
-    return -(-(c2 - 3) // 2) + 1
 
 
 @pytest.fixture(scope="module")

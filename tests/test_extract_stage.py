@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_spp import zf5_fmap_side  # SPEC §2 size arithmetic, by hand
 
 from spp_detect.artifacts import load_json
 from spp_detect.backbones import build_backbone
@@ -37,13 +38,6 @@ def _args(root: Path, run: Path, *extra: str) -> list[str]:
 
 def _config(root: Path, *extra: str):
     return load_config(None, [f"data.root={root}", TOY_CLASSES, SCALES_SET, *extra])
-
-
-def _zf5_side(side: int) -> int:
-    c1 = (side - 5) // 2 + 1
-    p1 = -(-(c1 - 3) // 2) + 1
-    c2 = (p1 - 5) // 2 + 1
-    return -(-(c2 - 3) // 2) + 1
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +70,7 @@ def test_cache_files_hold_every_scale(toy_root, extracted):
                 height, width = resized_hw(record.image_hw, scale)
                 fmap = data[f"fmap_{k}"]
                 assert fmap.dtype == np.float16
-                assert fmap.shape == (256, _zf5_side(height), _zf5_side(width))
+                assert fmap.shape == (256, zf5_fmap_side(height), zf5_fmap_side(width))
                 assert data[f"flip_fmap_{k}"].shape == fmap.shape
         with torch.no_grad():
             maps = compute_maps(backbone, read_record_image(record), SCALES)
@@ -133,7 +127,7 @@ def test_feature_source_from_cache_matches_on_the_fly(toy_root, extracted):
         assert torch.allclose(from_disk, computed, rtol=1e-3, atol=1e-3)  # float16 cache
     maps = disk.maps(record)
     assert [tuple(m.shape) for m in maps] == [
-        (256, *(_zf5_side(s) for s in resized_hw(record.image_hw, scale))) for scale in SCALES
+        (256, *(zf5_fmap_side(s) for s in resized_hw(record.image_hw, scale))) for scale in SCALES
     ]
     index = torch.tensor([1, 0])
     expected = torch.stack(
