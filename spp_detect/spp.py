@@ -356,13 +356,14 @@ def _coarsen(pooled: Tensor, n: int) -> Tensor:
 
 
 def _prepare(
-    fmap: Tensor, cells: Tensor, levels: Sequence[int]
+    fmap: Tensor, cells: Tensor, level_plan: dict[int, int | None]
 ) -> tuple[_BlockTables, dict[int, dict[str, Tensor]], Tensor | None]:
-    """The block tables of ``fmap`` and the look-up plan of every directly pooled level, windows
-    in the returned order (indices into ``cells``; None: their own order)."""
+    """The block tables of ``fmap`` and the look-up plan of every directly pooled level of
+    ``level_plan`` (:func:`_level_plan`), windows in the returned order (indices into ``cells``;
+    None: their own order)."""
     left, top, right, bottom = cells.unbind(dim=1)
     ranges = {}
-    for n in (n for n, source in _level_plan(levels).items() if source is None):
+    for n in (n for n, source in level_plan.items() if source is None):
         y0, y1 = _bin_edges(top, bottom - top + 1, n)
         x0, x1 = _bin_edges(left, right - left + 1, n)
         ranges[n] = (y0, y1, x0, x1)
@@ -385,12 +386,12 @@ def _pool_chunk(
     table: _BlockTables,
     lookup_plans: dict[int, dict[str, Tensor]],
     rows: slice,
-    levels: Sequence[int],
+    level_plan: dict[int, int | None],
 ) -> dict[int, Tensor]:
-    """Channel-last bins (r, n, n, C) of each distinct level for the windows ``rows`` of the
-    plans."""
+    """Channel-last bins (r, n, n, C) of each level of ``level_plan`` for the windows ``rows``
+    of the look-up plans."""
     pooled: dict[int, Tensor] = {}
-    for n, source in _level_plan(levels).items():  # finest first, so a source is always ready
+    for n, source in level_plan.items():  # finest first, so a source is always ready
         if source is None:
             pooled[n] = table.query({key: value[rows] for key, value in lookup_plans[n].items()})
         else:
@@ -441,14 +442,15 @@ def _pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) 
     if len(cells) == 0:
         return None
     _check_cells(cells, (height, width))
-    table, lookup_plans, order = _prepare(fmap, cells, levels)
+    level_plan = _level_plan(levels)
+    table, lookup_plans, order = _prepare(fmap, cells, level_plan)
     chunk = len(cells)
     if fmap.device.type == "cpu":
         bins = sum(n * n for n in lookup_plans)
         chunk = max(1, POOL_CHUNK_BYTES // (bins * channels * fmap.element_size()))
     for start in range(0, len(cells), chunk):
         rows = slice(start, start + chunk)
-        pooled = _pool_chunk(table, lookup_plans, rows, levels)
+        pooled = _pool_chunk(table, lookup_plans, rows, level_plan)
         column = 0
         for n in levels:
             width_n = channels * n * n
