@@ -10,16 +10,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from spp_detect import __version__
-from spp_detect.config import Config, load_config
+from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
+from spp_detect.stages.common import StageContext
 
 
 class _Group(click.Group):
@@ -29,18 +29,6 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What every stage gets from the command line."""
-
-    config: Config
-    run_dir: RunDir
-    device: str
-    workers: int
-    limit: int | None
-    force: bool
 
 
 class _TqdmHandler(logging.Handler):

@@ -21,7 +21,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from spp_detect.boxes import clip_boxes
-from spp_detect.structures import Detections
+from spp_detect.structures import Detections, ImageDetections
 
 # regress(window_index (M,), labels (M,)) -> regressed boxes (M, 4), for the windows kept.
 RegressFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,15 +65,20 @@ def finalize_detections(
     labels: torch.Tensor,
     image_hw: tuple[int, int],
     nms_thresh: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clip boxes (M, 4) to the image and run per-class NMS again (SPEC §8 clip, §10 NMS).
+) -> ImageDetections:
+    """Clip boxes (M, 4) to the image and run per-class NMS again
+    (docs/method.md#test-time-detection).
 
-    Returns (boxes (M', 4), scores (M',), labels (M',)) ordered by class, then by score.
+    Returns the detections (M' ≤ M) on the CPU, ordered by class, then by descending score.
     """
     boxes = clip_boxes(torch.as_tensor(boxes), image_hw)
     keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)
     keep = keep[_by_class(labels[keep], scores[keep], None)]
-    return boxes[keep], scores[keep], labels[keep]
+    return ImageDetections(
+        boxes=boxes[keep].cpu().numpy(),
+        scores=scores[keep].cpu().numpy(),
+        labels=labels[keep].cpu().numpy(),
+    )
 
 
 def detect_image(
@@ -84,12 +89,11 @@ def detect_image(
     nms_thresh: float,
     max_per_class: int,
     regress: RegressFn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> ImageDetections:
     """One image's detections from window scores (R, K) and proposal boxes (R, 4).
 
     1. :func:`select_detections`; 2. ``regress(window_index, labels)`` → new boxes (M, 4) when
     given, else the windows' own boxes; 3. :func:`finalize_detections`.
-    Returns (boxes (M, 4), scores (M,), labels (M,)).
     """
     boxes = torch.as_tensor(boxes, device=scores.device)
     window_index, labels, kept_scores = select_detections(

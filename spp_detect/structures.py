@@ -6,6 +6,7 @@ Boxes are float32 (·, 4) XYXY in continuous pixel coordinates (ARCHITECTURE.md 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,33 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
+class ImageDetections:
+    """One image's detections: boxes (M, 4) float32, scores (M,) float32, labels (M,) int64
+    foreground class indices. Passed by name, never as a positional triple."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        count = len(np.asarray(self.scores).reshape(-1))
+        object.__setattr__(self, "boxes", _check("boxes", self.boxes, np.float32, (count, 4)))
+        object.__setattr__(self, "scores", _check("scores", self.scores, np.float32, (count,)))
+        object.__setattr__(self, "labels", _check("labels", self.labels, np.int64, (count,)))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> ImageDetections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def select(self, rows: np.ndarray) -> ImageDetections:
+        """The detections at ``rows`` (a boolean mask (M,) or indices)."""
+        return ImageDetections(self.boxes[rows], self.scores[rows], self.labels[rows])
+
+
+@dataclass(frozen=True)
 class Detections:
     """Detections over a split (ARCHITECTURE.md §4, `detections/<split>.npz`).
 
@@ -75,6 +103,29 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @classmethod
+    def from_images(
+        cls, image_ids: Sequence[str], per_image: Sequence[ImageDetections]
+    ) -> Detections:
+        """The split's detections from each image's, in image order."""
+        counts = [len(found) for found in per_image]
+        return cls(
+            image_ids=np.asarray(image_ids, dtype=str),
+            image_index=np.repeat(np.arange(len(counts), dtype=np.int64), counts),
+            boxes=np.concatenate([f.boxes for f in per_image] or [np.zeros((0, 4))]),
+            scores=np.concatenate([f.scores for f in per_image] or [np.zeros(0)]),
+            labels=np.concatenate([f.labels for f in per_image] or [np.zeros(0)]),
+        )
+
+    def for_image(self, image_id: str) -> ImageDetections:
+        """The detections of one image (none when the id is not listed)."""
+        matches = np.flatnonzero(self.image_ids == image_id)
+        if len(matches) == 0:
+            return ImageDetections.empty()
+        return ImageDetections(self.boxes, self.scores, self.labels).select(
+            self.image_index == matches[0]
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -14,6 +14,7 @@ import numpy as np
 
 from spp_detect.artifacts import atomic_path
 from spp_detect.errors import UserError
+from spp_detect.structures import ImageDetections
 
 # Boxes scoring below this are not drawn (SPEC §9: the original demo `spp_demo.m` shows ≥ −0.5).
 DEMO_SCORE_THRESH = -0.5
@@ -49,25 +50,25 @@ def _draw_label(image: np.ndarray, text: str, corner: tuple[int, int], colour: t
 
 def draw_detections(
     image_rgb: np.ndarray,
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
+    *,
+    detections: ImageDetections,
     class_names: Sequence[str],
     score_thresh: float = DEMO_SCORE_THRESH,
     thickness: int = 2,
 ) -> np.ndarray:
-    """A copy of ``image_rgb`` (H, W, 3) uint8 with boxes (M, 4) scoring ≥ ``score_thresh`` drawn,
-    each labelled "<class> <score>"; higher scores are drawn last (on top)."""
+    """A copy of ``image_rgb`` (H, W, 3) uint8 with the detections scoring ≥ ``score_thresh``
+    drawn, each labelled "<class> <score>"; higher scores are drawn last (on top)."""
     canvas = np.ascontiguousarray(image_rgb, dtype=np.uint8).copy()
-    boxes, labels, scores = np.asarray(boxes), np.asarray(labels), np.asarray(scores)
-    for i in np.argsort(scores, kind="stable"):
-        if scores[i] < score_thresh:
+    found = detections
+    for i in np.argsort(found.scores, kind="stable"):
+        if found.scores[i] < score_thresh:
             continue
-        colour = class_colour(int(labels[i]))
-        x1, y1, x2, y2 = (round(float(v)) for v in boxes[i])
+        label = int(found.labels[i])
+        colour = class_colour(label)
+        x1, y1, x2, y2 = (round(float(v)) for v in found.boxes[i])
         # continuous x2/y2 are exclusive; OpenCV's corners are inclusive pixels
         cv2.rectangle(canvas, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour, thickness)
-        _draw_label(canvas, f"{class_names[int(labels[i])]} {scores[i]:.2f}", (x1, y1), colour)
+        _draw_label(canvas, f"{class_names[label]} {found.scores[i]:.2f}", (x1, y1), colour)
     return canvas
 
 

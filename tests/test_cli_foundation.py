@@ -16,10 +16,16 @@ from click.testing import CliRunner
 
 from spp_detect import __version__
 from spp_detect.artifacts import MANIFEST, write_manifest
-from spp_detect.cli import StageContext, cli, split_option, stage_options
+from spp_detect.cli import cli, split_option, stage_options
 from spp_detect.config import load_config
 from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import fingerprint, require_upstream, split_records, stage_dir
+from spp_detect.stages.common import (
+    StageContext,
+    fingerprint,
+    require_upstream,
+    split_records,
+    stage_dir,
+)
 from spp_detect.toy import TOY_CLASSES
 
 

@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 
 from spp_detect.artifacts import load_json, read_manifest, save_npz, write_manifest
-from spp_detect.cli import StageContext, cli
+from spp_detect.cli import cli
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.head import load_head
 from spp_detect.run_dir import RunDir
 from spp_detect.stages import finetune as finetune_stage
-from spp_detect.stages.common import fingerprint, split_records
+from spp_detect.stages.common import StageContext, fingerprint, split_records
 from spp_detect.stages.extract import run_extract
 from spp_detect.stages.finetune import evaluation_windows, majority_rate, run_finetune
 from spp_detect.stages.finetune import window_accuracy as accuracy_of

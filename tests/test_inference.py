@@ -61,22 +61,18 @@ def test_empty_input():
         torch.zeros((0, 3)), torch.zeros((0, 4)), -1.5, 0.3, 100
     )
     assert windows.shape == labels.shape == kept.shape == (0,)
-    boxes, scores, labels = detect_image(torch.full((4, 2), -9.0), BOXES, (100, 100), -1.5, 0.3, 10)
-    assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+    found = detect_image(torch.full((4, 2), -9.0), BOXES, (100, 100), -1.5, 0.3, 10)
+    assert found.boxes.shape == (0, 4) and found.scores.shape == (0,) and found.labels.shape == (0,)
 
 
 def test_finalize_clips_and_runs_nms_again():
     boxes = torch.tensor([[-5.0, -5.0, 10.0, 10.0], [0.0, 0.0, 10.5, 10.0], [90.0, 0.0, 130.0, 8]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     labels = torch.tensor([0, 0, 1])
-    kept_boxes, kept_scores, kept_labels = finalize_detections(
-        boxes, scores, labels, (50, 100), 0.3
-    )
-    torch.testing.assert_close(
-        kept_boxes, torch.tensor([[0.0, 0.0, 10.0, 10.0], [90.0, 0, 100, 8]])
-    )
-    torch.testing.assert_close(kept_scores, torch.tensor([0.9, 0.7]))
-    assert kept_labels.tolist() == [0, 1]
+    kept = finalize_detections(boxes, scores, labels, (50, 100), 0.3)
+    np.testing.assert_allclose(kept.boxes, [[0.0, 0.0, 10.0, 10.0], [90.0, 0, 100, 8]])
+    np.testing.assert_allclose(kept.scores, [0.9, 0.7])
+    assert kept.labels.tolist() == [0, 1]
 
 
 def test_detect_image_uses_the_regressed_boxes():
@@ -87,14 +83,14 @@ def test_detect_image_uses_the_regressed_boxes():
         calls.append((window_index.tolist(), labels.tolist()))
         return torch.tensor([[50.0, 50.0, 60.0, 60.0], [50.0, 50.0, 60.0, 64.0]])
 
-    boxes, kept, labels = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100, regress)
+    found = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100, regress)
     assert calls == [([0, 2], [0, 0])]
     # the regressed boxes now overlap (IoU 0.71): the second NMS keeps the better one only
-    torch.testing.assert_close(boxes, torch.tensor([[50.0, 50.0, 60.0, 60.0]]))
-    torch.testing.assert_close(kept, torch.tensor([0.9]))
-    assert labels.tolist() == [0]
-    boxes, _, _ = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100)
-    torch.testing.assert_close(boxes, BOXES[[0, 2]])
+    np.testing.assert_allclose(found.boxes, [[50.0, 50.0, 60.0, 60.0]])
+    np.testing.assert_allclose(found.scores, [0.9])
+    assert found.labels.tolist() == [0]
+    found = detect_image(scores, BOXES, (200, 200), -1.5, 0.3, 100)
+    np.testing.assert_allclose(found.boxes, BOXES[[0, 2]].numpy())
 
 
 def test_combine_detections_pools_two_runs_then_nms():

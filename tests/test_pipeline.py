@@ -88,18 +88,27 @@ def test_eval_combine_with_itself(toy_run):
     assert combined["mAP"] == pytest.approx(single["mAP"], abs=1e-6)
 
 
-def test_detect_writes_json_and_png(toy_root, toy_run, tmp_path):
+def test_detect_writes_json_and_png(toy_root, toy_run, tmp_path, monkeypatch):
+    from spp_detect import visualize
+
+    captions = []  # every label drawn on the PNGs, in drawing order
+    monkeypatch.setattr(visualize, "_draw_label", lambda _, text, *__: captions.append(text))
     images = sorted((toy_root / "JPEGImages").glob("*.jpg"))[:2]
     out = tmp_path / "out"
     result = invoke("detect", *images, "--run-dir", toy_run, "--out", out)
     assert result.exit_code == 0, result.output
+    expected = []
     for image in images:
         found = json.loads((out / f"{image.stem}.json").read_text())
         assert found["width"] > 0 and isinstance(found["detections"], list)
         for detection in found["detections"]:
             assert detection["class"] in {"circle", "square", "triangle"}
             assert detection["score"] >= 0.0
+        # drawn worst first, so the best lands on top; the captions are the JSON's, by name
+        for detection in reversed(found["detections"]):
+            expected.append(f"{detection['class']} {detection['score']:.2f}")
         assert (out / f"{image.stem}.png").stat().st_size > 0
+    assert expected and captions == expected
 
 
 def test_detect_on_a_file_that_is_not_an_image(toy_run, tmp_path):
@@ -204,7 +213,7 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
 
     class NaiveDetector(Detector):
         def window_features(self, source, record, proposals):
-            pooled = source.pool(record, proposals)
+            pooled, _ = source.pool(record, proposals)
             return pooled, self.head.features(pooled), torch.arange(len(proposals))
 
     config, run_dir, records = _test_split(toy_run)
@@ -289,18 +298,13 @@ def _detector_map(detector, source, config, run_dir, records) -> float:
     from spp_detect.structures import Detections
     from spp_detect.voc_eval import evaluate_detections
 
-    parts = []
-    for index, record in enumerate(records):
-        proposals = load_proposals(run_dir, config.data.test_split, record.image_id)
-        boxes, scores, labels = detector.detect(source, record, proposals)
-        parts.append((np.full(len(scores), index), boxes.numpy(), scores.numpy(), labels.numpy()))
-    detections = Detections(
-        image_ids=[r.image_id for r in records],
-        image_index=np.concatenate([p[0] for p in parts]),
-        boxes=np.concatenate([p[1] for p in parts]).reshape(-1, 4),
-        scores=np.concatenate([p[2] for p in parts]),
-        labels=np.concatenate([p[3] for p in parts]),
-    )
+    per_image = [
+        detector.detect(
+            source, record, load_proposals(run_dir, config.data.test_split, record.image_id)
+        )
+        for record in records
+    ]
+    detections = Detections.from_images([r.image_id for r in records], per_image)
     return evaluate_detections(detections, records, config.data.classes, 0.5, True)["mAP"]
 
 

@@ -15,12 +15,13 @@ import scipy.io
 from click.testing import CliRunner
 
 from spp_detect.artifacts import load_json, load_npz, save_npz
-from spp_detect.cli import StageContext, cli
+from spp_detect.cli import cli
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
 from spp_detect.run_dir import RunDir
 from spp_detect.stages import propose as propose_stage
+from spp_detect.stages.common import StageContext
 from spp_detect.stages.propose import ProposalJob, run_jobs, run_propose, save_proposals
 
 TOY_CLASSES = "data.classes=[circle, square, triangle]"

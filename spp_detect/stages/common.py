@@ -16,7 +16,20 @@ from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
 
+
 # Config sections each stage's output depends on, its upstream stages' included.
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage gets from the command line."""
+
+    config: Config
+    run_dir: RunDir
+    device: str
+    workers: int
+    limit: int | None
+    force: bool
+
+
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "propose": ("data", "propose"),
     "extract": ("data", "extract"),

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from spp_detect.artifacts import load_npz
-from spp_detect.cli import StageContext
 from spp_detect.image import read_image
-from spp_detect.stages.common import split_records
+from spp_detect.stages.common import StageContext, split_records
 from spp_detect.stages.run import run_all
 from spp_detect.structures import Detections
 from spp_detect.toy import make_toy_dataset
@@ -40,13 +39,11 @@ def draw_test_pictures(ctx: StageContext, count: int) -> list[Path]:
     detections = Detections(**load_npz(run_dir.detections_path(split)))
     records = split_records(config, split, ctx.limit)[:count]
     paths = []
-    position = {image_id: i for i, image_id in enumerate(detections.image_ids.tolist())}
     for record in records:
-        mine = detections.image_index == position[record.image_id]
-        rows = mine & (detections.scores >= DEMO_SCORE_THRESH)
+        found = detections.for_image(record.image_id)
         picture = draw_detections(
-            read_image(record.path), detections.boxes[rows], detections.labels[rows],
-            detections.scores[rows], config.data.classes, score_thresh=DEMO_SCORE_THRESH,
+            read_image(record.path), detections=found, class_names=config.data.classes,
+            score_thresh=DEMO_SCORE_THRESH,
         )  # fmt: skip
         path = run_dir.root / "demo" / f"{record.image_id}.png"
         save_png(path, picture)

@@ -13,14 +13,13 @@ import numpy as np
 from tqdm import tqdm
 
 from spp_detect.artifacts import save_json
-from spp_detect.cli import StageContext
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
 from spp_detect.proposals import propose_image
-from spp_detect.stages.common import Summary, live_feature_source
+from spp_detect.stages.common import StageContext, Summary, live_feature_source
 from spp_detect.stages.propose import proposal_params
 from spp_detect.stages.test import load_detector
-from spp_detect.structures import ImageRecord
+from spp_detect.structures import ImageDetections, ImageRecord
 from spp_detect.visualize import draw_detections, save_png
 
 
@@ -38,14 +37,14 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
     for record in tqdm(records, desc="detect", unit="img"):
         image = read_image(record.path)
         proposals = propose_image(image, **params)
-        boxes, scores, labels = detector.detect(source, record, proposals)
-        keep = (scores >= score_thresh).numpy()
-        found = boxes.numpy()[keep], scores.numpy()[keep], labels.numpy()[keep]
+        found = detector.detect(source, record, proposals)
+        found = found.select(found.scores >= score_thresh)
         stem = out_dir / record.image_id
-        save_json(stem.with_suffix(".json"), _as_json(record, *found, config.data.classes))
-        save_png(stem.with_suffix(".png"), draw_detections(image, *found, config.data.classes))
+        save_json(stem.with_suffix(".json"), _as_json(record, found, config.data.classes))
+        picture = draw_detections(image, detections=found, class_names=config.data.classes)
+        save_png(stem.with_suffix(".png"), picture)
         summary.items += 1
-        total += int(keep.sum())
+        total += len(found)
     summary.notes.append(f"{total} detections with score >= {score_thresh:g}, in {out_dir}/")
     return summary.line()
 
@@ -57,15 +56,9 @@ def _record(path: Path) -> ImageRecord:
     return ImageRecord(path.stem, path, height, width, empty, np.zeros(0), np.zeros(0, bool))
 
 
-def _as_json(
-    record: ImageRecord,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    classes: tuple[str, ...],
-) -> dict:
+def _as_json(record: ImageRecord, found: ImageDetections, classes: tuple[str, ...]) -> dict:
     """Boxes as continuous pixel XYXY (x2, y2 exclusive), best first."""
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-found.scores, kind="stable")
     return {
         "image": str(record.path),
         "height": record.height,
@@ -73,9 +66,9 @@ def _as_json(
         "box_format": "xyxy continuous pixels, x2/y2 exclusive",
         "detections": [
             {
-                "class": classes[int(labels[i])],
-                "score": round(float(scores[i]), 4),
-                "box": [round(float(v), 1) for v in boxes[i]],
+                "class": classes[int(found.labels[i])],
+                "score": round(float(found.scores[i]), 4),
+                "box": [round(float(v), 1) for v in found.boxes[i]],
             }
             for i in order
         ],

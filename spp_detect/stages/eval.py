@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 
 from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json, write_manifest
-from spp_detect.cli import StageContext
 from spp_detect.errors import UserError
 from spp_detect.inference import combine_detections
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
+    StageContext,
     Summary,
     check_classes,
     fingerprint,

@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,11 +36,8 @@ from spp_detect.features import (
     resolve_device,
 )
 from spp_detect.image import flip_image, resized_hw
-from spp_detect.stages.common import fingerprint, format_bytes, split_records
+from spp_detect.stages.common import StageContext, fingerprint, format_bytes, split_records
 from spp_detect.structures import ImageRecord
-
-if TYPE_CHECKING:
-    from spp_detect.cli import StageContext
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ import time
 from collections.abc import Callable
 
 from spp_detect.artifacts import read_manifest
-from spp_detect.cli import StageContext
-from spp_detect.stages.common import fingerprint, stage_dir
+from spp_detect.stages.common import StageContext, fingerprint, stage_dir
 
 logger = logging.getLogger(__name__)
 

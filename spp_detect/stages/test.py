@@ -25,7 +25,6 @@ from spp_detect.artifacts import (
     write_manifest,
 )
 from spp_detect.bbox_reg import BoxRegressors
-from spp_detect.cli import StageContext
 from spp_detect.config import Config
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
@@ -34,6 +33,7 @@ from spp_detect.precision import autocast, check_precision
 from spp_detect.run_dir import RunDir
 from spp_detect.spp import dedup_keys, inverse_permutation
 from spp_detect.stages.common import (
+    StageContext,
     Summary,
     check_classes,
     fingerprint,
@@ -43,7 +43,7 @@ from spp_detect.stages.common import (
     require_upstream,
     stage_dir,
 )
-from spp_detect.structures import Detections, ImageRecord
+from spp_detect.structures import Detections, ImageDetections, ImageRecord
 from spp_detect.svm import SvmModel
 from spp_detect.window_features import distinct_windows
 
@@ -70,10 +70,10 @@ class Detector:
     @torch.inference_mode()
     def detect(
         self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(boxes (M, 4), scores (M,), labels (M,)) of one image, on the CPU."""
+    ) -> ImageDetections:
+        """The detections of one image."""
         if len(proposals) == 0:
-            return torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+            return ImageDetections.empty()
         pooled, fc7, inverse = self.window_features(source, record, proposals)
         scores = (fc7 @ self.svm_weight + self.svm_bias)[inverse]
         boxes = torch.as_tensor(proposals, device=scores.device)
@@ -83,11 +83,10 @@ class Detector:
             return self.regressors.apply(boxes[window_index], features, labels, record.image_hw)
 
         test = self.test
-        found = detect_image(
+        return detect_image(
             scores, boxes, record.image_hw, test.score_thresh, test.nms_thresh,
             test.max_per_class, regress if self.regressors is not None else None,
         )  # fmt: skip
-        return tuple(t.cpu() for t in found)
 
     def window_features(
         self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
@@ -106,8 +105,8 @@ class Detector:
         )  # fmt: skip
         first, inverse = distinct_windows(keys)
         workspace = self._pooled_workspace(len(first), source.feature_dim)
-        pooled, rows = source.pool_unordered(
-            record, proposals[first.numpy()], scale_index[first], out=workspace
+        pooled, rows = source.pool(
+            record, proposals[first.numpy()], scale_index[first], out=workspace, keep_order=False
         )
         chunks = pooled.split(self.test.batch_windows)
         with autocast(pooled.device, self.test.precision):
@@ -155,9 +154,11 @@ def run_test(ctx: StageContext, split: str) -> str:
     progress = dict(desc=f"test {split}", total=len(todo), unit="img")
     for record in tqdm(prefetching(source, todo), **progress):
         proposals = load_proposals(run_dir, split, record.image_id)
-        boxes, scores, labels = detector.detect(source, record, proposals)
-        found = {"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy()}
-        save_npz(_part_path(parts_dir, record), **found, fingerprint=np.str_(test_fingerprint))
+        found = detector.detect(source, record, proposals)
+        save_npz(
+            _part_path(parts_dir, record), boxes=found.boxes, scores=found.scores,
+            labels=found.labels, fingerprint=np.str_(test_fingerprint),
+        )  # fmt: skip
         summary.items += 1
     # 3. merge
     detections = _merge(records, parts_dir)
@@ -175,17 +176,11 @@ def _part_path(parts_dir: Path, record: ImageRecord) -> Path:
 
 
 def _merge(records: list[ImageRecord], parts_dir: Path) -> Detections:
-    image_index, boxes, scores, labels = [], [], [], []
-    for index, record in enumerate(records):
+    per_image = []
+    for record in records:
         part = load_npz(_part_path(parts_dir, record))
-        image_index.append(np.full(len(part["scores"]), index, np.int64))
-        boxes.append(part["boxes"].reshape(-1, 4))
-        scores.append(part["scores"])
-        labels.append(part["labels"])
-    return Detections(
-        image_ids=np.array([r.image_id for r in records]),
-        image_index=np.concatenate(image_index),
-        boxes=np.concatenate(boxes),
-        scores=np.concatenate(scores),
-        labels=np.concatenate(labels),
-    )
+        per_image.append(
+            ImageDetections(boxes=part["boxes"].reshape(-1, 4), scores=part["scores"],
+                            labels=part["labels"])
+        )  # fmt: skip
+    return Detections.from_images([r.image_id for r in records], per_image)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.bbox_reg import BoxRegressors, fit_box_regressors
 from spp_detect.boxes import decode_deltas, paired_iou
-from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.stages.common import (
+    StageContext,
     Summary,
     fingerprint,
     load_proposals,
@@ -75,7 +75,8 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
 
 @torch.inference_mode()
 def _pool5(source: FeatureSource, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
-    return source.pool(record, boxes).float()
+    pooled, _ = source.pool(record, boxes)
+    return pooled.float()
 
 
 def _examples(

@@ -19,12 +19,12 @@ import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
-from spp_detect.cli import StageContext
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
 from spp_detect.sampling import class_overlaps
 from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
+    StageContext,
     Summary,
     fingerprint,
     load_proposals,
@@ -53,7 +53,7 @@ class WindowFeatures:
 
     @torch.inference_mode()
     def fc7(self, record: ImageRecord, boxes: np.ndarray, scale_index: torch.Tensor) -> np.ndarray:
-        pooled = self.source.pool(record, boxes, scale_index)
+        pooled, _ = self.source.pool(record, boxes, scale_index)
         return self.head.features(pooled).float().cpu().numpy()
 
 
