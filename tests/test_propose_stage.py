@@ -22,7 +22,8 @@ from spp_detect.image import read_image
 from spp_detect.run_dir import RunDir
 from spp_detect.stages import propose as propose_stage
 from spp_detect.stages.common import StageContext
-from spp_detect.stages.propose import ProposalJob, run_jobs, run_propose, save_proposals
+from spp_detect.stages.propose import ProposalJob, run_propose, save_proposals
+from spp_detect.workers import run_jobs
 
 TOY_CLASSES = "data.classes=[circle, square, triangle]"
 CRASH_ID = "trainval_00003"  # the image whose worker dies in the crash tests

@@ -6,21 +6,17 @@ of the propose config), computed in worker processes; a file made with the same 
 is kept (resume); 3. failures are listed and end the stage with exit code 2 and no manifest, so a
 rerun redoes only them; 4. the manifest; 5. the recall report (``report.json`` and a table).
 
-Each image runs in a worker process (spawned, OpenCV single-threaded in each), so an image on
-which OpenCV crashes its process costs only that image: the pool is restarted, the images that
-were in flight with it are retried one at a time, and one that crashes alone is marked failed.
+Images run in ``workers.run_jobs``' crash-tolerant worker processes: an image on which OpenCV
+crashes its process costs only that image.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +40,11 @@ from spp_detect.image import read_image
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import Summary, dir_bytes, fingerprint, split_records
 from spp_detect.structures import ImageRecord
+from spp_detect.workers import MP_START_METHOD, run_jobs
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_FAILURES = 10  # failures named in the error line; all of them are logged
-MAX_REASON_CHARS = 300  # OpenCV errors span many lines; keep one short line per image
-# spawn: a fresh interpreter per worker, safe whatever threads the parent runs (torch, OpenCV)
-# and the same on Linux, macOS and Windows.
-MP_START_METHOD = "spawn"
-PARENT_POLL_SECONDS = 1.0  # how often a worker checks that the stage process is still alive
 
 
 @dataclass(frozen=True)
@@ -196,120 +188,6 @@ def _import_mat(
         boxes = proposals.filter_boxes(boxes, propose.min_size, propose.max_per_image)
         save_proposals(path, boxes, propose_fingerprint)
     return {}
-
-
-# --- crash-isolated worker pool ----------------------------------------------------------------
-
-
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # parallelism comes from the processes
-    # A killed stage (SIGKILL, SIGTERM) would leave its workers blocked on the job queue forever.
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_SECONDS)
-    os._exit(1)
-
-
-def _guarded(job_fn: Callable[[ProposalJob], int], job: ProposalJob) -> tuple[bool, int | str]:
-    """Run ``job_fn`` in a worker; a Python exception becomes (False, one-line reason)."""
-    try:
-        return True, job_fn(job)
-    except Exception as exc:  # OpenCV raises cv2.error; any failure is one image's failure
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return False, f"{type(exc).__name__}: {reason}"[:MAX_REASON_CHARS]
-
-
-def run_jobs(
-    jobs: Iterable[ProposalJob],
-    workers: int,
-    job_fn: Callable[[ProposalJob], int] = compute_proposals,
-    desc: str = "propose",
-) -> dict[str, str]:
-    """Run ``job_fn`` on every job in ``workers`` processes; returns {image_id: failure reason}.
-
-    ``job_fn`` must be a module-level function (it is pickled to spawned workers). When a worker
-    process dies, every job in flight with it is retried alone in a fresh pool; a job that kills
-    its worker while alone is reported as failed and the others carry on.
-    """
-    waiting = deque(jobs)
-    suspects: deque[ProposalJob] = deque()  # in flight when a worker died: retried one at a time
-    failures: dict[str, str] = {}
-    context = multiprocessing.get_context(MP_START_METHOD)
-    with tqdm(total=len(waiting), desc=desc, unit="img") as bar:
-
-        def finish(job: ProposalJob, outcome: tuple[bool, int | str]) -> None:
-            ok, value = outcome
-            if not ok:
-                failures[job.image_id] = str(value)
-                logger.warning("%s: %s", job.image_path, value)
-            bar.update(1)
-
-        while waiting or suspects:
-            # suspects get a one-process pool of their own; the rest a full one
-            queue = suspects if suspects else waiting
-            num_workers = 1 if suspects else max(1, min(workers, len(waiting)))
-            with ProcessPoolExecutor(
-                num_workers, mp_context=context, initializer=_init_worker
-            ) as pool:
-                lost = _drain(pool, num_workers, queue, job_fn, finish)
-            if len(lost) == 1:
-                finish(
-                    lost[0],
-                    (False, "the worker process crashed on this image (e.g. inside OpenCV)"),
-                )
-            else:
-                suspects.extend(lost)
-    return failures
-
-
-def _drain(
-    pool: ProcessPoolExecutor,
-    num_workers: int,
-    queue: deque[ProposalJob],
-    job_fn: Callable[[ProposalJob], int],
-    finish: Callable[[ProposalJob, tuple[bool, int | str]], None],
-) -> list[ProposalJob]:
-    """Feed ``pool`` from ``queue`` until it is empty or a worker dies; returns the jobs lost.
-
-    At most ``num_workers`` jobs are in flight; the lost ones are those in flight at the crash.
-    """
-    in_flight: dict[Future, ProposalJob] = {}
-    while queue or in_flight:
-        while queue and len(in_flight) < num_workers:
-            job = queue.popleft()
-            in_flight[pool.submit(_guarded, job_fn, job)] = job
-        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-        broken = False
-        for future in done:
-            job = in_flight.pop(future)
-            try:
-                finish(job, future.result())
-            except BrokenProcessPool:
-                in_flight[future] = job
-                broken = True
-        if broken:
-            return _collect_lost(in_flight, finish)
-    return []
-
-
-def _collect_lost(
-    in_flight: dict[Future, ProposalJob],
-    finish: Callable[[ProposalJob, tuple[bool, int | str]], None],
-) -> list[ProposalJob]:
-    """After a worker died: finish the jobs that completed anyway, return the others."""
-    wait(in_flight)  # the executor fails every pending future once the pool is broken
-    lost = []
-    for future, job in in_flight.items():
-        if future.exception() is None:
-            finish(job, future.result())
-        else:
-            lost.append(job)
-    return lost
 
 
 def _raise_failures(failures: Mapping[str, str], num_images: int, split: str) -> None:
