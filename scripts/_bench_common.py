@@ -38,7 +38,7 @@ from spp_detect.image import image_to_tensor, resize_short_side
 from spp_detect.inference import finalize_detections, select_detections
 from spp_detect.precision import autocast
 from spp_detect.proposals import propose_image
-from spp_detect.spp import dedup_keys, inverse_permutation, pool_windows_unordered, select_scale
+from spp_detect.spp import dedup_keys, inverse_permutation, pool_windows, select_scale
 from spp_detect.structures import ImageRecord
 from spp_detect.voc import read_split
 from spp_detect.window_features import distinct_windows
@@ -340,8 +340,8 @@ def spp_features(
     """``Detector.window_features``: pool5 (U, D), fc7 (U, F), inverse (R,) into the U rows.
 
     Parts: "projection + dedup" (scale choice, conv5 window keys, distinct windows),
-    "pooling" (``pool_windows_unordered`` of the distinct windows into a workspace kept across
-    images), "fc6/fc7".
+    "pooling" (``pool_windows(keep_order=False)`` of the distinct windows into a workspace kept
+    across images), "fc6/fc7".
     """
     g = models.geometry
     with watch.part("projection + dedup"):
@@ -352,9 +352,9 @@ def spp_features(
         dim = models.feature_dim
         if len(models.workspace) < len(first):
             models.workspace = torch.empty((len(first), dim), device=models.device)
-        pooled, rows = pool_windows_unordered(
+        pooled, rows = pool_windows(
             maps, boxes[first.numpy()], image_hw, scales, scale_index[first], g.stride,
-            g.offset0, g.offset, g.levels, out=models.workspace,
+            g.offset0, g.offset, g.levels, out=models.workspace, keep_order=False,
         )  # fmt: skip
     with watch.part("fc6/fc7"), autocast(models.device, models.precision):
         parts = pooled.split(TEST.batch_windows)

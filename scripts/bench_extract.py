@@ -158,7 +158,7 @@ def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: i
                 loop = prefetching(source, records) if mode == "prefetch" else records
                 started = time.perf_counter()
                 for record, image_boxes in zip(loop, boxes, strict=True):
-                    source.pool_unordered(record, image_boxes)
+                    source.pool(record, image_boxes, keep_order=False)
                 seconds = (time.perf_counter() - started) / len(records)
                 times.setdefault((cache, mode), []).append(seconds)
     return {key: min(values) for key, values in times.items()}
@@ -185,19 +185,19 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     boxes = random_windows(rng, windows, image_hw)
     index = select_scale(boxes, image_hw, scales)
     args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
-    pooled = pool_windows(maps, *args)  # warm-up
+    pooled, _ = pool_windows(maps, *args)  # warm-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        pooled = pool_windows(maps, *args)
+        pooled, _ = pool_windows(maps, *args)
         times.append(time.perf_counter() - started)
     half_maps = [m.half() for m in maps]  # as read from the float16 cache
     half_times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        from_half = pool_windows(half_maps, *args, out_dtype=torch.float32)
+        from_half, _ = pool_windows(half_maps, *args, out_dtype=torch.float32)
         half_times.append(time.perf_counter() - started)
-    assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args))
+    assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args)[0])
     result = {
         "float16_maps_s": min(half_times),
         "windows": windows,

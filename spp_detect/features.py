@@ -26,12 +26,7 @@ from spp_detect.backbones import Backbone
 from spp_detect.errors import UserError
 from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
 from spp_detect.precision import autocast, check_precision
-from spp_detect.spp import (
-    inverse_permutation,
-    pool_windows_unordered,
-    pyramid_dim,
-    select_scale,
-)
+from spp_detect.spp import pool_windows, pyramid_dim, select_scale
 from spp_detect.structures import ImageRecord
 
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
@@ -233,28 +228,20 @@ class FeatureSource:
         boxes: np.ndarray | Tensor,
         scale_index: Tensor | np.ndarray | None = None,
         flipped: bool = False,
-    ) -> Tensor:
-        """Pooled features (R, D) float32 on the device, rows in the order of ``boxes`` (R, 4).
+        *,
+        out: Tensor | None = None,
+        keep_order: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Pooled features (R, D) float32 on the device of the windows ``boxes`` (R, 4), and
+        rows (R,) int64 on the CPU, row i of pooled being window ``rows[i]``.
 
         ``scale_index`` (R,) picks each window's scale (fine-tuning draws it at random); None
         picks the best scale (``select_scale``). With ``flipped`` the boxes are in the
-        coordinates of the mirrored image (``boxes.flip_boxes``).
+        coordinates of the mirrored image (``boxes.flip_boxes``). ``keep_order``: True gives
+        input order (rows = arange(R)); False skips the final reorder (the test path needs no
+        input order). ``out``: a float32 buffer (≥ R, D) on the device to pool into, as in
+        ``spp.pool_windows``.
         """
-        pooled, rows = self.pool_unordered(record, boxes, scale_index, flipped)
-        return pooled.index_select(0, inverse_permutation(rows).to(pooled.device))
-
-    def pool_unordered(
-        self,
-        record: ImageRecord,
-        boxes: np.ndarray | Tensor,
-        scale_index: Tensor | np.ndarray | None = None,
-        flipped: bool = False,
-        out: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """As :meth:`pool`, but rows in pooling order: pooled (R, D) and rows (R,), row i being
-        window ``rows[i]`` (the test path needs no input order, so it skips one gather).
-        ``out``: a float32 buffer (≥ R, D) on the device to pool into, as in
-        ``spp.pool_windows_unordered``."""
         boxes = torch.as_tensor(boxes if isinstance(boxes, Tensor) else np.asarray(boxes))
         scales = self.image_scales(record)
         if scale_index is None:
@@ -265,11 +252,10 @@ class FeatureSource:
             raise ValueError(f"scale_index must lie in [0, {len(scales)})")
         maps = self._maps(record, flipped, sorted(set(index.tolist())) or [0])
         g = self.geometry
-        pooled, rows = pool_windows_unordered(
+        return pool_windows(
             maps, boxes, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
-            out_dtype=torch.float32, out=out,
+            out_dtype=torch.float32, out=out, keep_order=keep_order,
         )  # fmt: skip
-        return pooled, rows
 
     def prefetch(self, record: ImageRecord, flipped: bool = False) -> None:
         """Start reading ``record``'s cached maps (every scale) in a background thread, so the

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect import spp
+from spp_detect import _blockmax, spp
 from spp_detect.spp import (
     SpatialPyramidPool,
     dedup_keys,
     pool_windows,
-    pool_windows_unordered,
     project_boxes,
     pyramid_dim,
     select_scale,
@@ -284,7 +283,7 @@ def test_pooling_matches_reference_on_random_windows(levels):
 @pytest.mark.parametrize("chunk_bytes", [1, 40_000])  # 1 window per chunk; 17 or 8
 @pytest.mark.parametrize("levels", [LEVELS, (7, 5, 1)])
 def test_pooling_in_cache_sized_chunks_matches_reference(monkeypatch, chunk_bytes, levels):
-    monkeypatch.setattr(spp, "POOL_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_blockmax, "POOL_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(11)
     fmap = relu_map(rng, 16, 23, 37)
     cells = random_cells(rng, 300, 23, 37)
@@ -292,19 +291,47 @@ def test_pooling_in_cache_sized_chunks_matches_reference(monkeypatch, chunk_byte
     assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
 
 
-def test_pool_windows_into_a_larger_buffer():
-    rng = np.random.default_rng(12)
+def pool_windows_case(seed: int, count: int = 40):
+    """Positional arguments of ``pool_windows`` for ``count`` windows over two 4-channel maps."""
+    rng = np.random.default_rng(seed)
     image_hw, scales = (120, 160), (96, 128)
     maps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
-    boxes = random_boxes(rng, 40, image_hw)
-    args = (maps, boxes, image_hw, scales, torch.from_numpy(rng.integers(0, 2, 40)))
+    boxes = random_boxes(rng, count, image_hw)
+    return (maps, boxes, image_hw, scales, torch.from_numpy(rng.integers(0, 2, count)))
+
+
+def test_pool_windows_unordered_rows_reorder_to_input_order():
+    args = pool_windows_case(13, count=60)
+    ordered, arange = pool_windows(*args, levels=LEVELS, **ZF5)
+    pooled, rows = pool_windows(*args, levels=LEVELS, keep_order=False, **ZF5)
+    assert torch.equal(arange, torch.arange(60))
+    assert sorted(rows.tolist()) == list(range(60)) and not torch.equal(rows, arange)
+    assert torch.equal(pooled, ordered[rows])
+    assert torch.equal(pooled[spp.inverse_permutation(rows)], ordered)
+
+
+def test_pool_windows_into_a_larger_buffer():
+    args = pool_windows_case(12)
+    expected, _ = pool_windows(*args, levels=LEVELS, **ZF5)
     buffer = torch.full((50, 200), -1.0)
-    pooled, rows = pool_windows_unordered(*args, levels=LEVELS, out=buffer, **ZF5)
+    pooled, rows = pool_windows(*args, levels=LEVELS, out=buffer, keep_order=False, **ZF5)
     assert pooled.data_ptr() == buffer.data_ptr() and pooled.shape == (40, 200)
-    expected = pool_windows(*args, levels=LEVELS, **ZF5)
     assert torch.equal(pooled, expected[rows]) and bool((buffer[40:] == -1).all())
     with pytest.raises(ValueError, match="cannot hold 40 rows of 200"):
-        pool_windows_unordered(*args, levels=LEVELS, out=torch.empty(39, 200), **ZF5)
+        pool_windows(*args, levels=LEVELS, out=torch.empty(39, 200), keep_order=False, **ZF5)
+    with pytest.raises(ValueError, match="cannot hold 40 rows of 200"):
+        pool_windows(*args, levels=LEVELS, out=torch.empty(39, 200), **ZF5)
+
+
+def test_pool_windows_in_input_order_into_a_buffer():
+    """keep_order with ``out``: the result is still the buffer's first R rows, in input order."""
+    args = pool_windows_case(14)
+    expected, _ = pool_windows(*args, levels=LEVELS, **ZF5)
+    buffer = torch.full((45, 200), -1.0, dtype=torch.float64)
+    pooled, rows = pool_windows(*args, levels=LEVELS, out=buffer, **ZF5)
+    assert pooled.data_ptr() == buffer.data_ptr() and pooled.dtype == torch.float64
+    assert torch.equal(rows, torch.arange(40)) and bool((buffer[40:] == -1).all())
+    assert torch.equal(pooled, expected.double())
 
 
 def test_pool_windows_matches_reference_at_several_scales():
@@ -317,14 +344,18 @@ def test_pool_windows_matches_reference_at_several_scales():
     boxes = random_boxes(rng, 400, image_hw, min_side=4.0)
     scale_index = select_scale(boxes, image_hw, scales, target=100.0)  # all three in use
     assert len(set(scale_index.tolist())) == 3
-    pooled = pool_windows(fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, **ZF5)
+    pooled, rows = pool_windows(fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, **ZF5)
     expected = []
     for box, k in zip(boxes, scale_index.tolist(), strict=True):
         fmap_hw = tuple(fmaps[k].shape[1:])
         cells = [reference_project(box, image_hw, scales[k], fmap_hw, **ZF5)]
         expected.append(reference_pool(fmaps[k].numpy(), cells, LEVELS)[0])
-    assert pooled.dtype == torch.float32
+    assert pooled.dtype == torch.float32 and torch.equal(rows, torch.arange(400))
     assert torch.equal(pooled, torch.from_numpy(np.stack(expected)))
+    unordered, rows = pool_windows(
+        fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, keep_order=False, **ZF5
+    )
+    assert torch.equal(unordered, torch.from_numpy(np.stack(expected))[rows])
 
 
 def test_pool_windows_with_random_scales_and_unused_maps():
@@ -333,14 +364,14 @@ def test_pool_windows_with_random_scales_and_unused_maps():
     fmaps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
     boxes = random_boxes(rng, 50, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 50))
-    pooled = pool_windows(fmaps, boxes, image_hw, scales, index, levels=LEVELS, **ZF5)
+    pooled, _ = pool_windows(fmaps, boxes, image_hw, scales, index, levels=LEVELS, **ZF5)
     cells = window_cells(boxes, image_hw, scales, index, [(5, 7), (7, 9)], **ZF5)
     for row in range(50):
         k = int(index[row])
         expected = spatial_pyramid_pool(fmaps[k], cells[row : row + 1], LEVELS)[0]
         assert torch.equal(pooled[row], expected)
     only_second = torch.ones(5, dtype=torch.long)
-    pooled = pool_windows(
+    pooled, _ = pool_windows(
         [None, fmaps[1]], boxes[:5], image_hw, scales, only_second, levels=LEVELS, **ZF5
     )
     assert pooled.shape == (5, 4 * 50)
@@ -350,8 +381,12 @@ def test_pool_windows_without_windows():
     boxes = np.zeros((0, 4), dtype=np.float32)
     index = select_scale(boxes, (100, 120), (64, 96))
     maps = [torch.rand(8, 3, 4), None]
-    pooled = pool_windows(maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, **ZF5)
-    assert index.shape == (0,) and pooled.shape == (0, 400)
+    pooled, rows = pool_windows(maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, **ZF5)
+    assert index.shape == (0,) and pooled.shape == (0, 400) and rows.shape == (0,)
+    pooled, rows = pool_windows(
+        maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, keep_order=False, **ZF5
+    )
+    assert pooled.shape == (0, 400) and rows.shape == (0,)
 
 
 def test_float16_maps_pool_exactly_into_float32():
@@ -361,6 +396,6 @@ def test_float16_maps_pool_exactly_into_float32():
     boxes = random_boxes(rng, 60, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 60))
     args = (boxes, image_hw, scales, index)
-    pooled = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)
-    expected = pool_windows([m.float() for m in maps], *args, levels=LEVELS, **ZF5)
+    pooled, _ = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)
+    expected, _ = pool_windows([m.float() for m in maps], *args, levels=LEVELS, **ZF5)
     assert pooled.dtype == torch.float32 and torch.equal(pooled, expected)

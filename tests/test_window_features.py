@@ -11,6 +11,7 @@ from spp_detect.config import Config
 from spp_detect.features import FeatureSource, PoolGeometry
 from spp_detect.head import Head
 from spp_detect.stages.test import Detector
+from spp_detect.structures import ImageRecord
 from spp_detect.svm import SvmModel
 from spp_detect.voc import read_split
 from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
@@ -63,14 +64,41 @@ def test_feature_scale_reaches_the_target_mean_norm():
     assert float(norms.mean()) == pytest.approx(20.0, rel=1e-6)
 
 
-def test_dedup_gives_the_same_scores_as_every_window(toy_root):
-    """The fast test path (distinct windows once) against pooling every window."""
+def toy_source(toy_root) -> tuple[FeatureSource, ImageRecord]:
+    """A live ZF-5 source at two scales and the first toy test image."""
     record = read_split(toy_root, "test", TOY_CLASSES)[0]
     backbone = build_backbone("zf5", "none")
     geometry = PoolGeometry(backbone.stride, backbone.offset0, 6.5, (6, 3, 2, 1), 224.0)
     source = FeatureSource((160, 240), geometry, backbone.channels, "cpu", backbone=backbone)
+    return source, record
+
+
+def test_source_pool_order_modes_and_buffer(toy_root):
+    """keep_order=False gives the same rows in pooling order; ``out`` in both modes."""
+    source, record = toy_source(toy_root)
+    rng = np.random.default_rng(2)
+    corner = rng.uniform(0, 0.6, size=(40, 2)) * [record.width, record.height]
+    size = rng.uniform(0.1, 0.4, size=(40, 2)) * [record.width, record.height]
+    boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+    index = torch.arange(40) % 2  # both scales, interleaved
+    ordered, rows = source.pool(record, boxes, index)
+    assert ordered.dtype == torch.float32 and torch.equal(rows, torch.arange(40))
+    pooled, rows = source.pool(record, boxes, index, keep_order=False)
+    assert sorted(rows.tolist()) == list(range(40)) and torch.equal(pooled, ordered[rows])
+    buffer = torch.full((45, source.feature_dim), -1.0)
+    into, into_rows = source.pool(record, boxes, index, out=buffer, keep_order=False)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into_rows, rows)
+    assert torch.equal(into, pooled) and bool((buffer[40:] == -1).all())
+    into, into_rows = source.pool(record, boxes, index, out=buffer)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into_rows, torch.arange(40))
+    assert torch.equal(into, ordered)
+
+
+def test_dedup_gives_the_same_scores_as_every_window(toy_root):
+    """The fast test path (distinct windows once) against pooling every window."""
+    source, record = toy_source(toy_root)
     torch.manual_seed(0)
-    head = Head(geometry.feature_dim(backbone.channels), 64, len(TOY_CLASSES)).eval()
+    head = Head(source.feature_dim, 64, len(TOY_CLASSES)).eval()
     svms = SvmModel(np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), np.zeros(3))
     rng = np.random.default_rng(1)
     corner = rng.uniform(0, 0.6, size=(300, 2)) * [record.width, record.height]
@@ -82,7 +110,7 @@ def test_dedup_gives_the_same_scores_as_every_window(toy_root):
     with torch.inference_mode():
         pooled, fc7, inverse = detector.window_features(source, record, boxes)
         fast = (fc7 @ detector.svm_weight + detector.svm_bias)[inverse]
-        every = source.pool(record, boxes)
+        every, _ = source.pool(record, boxes)
         slow = head.features(every) @ detector.svm_weight + detector.svm_bias
     assert len(pooled) < len(boxes)
     torch.testing.assert_close(pooled[inverse], every)

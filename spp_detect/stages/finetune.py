@@ -310,9 +310,9 @@ def pool_block(
     for entry, positions in tqdm(groups, desc="pool windows", unit="img", leave=False):
         record = records[pool.entry_image[entry]]
         # rows land at their block positions below, so the pooling order needs no reorder
-        pooled, rows = source.pool_unordered(
+        pooled, rows = source.pool(
             record, pool.boxes[flat_windows[positions]], flat_scales[positions],
-            flipped=bool(pool.entry_flipped[entry]),
+            flipped=bool(pool.entry_flipped[entry]), keep_order=False,
         )  # fmt: skip
         if features is None:
             features = pooled.new_empty((len(flat_windows), pooled.shape[1]), dtype=torch.float16)
@@ -374,7 +374,8 @@ def evaluation_windows(
     features, order = [], []
     for entry, positions in group_by_entry(chosen, pool):
         record = records[pool.entry_image[entry]]
-        features.append(source.pool(record, pool.boxes[chosen[positions]], None).to(torch.float16))
+        pooled, _ = source.pool(record, pool.boxes[chosen[positions]], None)
+        features.append(pooled.to(torch.float16))
         order.append(positions)
     labels = pool.labels[chosen[np.concatenate(order)]]
     return torch.cat(features), torch.as_tensor(labels, device=features[0].device)
