@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from spp_detect.artifacts import load_npz, save_npz
-from spp_detect.boxes import clip_boxes, decode_deltas, encode_deltas
+from spp_detect.boxes import clip_boxes, decode_deltas, encode_deltas, paired_iou
 from spp_detect.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -202,3 +203,40 @@ def fit_box_regressors(
             features, proposals, gt_boxes, ridge_lambda, whiten_eps, feature_scale, device
         )
     return BoxRegressors(weights, biases), report
+
+
+def regression_examples(
+    boxes: np.ndarray, gt_boxes: np.ndarray, min_iou: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The windows (R, 4) of one image that train a regressor
+    (docs/method.md#bounding-box-regression).
+
+    A window is an example when its best IoU with a gt box (G, 4) is strictly above
+    ``min_iou``; it regresses towards that gt. Returns rows (E,) into ``boxes`` and the
+    assigned gt index (E,) of each.
+    """
+    if len(gt_boxes) == 0 or len(boxes) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    best_iou, best_gt = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt_boxes)).max(dim=1)
+    rows = np.flatnonzero((best_iou > min_iou).numpy())
+    return rows, best_gt.numpy()[rows]
+
+
+def mean_iou_before_after(
+    regressors: BoxRegressors,
+    label: int,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+) -> dict:
+    """Mean IoU of a class's training windows (E, 4) with their gt (E, 4), before and after
+    regression from their features (E, D)."""
+    if len(boxes) == 0:
+        return {"mean_iou_before": None, "mean_iou_after": None}
+    labels = torch.full((len(boxes),), label)
+    deltas = regressors.predict(torch.from_numpy(features).float(), labels)
+    regressed = decode_deltas(torch.from_numpy(boxes), deltas)
+    gt = torch.from_numpy(gt_boxes)
+    before = paired_iou(torch.from_numpy(boxes), gt).mean()
+    after = paired_iou(regressed, gt).mean()
+    return {"mean_iou_before": round(float(before), 4), "mean_iou_after": round(float(after), 4)}

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from spp_detect.artifacts import load_npz, save_npz
 from spp_detect.errors import UserError
+from spp_detect.sampling import class_overlaps
+from spp_detect.window_features import distinct_windows
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +323,25 @@ def mine_and_train(
     for negatives, is_last in _with_last(negatives_per_image):
         miner.add_image(negatives, is_last)
     return miner.model()
+
+
+def negative_candidates(
+    boxes: np.ndarray,
+    window_keys: torch.Tensor,
+    gt_boxes: np.ndarray,
+    gt_labels: np.ndarray,
+    num_classes: int,
+    neg_iou: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate negatives of one image's windows (R, 4) (docs/method.md#svm-training).
+
+    Windows with equal conv5 keys (R, k) (``spp.dedup_keys``) pool identical features, so only
+    the first of each is a candidate; it is a negative of class k when its IoU with every gt of
+    that class is below ``neg_iou``. Returns candidates (U,) window indices that are a negative
+    of at least one class, and is_negative (U, K) bool.
+    """
+    first = distinct_windows(window_keys)[0].numpy()
+    overlaps = class_overlaps(boxes[first], gt_boxes, gt_labels, num_classes)
+    is_negative = overlaps < neg_iou
+    useful = is_negative.any(axis=1)
+    return first[useful], is_negative[useful]

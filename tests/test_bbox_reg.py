@@ -152,3 +152,18 @@ def test_save_load_round_trip_and_bad_file(tmp_path):
     np.savez(tmp_path / "bad.npz", weight=np.zeros((3, 6)))
     with pytest.raises(UserError, match=r"bad\.npz"):
         BoxRegressors.load(tmp_path / "bad.npz")
+
+
+def test_regression_examples_take_windows_above_the_iou_and_their_best_gt():
+    from spp_detect.bbox_reg import regression_examples
+
+    gt = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+    boxes = np.array(
+        [[0, 0, 10, 10], [21, 21, 40, 40], [0, 0, 20, 20], [50, 50, 60, 60]], np.float32
+    )
+    rows, assigned = regression_examples(boxes, gt, 0.5)
+    assert rows.tolist() == [0, 1] and assigned.tolist() == [0, 1]  # IoU 0.25 and 0 are out
+    rows, _ = regression_examples(boxes, gt, 1.0)  # strictly above: IoU 1 is not > 1
+    assert rows.tolist() == []
+    rows, assigned = regression_examples(boxes, np.zeros((0, 4), np.float32), 0.5)
+    assert rows.shape == assigned.shape == (0,)

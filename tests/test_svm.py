@@ -176,3 +176,20 @@ def test_model_save_load_round_trip(tmp_path):
     loaded = SvmModel.load(tmp_path / "svms.npz")
     np.testing.assert_array_equal(loaded.weight, model.weight)
     np.testing.assert_array_equal(loaded.bias, model.bias)
+
+
+def test_negative_candidates_dedup_by_key_and_keep_negatives_of_any_class():
+    import torch
+
+    from spp_detect.svm import negative_candidates
+
+    gt = np.array([[0, 0, 10, 10]], np.float32)
+    boxes = np.array(
+        [[0, 0, 10, 10], [50, 50, 60, 60], [50, 50, 61, 61], [0, 0, 9, 10]], np.float32
+    )
+    # windows 1 and 2 share a conv5 key: only the first is a candidate
+    keys = torch.tensor([[0, 0, 1, 1, 0], [5, 5, 6, 6, 0], [5, 5, 6, 6, 0], [0, 0, 1, 2, 0]])
+    candidates, is_negative = negative_candidates(boxes, keys, gt, np.array([0]), 2, 0.3)
+    # window 0 (IoU 1) and 3 (IoU 0.9) are class-0 positives-ish, but negatives of class 1
+    assert candidates.tolist() == [0, 1, 3]
+    assert is_negative.tolist() == [[False, True], [True, True], [False, True]]

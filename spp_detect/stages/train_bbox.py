@@ -15,12 +15,10 @@ import logging
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
-from spp_detect.bbox_reg import BoxRegressors, fit_box_regressors
-from spp_detect.boxes import decode_deltas, paired_iou
+from spp_detect.bbox_reg import fit_box_regressors, mean_iou_before_after, regression_examples
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.stages.common import (
     StageContext,
@@ -61,7 +59,7 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     # 5. report and outputs
     for entry, example in zip(report, examples, strict=True):
         entry["class"] = config.data.classes[entry["class_index"]]
-        entry.update(_iou_before_after(regressors, entry["class_index"], *example))
+        entry.update(mean_iou_before_after(regressors, entry["class_index"], *example))
     regressors.save(run_dir.bbox_path)
     save_json(run_dir.bbox_report_path, {"feature_scale": scale, "classes": report})
     write_manifest(
@@ -90,15 +88,10 @@ def _examples(
     parts: list[list[tuple]] = [[] for _ in range(num_classes)]
     pairs = zip(prefetching(source, records), windows, strict=True)
     for record, boxes in tqdm(pairs, desc="bbox examples", total=len(records), unit="img"):
-        if len(record.gt_boxes) == 0:
-            continue
-        iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(record.gt_boxes))
-        best_iou, best_gt = iou.max(dim=1)
-        keep = (best_iou > min_iou).numpy()  # strict, SPEC §8
-        if not keep.any():
+        keep, assigned = regression_examples(boxes, record.gt_boxes, min_iou)
+        if len(keep) == 0:
             continue
         features = _pool5(source, record, boxes[keep]).cpu().numpy().astype(np.float16)
-        assigned = best_gt.numpy()[keep]
         labels = record.gt_labels[assigned]
         for label in np.unique(labels):
             rows = labels == label
@@ -113,25 +106,6 @@ def _stack(parts: list[tuple], dim: int) -> tuple[np.ndarray, np.ndarray, np.nda
         empty = np.zeros((0, 4), np.float32)
         return np.zeros((0, dim), np.float16), empty, empty
     return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
-
-
-def _iou_before_after(
-    regressors: BoxRegressors,
-    label: int,
-    features: np.ndarray,
-    boxes: np.ndarray,
-    gt_boxes: np.ndarray,
-) -> dict:
-    """Mean IoU of a class's training windows with their gt, before and after regression."""
-    if len(boxes) == 0:
-        return {"mean_iou_before": None, "mean_iou_after": None}
-    labels = torch.full((len(boxes),), label)
-    deltas = regressors.predict(torch.from_numpy(features).float(), labels)
-    regressed = decode_deltas(torch.from_numpy(boxes), deltas)
-    gt = torch.from_numpy(gt_boxes)
-    before = paired_iou(torch.from_numpy(boxes), gt).mean()
-    after = paired_iou(regressed, gt).mean()
-    return {"mean_iou_before": round(float(before), 4), "mean_iou_after": round(float(after), 4)}
 
 
 def _iou_note(report: list[dict]) -> str:

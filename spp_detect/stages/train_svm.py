@@ -21,7 +21,6 @@ from tqdm import tqdm
 from spp_detect.artifacts import clear_manifest, save_json, write_manifest
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
-from spp_detect.sampling import class_overlaps
 from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
     StageContext,
@@ -33,8 +32,8 @@ from spp_detect.stages.common import (
     windows_of,
 )
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmParams, mine_and_train
-from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
+from spp_detect.svm import SvmParams, mine_and_train, negative_candidates
+from spp_detect.window_features import feature_scale, sample_for_norm
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +136,9 @@ def _negatives(
             boxes, record.image_hw, windows.source.image_scales(record), scale_index,
             geometry.stride, geometry.offset0, offset,
         )  # fmt: skip
-        first = distinct_windows(keys)[0].numpy()  # first of each conv5 window (SPEC §4)
-        overlaps = class_overlaps(boxes[first], record.gt_boxes, record.gt_labels, num_classes)
-        is_negative = overlaps < neg_iou  # (U, K)
-        useful = is_negative.any(axis=1)
-        candidates, is_negative = first[useful], is_negative[useful]
+        candidates, is_negative = negative_candidates(
+            boxes, keys, record.gt_boxes, record.gt_labels, num_classes, neg_iou
+        )
         fc7 = windows.fc7(record, boxes[candidates], scale_index[candidates])
         yield [(fc7[mask], candidates[mask]) for mask in is_negative.T]
 
