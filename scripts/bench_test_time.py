@@ -47,10 +47,10 @@ from _bench_common import (
     timed_runs,
 )
 
-from spp_detect.config import PAPER_SCALES, Config, TestConfig
+from spp_detect.config import PAPER_SCALES, TestConfig
+from spp_detect.detector import DetectionSettings, Detector
 from spp_detect.features import FeatureSource
 from spp_detect.precision import AUTOCAST_DTYPES
-from spp_detect.stages.test import Detector
 from spp_detect.svm import SvmModel
 
 POOLING_TARGET = 0.05  # issue 8: pooling at most 5% of the per-image test time (CPU)
@@ -75,8 +75,11 @@ def matmul_reference(models: Models, rows: int) -> dict[str, float]:
 def package_detector(models: Models, scales) -> tuple[Detector, FeatureSource]:
     """The package's Detector and a live FeatureSource holding the same models."""
     svms = SvmModel(models.svm_weight.T.cpu().numpy().copy(), models.svm_bias.cpu().numpy().copy())
-    config = Config(test=TestConfig(precision=models.precision))
-    detector = Detector(config, models.head, svms, models.regressors, str(models.device))
+    test = TestConfig(precision=models.precision)
+    settings = DetectionSettings(
+        test.score_thresh, test.nms_thresh, test.max_per_class, test.batch_windows, test.precision
+    )
+    detector = Detector(models.head, svms, models.regressors, settings, str(models.device))
     source = FeatureSource(
         scales, models.geometry, models.backbone.channels, models.device,
         backbone=models.backbone, precision=models.precision,

@@ -208,8 +208,8 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
     """Dedup, pooling order and batching against every window pooled in input order."""
     import torch
 
-    from spp_detect.stages.common import open_feature_source
-    from spp_detect.stages.test import Detector, load_detector
+    from spp_detect.detector import Detector
+    from spp_detect.stages.common import build_detector, detection_settings, open_feature_source
 
     class NaiveDetector(Detector):
         def window_features(self, source, record, proposals):
@@ -217,8 +217,9 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
             return pooled, self.head.features(pooled), torch.arange(len(proposals))
 
     config, run_dir, records = _test_split(toy_run)
-    fast = load_detector(config, run_dir, "cpu")
-    naive = NaiveDetector(config, fast.head, _svms_of(fast), fast.regressors, "cpu")
+    fast = build_detector(config, run_dir, "cpu")
+    settings = detection_settings(config)
+    naive = NaiveDetector(fast.head, _svms_of(fast), fast.regressors, settings, "cpu")
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
     naive_map = _detector_map(naive, source, config, run_dir, records)
     fast_map = json.loads((toy_run / "eval/test.json").read_text())["mAP"]
@@ -236,12 +237,11 @@ MAP_TOLERANCE = 0.005  # mAP, as for the other optimisations (issue 8)
 def test_half_precision_fc_keeps_the_scores_and_the_map(toy_run, precision):
     from dataclasses import replace
 
-    from spp_detect.stages.common import load_proposals, open_feature_source
-    from spp_detect.stages.test import load_detector
+    from spp_detect.stages.common import build_detector, load_proposals, open_feature_source
 
     config, run_dir, records = _test_split(toy_run)
     half_config = replace(config, test=replace(config.test, precision=precision))
-    full, half = load_detector(config, run_dir, "cpu"), load_detector(half_config, run_dir, "cpu")
+    full, half = build_detector(config, run_dir, "cpu"), build_detector(half_config, run_dir, "cpu")
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
     for record in records:
         proposals = load_proposals(run_dir, config.data.test_split, record.image_id)
@@ -258,8 +258,7 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 
     import torch
 
-    from spp_detect.stages.common import live_feature_source
-    from spp_detect.stages.test import load_detector
+    from spp_detect.stages.common import build_detector, live_feature_source
 
     config, run_dir, records = _test_split(toy_run)
     half_config = replace(config, extract=replace(config.extract, precision=precision))
@@ -268,7 +267,7 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
         for full_fmap, half_fmap in zip(full.maps(record), half.maps(record), strict=True):
             error = (full_fmap - half_fmap).abs().max() / full_fmap.abs().max()
             assert half_fmap.dtype == torch.float32 and float(error) <= FMAP_TOLERANCE
-    detector = load_detector(config, run_dir, "cpu")
+    detector = build_detector(config, run_dir, "cpu")
     full_ap = _detector_map(detector, full, config, run_dir, records)
     half_ap = _detector_map(detector, half, config, run_dir, records)
     assert abs(full_ap - half_ap) <= MAP_TOLERANCE

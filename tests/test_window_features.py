@@ -8,9 +8,9 @@ import torch
 
 from spp_detect.backbones import build_backbone
 from spp_detect.config import Config
+from spp_detect.detector import DetectionSettings, Detector
 from spp_detect.features import FeatureSource, PoolGeometry
 from spp_detect.head import Head
-from spp_detect.stages.test import Detector
 from spp_detect.structures import ImageRecord
 from spp_detect.svm import SvmModel
 from spp_detect.voc import read_split
@@ -106,7 +106,11 @@ def test_dedup_gives_the_same_scores_as_every_window(toy_root):
     boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
     boxes = np.concatenate([boxes, boxes[:50] + 0.5])  # near-duplicates share conv5 cells
 
-    detector = Detector(Config(), head, svms, None, "cpu")
+    test = Config().test
+    settings = DetectionSettings(
+        test.score_thresh, test.nms_thresh, test.max_per_class, test.batch_windows, "fp32"
+    )
+    detector = Detector(head, svms, None, settings, "cpu")
     with torch.inference_mode():
         pooled, fc7, inverse = detector.window_features(source, record, boxes)
         fast = (fc7 @ detector.svm_weight + detector.svm_bias)[inverse]

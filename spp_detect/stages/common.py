@@ -208,3 +208,34 @@ def live_feature_source(config: Config, device: str):
         max_long_side=settings.max_long_side,
         precision=settings.precision,
     )
+
+
+def build_detector(config: Config, run_dir: RunDir, device: str):
+    """The run's trained head, SVMs and (when ``test.bbox_reg``) regressors as a
+    ``detector.Detector`` with the config's test settings."""
+    from spp_detect.bbox_reg import BoxRegressors
+    from spp_detect.detector import Detector
+    from spp_detect.svm import SvmModel
+
+    head = load_trained_head(config, run_dir, device)
+    manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
+    check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
+    svms = SvmModel.load(run_dir.svm_path)
+    regressors = None
+    if config.test.bbox_reg:
+        manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
+        check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
+        regressors = BoxRegressors.load(run_dir.bbox_path)
+    return Detector(head, svms, regressors, detection_settings(config), device)
+
+
+def detection_settings(config: Config):
+    """The ``detector.DetectionSettings`` of ``config.test``."""
+    from spp_detect.detector import DetectionSettings
+
+    test = config.test
+    return DetectionSettings(
+        score_thresh=test.score_thresh, nms_thresh=test.nms_thresh,
+        max_per_class=test.max_per_class, batch_windows=test.batch_windows,
+        precision=test.precision,
+    )  # fmt: skip

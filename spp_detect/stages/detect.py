@@ -16,9 +16,8 @@ from spp_detect.artifacts import save_json
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
 from spp_detect.proposals import propose_image
-from spp_detect.stages.common import StageContext, Summary, live_feature_source
+from spp_detect.stages.common import StageContext, Summary, build_detector, live_feature_source
 from spp_detect.stages.propose import proposal_params
-from spp_detect.stages.test import load_detector
 from spp_detect.structures import ImageDetections, ImageRecord
 from spp_detect.visualize import draw_detections, save_png
 
@@ -30,7 +29,7 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
         raise UserError("propose.method: 'mat' cannot propose for new images; "
                         "pass --set propose.method=selective_search")  # fmt: skip
     records = [_record(path) for path in images]  # every file checked before any work
-    detector = load_detector(config, ctx.run_dir, ctx.device)
+    detector = build_detector(config, ctx.run_dir, ctx.device)
     source = live_feature_source(config, ctx.device)
     params = proposal_params(config.propose)
     total = 0

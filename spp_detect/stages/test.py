@@ -1,11 +1,9 @@
-"""`spp-detect test`: detections for every image of a split (SPEC §9).
+"""`spp-detect test`: detections for every image of a split (docs/method.md#test-time-detection).
 
 Steps:
-1. check the upstream stages; open the features, the head, the SVMs and the regressors;
-2. per image: pool5 of every proposal at its best scale → fc7 → SVM scores (one product for
-   all classes) → threshold, NMS, top-k → regression of the kept windows (reusing their pool5)
-   → clip and NMS again; written as `detections/<split>/<id>.npz`, so a killed run resumes.
-   The next image's cached maps are read in a background thread meanwhile;
+1. check the upstream stages; build the ``detector.Detector`` from the trained run;
+2. per image: ``Detector.detect``, written as `detections/<split>/<id>.npz`, so a killed run
+   resumes. The next image's cached maps are read in a background thread meanwhile;
 3. merge them into `detections/<split>.npz` and write the manifest.
 """
 
@@ -14,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import (
@@ -24,116 +21,17 @@ from spp_detect.artifacts import (
     stored_fingerprint,
     write_manifest,
 )
-from spp_detect.bbox_reg import BoxRegressors
-from spp_detect.config import Config
-from spp_detect.features import FeatureSource, prefetching
-from spp_detect.head import Head
-from spp_detect.inference import detect_image
-from spp_detect.precision import autocast, check_precision
-from spp_detect.run_dir import RunDir
-from spp_detect.spp import dedup_keys, inverse_permutation
+from spp_detect.features import prefetching
 from spp_detect.stages.common import (
     StageContext,
     Summary,
-    check_classes,
+    build_detector,
     fingerprint,
     load_proposals,
-    load_trained_head,
     open_split,
-    require_upstream,
     stage_dir,
 )
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
-from spp_detect.svm import SvmModel
-from spp_detect.window_features import distinct_windows
-
-
-class Detector:
-    """Everything trained, ready to turn an image's conv5 maps and proposals into detections."""
-
-    def __init__(
-        self,
-        config: Config,
-        head: Head,
-        svms: SvmModel,
-        regressors: BoxRegressors | None,
-        device: str,
-    ):
-        check_precision(config.test.precision, "test.precision")
-        self.test = config.test
-        self.head = head
-        self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
-        self.svm_bias = torch.as_tensor(svms.bias, device=device)
-        self.regressors = regressors
-        self._workspace = torch.empty(0)  # pooled rows, reused across images
-
-    @torch.inference_mode()
-    def detect(
-        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
-    ) -> ImageDetections:
-        """The detections of one image."""
-        if len(proposals) == 0:
-            return ImageDetections.empty()
-        pooled, fc7, inverse = self.window_features(source, record, proposals)
-        scores = (fc7 @ self.svm_weight + self.svm_bias)[inverse]
-        boxes = torch.as_tensor(proposals, device=scores.device)
-
-        def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            features = pooled[inverse[window_index]]
-            return self.regressors.apply(boxes[window_index], features, labels, record.image_hw)
-
-        test = self.test
-        return detect_image(
-            scores, boxes, record.image_hw, test.score_thresh, test.nms_thresh,
-            test.max_per_class, regress if self.regressors is not None else None,
-        )  # fmt: skip
-
-    def window_features(
-        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pool5 (U, D) and fc7 (U, F) of the U distinct windows, and each window's row (R,).
-
-        Windows with the same conv5 cells at the same scale have the same features (SPEC §4
-        dedup), so each distinct window is pooled and passed through fc6/fc7 once. pool5 lives
-        in a workspace that the next call overwrites.
-        """
-        scale_index = source.scale_index(record, proposals)
-        g = source.geometry
-        keys = dedup_keys(
-            proposals, record.image_hw, source.image_scales(record), scale_index,
-            g.stride, g.offset0, g.offset,
-        )  # fmt: skip
-        first, inverse = distinct_windows(keys)
-        workspace = self._pooled_workspace(len(first), source.feature_dim)
-        pooled, rows = source.pool(
-            record, proposals[first.numpy()], scale_index[first], out=workspace, keep_order=False
-        )
-        chunks = pooled.split(self.test.batch_windows)
-        with autocast(pooled.device, self.test.precision):
-            fc7 = torch.cat([self.head.features(chunk) for chunk in chunks]).float()
-        row_of = inverse_permutation(rows)  # distinct window -> its pooled row
-        return pooled, fc7, row_of[inverse].to(pooled.device)
-
-    def _pooled_workspace(self, rows: int, dim: int) -> torch.Tensor:
-        """A float32 buffer (≥ rows, dim) kept across images: a fresh one per image would cost
-        its page faults every time (~40 ms per 2,000 ZF-5 windows on a CPU)."""
-        if len(self._workspace) < rows or self._workspace.shape[1:] != (dim,):
-            self._workspace = torch.empty((rows, dim), device=self.svm_weight.device)
-        return self._workspace
-
-
-def load_detector(config: Config, run_dir: RunDir, device: str) -> Detector:
-    """The trained head, SVMs and (when ``test.bbox_reg``) regressors of a run directory."""
-    head = load_trained_head(config, run_dir, device)
-    manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
-    check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
-    svms = SvmModel.load(run_dir.svm_path)
-    regressors = None
-    if config.test.bbox_reg:
-        manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
-        check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
-        regressors = BoxRegressors.load(run_dir.bbox_path)
-    return Detector(config, head, svms, regressors, device)
 
 
 def run_test(ctx: StageContext, split: str) -> str:
@@ -141,7 +39,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     summary = Summary("test")
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
-    detector = load_detector(config, run_dir, ctx.device)
+    detector = build_detector(config, run_dir, ctx.device)
     parts_dir = stage_dir(run_dir, "test", split)
     clear_manifest(parts_dir)
     test_fingerprint = fingerprint(config, "test")

@@ -1,0 +1,119 @@
+"""The trained detector: one image's conv5 maps and proposals → detections
+(docs/method.md#test-time-detection).
+
+Shapes: R proposals of the image, U distinct conv5 windows among them, D pooled dim, F fc7 dim,
+K foreground classes.
+
+Per image: pool5 of every distinct window at its best scale → fc7 → SVM scores (one product for
+all classes) → threshold, NMS, top-k → regression of the kept windows (reusing their pool5) →
+clip and NMS again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spp_detect.bbox_reg import BoxRegressors
+from spp_detect.features import FeatureSource
+from spp_detect.head import Head
+from spp_detect.inference import detect_image
+from spp_detect.precision import autocast, check_precision
+from spp_detect.spp import dedup_keys, inverse_permutation
+from spp_detect.structures import ImageDetections, ImageRecord
+from spp_detect.svm import SvmModel
+from spp_detect.window_features import distinct_windows
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Test-time settings (docs/method.md#test-time-detection): keep windows scoring above
+    ``score_thresh``, per-class NMS at ``nms_thresh`` IoU (before and after regression), at most
+    ``max_per_class`` per class and image; fc6/fc7 on ``batch_windows`` windows at a time in
+    ``precision`` (fp32 | bf16 | fp16)."""
+
+    score_thresh: float
+    nms_thresh: float
+    max_per_class: int
+    batch_windows: int
+    precision: str
+
+
+class Detector:
+    """Everything trained, ready to turn an image's conv5 maps and proposals into detections.
+
+    ``head`` the fine-tuned fc6/fc7 (eval mode, on ``device``), ``svms`` the per-class SVMs
+    (weight (K, F), bias (K,)), ``regressors`` the box regressors or None (no regression).
+    """
+
+    def __init__(
+        self,
+        head: Head,
+        svms: SvmModel,
+        regressors: BoxRegressors | None,
+        settings: DetectionSettings,
+        device: str | torch.device,
+    ):
+        check_precision(settings.precision, "test.precision")
+        self.settings = settings
+        self.head = head
+        self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
+        self.svm_bias = torch.as_tensor(svms.bias, device=device)
+        self.regressors = regressors
+        self._workspace = torch.empty(0)  # pooled rows, reused across images
+
+    @torch.inference_mode()
+    def detect(
+        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
+    ) -> ImageDetections:
+        """The detections of one image."""
+        if len(proposals) == 0:
+            return ImageDetections.empty()
+        pooled, fc7, inverse = self.window_features(source, record, proposals)
+        scores = (fc7 @ self.svm_weight + self.svm_bias)[inverse]
+        boxes = torch.as_tensor(proposals, device=scores.device)
+
+        def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            features = pooled[inverse[window_index]]
+            return self.regressors.apply(boxes[window_index], features, labels, record.image_hw)
+
+        settings = self.settings
+        return detect_image(
+            scores, boxes, record.image_hw, settings.score_thresh, settings.nms_thresh,
+            settings.max_per_class, regress if self.regressors is not None else None,
+        )  # fmt: skip
+
+    def window_features(
+        self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pool5 (U, D) and fc7 (U, F) of the U distinct windows, and each window's row (R,).
+
+        Windows with the same conv5 cells at the same scale have the same features
+        (docs/method.md#deduplication-of-windows), so each distinct window is pooled and passed
+        through fc6/fc7 once. pool5 lives in a workspace that the next call overwrites.
+        """
+        scale_index = source.scale_index(record, proposals)
+        g = source.geometry
+        keys = dedup_keys(
+            proposals, record.image_hw, source.image_scales(record), scale_index,
+            g.stride, g.offset0, g.offset,
+        )  # fmt: skip
+        first, inverse = distinct_windows(keys)
+        workspace = self._pooled_workspace(len(first), source.feature_dim)
+        pooled, rows = source.pool(
+            record, proposals[first.numpy()], scale_index[first], out=workspace, keep_order=False
+        )
+        chunks = pooled.split(self.settings.batch_windows)
+        with autocast(pooled.device, self.settings.precision):
+            fc7 = torch.cat([self.head.features(chunk) for chunk in chunks]).float()
+        row_of = inverse_permutation(rows)  # distinct window -> its pooled row
+        return pooled, fc7, row_of[inverse].to(pooled.device)
+
+    def _pooled_workspace(self, rows: int, dim: int) -> torch.Tensor:
+        """A float32 buffer (≥ rows, dim) kept across images: a fresh one per image would pay
+        its page faults every time (BENCHMARKS.md)."""
+        if len(self._workspace) < rows or self._workspace.shape[1:] != (dim,):
+            self._workspace = torch.empty((rows, dim), device=self.svm_weight.device)
+        return self._workspace
