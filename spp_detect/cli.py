@@ -290,7 +290,7 @@ def detect(
     """Detect objects in IMAGES with a trained run: one JSON and one drawn PNG per image."""
     from spp_detect.stages.detect import run_detect
 
-    out = Path(out_dir) if out_dir else ctx.run_dir.root / "detect"
+    out = Path(out_dir) if out_dir else ctx.run_dir.detect_dir
     click.echo(run_detect(ctx, [Path(p) for p in images], out, score_thresh))
 
 

@@ -1,7 +1,8 @@
-"""The only code that knows where artefacts live under a run directory (ARCHITECTURE.md §4)."""
+"""The only code that knows where artefacts live under a run directory (docs/contracts.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,13 @@ class RunDir:
     def detections_path(self, split: str) -> Path:
         return self.detections_dir / f"{split}.npz"
 
+    def detection_parts_dir(self, split: str) -> Path:
+        """Per-image detections of a split (the test stage's resumable items)."""
+        return self.detections_dir / split
+
+    def detection_part_path(self, split: str, image_id: str) -> Path:
+        return self.detection_parts_dir(split) / f"{image_id}.npz"
+
     # eval
     @property
     def eval_dir(self) -> Path:
@@ -93,8 +101,37 @@ class RunDir:
     def eval_path(self, split: str) -> Path:
         return self.eval_dir / f"{split}.json"
 
-    def devkit_dir(self, split: str) -> Path:
-        return self.eval_dir / split
+    def devkit_dir(self, name: str) -> Path:
+        """``name``: the split, or ``<split>_combined`` for a model combination."""
+        return self.eval_dir / name
 
-    def devkit_path(self, split: str, class_name: str) -> Path:
-        return self.devkit_dir(split) / f"comp4_det_{split}_{class_name}.txt"
+    def devkit_paths(self, name: str, split: str, class_names: Sequence[str]) -> list[Path]:
+        """One devkit result file per class, ``comp4_det_<split>_<class>.txt`` (the devkit's
+        naming; comp4 = trained on data outside VOC)."""
+        folder = self.devkit_dir(name)
+        return [folder / f"comp4_det_{split}_{class_name}.txt" for class_name in class_names]
+
+    def pr_curve_path(self, name: str) -> Path:
+        return self.eval_dir / f"{name}_pr.png"
+
+    # detect and demo
+    @property
+    def detect_dir(self) -> Path:
+        """Default output folder of `spp-detect detect`."""
+        return self.root / "detect"
+
+    def demo_picture_path(self, image_id: str) -> Path:
+        return self.root / "demo" / f"{image_id}.png"
+
+    # the folder whose manifest.json closes each stage
+    def stage_dir(self, stage: str, split: str) -> Path:
+        """The folder whose manifest.json closes ``stage`` (for ``split``, where it has one)."""
+        return {
+            "propose": self.proposals_dir(split),
+            "extract": self.features_dir(split),
+            "finetune": self.finetune_dir,
+            "train-svm": self.svm_dir,
+            "train-bbox": self.bbox_dir,
+            "test": self.detection_parts_dir(split),
+            "eval": self.devkit_dir(split),
+        }[stage]

@@ -237,21 +237,18 @@ def format_ap_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def devkit_file_name(split: str, class_name: str) -> str:
-    """``comp4_det_<split>_<class>.txt`` (devkit naming; comp4 = trained on outside data)."""
-    return f"comp4_det_{split}_{class_name}.txt"
-
-
 def write_devkit_files(
-    detections: Detections, class_names: Sequence[str], out_dir: str | Path, split: str
-) -> list[Path]:
-    """One devkit result file per class (even when empty), each written atomically.
+    detections: Detections, class_names: Sequence[str], paths: Sequence[Path]
+) -> None:
+    """One devkit result file per class at ``paths`` (in class order; even when empty), each
+    written atomically (names: ``RunDir.devkit_paths``).
 
     Lines ``<image_id> <score> <x1+1> <y1+1> <x2> <y2>``: the 1-based devkit coordinates of the
     continuous boxes (ARCHITECTURE.md §2).
     """
-    paths = []
-    for label, name in enumerate(class_names):
+    if len(paths) != len(class_names):
+        raise ValueError(f"{len(paths)} paths for {len(class_names)} classes")
+    for label, path in enumerate(paths):
         rows = np.flatnonzero(detections.labels == label)
         lines = [
             _devkit_line(
@@ -261,10 +258,7 @@ def write_devkit_files(
             )
             for i in rows
         ]
-        path = Path(out_dir) / devkit_file_name(split, name)
         atomic_write_text(path, "".join(lines))
-        paths.append(path)
-    return paths
 
 
 def _devkit_line(image_id: str, score: float, box: np.ndarray) -> str:
@@ -273,14 +267,12 @@ def _devkit_line(image_id: str, score: float, box: np.ndarray) -> str:
     return f"{image_id} {float(score):.{SCORE_DECIMALS}f} {coords}\n"
 
 
-def read_devkit_files(
-    directory: str | Path, class_names: Sequence[str], split: str, image_ids: Sequence[str]
-) -> Detections:
-    """Detections read back from devkit result files (the inverse of :func:`write_devkit_files`)."""
+def read_devkit_files(paths: Sequence[Path], image_ids: Sequence[str]) -> Detections:
+    """Detections read back from one devkit result file per class (the inverse of
+    :func:`write_devkit_files`)."""
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     index, scores, boxes, labels = [], [], [], []
-    for label, name in enumerate(class_names):
-        path = Path(directory) / devkit_file_name(split, name)
+    for label, path in enumerate(map(Path, paths)):
         if not path.is_file():
             raise UserError(f"{path}: devkit result file not found; run `spp-detect eval` first")
         for number, line in enumerate(path.read_text().splitlines(), start=1):

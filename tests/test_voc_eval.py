@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from spp_detect.errors import UserError
+from spp_detect.run_dir import RunDir
 from spp_detect.structures import Detections, ImageRecord
 from spp_detect.voc_eval import (
     evaluate_all_classes,
@@ -147,16 +148,17 @@ def test_untested_record_is_a_user_error():
 
 def test_devkit_files_round_trip(tmp_path):
     _, detections = records_and_detections()
-    paths = write_devkit_files(detections, ["cat", "dog", "bird"], tmp_path, "test")
+    paths = RunDir(tmp_path).devkit_paths("test", "test", ["cat", "dog", "bird"])
     assert [p.name for p in paths] == [
         "comp4_det_test_cat.txt",
         "comp4_det_test_dog.txt",
         "comp4_det_test_bird.txt",
     ]
+    write_devkit_files(detections, ["cat", "dog", "bird"], paths)
     assert paths[0].read_text() == "a 0.900000 1.000 1.000 10.000 10.000\n"
     assert "a 0.500000 1.250 2.000 10.500 20.000\n" in paths[1].read_text()
     assert paths[2].read_text() == ""
-    back = read_devkit_files(tmp_path, ["cat", "dog", "bird"], "test", ["a", "b", "other"])
+    back = read_devkit_files(paths, ["a", "b", "other"])
     order = np.lexsort((detections.scores, detections.labels))
     back_order = np.lexsort((back.scores, back.labels))
     np.testing.assert_array_equal(back.image_index[back_order], detections.image_index[order])
@@ -168,9 +170,9 @@ def test_devkit_files_round_trip(tmp_path):
 def test_read_devkit_files_rejects_unknown_ids(tmp_path):
     (tmp_path / "comp4_det_test_cat.txt").write_text("zzz 0.5 1 1 2 2\n")
     with pytest.raises(UserError, match=r"comp4_det_test_cat\.txt:1"):
-        read_devkit_files(tmp_path, ["cat"], "test", ["a"])
+        read_devkit_files([tmp_path / "comp4_det_test_cat.txt"], ["a"])
     with pytest.raises(UserError, match="not found"):
-        read_devkit_files(tmp_path, ["dog"], "test", ["a"])
+        read_devkit_files([tmp_path / "comp4_det_test_dog.txt"], ["a"])
 
 
 def test_plot_pr_curves(tmp_path):

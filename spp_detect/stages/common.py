@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_detect.artifacts import load_npz, require_manifest
+from spp_detect.artifacts import load_npz, require_manifest, stored_fingerprint
 from spp_detect.config import Config
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
@@ -41,21 +43,60 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Config sections that one per-item file of a stage depends on (the dataset and the item's image
+# are added by item_fingerprint). Narrower than STAGE_SECTIONS, so that e.g. a change of
+# data.classes re-labels windows without recomputing proposals or conv5 maps.
+ITEM_SECTIONS: dict[str, tuple[str, ...]] = {
+    "propose": ("propose",),
+    "extract": ("extract",),
+    "test": STAGE_SECTIONS["test"],
+}
+
+
 def fingerprint(config: Config, stage: str) -> str:
+    """The fingerprint of a stage's manifest: every config section its output depends on."""
     return config.fingerprint(*STAGE_SECTIONS[stage])
 
 
+def item_fingerprint(config: Config, stage: str, record: ImageRecord) -> str:
+    """The fingerprint stored in ``stage``'s file for one image: its config sections, the
+    dataset's absolute root, the image id and the image file's size and modification time.
+
+    A resumed stage keeps a file only when this matches, so an item made from another dataset
+    (a run directory pointed at a new data.root with the same ids), from an image rewritten in
+    place, or with another config is recomputed, never reused.
+    """
+    try:
+        stat = record.path.stat()
+    except OSError:
+        raise UserError(f"{record.path}: image not found; check data.root") from None
+    payload = [
+        config.fingerprint(*ITEM_SECTIONS[stage]),
+        str(Path(config.data.root).resolve()),
+        record.image_id,
+        stat.st_size,
+        stat.st_mtime_ns,
+    ]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def items_to_do(
+    config: Config, stage: str, records: Sequence[ImageRecord], path_of, force: bool
+) -> tuple[list[ImageRecord], dict[str, str]]:
+    """The records whose file ``path_of(image_id)`` is missing or was made from other inputs
+    (all of them with ``force``), and every record's item fingerprint by image id."""
+    fingerprints = {r.image_id: item_fingerprint(config, stage, r) for r in records}
+    todo = [
+        r
+        for r in records
+        if force or stored_fingerprint(path_of(r.image_id)) != fingerprints[r.image_id]
+    ]
+    return todo, fingerprints
+
+
 def stage_dir(run_dir: RunDir, stage: str, split: str) -> Path:
-    """The folder whose manifest.json closes ``stage`` (for the split, where it has one)."""
-    return {
-        "propose": run_dir.proposals_dir(split),
-        "extract": run_dir.features_dir(split),
-        "finetune": run_dir.finetune_dir,
-        "train-svm": run_dir.svm_dir,
-        "train-bbox": run_dir.bbox_dir,
-        "test": run_dir.detections_dir / split,
-        "eval": run_dir.devkit_dir(split),
-    }[stage]
+    """The folder whose manifest.json closes ``stage`` (``RunDir.stage_dir``)."""
+    return run_dir.stage_dir(stage, split)
 
 
 def require_upstream(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:

@@ -45,7 +45,7 @@ def draw_test_pictures(ctx: StageContext, count: int) -> list[Path]:
             read_image(record.path), detections=found, class_names=config.data.classes,
             score_thresh=DEMO_SCORE_THRESH,
         )  # fmt: skip
-        path = run_dir.root / "demo" / f"{record.image_id}.png"
+        path = run_dir.demo_picture_path(record.image_id)
         save_png(path, picture)
         paths.append(path)
     return paths

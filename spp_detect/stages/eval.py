@@ -63,8 +63,10 @@ def run_eval(
         report["combined_with"] = str(combine)
     # 3. outputs
     save_json(run_dir.eval_path(name), report)
-    write_devkit_files(detections, config.data.classes, out_dir, split)
-    curves = run_dir.eval_dir / f"{name}_pr.png"
+    write_devkit_files(
+        detections, config.data.classes, run_dir.devkit_paths(name, split, config.data.classes)
+    )
+    curves = run_dir.pr_curve_path(name)
     plotted = plot_pr_curves(results, config.data.classes, curves)
     write_manifest(out_dir, "eval", split, len(records), fingerprint(config, "eval"))
     summary.items = len(records)

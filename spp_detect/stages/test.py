@@ -9,7 +9,7 @@ Steps:
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
 import numpy as np
 from tqdm import tqdm
@@ -18,15 +18,16 @@ from spp_detect.artifacts import (
     clear_manifest,
     load_npz,
     save_npz,
-    stored_fingerprint,
     write_manifest,
 )
 from spp_detect.features import prefetching
+from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
     Summary,
     build_detector,
     fingerprint,
+    items_to_do,
     load_proposals,
     open_split,
     stage_dir,
@@ -44,22 +45,21 @@ def run_test(ctx: StageContext, split: str) -> str:
     clear_manifest(parts_dir)
     test_fingerprint = fingerprint(config, "test")
     # 2. per image
-    todo = [
-        record
-        for record in records
-        if ctx.force or stored_fingerprint(_part_path(parts_dir, record)) != test_fingerprint
-    ]
+    todo, fingerprints = items_to_do(
+        config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force
+    )
     progress = dict(desc=f"test {split}", total=len(todo), unit="img")
     for record in tqdm(prefetching(source, todo), **progress):
         proposals = load_proposals(run_dir, split, record.image_id)
         found = detector.detect(source, record, proposals)
         save_npz(
-            _part_path(parts_dir, record), boxes=found.boxes, scores=found.scores,
-            labels=found.labels, fingerprint=np.str_(test_fingerprint),
+            run_dir.detection_part_path(split, record.image_id),
+            boxes=found.boxes, scores=found.scores, labels=found.labels,
+            fingerprint=np.str_(fingerprints[record.image_id]),
         )  # fmt: skip
         summary.items += 1
     # 3. merge
-    detections = _merge(records, parts_dir)
+    detections = _merge(records, run_dir, split)
     save_npz(run_dir.detections_path(split), **detections.to_arrays())
     write_manifest(
         parts_dir, "test", split, len(records), test_fingerprint,
@@ -69,14 +69,10 @@ def run_test(ctx: StageContext, split: str) -> str:
     return summary.line()
 
 
-def _part_path(parts_dir: Path, record: ImageRecord) -> Path:
-    return parts_dir / f"{record.image_id}.npz"
-
-
-def _merge(records: list[ImageRecord], parts_dir: Path) -> Detections:
+def _merge(records: list[ImageRecord], run_dir: RunDir, split: str) -> Detections:
     per_image = []
     for record in records:
-        part = load_npz(_part_path(parts_dir, record))
+        part = load_npz(run_dir.detection_part_path(split, record.image_id))
         per_image.append(
             ImageDetections(boxes=part["boxes"].reshape(-1, 4), scores=part["scores"],
                             labels=part["labels"])
