@@ -268,3 +268,23 @@ def test_report_only_and_bad_config(toy_root, tmp_path, monkeypatch):
             bad = _context(toy_root, tmp_path / "bad", override)
         with pytest.raises(UserError, match=match):
             run_propose(bad, "test")
+
+
+def test_another_dataset_with_the_same_ids_is_proposed_again(tmp_path, monkeypatch):
+    """A run directory pointed at another data.root (same image ids, other pictures) or at
+    images rewritten in place must not keep the old proposals."""
+    from spp_detect.toy import make_toy_dataset
+
+    monkeypatch.setattr(propose_stage, "compute_proposals", fake_proposals)
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_toy_dataset(first, num_train=3, num_test=1, seed=0)
+    make_toy_dataset(second, num_train=3, num_test=1, seed=5)
+    run = tmp_path / "run"
+    assert "3 items" in run_propose(_context(first, run, workers=1), "trainval")
+    text = run_propose(_context(second, run, workers=1), "trainval")
+    assert "propose: 3 items" in text and "already done" not in text
+    assert "3 already done" in run_propose(_context(second, run, workers=1), "trainval")
+    # the same folder regenerated in place (new files, same paths)
+    make_toy_dataset(second, num_train=3, num_test=1, seed=7)
+    text = run_propose(_context(second, run, workers=1), "trainval")
+    assert "propose: 3 items" in text and "already done" not in text

@@ -10,13 +10,12 @@ Cache layout: ``spp_detect.features`` (module docstring) and ARCHITECTURE §4.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import functools
 import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_npz, stored_fingerprint, write_manifest
+from spp_detect.artifacts import clear_manifest, save_npz, write_manifest
 from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
-from spp_detect.config import Config, ExtractConfig
+from spp_detect.config import ExtractConfig
 from spp_detect.features import (
     cache_arrays,
     check_extract_settings,
@@ -36,7 +35,13 @@ from spp_detect.features import (
     resolve_device,
 )
 from spp_detect.image import flip_image, resized_hw
-from spp_detect.stages.common import StageContext, fingerprint, format_bytes, split_records
+from spp_detect.stages.common import (
+    StageContext,
+    fingerprint,
+    format_bytes,
+    items_to_do,
+    split_records,
+)
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -61,19 +66,15 @@ def run_extract(ctx: StageContext, split: str) -> str:
     check_scales_fit(backbone, settings.scales)
     flip = settings.flip and split == config.data.train_split
     out_dir = ctx.run_dir.features_dir(split)
-    file_fingerprint = _file_fingerprint(config)
     _log_projected_size(records, backbone, settings.scales, settings.max_long_side, flip, out_dir)
 
     clear_manifest(out_dir)
-    paths = [ctx.run_dir.feature_path(split, record.image_id) for record in records]
-    todo = [
-        (record, path)
-        for record, path in zip(records, paths, strict=True)
-        if ctx.force or stored_fingerprint(path) != file_fingerprint
-    ]
+    path_of = functools.partial(ctx.run_dir.feature_path, split)
+    todo_records, fingerprints = items_to_do(config, "extract", records, path_of, ctx.force)
+    todo = [(record, path_of(record.image_id)) for record in todo_records]
     extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
-    bytes_written = _extract_all(extractor, todo, file_fingerprint, len(records), split)
+    bytes_written = _extract_all(extractor, todo, fingerprints, len(records), split)
     seconds = time.perf_counter() - started
 
     write_manifest(
@@ -89,12 +90,6 @@ def run_extract(ctx: StageContext, split: str) -> str:
         f"{format_bytes(bytes_written)} written, {len(records) - len(todo)} already cached"
         + (f", {extractor.cpu_fallbacks} redone on the CPU" if extractor.cpu_fallbacks else "")
     )
-
-
-def _file_fingerprint(config: Config) -> str:
-    """What a cache file's content depends on: the extract settings and the images' folder."""
-    payload = json.dumps([config.fingerprint("extract"), config.data.root])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class _Extractor:
@@ -135,7 +130,7 @@ class _Extractor:
 def _extract_all(
     extractor: _Extractor,
     todo: Sequence[tuple[ImageRecord, Path]],
-    file_fp: str,
+    fingerprints: Mapping[str, str],
     total: int,
     split: str,
 ) -> int:
@@ -146,7 +141,7 @@ def _extract_all(
         bar = tqdm(total=total, initial=total - len(todo), desc=f"extract {split}", unit="img")
         with bar:
             for (record, path), image in _decoded_ahead(pool, todo):
-                arrays = extractor.arrays(record, image, file_fp)
+                arrays = extractor.arrays(record, image, fingerprints[record.image_id])
                 pending.append(pool.submit(_save, path, arrays))
                 while len(pending) > MAX_PENDING_WRITES:
                     written += pending.popleft().result()

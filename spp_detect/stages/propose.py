@@ -12,6 +12,7 @@ crashes its process costs only that image.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import time
@@ -31,14 +32,20 @@ from spp_detect.artifacts import (
     load_npz,
     save_json,
     save_npz,
-    stored_fingerprint,
     write_manifest,
 )
 from spp_detect.config import Config, ProposeConfig
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
 from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import Summary, dir_bytes, fingerprint, split_records
+from spp_detect.stages.common import (
+    StageContext,
+    Summary,
+    dir_bytes,
+    fingerprint,
+    items_to_do,
+    split_records,
+)
 from spp_detect.structures import ImageRecord
 from spp_detect.workers import MP_START_METHOD, run_jobs
 
@@ -55,7 +62,7 @@ class ProposalJob:
     image_path: str
     out_path: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""  # of the propose config section, stored with the boxes
+    fingerprint: str = ""  # the item fingerprint (stages.common.item_fingerprint), stored with it
 
 
 def compute_proposals(job: ProposalJob) -> int:
@@ -77,7 +84,7 @@ def save_proposals(
     )
 
 
-def run_propose(ctx: Any, split: str, report_only: bool = False) -> str:
+def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str:
     """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
     config, run_dir = ctx.config, ctx.run_dir
     out_dir = run_dir.proposals_dir(split)
@@ -89,24 +96,19 @@ def run_propose(ctx: Any, split: str, report_only: bool = False) -> str:
     _check_method(config.propose)
     clear_manifest(out_dir)
     _remove_stale_temporaries(out_dir)
-    # a file counts as done only when made with the same propose config (no silent mixing)
-    files_fingerprint = config.fingerprint("propose")
-    todo = [
-        r
-        for r in records
-        if ctx.force
-        or stored_fingerprint(run_dir.proposal_path(split, r.image_id)) != files_fingerprint
-    ]
+    todo, fingerprints = items_to_do(
+        config, "propose", records, functools.partial(run_dir.proposal_path, split), ctx.force
+    )
     if len(todo) < len(records):
         summary.notes.append(f"{len(records) - len(todo)} already done")
     # 2. proposals per image
     paths = [run_dir.proposal_path(split, r.image_id) for r in todo]
     if config.propose.method == "mat":
-        failures = _import_mat(config.propose, todo, paths, files_fingerprint)
+        failures = _import_mat(config.propose, todo, paths, fingerprints)
     else:
         params = proposal_params(config.propose)
         jobs = [
-            ProposalJob(r.image_id, str(r.path), str(p), params, files_fingerprint)
+            ProposalJob(r.image_id, str(r.path), str(p), params, fingerprints[r.image_id])
             for r, p in zip(todo, paths, strict=True)
         ]
         failures = run_jobs(jobs, ctx.workers, compute_proposals, desc=f"propose {split}")
@@ -179,14 +181,17 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 
 
 def _import_mat(
-    propose: ProposeConfig, records: list[ImageRecord], paths: list[Path], propose_fingerprint: str
+    propose: ProposeConfig,
+    records: list[ImageRecord],
+    paths: list[Path],
+    fingerprints: Mapping[str, str],
 ) -> dict[str, str]:
     """Method ``mat``: the precomputed boxes of each image, clipped and filtered like the others."""
     boxes_by_id = proposals.load_mat_proposals(propose.mat_file, [r.image_id for r in records])
     for record, path in zip(tqdm(records, desc="import .mat", unit="img"), paths, strict=True):
         boxes = proposals.clip_to_image(boxes_by_id[record.image_id], record.image_hw)
         boxes = proposals.filter_boxes(boxes, propose.min_size, propose.max_per_image)
-        save_proposals(path, boxes, propose_fingerprint)
+        save_proposals(path, boxes, fingerprints[record.image_id])
     return {}
 
 
