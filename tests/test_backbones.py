@@ -1,14 +1,15 @@
-"""Backbones: geometry derived from the layer lists, ZF-5 as SPEC §2, weight loading."""
+"""Backbones: geometry derived from the layer lists, ZF-5 as docs/method.md#conv-trunks, weights."""
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_spp import zf5_fmap_side  # SPEC §2 size arithmetic, by hand
+from test_spp import zf5_fmap_side  # ZF-5 size arithmetic by hand (docs/method.md#conv-trunks)
 from torch import nn
 
 from spp_detect import backbones
@@ -57,7 +58,7 @@ def test_receptive_center_by_hand():
 
 @pytest.mark.parametrize("side", [224, 480, 576, 688, 864, 874, 1200])
 def test_zf5_map_sizes_match_spec(zf5, side):
-    expected = {224: 13, 480: 29, 576: 35, 688: 42, 874: 53, 1200: 74}  # SPEC §2 examples
+    expected = {224: 13, 480: 29, 576: 35, 688: 42, 874: 53, 1200: 74}  # docs/method.md#conv-trunks
     assert zf5.output_hw((side, side)) == (zf5_fmap_side(side), zf5_fmap_side(side))
     if side in expected:
         assert zf5_fmap_side(side) == expected[side]
@@ -97,7 +98,7 @@ def test_within_channel_lrn_against_loops():
                     for dx in (-1, 0, 1):
                         if 0 <= y + dy < 4 and 0 <= xx + dx < 5:  # zero padding
                             total += float(x[0, c, y + dy, xx + dx]) ** 2
-                scale = (1 + alpha / size**2 * total) ** -beta  # divisor always 9 (SPEC §2)
+                scale = (1 + alpha / size**2 * total) ** -beta  # divisor 9 (docs/method.md)
                 expected[0, c, y, xx] = x[0, c, y, xx] * scale
     assert torch.allclose(out, expected, rtol=1e-5)
 
@@ -157,6 +158,45 @@ def test_full_classification_state_dict_and_classifier(tmp_path, alexnet):
 def test_trunk_only_file_has_no_classifier(tmp_path, zf5):
     torch.save(zf5.state_dict(), tmp_path / "zf5.pt")
     assert load_classifier_state("zf5", str(tmp_path / "zf5.pt")) is None
+
+
+# One row of data/README.md's zf5 weights table: | `features.0.weight` | (96, 3, 7, 7) | conv1 |
+DOCUMENTED_KEY_ROW = re.compile(r"^\| `(features\.\d+\.(?:weight|bias))` \| \(([\d, ]+)\) \|")
+DATA_README = Path(__file__).resolve().parents[1] / "data" / "README.md"
+
+
+def documented_zf5_keys() -> dict[str, tuple[int, ...]]:
+    """The zf5 weight keys and shapes that data/README.md tells users to write."""
+    shapes = {}
+    for line in DATA_README.read_text().splitlines():
+        match = DOCUMENTED_KEY_ROW.match(line.strip())
+        if match:
+            shapes[match[1]] = tuple(int(v) for v in match[2].split(",") if v.strip())
+    return shapes
+
+
+@pytest.mark.parametrize("layout", ["plain", "wrapped", "bare"])
+def test_zf5_weights_file_as_documented_loads(tmp_path, layout):
+    """A file written exactly as data/README.md documents loads through the public loader."""
+    shapes = documented_zf5_keys()
+    assert len(shapes) == 10  # conv1-conv5, weight and bias each
+    generator = torch.Generator().manual_seed(7)
+    state = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    if layout == "plain":  # torch.save(state, "data/weights/zf5.pt")
+        saved = state
+    elif layout == "wrapped":  # {"state_dict": ...} with DataParallel's "module." prefix
+        saved = {"state_dict": {f"module.{key}": value for key, value in state.items()}}
+    else:  # a bare nn.Sequential state dict: no "features." prefix
+        saved = {key.removeprefix("features."): value for key, value in state.items()}
+    path = tmp_path / "zf5.pt"
+    torch.save(saved, path)
+    loaded = build_backbone("zf5", str(path))
+    assert set(loaded.state_dict()) == set(shapes)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with torch.no_grad():
+        assert loaded(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
+    assert load_classifier_state("zf5", str(path)) is None  # conv layers only: fc6/fc7 at random
 
 
 def test_wrong_architecture_file_names_the_keys(tmp_path, alexnet):
