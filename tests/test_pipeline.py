@@ -67,6 +67,28 @@ def test_run_writes_every_artefact(toy_run):
     assert report["mAP"] > 0.3  # far above chance even with this tiny training
 
 
+def test_manifests_record_the_upstream_manifests_they_read(toy_run):
+    def fingerprint_of(folder: str) -> str:
+        return json.loads((toy_run / folder / "manifest.json").read_text())["fingerprint"]
+
+    def upstream_of(folder: str) -> dict:
+        return json.loads((toy_run / folder / "manifest.json").read_text())["upstream"]
+
+    assert upstream_of("proposals/test") == {}
+    assert upstream_of("finetune") == {
+        "propose": fingerprint_of("proposals/trainval"),
+        "extract": fingerprint_of("features/trainval"),
+    }
+    assert upstream_of("detections/test") == {
+        "propose": fingerprint_of("proposals/test"),
+        "extract": fingerprint_of("features/test"),
+        "finetune": fingerprint_of("finetune"),
+        "train-svm": fingerprint_of("svm"),
+        "train-bbox": fingerprint_of("bbox_reg"),
+    }
+    assert upstream_of("eval/test") == {"test": fingerprint_of("detections/test")}
+
+
 def test_run_again_skips_every_stage(toy_root, toy_run):
     result = invoke("run", *toy_args(toy_root, toy_run))
     assert result.exit_code == 0, result.output

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_detect.artifacts import load_npz, require_manifest, stored_fingerprint
+from spp_detect.artifacts import (
+    load_npz,
+    read_manifest,
+    require_manifest,
+    stored_fingerprint,
+    write_manifest,
+)
 from spp_detect.config import Config
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
@@ -97,6 +103,47 @@ def items_to_do(
 def stage_dir(run_dir: RunDir, stage: str, split: str) -> Path:
     """The folder whose manifest.json closes ``stage`` (``RunDir.stage_dir``)."""
     return run_dir.stage_dir(stage, split)
+
+
+# The stages whose manifests each stage reads, with the split they are read for: "own" is the
+# stage's split, "train" is data.train_split (the trained models).
+UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
+    "propose": (),
+    "extract": (),
+    "finetune": (("propose", "own"), ("extract", "own")),
+    "train-svm": (("propose", "own"), ("extract", "own"), ("finetune", "train")),
+    "train-bbox": (("propose", "own"), ("extract", "own")),
+    "test": (
+        ("propose", "own"), ("extract", "own"), ("finetune", "train"), ("train-svm", "train"),
+        ("train-bbox", "train"),
+    ),
+    "eval": (("test", "own"),),
+}  # fmt: skip
+
+
+def close_stage(
+    config: Config,
+    run_dir: RunDir,
+    stage: str,
+    split: str,
+    count: int,
+    extra: dict | None = None,
+    folder: Path | None = None,
+) -> None:
+    """Write ``stage``'s manifest last, with its config fingerprint and the fingerprints of the
+    upstream manifests it read (those present: no extract manifest without a cache, none for
+    train-bbox without regression). ``folder``: where it goes, if not ``RunDir.stage_dir``."""
+    upstream = {}
+    for name, role in UPSTREAM[stage]:
+        manifest = read_manifest(
+            run_dir.stage_dir(name, config.data.train_split if role == "train" else split)
+        )
+        if manifest is not None:
+            upstream[name] = manifest["fingerprint"]
+    write_manifest(
+        folder or run_dir.stage_dir(stage, split), stage, split, count, fingerprint(config, stage),
+        upstream=upstream, extra=extra,
+    )  # fmt: skip
 
 
 def require_upstream(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:

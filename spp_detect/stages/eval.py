@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json, write_manifest
+from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json
 from spp_detect.errors import UserError
 from spp_detect.inference import combine_detections
 from spp_detect.run_dir import RunDir
@@ -20,7 +20,7 @@ from spp_detect.stages.common import (
     StageContext,
     Summary,
     check_classes,
-    fingerprint,
+    close_stage,
     require_upstream,
     split_records,
     stage_dir,
@@ -68,7 +68,7 @@ def run_eval(
     )
     curves = run_dir.pr_curve_path(name)
     plotted = plot_pr_curves(results, config.data.classes, curves)
-    write_manifest(out_dir, "eval", split, len(records), fingerprint(config, "eval"))
+    close_stage(config, run_dir, "eval", split, len(records), folder=out_dir)
     summary.items = len(records)
     summary.notes.append(f"mAP {100 * report['mAP']:.2f} ({report['metric']})")
     notes = [format_ap_table(report), f"wrote {run_dir.eval_path(name)} and {out_dir}/"]

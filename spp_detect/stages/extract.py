@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_npz, write_manifest
+from spp_detect.artifacts import clear_manifest, save_npz
 from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
 from spp_detect.config import ExtractConfig
 from spp_detect.features import (
@@ -37,7 +37,7 @@ from spp_detect.features import (
 from spp_detect.image import flip_image, resized_hw
 from spp_detect.stages.common import (
     StageContext,
-    fingerprint,
+    close_stage,
     format_bytes,
     items_to_do,
     split_records,
@@ -77,8 +77,8 @@ def run_extract(ctx: StageContext, split: str) -> str:
     bytes_written = _extract_all(extractor, todo, fingerprints, len(records), split)
     seconds = time.perf_counter() - started
 
-    write_manifest(
-        out_dir, "extract", split, len(records), fingerprint(config, "extract"),
+    close_stage(
+        config, ctx.run_dir, "extract", split, len(records),
         extra={
             "backbone": backbone.name, "channels": backbone.channels, "stride": backbone.stride,
             "offset0": backbone.offset0, "scales": list(settings.scales), "flip": flip,

@@ -32,7 +32,6 @@ from spp_detect.artifacts import (
     load_npz,
     save_json,
     save_npz,
-    write_manifest,
 )
 from spp_detect.config import Config, ProposeConfig
 from spp_detect.errors import UserError
@@ -41,8 +40,8 @@ from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
     Summary,
+    close_stage,
     dir_bytes,
-    fingerprint,
     items_to_do,
     split_records,
 )
@@ -118,7 +117,7 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     if failures:
         _raise_failures(failures, len(records), split)
     # 4. manifest
-    write_manifest(out_dir, "propose", split, len(records), fingerprint(config, "propose"))
+    close_stage(config, run_dir, "propose", split, len(records))
     # 5. recall report
     return _report(config, run_dir, records, split, summary)
 

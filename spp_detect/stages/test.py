@@ -18,7 +18,6 @@ from spp_detect.artifacts import (
     clear_manifest,
     load_npz,
     save_npz,
-    write_manifest,
 )
 from spp_detect.features import prefetching
 from spp_detect.run_dir import RunDir
@@ -26,7 +25,7 @@ from spp_detect.stages.common import (
     StageContext,
     Summary,
     build_detector,
-    fingerprint,
+    close_stage,
     items_to_do,
     load_proposals,
     open_split,
@@ -41,9 +40,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     detector = build_detector(config, run_dir, ctx.device)
-    parts_dir = stage_dir(run_dir, "test", split)
-    clear_manifest(parts_dir)
-    test_fingerprint = fingerprint(config, "test")
+    clear_manifest(stage_dir(run_dir, "test", split))
     # 2. per image
     todo, fingerprints = items_to_do(
         config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force
@@ -61,8 +58,8 @@ def run_test(ctx: StageContext, split: str) -> str:
     # 3. merge
     detections = _merge(records, run_dir, split)
     save_npz(run_dir.detections_path(split), **detections.to_arrays())
-    write_manifest(
-        parts_dir, "test", split, len(records), test_fingerprint,
+    close_stage(
+        config, run_dir, "test", split, len(records),
         extra={"classes": list(config.data.classes), "detections": len(detections)},
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_json, write_manifest
+from spp_detect.artifacts import clear_manifest, save_json
 from spp_detect.bbox_reg import fit_box_regressors, mean_iou_before_after, regression_examples
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.stages.common import (
     StageContext,
     Summary,
-    fingerprint,
+    close_stage,
     load_proposals,
     open_split,
     windows_of,
@@ -62,8 +62,8 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
         entry.update(mean_iou_before_after(regressors, entry["class_index"], *example))
     regressors.save(run_dir.bbox_path)
     save_json(run_dir.bbox_report_path, {"feature_scale": scale, "classes": report})
-    write_manifest(
-        run_dir.bbox_dir, "train-bbox", split, len(records), fingerprint(config, "train-bbox"),
+    close_stage(
+        config, run_dir, "train-bbox", split, len(records),
         extra={"classes": list(config.data.classes)},
     )  # fmt: skip
     summary.items = len(records)

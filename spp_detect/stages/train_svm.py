@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_json, write_manifest
+from spp_detect.artifacts import clear_manifest, save_json
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
 from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
     StageContext,
     Summary,
-    fingerprint,
+    close_stage,
     load_proposals,
     load_trained_head,
     open_split,
@@ -75,8 +75,8 @@ def run_train_svm(ctx: StageContext, split: str) -> str:
     model.save(run_dir.svm_path)
     report = _report(model.report, config.data.classes, scale)
     save_json(run_dir.svm_report_path, report)
-    write_manifest(
-        run_dir.svm_dir, "train-svm", split, len(records), fingerprint(config, "train-svm"),
+    close_stage(
+        config, run_dir, "train-svm", split, len(records),
         extra={"classes": list(config.data.classes)},
     )  # fmt: skip
     summary.items = len(records)
