@@ -15,17 +15,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from spp_detect import training
 from spp_detect.artifacts import load_json, read_manifest, save_npz, write_manifest
 from spp_detect.cli import cli
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.head import load_head
 from spp_detect.run_dir import RunDir
-from spp_detect.stages import finetune as finetune_stage
 from spp_detect.stages.common import StageContext, fingerprint, split_records
 from spp_detect.stages.extract import run_extract
-from spp_detect.stages.finetune import evaluation_windows, majority_rate, run_finetune
-from spp_detect.stages.finetune import window_accuracy as accuracy_of
+from spp_detect.stages.finetune import evaluation_windows, run_finetune
+from spp_detect.training import majority_rate
+from spp_detect.training import window_accuracy as accuracy_of
 
 CLASSES = "[circle, square, triangle]"
 SCALES = "[224, 320]"
@@ -162,7 +163,7 @@ def test_learns_toy_windows(toy_root, upstream, tmp_path):
 def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
     # blocks of 4 iterations, checkpoints every 5, a kill after 8: the restart redraws block 1
     # mid-way and replays iterations 6–8 from the checkpoint at 5.
-    monkeypatch.setattr(finetune_stage, "MAX_BLOCK_ITERATIONS", 4)
+    monkeypatch.setattr(training, "MAX_BLOCK_ITERATIONS", 4)
     extra = (*FAST, "finetune.iterations=11", "finetune.checkpoint_every=5", "finetune.log_every=3")
     whole = _copy(upstream, tmp_path, "whole")
     run_finetune(_ctx(toy_root, whole, *extra), "trainval")

@@ -1,0 +1,380 @@
+"""Fine-tuning of the head by SGD on pooled windows, with a resumable checkpoint
+(docs/method.md#fine-tuning-and-sampling).
+
+Shapes: B iterations of a block, D pooled feature dim, K foreground classes.
+
+Windows are redrawn every block of B iterations; a block's draw depends only on (seed, block), so
+a run resumed from a checkpoint (head, optimizer, dropout RNG, running sums, taken every
+``checkpoint_every`` iterations) ends with the same weights as one never interrupted. The last
+iteration is kept: no model selection on any split
+(docs/method.md#where-we-differ-from-the-original, test-set leakage).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from spp_detect.artifacts import load_torch, save_torch
+from spp_detect.errors import UserError
+from spp_detect.features import FeatureSource
+from spp_detect.head import (
+    Head,
+    init_from_classifier,
+    init_random,
+    input_normalization_for,
+    make_optimizer,
+    set_learning_rate,
+    step_learning_rate,
+)
+from spp_detect.sampling import (
+    Block,
+    WindowPool,
+    group_by_entry,
+    sample_block,
+    sample_eval_windows,
+)
+from spp_detect.structures import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+# Pooled float16 features held for one block of iterations (1 GiB: 327 iterations at D = 12,800).
+# Every block reads the maps of every image it samples from, about the whole split, as the
+# original does every 500 iterations (docs/method.md#fine-tuning-and-sampling): larger blocks
+# mean fewer passes over the cache.
+BLOCK_BYTES = 1 << 30
+MAX_BLOCK_ITERATIONS = 500  # windows are redrawn every 500 iterations, as in the original
+EVAL_BATCHES = 500  # held-out accuracy on up to 500 minibatches at the best scale, as the original
+EVAL_SEED = 0  # fixed draw of the held-out windows, the same for every run
+POSTFIX_EVERY = 10  # iterations between tqdm loss updates
+
+
+@dataclass(frozen=True)
+class SgdSchedule:
+    """SGD and sampling settings (the config's `finetune` section; defaults and sources live
+    there)."""
+
+    iterations: int
+    batch_size: int
+    fg_fraction: float
+    lr: float
+    lr_steps: tuple[int, ...]
+    momentum: float
+    weight_decay: float
+    seed: int
+    checkpoint_every: int
+    log_every: int
+
+
+@dataclass
+class _Progress:
+    """What the training loop carries between iterations, checkpointed with the weights."""
+
+    iteration: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def add(self, loss: float, correct: int, count: int) -> None:
+        self.iteration += 1
+        self.loss_sum += loss * count
+        self.correct += correct
+        self.seen += count
+
+    def flush(self, lr: float) -> dict:
+        entry = {
+            "iteration": self.iteration,
+            "loss": self.loss_sum / max(self.seen, 1),
+            "accuracy": self.correct / max(self.seen, 1),
+            "lr": lr,
+        }
+        self.history.append(entry)
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        return entry
+
+
+@dataclass
+class TrainingWindows:
+    """The training split, ready to sample: records, feature source, labelled windows."""
+
+    records: Sequence[ImageRecord]
+    source: FeatureSource
+    pool: WindowPool
+    labels: torch.Tensor  # (N,) int64 on the device, the pool's labels
+    feature_dim: int
+    block_iterations: int  # B
+
+
+@dataclass
+class Trainer:
+    """Everything a checkpoint saves: weights, optimizer, dropout RNG, progress.
+
+    ``identity`` (plain values naming the run's settings) must match for a checkpoint to resume.
+    """
+
+    head: Head
+    optimizer: torch.optim.SGD
+    generator: torch.Generator
+    identity: dict
+    normalize_inputs: bool  # random fc6/fc7: standardise pooled inputs, stats of block 0
+    progress: _Progress = field(default_factory=_Progress)
+
+
+def new_trainer(
+    windows: TrainingWindows,
+    fc_dim: int,
+    num_classes: int,
+    dropout: float,
+    schedule: SgdSchedule,
+    classifier: Mapping[str, torch.Tensor] | None,
+    identity: dict,
+) -> Trainer:
+    """A head for K = ``num_classes``, initialised from the pretrained ``classifier`` (fc6/fc7
+    state) when there is one, else at random (seeded); its SGD optimizer and dropout generator."""
+    head = Head(windows.feature_dim, fc_dim, num_classes, dropout)
+    init_random(head, torch.Generator().manual_seed(schedule.seed))
+    if classifier is not None:
+        levels = windows.source.geometry.levels
+        init_from_classifier(head, classifier, windows.source.channels, levels)
+    head.to(windows.source.device)
+    return Trainer(
+        head=head,
+        optimizer=make_optimizer(head, schedule.momentum, schedule.weight_decay),
+        generator=torch.Generator(device=windows.source.device).manual_seed(schedule.seed + 1),
+        identity=identity,
+        normalize_inputs=classifier is None,
+    )
+
+
+def train(
+    trainer: Trainer,
+    windows: TrainingWindows,
+    schedule: SgdSchedule,
+    checkpoint_path: Path,
+    total: int,
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[float, float]:
+    """SGD from the trainer's iteration up to ``total`` (≤ ``schedule.iterations``): redraw and
+    pool a block every B iterations, log every ``log_every``, checkpoint every
+    ``checkpoint_every`` to ``checkpoint_path``. ``validation``: held-out features (N, D) and
+    labels (N,) whose window accuracy each history entry records.
+
+    Returns the seconds spent pooling blocks and in SGD steps.
+    """
+    progress, head = trainer.progress, trainer.head
+    pool_seconds = step_seconds = 0.0
+    block_index, block, features = -1, None, None
+    head.train()
+    bar = tqdm(total=schedule.iterations, initial=progress.iteration, desc="finetune", unit="it")
+    with bar:
+        while progress.iteration < total:
+            started = time.perf_counter()
+            if progress.iteration // windows.block_iterations != block_index:
+                block_index = progress.iteration // windows.block_iterations
+                block, features = _pool_next_block(trainer, windows, schedule, block_index)
+                pool_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+            row = progress.iteration - block_index * windows.block_iterations
+            lr = step_learning_rate(progress.iteration, schedule.lr, schedule.lr_steps)
+            set_learning_rate(trainer.optimizer, lr)
+            rows = slice(row * schedule.batch_size, (row + 1) * schedule.batch_size)
+            targets = windows.labels[torch.as_tensor(block.window_index[row])]
+            loss, correct = train_step(
+                head, trainer.optimizer, features[rows], targets, trainer.generator
+            )
+            step_seconds += time.perf_counter() - started
+            _check_loss(loss, progress.iteration, schedule.lr)
+            progress.add(loss, correct, schedule.batch_size)
+            bar.update(1)
+            if progress.iteration % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.0e}", refresh=False)
+            done = progress.iteration == schedule.iterations
+            if progress.iteration % schedule.log_every == 0 or done:
+                entry = progress.flush(lr)
+                if validation is not None:
+                    entry["val_accuracy"] = window_accuracy(head, *validation)
+                    head.train()
+            # the finished run saves its head instead; a checkpoint there would only be deleted
+            if progress.iteration % schedule.checkpoint_every == 0 and not done:
+                _save_checkpoint(checkpoint_path, trainer)
+    return pool_seconds, step_seconds
+
+
+def _pool_next_block(
+    trainer: Trainer, windows: TrainingWindows, schedule: SgdSchedule, block_index: int
+) -> tuple[Block, torch.Tensor]:
+    """Draw and pool block ``block_index`` (shorter at the end of training); the first block
+    of a randomly initialised head also sets its input normalisation."""
+    block_start = block_index * windows.block_iterations
+    block = sample_block(
+        windows.pool, block_index, min(windows.block_iterations, schedule.iterations - block_start),
+        schedule.batch_size, schedule.fg_fraction, len(windows.source.scales), schedule.seed,
+    )  # fmt: skip
+    features = pool_block(windows.source, windows.records, windows.pool, block)
+    if block_index == 0 and trainer.normalize_inputs:
+        trainer.head.set_input_normalization(*input_normalization_for(features))
+    return block, features
+
+
+def _check_loss(loss: float, iteration: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise UserError(
+            f"finetune: the loss is {loss} at iteration {iteration + 1}; "
+            f"lower finetune.lr (now {lr}) and rerun with --force"
+        )
+
+
+def block_size(batch_size: int, feature_dim: int) -> int:
+    """Iterations per block B: as many as fit BLOCK_BYTES of float16 features, at most 500."""
+    per_iteration = batch_size * feature_dim * 2
+    return max(1, min(MAX_BLOCK_ITERATIONS, BLOCK_BYTES // per_iteration))
+
+
+def pool_block(
+    source: FeatureSource, records: Sequence[ImageRecord], pool: WindowPool, block: Block
+) -> torch.Tensor:
+    """Pooled features (B·batch, D) float16 of a block's windows, rows in minibatch order.
+
+    Each image (or flipped copy) is read once per block.
+    """
+    flat_windows = block.window_index.reshape(-1)
+    flat_scales = torch.as_tensor(block.scale_index.reshape(-1))
+    features: torch.Tensor | None = None
+    groups = group_by_entry(block.window_index, pool)
+    for entry, positions in tqdm(groups, desc="pool windows", unit="img", leave=False):
+        record = records[pool.entry_image[entry]]
+        # rows land at their block positions below, so the pooling order needs no reorder
+        pooled, rows = source.pool(
+            record, pool.boxes[flat_windows[positions]], flat_scales[positions],
+            flipped=bool(pool.entry_flipped[entry]), keep_order=False,
+        )  # fmt: skip
+        if features is None:
+            features = pooled.new_empty((len(flat_windows), pooled.shape[1]), dtype=torch.float16)
+        targets = torch.as_tensor(positions)[rows]
+        features[targets.to(pooled.device)] = pooled.to(torch.float16)
+    assert features is not None
+    return features
+
+
+def train_step(
+    head: Head,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[float, int]:
+    """One SGD step on a minibatch: features (batch, D), targets (batch,) in 0 … K on the
+    head's device.
+
+    Returns the mean loss and the number of windows classified right (dropout on).
+    """
+    logits = head(features.float(), generator=generator)
+    loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    correct = int((logits.argmax(dim=1) == targets).sum())
+    return float(loss.detach()), correct
+
+
+def held_out_windows(
+    source: FeatureSource,
+    records: Sequence[ImageRecord],
+    pool: WindowPool,
+    batch_size: int,
+    fg_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out windows of a non-empty ``pool``: features (N, D) float16 at the best scale and
+    labels (N,) on the source's device.
+
+    Drawn the training way (fg/bg fraction, docs/method.md#fine-tuning-and-sampling), up to
+    EVAL_BATCHES minibatches of the fixed EVAL_SEED, so every run scores the same windows.
+    """
+    chosen = sample_eval_windows(pool, EVAL_BATCHES, batch_size, fg_fraction, EVAL_SEED)
+    if len(chosen) == 0:
+        raise ValueError("held_out_windows: the pool has no windows")
+    features, order = [], []
+    for entry, positions in group_by_entry(chosen, pool):
+        record = records[pool.entry_image[entry]]
+        pooled, _ = source.pool(record, pool.boxes[chosen[positions]], None)
+        features.append(pooled.to(torch.float16))
+        order.append(positions)
+    labels = pool.labels[chosen[np.concatenate(order)]]
+    return torch.cat(features), torch.as_tensor(labels, device=features[0].device)
+
+
+@torch.no_grad()
+def window_accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of windows (N, D) whose argmax class (background K included) is their label.
+
+    Leaves the head in eval mode.
+    """
+    head.eval()
+    predictions = torch.cat([head(chunk.float()).argmax(dim=1) for chunk in features.split(4096)])
+    return float((predictions == labels).float().mean())
+
+
+def majority_rate(labels: torch.Tensor) -> float:
+    """Accuracy of always predicting the most frequent label."""
+    return float(torch.bincount(labels).max()) / max(len(labels), 1)
+
+
+def _normalization_of(head: Head) -> list[torch.Tensor]:
+    """[shift, scale] of the head's input normalisation, [] when it has none."""
+    if head.input_shift is None or head.input_scale is None:
+        return []
+    return [head.input_shift.cpu(), head.input_scale.cpu()]
+
+
+def _save_checkpoint(path: Path, trainer: Trainer) -> None:
+    progress = trainer.progress
+    save_torch(
+        path,
+        {
+            "identity": trainer.identity,
+            "head": trainer.head.state_dict(),
+            "input_normalization": _normalization_of(trainer.head),
+            "optimizer": trainer.optimizer.state_dict(),
+            "dropout_rng": trainer.generator.get_state(),
+            "progress": {
+                "iteration": progress.iteration,
+                "loss_sum": progress.loss_sum,
+                "correct": progress.correct,
+                "seen": progress.seen,
+                "history": progress.history,
+            },
+        },
+    )
+
+
+def resume(path: Path, trainer: Trainer) -> None:
+    """Restore the checkpoint at ``path`` into ``trainer`` if there is one with the same
+    identity; one with another identity is ignored (a new run overwrites it)."""
+    if not path.is_file():
+        return
+    checkpoint = load_torch(path)
+    try:
+        if checkpoint["identity"] != trainer.identity:
+            logger.warning("%s: made with other settings; starting over", path)
+            return
+        trainer.head.load_state_dict(checkpoint["head"])
+        if checkpoint["input_normalization"]:
+            trainer.head.set_input_normalization(*checkpoint["input_normalization"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        trainer.generator.set_state(checkpoint["dropout_rng"])
+        trainer.progress = _Progress(**checkpoint["progress"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"{path}: not a usable checkpoint ({type(exc).__name__}); delete it or use --force"
+        ) from None
+    logger.info("resuming from iteration %d (%s)", trainer.progress.iteration, path)
