@@ -193,7 +193,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if tree.get(section) is None:  # absent, or an empty "section:" line in the YAML
             tree[section] = {}
         tree[section][key] = value
-    return _build(tree, name=str(name), origin=str(path) if path else "--set")
+    config = _build(tree, name=str(name), origin=str(path) if path else "--set")
+    validate(config)
+    return config
 
 
 def bundled_configs() -> dict[str, Path]:
@@ -295,3 +297,87 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             f"{origin}: {key} must be {hint.__name__}, got {value!r} ({type(value).__name__})"
         )
     return value
+
+
+# ------------------------------------------------------------------------------- value checks
+
+# (key, holds, requirement): every value a stage cannot work with, checked when the config loads
+# so that a typo fails before any work, not after the proposals load.
+_RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
+    ("propose.min_size", lambda v: v >= 0, "at least 0"),
+    ("propose.max_per_image", lambda v: v >= 0, "at least 0 (0 keeps all)"),
+    ("propose.max_side", lambda v: v >= 0, "at least 0 (0 = never downscale)"),
+    ("propose.edge_max_boxes", lambda v: v >= 1, "at least 1"),
+    ("extract.max_long_side", lambda v: v >= 0, "0 (no cap) or positive"),
+    ("spp.target_size", lambda v: v > 0, "positive"),
+    ("finetune.fc_dim", lambda v: v >= 1, "at least 1"),
+    ("finetune.batch_size", lambda v: v >= 1, "at least 1"),
+    ("finetune.checkpoint_every", lambda v: v >= 1, "at least 1"),
+    ("finetune.log_every", lambda v: v >= 1, "at least 1"),
+    ("finetune.iterations", lambda v: v >= 0, "at least 0"),
+    ("finetune.fg_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("finetune.dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("finetune.lr", lambda v: v > 0, "positive"),
+    ("finetune.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("finetune.weight_decay", lambda v: v >= 0, "at least 0"),
+    ("svm.C", lambda v: v > 0, "positive"),
+    ("svm.pos_weight", lambda v: v > 0, "positive"),
+    ("svm.intercept_scaling", lambda v: v > 0, "positive"),
+    ("svm.tol", lambda v: v > 0, "positive"),
+    ("svm.neg_iou", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("svm.retrain_limit", lambda v: v >= 1, "at least 1"),
+    ("svm.target_norm", lambda v: v > 0, "positive"),
+    ("svm.norm_images", lambda v: v >= 1, "at least 1"),
+    ("svm.norm_windows", lambda v: v >= 1, "at least 1"),
+    ("bbox_reg.ridge_lambda", lambda v: v >= 0, "at least 0"),
+    ("bbox_reg.min_iou", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("bbox_reg.target_norm", lambda v: v > 0, "positive"),
+    ("bbox_reg.whiten_eps", lambda v: v >= 0, "at least 0"),
+    ("bbox_reg.norm_images", lambda v: v >= 1, "at least 1"),
+    ("bbox_reg.norm_windows", lambda v: v >= 1, "at least 1"),
+    ("test.nms_thresh", lambda v: 0.0 <= v <= 1.0, "an IoU in [0, 1]"),
+    ("test.max_per_class", lambda v: v >= 1, "at least 1"),
+    ("test.batch_windows", lambda v: v >= 1, "at least 1"),
+    ("eval.iou_thresh", lambda v: 0.0 < v <= 1.0, "an IoU in (0, 1]"),
+)
+
+
+def validate(config: Config) -> None:
+    """A :class:`UserError` naming every value of ``config`` that no stage can work with."""
+    problems = []
+    for key, holds, requirement in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not holds(value):
+            problems.append(f"{key} must be {requirement}, got {value}")
+    problems += _relation_problems(config)
+    if problems:
+        raise UserError("; ".join(problems))
+    _check_choices(config)
+
+
+def _relation_problems(config: Config) -> list[str]:
+    finetune, svm = config.finetune, config.svm
+    problems = []
+    if not finetune.bg_thresh_lo <= finetune.bg_thresh_hi <= finetune.fg_thresh:
+        problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
+    if svm.evict_thresh > svm.hard_thresh:
+        problems.append("svm.evict_thresh must not exceed svm.hard_thresh")
+    if config.propose.method == "mat" and not config.propose.mat_file:
+        problems.append("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")
+    return problems
+
+
+def _check_choices(config: Config) -> None:
+    """Names checked by the library modules that own them (each raises one UserError)."""
+    from spp_detect.backbones import check_backbone_name
+    from spp_detect.features import check_extract_settings, check_levels
+    from spp_detect.precision import check_precision
+    from spp_detect.proposals import check_method
+
+    check_method(config.propose.method, config.propose.mode)
+    extract = config.extract
+    check_backbone_name(extract.backbone)
+    check_extract_settings(extract.scales, extract.max_long_side, extract.cache, extract.precision)
+    check_levels(config.spp.levels)
+    check_precision(config.test.precision, "test.precision")

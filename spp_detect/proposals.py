@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("selective_search", "edge_boxes", "mat")
 SELECTIVE_SEARCH_MODES = ("fast", "quality")
+
+
+def check_method(method: str, mode: str) -> None:
+    """UserError for an unknown ``propose.method``, or ``propose.mode`` of selective search."""
+    if method not in METHODS:
+        raise UserError(f"propose.method: unknown {method!r}; use one of {', '.join(METHODS)}")
+    if method == "selective_search" and mode not in SELECTIVE_SEARCH_MODES:
+        raise UserError(f"propose.mode: unknown {mode!r}; use fast or quality")
+
+
 # OpenCV ranks selective-search regions with C rand() (selectivesearchsegmentation.cpp,
 # hierarchicalGrouping); seeding it before each image makes the order reproducible. 1 is the
 # state of a fresh process (glibc treats srand(0) as srand(1)).

@@ -158,3 +158,24 @@ def test_config_is_frozen():
     config = load_config()
     with pytest.raises(AttributeError):
         config.svm.C = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.lr=-0.1", "finetune.lr must be positive"),
+        ("finetune.batch_size=0", "finetune.batch_size must be at least 1"),
+        ("test.nms_thresh=1.5", "test.nms_thresh must be an IoU in [0, 1]"),
+        ("svm.C=0", "svm.C must be positive"),
+        ("finetune.bg_thresh_hi=0.7", "bg_thresh_lo <= bg_thresh_hi <= fg_thresh"),
+        ("propose.method=mat", "propose.mat_file: empty"),
+        ("propose.method=sliding", "propose.method: unknown 'sliding'"),
+        ("extract.backbone=resnet", "extract.backbone"),
+        ("extract.precision=int8", "extract.precision"),
+        ("spp.levels=[6, 0]", "spp.levels"),
+        ("test.precision=fp8", "test.precision"),
+    ],
+)
+def test_bad_values_fail_when_the_config_loads(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])

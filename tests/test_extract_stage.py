@@ -84,6 +84,7 @@ def test_cache_files_hold_every_scale(toy_root, extracted):
     assert "projected cache size" in result.output and "s/image" in result.output
 
 
+@pytest.mark.slow  # three extract runs, ~4 s
 def test_rerun_skips_and_force_recomputes(toy_root, tmp_path):
     run = tmp_path / "run"
     assert CliRunner().invoke(cli, _args(toy_root, run, "--limit", "2")).exit_code == 0

@@ -101,7 +101,9 @@ def _random_boxes(rng: np.random.Generator, width: int, height: int, count: int)
 
 @pytest.fixture(scope="module")
 def upstream(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory with proposals and the conv5 cache of both toy splits."""
+    """A run directory with proposals and the conv5 cache of both toy splits.
+
+    Runs two stages: every test that requests it must be marked slow."""
     run = tmp_path_factory.mktemp("finetune") / "upstream"
     ctx = _ctx(toy_root, run)
     for split in ("trainval", "test"):
@@ -160,6 +162,7 @@ def test_learns_toy_windows(toy_root, upstream, tmp_path):
     assert "already complete" in run_finetune(ctx, "trainval")
 
 
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
     # blocks of 4 iterations, checkpoints every 5, a kill after 8: the restart redraws block 1
     # mid-way and replays iterations 6–8 from the checkpoint at 5.
@@ -185,6 +188,7 @@ def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
     assert not torch.equal(_head_tensors(other)["cls.weight"], expected["cls.weight"])
 
 
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_pretrained_classifier_initialises_fc6_fc7(toy_root, upstream, tmp_path, monkeypatch):
     """With a classifier, fc6 starts from its columns for the first level, zeros elsewhere."""
     from spp_detect import backbones
@@ -210,6 +214,7 @@ def test_pretrained_classifier_initialises_fc6_fc7(toy_root, upstream, tmp_path,
         run_finetune(_ctx(toy_root, run, "spp.levels=[3, 1]", *extra[1:], force=True), "trainval")
 
 
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_flipped_windows_and_on_the_fly_features(toy_root, upstream, tmp_path):
     run = _copy(upstream, tmp_path)
     for split in ("trainval", "test"):
@@ -220,6 +225,7 @@ def test_flipped_windows_and_on_the_fly_features(toy_root, upstream, tmp_path):
     assert _head_tensors(run)["fc6.weight"].shape == (32, 256 * 5)
 
 
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_bad_input(toy_root, upstream, tmp_path):
     fast = (*FAST, "finetune.iterations=4")
     # no proposals: name the stage to run first

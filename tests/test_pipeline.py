@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI: run, test, eval, detect, combine, and their bad inputs.
 
-One small toy run (module fixture) serves most tests; the demo and raccoon runs are slow tests.
+One small toy run (module fixture) serves most tests. Every test here runs the whole pipeline,
+so the whole module is marked slow (deselect with ``-m "not slow"``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from click.testing import CliRunner
 
 from spp_detect.artifacts import load_npz
 from spp_detect.cli import cli
+
+pytestmark = pytest.mark.slow  # the module fixture runs every stage end to end
 
 TOY_SETTINGS = [
     "extract.scales=[160,240]",

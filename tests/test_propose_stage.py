@@ -79,6 +79,7 @@ def toy_copy(toy_root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(toy_root, tmp_path / "toy"))
 
 
+@pytest.mark.slow  # selective search on the whole test split, ~9 s
 def test_toy_fast_selective_search_recall(toy_root, tmp_path):
     ctx = _context(toy_root, tmp_path / "run")
     text = run_propose(ctx, "test")
@@ -100,6 +101,7 @@ def test_toy_fast_selective_search_recall(toy_root, tmp_path):
         assert float(arrays["seconds"]) > 0
 
 
+@pytest.mark.slow  # selective search in two pools, ~8 s
 def test_same_boxes_with_one_or_two_workers(toy_root, tmp_path):
     runs = []
     for workers in (1, 2):
@@ -112,6 +114,7 @@ def test_same_boxes_with_one_or_two_workers(toy_root, tmp_path):
         np.testing.assert_array_equal(boxes, runs[1][name])  # same boxes, same order
 
 
+@pytest.mark.slow  # crash + rerun through the CLI, ~5 s
 def test_failures_exit_2_and_rerun_redoes_only_them(toy_copy, tmp_path, monkeypatch):
     broken = toy_copy / "JPEGImages" / "trainval_00005.jpg"
     original = _truncate_jpeg(broken)
@@ -147,6 +150,7 @@ def slow_crash_on_target(job: ProposalJob) -> int:
     return 0
 
 
+@pytest.mark.slow  # worker crash and retries, ~6 s
 def test_run_jobs_isolates_a_crash_among_many(toy_root, tmp_path):
     images = sorted((toy_root / "JPEGImages").glob("trainval_*.jpg"))[:8]
     jobs = [ProposalJob(p.stem, str(p), str(tmp_path / f"{p.stem}.npz")) for p in images]
@@ -159,6 +163,7 @@ def test_run_jobs_isolates_a_crash_among_many(toy_root, tmp_path):
     assert len(last_pids) == 2
 
 
+@pytest.mark.slow  # kill/resume, four propose runs, ~8 s
 def test_resume_after_a_simulated_kill(toy_root, tmp_path, monkeypatch):
     monkeypatch.setattr(propose_stage, "compute_proposals", fake_proposals)
     ctx = _context(toy_root, tmp_path / "run")
@@ -257,15 +262,17 @@ def test_report_only_and_bad_config(toy_root, tmp_path, monkeypatch):
     report_path.unlink()
     text = run_propose(ctx, "test", report_only=True)
     assert report_path.is_file() and "recall@0.5" in text
-    for override, match in [
+    for override, match in [  # names fail when the config loads
         ("propose.method=sliding", "propose.method"),
         ("propose.mode=best", "propose.mode"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            _context(toy_root, tmp_path / "bad", override)
+    for override, match in [  # model files when the stage starts
         ("propose.edge_model=/nonexistent/model.yml.gz", "model.yml.gz: structured-edge model not"),
         (f"propose.edge_model={toy_root / 'toy.json'}", "not a structured-edge model"),
     ]:
         bad = _context(toy_root, tmp_path / "bad", override, "propose.method=edge_boxes")
-        if override.startswith(("propose.method", "propose.mode")):
-            bad = _context(toy_root, tmp_path / "bad", override)
         with pytest.raises(UserError, match=match):
             run_propose(bad, "test")
 

@@ -236,21 +236,10 @@ def load_trained_head(config: Config, run_dir: RunDir, device: str):
 
 
 def _geometry(config: Config, stride: int, offset0: float):
-    from spp_detect.features import PoolGeometry, check_levels
+    from spp_detect.features import PoolGeometry
 
     spp = config.spp
-    return PoolGeometry(stride, offset0, spp.offset, check_levels(spp.levels), spp.target_size)
-
-
-def _check_extract(config: Config) -> None:
-    from spp_detect.backbones import check_backbone_name
-    from spp_detect.features import check_extract_settings
-
-    settings = config.extract
-    check_backbone_name(settings.backbone)
-    check_extract_settings(
-        settings.scales, settings.max_long_side, settings.cache, settings.precision
-    )
+    return PoolGeometry(stride, offset0, spp.offset, tuple(spp.levels), spp.target_size)
 
 
 def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
@@ -260,7 +249,6 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
 
     if config.extract.cache != "disk":
         return live_feature_source(config, device)
-    _check_extract(config)
     manifest = require_upstream(config, run_dir, "extract", split)
     return FeatureSource(
         config.extract.scales,
@@ -284,7 +272,6 @@ def live_feature_source(config: Config, device: str):
     from spp_detect.backbones import build_backbone
     from spp_detect.features import FeatureSource
 
-    _check_extract(config)
     settings = config.extract
     backbone = build_backbone(settings.backbone, settings.weights)
     return FeatureSource(

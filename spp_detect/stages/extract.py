@@ -24,11 +24,10 @@ import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_npz
-from spp_detect.backbones import Backbone, build_backbone, check_backbone_name
+from spp_detect.backbones import Backbone, build_backbone
 from spp_detect.config import ExtractConfig
 from spp_detect.features import (
     cache_arrays,
-    check_extract_settings,
     check_scales_fit,
     compute_maps,
     read_record_image,
@@ -54,10 +53,6 @@ def run_extract(ctx: StageContext, split: str) -> str:
     """Cache the conv5 maps of ``split``; returns the one-line summary."""
     config = ctx.config
     settings = config.extract
-    check_backbone_name(settings.backbone)
-    check_extract_settings(
-        settings.scales, settings.max_long_side, settings.cache, settings.precision
-    )
     if settings.cache == "none":
         return "extract: extract.cache is none, later stages compute conv5 maps on the fly"
     device = resolve_device(ctx.device)

@@ -21,7 +21,6 @@ from spp_detect.artifacts import (
     read_manifest,
     save_json,
     save_torch,
-    write_manifest,
 )
 from spp_detect.config import Config, FinetuneConfig
 from spp_detect.errors import UserError
@@ -29,8 +28,10 @@ from spp_detect.head import head_state
 from spp_detect.run_dir import RunDir
 from spp_detect.sampling import WindowPool, build_window_pool, warn_missing_classes
 from spp_detect.stages.common import (
+    StageContext,
     Summary,
     check_classes,
+    close_stage,
     fingerprint,
     load_proposals,
     open_feature_source,
@@ -43,7 +44,7 @@ from spp_detect.structures import ImageRecord
 logger = logging.getLogger(__name__)
 
 
-def run_finetune(ctx, split: str, stop_after: int | None = None) -> str:
+def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -> str:
     """Fine-tune the head on ``split``; ``stop_after`` (tests) stops after that many iterations
     as a kill would, leaving only the last regular checkpoint behind."""
     config, run_dir, settings = ctx.config, ctx.run_dir, ctx.config.finetune
@@ -55,7 +56,6 @@ def run_finetune(ctx, split: str, stop_after: int | None = None) -> str:
     elif _is_complete(run_dir, split, stage_fingerprint):
         summary.notes.append(f"already complete in {run_dir.finetune_dir} (use --force to redo)")
         return summary.line()
-    check_settings(settings)
     schedule = _schedule(settings)
     clear_manifest(run_dir.finetune_dir)
     # 2. Upstream manifests.
@@ -98,9 +98,8 @@ def run_finetune(ctx, split: str, stop_after: int | None = None) -> str:
         {"split": split, "val_split": settings.val_split or None, "iterations": settings.iterations,
          "batch_size": settings.batch_size, "entries": history},
     )  # fmt: skip
-    write_manifest(
-        run_dir.finetune_dir, "finetune", split, settings.iterations, stage_fingerprint,
-        upstream={stage: manifest["fingerprint"] for stage, manifest in manifests.items()},
+    close_stage(
+        config, run_dir, "finetune", split, settings.iterations,
         extra={"classes": list(config.data.classes), "feature_dim": windows.feature_dim,
                "fc_dim": settings.fc_dim},
     )  # fmt: skip
@@ -121,26 +120,6 @@ def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:
         momentum=settings.momentum, weight_decay=settings.weight_decay, seed=settings.seed,
         checkpoint_every=settings.checkpoint_every, log_every=settings.log_every,
     )  # fmt: skip
-
-
-def check_settings(settings: FinetuneConfig) -> None:
-    """UserError for finetune values that cannot train."""
-    problems = []
-    for key in ("fc_dim", "batch_size", "checkpoint_every", "log_every"):
-        if getattr(settings, key) < 1:
-            problems.append(f"finetune.{key} must be at least 1")
-    if settings.iterations < 0:
-        problems.append("finetune.iterations must be at least 0")
-    if not 0.0 <= settings.fg_fraction <= 1.0:
-        problems.append("finetune.fg_fraction must lie in [0, 1]")
-    if not 0.0 <= settings.dropout < 1.0:
-        problems.append("finetune.dropout must lie in [0, 1)")
-    if not settings.bg_thresh_lo <= settings.bg_thresh_hi <= settings.fg_thresh:
-        problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
-    if settings.lr <= 0:
-        problems.append("finetune.lr must be positive")
-    if problems:
-        raise UserError("; ".join(problems))
 
 
 def evaluation_windows(

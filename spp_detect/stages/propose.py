@@ -92,7 +92,7 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     records = split_records(config, split, ctx.limit)
     if report_only:
         return _report(config, run_dir, records, split, summary)
-    _check_method(config.propose)
+    _check_edge_model_setting(config.propose)
     clear_manifest(out_dir)
     _remove_stale_temporaries(out_dir)
     todo, fingerprints = items_to_do(
@@ -122,16 +122,8 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     return _report(config, run_dir, records, split, summary)
 
 
-def _check_method(propose: ProposeConfig) -> None:
-    if propose.method not in proposals.METHODS:
-        raise UserError(
-            f"propose.method: unknown {propose.method!r}; use one of {', '.join(proposals.METHODS)}"
-        )
-    if (
-        propose.method == "selective_search"
-        and propose.mode not in proposals.SELECTIVE_SEARCH_MODES
-    ):
-        raise UserError(f"propose.mode: unknown {propose.mode!r}; use fast or quality")
+def _check_edge_model_setting(propose: ProposeConfig) -> None:
+    """The EdgeBoxes model file, loaded once (the names were checked when the config loaded)."""
     if propose.method == "edge_boxes":
         if propose.edge_model:
             _check_edge_model(propose.edge_model)
@@ -140,8 +132,6 @@ def _check_method(propose: ProposeConfig) -> None:
                 "propose.edge_model is empty: EdgeBoxes runs on a gradient edge map, which gives "
                 "lower recall than the structured-edge model (see README)"
             )
-    if propose.method == "mat" and not propose.mat_file:
-        raise UserError("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")
 
 
 def _check_edge_model(model_path: str) -> None:
