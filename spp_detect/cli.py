@@ -251,9 +251,13 @@ def test(ctx: StageContext, split: str | None) -> None:
 )
 def eval_(ctx: StageContext, split: str | None, voc2007: bool, combine: str | None) -> None:
     """VOC AP (11-point and area) of a split's detections; runs test first when needed."""
-    from spp_detect.stages.eval import run_eval
+    from spp_detect.stages.eval import has_detections, run_eval
+    from spp_detect.stages.test import run_test
 
     split = "test" if voc2007 else split or ctx.config.data.test_split
+    if not has_detections(ctx, split):
+        click.echo(f"no detections for {split} yet: running test first", err=True)
+        click.echo(run_test(ctx, split), err=True)
     use_07 = True if voc2007 else ctx.config.eval.use_07_metric
     click.echo(run_eval(ctx, split, use_07, Path(combine) if combine else None))
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from spp_detect.artifacts import (
     stored_fingerprint,
     write_manifest,
 )
-from spp_detect.config import Config
+from spp_detect.config import Config, ProposeConfig
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
@@ -314,3 +315,19 @@ def detection_settings(config: Config):
         max_per_class=test.max_per_class, batch_windows=test.batch_windows,
         precision=test.precision,
     )  # fmt: skip
+
+
+def proposal_params(propose: ProposeConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`proposals.propose_image` from the config section."""
+    return {
+        "method": propose.method,
+        "mode": propose.mode,
+        "base_k": propose.base_k,
+        "inc_k": propose.inc_k,
+        "sigma": propose.sigma,
+        "edge_model": propose.edge_model or None,
+        "edge_max_boxes": propose.edge_max_boxes,
+        "max_side": propose.max_side,
+        "min_size": propose.min_size,
+        "max_per_image": propose.max_per_image,
+    }

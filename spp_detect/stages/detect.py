@@ -16,8 +16,13 @@ from spp_detect.artifacts import save_json
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
 from spp_detect.proposals import propose_image
-from spp_detect.stages.common import StageContext, Summary, build_detector, live_feature_source
-from spp_detect.stages.propose import proposal_params
+from spp_detect.stages.common import (
+    StageContext,
+    Summary,
+    build_detector,
+    live_feature_source,
+    proposal_params,
+)
 from spp_detect.structures import ImageDetections, ImageRecord
 from spp_detect.visualize import draw_detections, save_png
 

@@ -9,7 +9,6 @@ Steps (SPEC §10):
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json
@@ -33,8 +32,6 @@ from spp_detect.voc_eval import (
     summarize,
     write_devkit_files,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def run_eval(
@@ -79,15 +76,15 @@ def run_eval(
 
 
 def _own_detections(ctx: StageContext, split: str) -> Detections:
-    """This run's detections of ``split``; `test` runs first when they are missing."""
+    """This run's detections of ``split``, made with the current config."""
     config, run_dir = ctx.config, ctx.run_dir
-    if read_manifest(stage_dir(run_dir, "test", split)) is None:
-        from spp_detect.stages.test import run_test
-
-        logger.info("no detections for %s yet: running test first", split)
-        logger.info(run_test(ctx, split))
     require_upstream(config, run_dir, "test", split)
     return load_detections(run_dir, split, config.data.classes)
+
+
+def has_detections(ctx: StageContext, split: str) -> bool:
+    """Whether `test` has closed ``split`` (with any config: a stale one is refused later)."""
+    return read_manifest(stage_dir(ctx.run_dir, "test", split)) is not None
 
 
 def load_detections(run_dir: RunDir, split: str, classes: tuple[str, ...]) -> Detections:

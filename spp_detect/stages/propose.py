@@ -43,6 +43,7 @@ from spp_detect.stages.common import (
     close_stage,
     dir_bytes,
     items_to_do,
+    proposal_params,
     split_records,
 )
 from spp_detect.structures import ImageRecord
@@ -145,22 +146,6 @@ def _check_edge_model(model_path: str) -> None:
                 f"{model_path}: not a structured-edge model (OpenCV crashed loading it); use the "
                 "model.yml.gz from opencv_extra (see README)"
             ) from None
-
-
-def proposal_params(propose: ProposeConfig) -> dict[str, Any]:
-    """Keyword arguments of :func:`proposals.propose_image` from the config section."""
-    return {
-        "method": propose.method,
-        "mode": propose.mode,
-        "base_k": propose.base_k,
-        "inc_k": propose.inc_k,
-        "sigma": propose.sigma,
-        "edge_model": propose.edge_model or None,
-        "edge_max_boxes": propose.edge_max_boxes,
-        "max_side": propose.max_side,
-        "min_size": propose.min_size,
-        "max_per_image": propose.max_per_image,
-    }
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
