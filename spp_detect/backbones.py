@@ -1,10 +1,11 @@
 """Conv trunks (zf5, alexnet, vgg16) with their total stride and receptive-field centre; weights.
 
-Shapes: B images, C channels of the last conv layer, H'/W' its map size.
+Shapes: N images, C channels of the last conv layer, H'/W' its map size.
 
 Each trunk ends at its last conv layer + ReLU (conv5 features are post-ReLU). Its geometry is
 derived from its own layer list by :func:`receptive_center`, not typed in: ZF-5 → stride 16,
-offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5 (ARCHITECTURE §2, SPEC §2).
+offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5 (docs/method.md#conv-trunks,
+docs/method.md#projection).
 
 Weights are ``none`` (random, seeded, so every stage and process sees the same network), a
 torchvision weights name (``AlexNet_Weights.IMAGENET1K_V1`` or just ``IMAGENET1K_V1``; fetched
@@ -30,7 +31,7 @@ BACKBONES = ("zf5", "alexnet", "vgg16")
 RANDOM_INIT_SEED = 0  # random ("none") weights are seeded: extract and later stages must agree
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")  # names that can only be files
 
-# ZF-5 local response normalisation (SPEC §2, Zeiler_conv5.prototxt norm1/norm2).
+# ZF-5 local response normalisation (docs/method.md#conv-trunks, Zeiler_conv5.prototxt norm1/2).
 ZF5_LRN_SIZE = 3
 ZF5_LRN_ALPHA = 5e-5
 ZF5_LRN_BETA = 0.75
@@ -62,7 +63,7 @@ class WithinChannelLRN(nn.Module):
 
 
 class Backbone(nn.Module):
-    """A conv trunk: ``forward`` (B, 3, H, W) normalised images → (B, C, H', W') post-ReLU maps.
+    """A conv trunk: ``forward`` (N, 3, H, W) normalised images → (N, C, H', W') post-ReLU maps.
 
     Attributes: ``name``; ``stride`` (input pixels per map cell); ``channels`` (C); ``offset0``
     (1-based input pixel at the centre of map cell 1); ``normalization`` ("caffe_bgr" for zf5,
@@ -72,8 +73,8 @@ class Backbone(nn.Module):
     def __init__(self, name: str, features: nn.Sequential, normalization: str) -> None:
         super().__init__()
         self.name = name
-        # channels-last: ZF-5's LRN and ceil-mode pooling run 1.6-1.8x faster on the CPU in
-        # this layout (BENCHMARKS.md), and pooling reads the maps channel-last anyway
+        # channels-last: ZF-5's LRN and ceil-mode pooling run faster on the CPU in this layout
+        # (BENCHMARKS.md), and pooling reads the maps channel-last anyway
         self.features = features.to(memory_format=torch.channels_last)
         self.normalization = normalization
         self.stride, self.offset0 = receptive_center(features)
@@ -110,7 +111,7 @@ def receptive_center(layers: Sequence[nn.Module]) -> tuple[int, float]:
     Cell 0 of a layer with kernel k and padding p covers its input cells −p … k−1−p, so its
     centre sits ((k−1)/2 − p) input cells right of the input's cell 0; in image pixels that is
     times the input's stride. Summing over the layers gives the 0-based centre; +1 makes it
-    1-based as in SPEC §4 (ZF-5: 20 → 21).
+    1-based as in docs/method.md#projection (ZF-5: 20 → 21).
     """
     stride, center = 1, 0.0
     for layer in layers:
@@ -147,7 +148,8 @@ def _pooled_side(side: int, kernel: int, stride: int, padding: int, ceil_mode: b
 
 
 def _zf5_features() -> nn.Sequential:
-    """ZF-5 conv1–conv5 exactly as SPEC §2 (Zeiler_conv5.prototxt): LRN, ceil-mode pooling."""
+    """ZF-5 conv1–conv5 exactly as docs/method.md#conv-trunks (Zeiler_conv5.prototxt): LRN,
+    ceil-mode pooling."""
 
     def lrn() -> WithinChannelLRN:
         return WithinChannelLRN(ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA)

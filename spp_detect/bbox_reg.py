@@ -1,11 +1,13 @@
-"""Class-specific bounding-box regression: whitened ridge regression on pool5 (SPEC §8).
+"""Class-specific bounding-box regression: whitened ridge regression on pool5
+(docs/method.md#bounding-box-regression).
 
-Shapes: N training windows of a class, M windows to regress, K classes, D feature dim.
+Shapes: R training windows of a class, M windows to regress, K classes, D pool5 feature dim.
 
 Each class maps features x (D,) to deltas t (4,) (boxes.encode_deltas). Training whitens the
 targets, solves ridge regression with an appended constant-1 feature (regularised like the
 others, λ = ``ridge_lambda``), and folds the un-whitening and the target mean back into the
-weights, so the stored model is simply deltas = x @ W + b (ARCHITECTURE.md §7.8).
+weights, so the stored model is simply deltas = x @ W + b
+(docs/contracts.md#saved-models-are-ready-to-use).
 
 Note: because the four outputs share one Gram matrix and one λ, ridge regression is equivariant
 to the invertible whitening map T, so the folded model equals ridge on the centred targets; the
@@ -32,9 +34,10 @@ NUM_DELTAS = 4  # (t_x, t_y, t_w, t_h)
 
 
 def whitening(targets: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean μ (4,), whitening T (4, 4) and its inverse (4, 4) of targets (N, 4) (SPEC §8).
+    """Mean μ (4,), whitening T (4, 4) and its inverse (4, 4) of targets (R, 4)
+    (docs/method.md#bounding-box-regression).
 
-    S = tᶜᵀtᶜ/N = V diag(d) Vᵀ; T = V diag(1/√(d+eps)) Vᵀ; T⁻¹ = V diag(√(d+eps)) Vᵀ.
+    S = tᶜᵀtᶜ/R = V diag(d) Vᵀ; T = V diag(1/√(d+eps)) Vᵀ; T⁻¹ = V diag(√(d+eps)) Vᵀ.
     """
     targets = targets.astype(np.float64)
     mean = targets.mean(axis=0)
@@ -45,10 +48,10 @@ def whitening(targets: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, 
 
 
 def ridge_solve(features: torch.Tensor, targets: torch.Tensor, ridge_lambda: float) -> torch.Tensor:
-    """β (D+1, T) minimising ‖[X, 1] β − Y‖² + λ‖β‖² (the bias row regularised too), float64.
+    """β (D+1, 4) minimising ‖[X, 1] β − Y‖² + λ‖β‖² (the bias row regularised too), float64.
 
-    features (N, D) and targets (N, T) float64. Solved by Cholesky in the cheaper of the primal
-    ((D+1)×(D+1)) and the dual (N×N) form; both give the same β.
+    features (R, D) and targets (R, 4) float64. Solved by Cholesky in the cheaper of the primal
+    ((D+1)×(D+1)) and the dual (R×R) form; both give the same β.
     """
     num, dim = features.shape
     if num < dim + 1:  # dual: β = Aᵀ(AAᵀ + λI)⁻¹Y, with AAᵀ = XXᵀ + 1
@@ -79,9 +82,10 @@ def fit_box_regressor(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One class's regressor, ready to use: (weight (D, 4) float32, bias (4,) float32).
 
-    features (N, D) of the windows ``proposals`` (N, 4), each assigned to ``gt_boxes`` (N, 4).
-    Features are multiplied by ``feature_scale`` for training (20 / mean norm, SPEC §8) and the
-    scale is folded into the weight, so deltas = raw_features @ weight + bias.
+    features (R, D) of the windows ``proposals`` (R, 4), each assigned to ``gt_boxes`` (R, 4).
+    Features are multiplied by ``feature_scale`` for training (20 / mean norm,
+    docs/method.md#bounding-box-regression) and the scale is folded into the weight, so
+    deltas = raw_features @ weight + bias.
     """
     targets = np.asarray(
         encode_deltas(np.asarray(proposals, np.float64), np.asarray(gt_boxes, np.float64))
@@ -150,7 +154,8 @@ class BoxRegressors:
         labels: torch.Tensor,
         image_hw: tuple[int, int],
     ) -> torch.Tensor:
-        """Regressed boxes (M, 4), clipped to the image, of windows ``boxes`` (M, 4) (SPEC §8)."""
+        """Regressed boxes (M, 4), clipped to the image, of windows ``boxes`` (M, 4)
+        (docs/method.md#bounding-box-regression)."""
         deltas = self.predict(features, labels)
         boxes = torch.as_tensor(boxes, device=deltas.device)
         return clip_boxes(decode_deltas(boxes, deltas), image_hw)
@@ -182,7 +187,7 @@ def fit_box_regressors(
     feature_scale: float = 1.0,
     device: str | torch.device = "cpu",
 ) -> tuple[BoxRegressors, list[dict]]:
-    """K regressors from per-class examples (features (N_k, D), proposals (N_k, 4), gt (N_k, 4)).
+    """K regressors from per-class examples (features (R_k, D), proposals (R_k, 4), gt (R_k, 4)).
 
     A class without examples gets the identity regressor (zero weight and bias) and a warning.
     Returns the regressors and a JSON-ready report per class.

@@ -1,8 +1,9 @@
 """Box helpers that torchvision.ops does not provide: clip, xywh→xyxy, flip, regression deltas.
 
 Shapes: R boxes. Every function takes and returns float (R, 4) XYXY boxes in continuous pixel
-coordinates (ARCHITECTURE.md §2: x2/y2 exclusive, width = x2 − x1), as a numpy array or a torch
-tensor; the result is of the same kind, dtype and device as the first argument.
+coordinates (docs/method.md#conventions-and-box-format: x2/y2 exclusive, width = x2 − x1), as a
+numpy array or a torch tensor; the result is of the same kind, dtype and device as the first
+argument.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
-# Added to widths and heights before dividing by them (SPEC §8: MATLAB `eps`, float64 machine
-# epsilon); it only matters for degenerate zero-size boxes.
+# Added to widths and heights before dividing by them (docs/method.md#bounding-box-regression:
+# MATLAB `eps`, float64 machine epsilon); it only matters for degenerate zero-size boxes.
 DELTA_EPS = float(np.finfo(np.float64).eps)
 
 # Largest log-scale delta decoded, so a wild prediction cannot overflow exp() (torchvision's
@@ -39,7 +40,8 @@ def _like(result: torch.Tensor, reference: np.ndarray | torch.Tensor) -> np.ndar
 def clip_boxes(boxes: Array, image_hw: tuple[int, int]) -> Array:
     """Clip (R, 4) boxes to the image: x in [0, W], y in [0, H].
 
-    In 1-based inclusive coordinates this is SPEC §8's clip of x1, y1 to ≥ 1 and x2, y2 to ≤ W, H.
+    In 1-based inclusive coordinates this is the original's clip of x1, y1 to ≥ 1 and x2, y2 to
+    ≤ W, H (docs/method.md#bounding-box-regression).
     """
     height, width = image_hw
     tensor = _to_tensor(boxes)
@@ -65,7 +67,8 @@ def paired_iou(first: Array, second: Array) -> Array:
 def flip_boxes(boxes: Array, width: int) -> Array:
     """Mirror (R, 4) boxes of an image ``width`` pixels wide: x1' = W − x2, x2' = W − x1.
 
-    In 1-based inclusive coordinates this is SPEC §6's x1' = W + 1 − x2, x2' = W + 1 − x1.
+    In 1-based inclusive coordinates this is the original's x1' = W + 1 − x2, x2' = W + 1 − x1
+    (docs/method.md#conventions-and-box-format).
     """
     tensor = _to_tensor(boxes)
     flipped = torch.stack(
@@ -75,7 +78,8 @@ def flip_boxes(boxes: Array, width: int) -> Array:
 
 
 def _centre_size(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Centres and sizes as SPEC §8: p_w = x2 − x1 + eps, p_cx = x1 + 0.5·p_w (no +1)."""
+    """Centres and sizes as docs/method.md#bounding-box-regression: p_w = x2 − x1 + eps,
+    p_cx = x1 + 0.5·p_w (no +1)."""
     widths = tensor[:, 2] - tensor[:, 0] + DELTA_EPS
     heights = tensor[:, 3] - tensor[:, 1] + DELTA_EPS
     return tensor[:, 0] + 0.5 * widths, tensor[:, 1] + 0.5 * heights, widths, heights
@@ -84,8 +88,9 @@ def _centre_size(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def encode_deltas(proposals: Array, gt_boxes: Array) -> Array:
     """Regression targets (R, 4) = (t_x, t_y, t_w, t_h) that move ``proposals`` onto ``gt_boxes``.
 
-    SPEC §8 without the +1: with widths w = x2 − x1 of continuous boxes (the natural +1-free
-    width of this format), t_x = (g_cx − p_cx)/p_w, t_y likewise, t_w = log(g_w/p_w), t_h likewise.
+    docs/method.md#bounding-box-regression without the +1: with widths w = x2 − x1 of continuous
+    boxes (the natural +1-free width of this format), t_x = (g_cx − p_cx)/p_w, t_y likewise,
+    t_w = log(g_w/p_w), t_h likewise.
     """
     p_cx, p_cy, p_w, p_h = _centre_size(_to_tensor(proposals))
     g_cx, g_cy, g_w, g_h = _centre_size(_to_tensor(gt_boxes).to(p_cx.dtype))
@@ -98,7 +103,8 @@ def encode_deltas(proposals: Array, gt_boxes: Array) -> Array:
 def decode_deltas(proposals: Array, deltas: Array) -> Array:
     """Apply (R, 4) ``deltas`` to (R, 4) ``proposals``: the inverse of :func:`encode_deltas`.
 
-    Centre p_cx + t_x·p_w, size p_w·exp(t_w), box = centre ± size/2 (SPEC §8).
+    Centre p_cx + t_x·p_w, size p_w·exp(t_w), box = centre ± size/2
+    (docs/method.md#bounding-box-regression).
     """
     p_cx, p_cy, p_w, p_h = _centre_size(_to_tensor(proposals))
     d = _to_tensor(deltas).to(device=p_cx.device, dtype=p_cx.dtype)

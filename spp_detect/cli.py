@@ -73,7 +73,7 @@ def default_device() -> str:
 def stage_options(
     func: Callable[..., Any] | None = None, *, default_config: str | None = None
 ) -> Callable[..., Any]:
-    """The options every stage shares (ARCHITECTURE.md §5); passes a ``ctx: StageContext``.
+    """The options every stage shares (docs/contracts.md#cli); passes a ``ctx: StageContext``.
 
     Without -c, the config is the run directory's saved `config.yaml` when there is one (so
     `--run-dir DIR` alone picks up that run), else ``default_config`` or the code defaults.

@@ -35,8 +35,8 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-# Normalisations, chosen by the backbone's weights (ARCHITECTURE §2 backbones row).
-CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (SPEC §3)
+# Normalisations, chosen by the backbone's weights (docs/method.md#image-scales, "Pixels").
+CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (docs/method.md#image-scales)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB mean of torchvision's ImageNet weights, after /255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB std of torchvision's ImageNet weights, after /255
 NORMALIZATIONS = ("caffe_bgr", "imagenet")
@@ -45,7 +45,7 @@ NORMALIZATIONS = ("caffe_bgr", "imagenet")
 def resized_hw(
     image_hw: tuple[int, int], short_side: int, max_long_side: int = 0
 ) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to ``short_side`` (SPEC §3).
+    """(H, W) after resizing the shorter side to ``short_side`` (docs/method.md#image-scales).
 
     The longer side becomes round(s·long/short), halves rounded up. With ``max_long_side`` > 0
     and a longer side above it, the longer side becomes the cap and the shorter side
@@ -66,7 +66,8 @@ def _round_ratio(numerator: int, denominator: int) -> int:
 
 def resize_short_side(image: np.ndarray, short_side: int, max_long_side: int = 0) -> np.ndarray:
     """uint8 (H, W, 3) → (H', W', 3) with the shorter side ``short_side``; bilinear, no antialias
-    (``cv2.INTER_LINEAR``, as the original's imresize with antialiasing off, SPEC §3)."""
+    (``cv2.INTER_LINEAR``, as the original's imresize with antialiasing off,
+    docs/method.md#image-scales)."""
     height, width = resized_hw(image.shape[:2], short_side, max_long_side)
     if (height, width) == image.shape[:2]:
         return image
@@ -78,8 +79,8 @@ def image_to_tensor(
 ) -> torch.Tensor:
     """uint8 (H, W, 3) RGB → float32 (3, H, W) on ``device``, normalised for the weights.
 
-    "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5, SPEC §3). "imagenet": /255,
-    then ImageNet mean/std per RGB channel (torchvision weights).
+    "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5). "imagenet": /255, then
+    ImageNet mean/std per RGB channel (torchvision weights). See docs/method.md#image-scales.
     """
     import torch
 

@@ -1,4 +1,5 @@
-"""Detections of one image from per-window class scores (SPEC §9, §10).
+"""Detections of one image from per-window class scores (docs/method.md#test-time-detection;
+model combination: docs/method.md#evaluation-rules).
 
 Shapes: R windows of the image, K foreground classes, M detections, N images.
 
@@ -6,10 +7,10 @@ Per class: keep windows scoring above the threshold (strict), greedy NMS, the to
 ``max_per_class``; then optionally regress the kept boxes, clip them to the image and run NMS
 again (the original's second NMS in the result writer). torchvision's NMS drops boxes with IoU
 > threshold, as the original's `nms.m`; its IoU without +1 on continuous boxes equals the
-original's +1 IoU (ARCHITECTURE.md §2).
+original's +1 IoU (docs/method.md#conventions-and-box-format).
 
 Pass only proposal windows (not the gt rows that training uses): the original scores gt rows
-but masks them out at test time (SPEC §9).
+but masks them out at test time (docs/method.md#test-time-detection).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def select_detections(
     nms_thresh: float,
     max_per_class: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class threshold → NMS → top-k on scores (R, K) of windows boxes (R, 4) (SPEC §9).
+    """Per-class threshold → NMS → top-k on scores (R, K) of windows boxes (R, 4)
+    (docs/method.md#test-time-detection).
 
     Returns window_index (M,) int64 into the R windows, labels (M,) int64 and scores (M,),
     ordered by class, then by descending score.

@@ -1,9 +1,9 @@
 """Region proposals: selective search (fast/quality), EdgeBoxes, .mat import, filters and recall.
 
 Shapes: R proposal boxes, G gt boxes, H×W image. Boxes are float32 (R, 4) XYXY in continuous pixel
-coordinates of the original image, x2/y2 exclusive (ARCHITECTURE.md §2). The two conversions into
-that format that live here: OpenCV ``(x, y, w, h)`` → ``(x, y, x+w, y+h)`` and the R-CNN / SPP-net
-``.mat`` ``[y1 x1 y2 x2]`` (1-based, inclusive) → ``(x1−1, y1−1, x2, y2)``.
+coordinates of the original image, x2/y2 exclusive (docs/method.md#conventions-and-box-format). The
+two conversions into that format that live here: OpenCV ``(x, y, w, h)`` → ``(x, y, x+w, y+h)`` and
+the R-CNN / SPP-net ``.mat`` ``[y1 x1 y2 x2]`` (1-based, inclusive) → ``(x1−1, y1−1, x2, y2)``.
 
 Every function takes explicit arguments; nothing here reads the config.
 """

@@ -1,7 +1,9 @@
-"""Fine-tuning windows: labels by IoU and window-centric minibatches (SPEC §6).
+"""Fine-tuning windows: labels by IoU and window-centric minibatches
+(docs/method.md#fine-tuning-and-sampling).
 
-Shapes: R windows of an image, G gt boxes, K foreground classes, N windows of a split,
-M entries (images, plus their flipped copies), B iterations of a block, S scales.
+Shapes: R windows (of an image, or of the split in a ``WindowPool``), G gt boxes, K foreground
+classes, N images (a flipped copy counts as one), I iterations of a block, B windows per
+minibatch, S scales.
 Labels: foreground classes 0 … K−1, background K, ``IGNORE`` for windows that are not used.
 """
 
@@ -20,7 +22,7 @@ from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -1  # label of a window with overlap below bg_thresh_lo: never sampled (SPEC §6)
+IGNORE = -1  # overlap below bg_thresh_lo: never sampled (docs/method.md#fine-tuning-and-sampling)
 
 
 def class_overlaps(
@@ -37,7 +39,8 @@ def class_overlaps(
 def window_labels(
     overlaps: np.ndarray, fg_thresh: float, bg_thresh_lo: float, bg_thresh_hi: float
 ) -> np.ndarray:
-    """(R,) int64 training labels of windows with class overlaps (R, K) (SPEC §6).
+    """(R,) int64 training labels of windows with class overlaps (R, K)
+    (docs/method.md#fine-tuning-and-sampling).
 
     The window's overlap is its best class overlap and its class the argmax: foreground when the
     overlap is ≥ ``fg_thresh``, background K when in [``bg_thresh_lo``, ``bg_thresh_hi``),
@@ -58,9 +61,9 @@ def window_labels(
 class WindowPool:
     """The labelled training windows of a split (fg and bg only).
 
-    ``entry_image`` (M,) int64 indexes the split's records, ``entry_flipped`` (M,) bool marks
-    flipped copies; ``window_entry`` (N,) int64, ``boxes`` (N, 4) float32 in the entry's own
-    (possibly flipped) image and ``labels`` (N,) int64 describe the windows.
+    ``entry_image`` (N,) int64 indexes the split's records, ``entry_flipped`` (N,) bool marks
+    flipped copies; ``window_entry`` (R,) int64, ``boxes`` (R, 4) float32 in the entry's own
+    (possibly flipped) image and ``labels`` (R,) int64 describe the R windows of the split.
     """
 
     entry_image: np.ndarray
@@ -129,7 +132,8 @@ def _concat(parts: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...]) 
 
 
 def minibatch_split(batch_size: int, fg_fraction: float, pool: WindowPool) -> tuple[int, int]:
-    """(fg, bg) windows per minibatch: round(fraction · size) fg (32 of 128, SPEC §6).
+    """(fg, bg) windows per minibatch: round(fraction · size) fg (32 of 128,
+    docs/method.md#fine-tuning-and-sampling).
 
     A pool without foreground (or background) fills whole minibatches with the other kind.
     """
@@ -154,10 +158,10 @@ def warn_missing_classes(pool: WindowPool, class_names: Sequence[str]) -> list[s
 
 @dataclass(frozen=True)
 class Block:
-    """The minibatches of B consecutive iterations.
+    """The minibatches of I consecutive iterations, B windows each.
 
-    ``window_index`` (B, batch) int64 indexes the pool, each row [fg | bg]; ``scale_index``
-    (B, batch) int64 is the scale each window is pooled at.
+    ``window_index`` (I, B) int64 indexes the pool, each row [fg | bg]; ``scale_index``
+    (I, B) int64 is the scale each window is pooled at.
     """
 
     window_index: np.ndarray
@@ -181,11 +185,12 @@ def sample_block(
     num_scales: int,
     seed: int,
 ) -> Block:
-    """Window-centric minibatches for iterations [block·B, (block+1)·B) (SPEC §6).
+    """Window-centric minibatches for iterations [block·I, (block+1)·I)
+    (docs/method.md#fine-tuning-and-sampling), I = ``block_iterations``.
 
-    Draws B·fg foreground and B·bg background windows uniformly over the whole split without
+    Draws I·fg foreground and I·bg background windows uniformly over the whole split without
     replacement (cycling through fresh permutations when the pool is smaller), each at a
-    uniformly random scale, then cuts them into B minibatches of [fg | bg].
+    uniformly random scale, then cuts them into I minibatches of [fg | bg].
     """
     num_fg, num_bg = minibatch_split(batch_size, fg_fraction, pool)
     rng = block_rng(seed, block)
@@ -211,7 +216,8 @@ def sample_eval_windows(
     pool: WindowPool, num_batches: int, batch_size: int, fg_fraction: float, seed: int
 ) -> np.ndarray:
     """Window indices for a held-out accuracy: up to ``num_batches`` minibatches' worth drawn
-    the training way (SPEC §6: 500 minibatches, best scale), without replacement.
+    the training way (docs/method.md#fine-tuning-and-sampling: 500 minibatches, best scale),
+    without replacement.
 
     When the pool is too small for one minibatch at the training fraction, all its windows.
     """

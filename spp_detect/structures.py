@@ -1,7 +1,8 @@
 """Frozen struct-of-arrays records that pass between the library and the stages.
 
 Shapes: G gt boxes in an image, M detections over a split, N images.
-Boxes are float32 (·, 4) XYXY in continuous pixel coordinates (ARCHITECTURE.md §2).
+Boxes are float32 (·, 4) XYXY in continuous pixel coordinates
+(docs/method.md#conventions-and-box-format).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ImageDetections:
 
 @dataclass(frozen=True)
 class Detections:
-    """Detections over a split (ARCHITECTURE.md §4, `detections/<split>.npz`).
+    """Detections over a split (docs/contracts.md#artefacts, `detections/<split>.npz`).
 
     image_ids (N,) str; image_index (M,) int64 into image_ids; boxes (M, 4) float32;
     scores (M,) float32; labels (M,) int64 foreground class indices.

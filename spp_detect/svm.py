@@ -1,6 +1,7 @@
-"""Per-class linear SVMs trained with one pass of hard-negative mining (SPEC §7).
+"""Per-class linear SVMs trained with one pass of hard-negative mining
+(docs/method.md#svm-training).
 
-Shapes: K classes, D feature dim, P positives of a class, N negatives of a class.
+Shapes: K classes, F fc7 feature dim, P positives of a class, Q negatives of a class.
 
 The solver is liblinear's dual L1-loss SVC through scikit-learn, with the bias as an extra
 feature of value B = ``intercept_scaling`` (so the bias is regularised, as in the original). The
@@ -31,8 +32,9 @@ from spp_detect.window_features import distinct_windows
 logger = logging.getLogger(__name__)
 
 # Bias given to a class that could not be trained (no positives or no negatives): with a zero
-# weight its every score is this, far below any sensible test threshold (SPEC §9 uses −1.5), so
-# the class yields no detections and evaluates to AP 0. Finite, so arithmetic stays well defined.
+# weight its every score is this, far below any sensible test threshold (−1.5 in
+# docs/method.md#test-time-detection), so the class yields no detections and evaluates to AP 0.
+# Finite, so arithmetic stays well defined.
 SKIPPED_CLASS_BIAS = -1000.0
 
 # liblinear 1.93's iteration cap for the dual solvers (`solve_l2r_l1l2_svc`, max_iter = 1000).
@@ -57,9 +59,9 @@ class SvmParams:
 
 @dataclass(frozen=True)
 class SvmModel:
-    """Trained SVMs, ready to use: score (R, K) = features (R, D) @ weight.T + bias.
+    """Trained SVMs, ready to use: score (R, K) = features (R, F) @ weight.T + bias.
 
-    weight (K, D) float32 and bias (K,) float32 apply to the *unscaled* features (the feature
+    weight (K, F) float32 and bias (K,) float32 apply to the *unscaled* features (the feature
     scale is folded in); report holds one JSON-ready dict per class.
     """
 
@@ -68,7 +70,7 @@ class SvmModel:
     report: list[dict[str, Any]] = field(default_factory=list)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        """Scores (R, K) of features (R, D)."""
+        """Scores (R, K) of features (R, F)."""
         return features @ self.weight.T + self.bias
 
     def save(self, path: str | Path) -> None:
@@ -99,7 +101,8 @@ def fold_feature_scale(
 def svm_objective(
     weight: np.ndarray, bias: float, pos: np.ndarray, neg: np.ndarray, params: SvmParams
 ) -> float:
-    """liblinear's primal objective ½‖w‖² + ½(b/B)² + C Σ cost·max(0, 1 − y(w·x + b)) (SPEC §7)."""
+    """liblinear's primal objective ½‖w‖² + ½(b/B)² + C Σ cost·max(0, 1 − y(w·x + b))
+    (docs/method.md#svm-training)."""
     w64 = weight.astype(np.float64)
     pos_hinge = np.maximum(0.0, 1.0 - (pos.astype(np.float64) @ w64 + bias)).sum()
     neg_hinge = np.maximum(0.0, 1.0 + (neg.astype(np.float64) @ w64 + bias)).sum()
@@ -110,10 +113,10 @@ def svm_objective(
 def train_linear_svm(
     pos: np.ndarray, neg: np.ndarray, params: SvmParams
 ) -> tuple[np.ndarray, float, float]:
-    """One binary SVM: pos (P, D) and neg (N, D) float32 → (weight (D,) float32, bias, objective).
+    """One binary SVM: pos (P, F) and neg (Q, F) float32 → (weight (F,) float32, bias, objective).
 
-    liblinear ``-s 3 -c C -w1 pos_weight -B intercept_scaling -e tol`` (SPEC §7). Both P and N
-    must be positive (a one-class problem has no SVM).
+    liblinear ``-s 3 -c C -w1 pos_weight -B intercept_scaling -e tol``
+    (docs/method.md#svm-training). Both P and Q must be positive (a one-class problem has no SVM).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
@@ -148,11 +151,11 @@ def train_linear_svm(
 class _ClassCache:
     """One class's training state: its positives, the cached negatives and the current model."""
 
-    positives: np.ndarray  # (P, D) float32
-    weight: np.ndarray  # (D,) float32; zero until the first successful training
+    positives: np.ndarray  # (P, F) float32
+    weight: np.ndarray  # (F,) float32; zero until the first successful training
     bias: float = 0.0
-    chunks: list[np.ndarray] = field(default_factory=list)  # cached negatives, (n_i, D) each
-    key_chunks: list[np.ndarray] = field(default_factory=list)  # (n_i, 2) (image, window) keys
+    chunks: list[np.ndarray] = field(default_factory=list)  # cached negatives, (Q_i, F) each
+    key_chunks: list[np.ndarray] = field(default_factory=list)  # (Q_i, 2) (image, window) keys
     keys: set[tuple[int, int]] = field(default_factory=set)
     num_added: int = 0  # negatives added since the last retrain
     retrains: int = 0
@@ -160,7 +163,7 @@ class _ClassCache:
     seconds: float = 0.0
 
     def negatives(self) -> tuple[np.ndarray, np.ndarray]:
-        """All cached negatives (N, D) and their keys (N, 2), merged into one chunk."""
+        """All cached negatives (Q, F) and their keys (Q, 2), merged into one chunk."""
         if len(self.chunks) != 1:
             dim = self.positives.shape[1]
             self.chunks = [
@@ -172,7 +175,7 @@ class _ClassCache:
         return self.chunks[0], self.key_chunks[0]
 
     def add(self, features: np.ndarray, keys: np.ndarray) -> None:
-        """Cache negatives (n, D) with keys (n, 2) that are not cached yet (first of repeats)."""
+        """Cache negatives (Q, F) with keys (Q, 2) that are not cached yet (first of repeats)."""
         fresh = []
         for i, key in enumerate(map(tuple, keys.tolist())):
             if key not in self.keys:
@@ -184,7 +187,8 @@ class _ClassCache:
             self.num_added += len(fresh)
 
     def retrain(self, params: SvmParams) -> None:
-        """Train on the positives and the cache, then evict the easy negatives (SPEC §7)."""
+        """Train on the positives and the cache, then evict the easy negatives
+        (docs/method.md#svm-training)."""
         negatives, keys = self.negatives()
         self.num_added = 0
         if len(negatives) == 0:
@@ -212,10 +216,12 @@ def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
 
 
 class HardNegativeMiner:
-    """K per-class caches fed one image at a time; :meth:`model` gives the trained SVMs (SPEC §7).
+    """K per-class caches fed one image at a time; :meth:`model` gives the trained SVMs
+    (docs/method.md#svm-training).
 
-    positives: K arrays (P_k, D), the gt features of each class.
-    feature_scale: every feature is multiplied by it before training (20 / mean norm, SPEC §7);
+    positives: K arrays (P_k, F), the gt features of each class.
+    feature_scale: every feature is multiplied by it before training (20 / mean norm,
+        docs/method.md#svm-training);
         :meth:`model` folds it in, so the result scores the raw features.
     """
 
@@ -238,7 +244,7 @@ class HardNegativeMiner:
                 logger.warning("class %d has no positives; it is not trained (AP 0)", label)
 
     def add_image(self, negatives: Sequence[tuple[np.ndarray, np.ndarray]], is_last: bool) -> None:
-        """Mine one image: K pairs (features (N_k, D), window keys (N_k,) int) of candidates.
+        """Mine one image: K pairs (features (Q_k, F), window keys (Q_k,) int) of candidates.
 
         A class is (re)trained after its first image with negatives (the original trains every
         class after the first image), whenever more than ``retrain_limit`` negatives were added
@@ -259,7 +265,7 @@ class HardNegativeMiner:
         self.num_images += 1
 
     def cached_keys(self, label: int) -> np.ndarray:
-        """(image number, window key) rows (N, 2) of class ``label``'s cached negatives."""
+        """(image number, window key) rows (Q, 2) of class ``label``'s cached negatives."""
         return self.caches[label].negatives()[1]
 
     def model(self) -> SvmModel:
@@ -312,10 +318,11 @@ def mine_and_train(
     params: SvmParams,
     feature_scale: float = 1.0,
 ) -> SvmModel:
-    """Train K SVMs with one pass of hard-negative mining over the images (SPEC §7).
+    """Train K SVMs with one pass of hard-negative mining over the images
+    (docs/method.md#svm-training).
 
-    positives: K arrays (P_k, D). negatives_per_image: per image, in image-list order, K pairs
-    (features (N_k, D), window keys (N_k,) int) of that class's candidate negatives (IoU <
+    positives: K arrays (P_k, F). negatives_per_image: per image, in image-list order, K pairs
+    (features (Q_k, F), window keys (Q_k,) int) of that class's candidate negatives (IoU <
     neg_iou, deduplicated); keys identify a window inside its image. Consumed lazily, one image
     ahead (to know which image is the last). See :class:`HardNegativeMiner`.
     """

@@ -16,7 +16,8 @@ from spp_detect.artifacts import atomic_path
 from spp_detect.errors import UserError
 from spp_detect.structures import ImageDetections
 
-# Boxes scoring below this are not drawn (SPEC §9: the original demo `spp_demo.m` shows ≥ −0.5).
+# Boxes scoring below this are not drawn (the original demo `spp_demo.m` shows ≥ −0.5;
+# docs/method.md#test-time-detection).
 DEMO_SCORE_THRESH = -0.5
 
 # Hue step between consecutive classes: the golden-ratio conjugate spreads any number of hues

@@ -6,9 +6,9 @@ The reader is tolerant of what real-world VOC-style sets contain (missing ``<dif
 ``<truncated>`` tags, float coordinates, padded or differently-cased class names, objects of
 classes outside ``classes``, boxes reaching outside the image, a ``<size>`` that disagrees with the
 image file) and strict about what it cannot repair: each such problem is a :class:`UserError` that
-names the file and the fix. Boxes leave this module in the one internal format (ARCHITECTURE.md
-§2); :func:`voc_to_continuous` is the only place that converts from the XML's 1-based inclusive
-pixel indices.
+names the file and the fix. Boxes leave this module in the one internal format
+(docs/method.md#conventions-and-box-format); :func:`voc_to_continuous` is the only place that
+converts from the XML's 1-based inclusive pixel indices.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""PASCAL VOC detection evaluation with the devkit's rules (SPEC §10), and devkit result files.
+"""PASCAL VOC detection evaluation with the devkit's rules (docs/method.md#evaluation-rules), and
+devkit result files.
 
 Shapes: M detections of a class, G gt boxes of an image, N images.
 
@@ -6,7 +7,7 @@ Matching follows the MATLAB devkit `VOCevaldet.m`: detections in descending scor
 matched to the same-image gt of its class with the largest IoU; IoU ≥ ``iou_thresh`` on a
 difficult gt → ignored, on an unmatched gt → TP, on an already matched gt → FP (no fallback);
 otherwise FP. IoU is computed without +1 on continuous boxes, which equals the devkit's +1 IoU on
-1-based inclusive boxes (ARCHITECTURE.md §2).
+1-based inclusive boxes (docs/method.md#conventions-and-box-format).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 VOC07_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 11)
 
 # Decimals written to devkit files: scores as the original's `%f`; coordinates with 3 decimals so
-# regressed (non-integer) boxes survive a write/read round trip to 1e-3 (SPEC §10).
+# regressed (non-integer) boxes survive a write/read round trip to 1e-3
+# (docs/method.md#evaluation-rules).
 SCORE_DECIMALS = 6
 COORD_DECIMALS = 3
 
@@ -178,9 +180,11 @@ def summarize(
     iou_thresh: float,
     num_images: int,
 ) -> dict[str, Any]:
-    """The JSON-ready eval report (ARCHITECTURE.md §4): headline ``ap``/``mAP`` per the metric,
-    plus ``ap_07``/``mAP_07``, ``ap_area``/``mAP_area``, ``npos`` and ``num_detections`` per class.
-    mAP is the mean over all classes (a class without gt counts as 0, SPEC §10).
+    """The JSON-ready eval report (docs/contracts.md#artefacts): headline ``ap``/``mAP`` per the
+    metric, plus ``ap_07``/``mAP_07``, ``ap_area``/``mAP_area``, ``npos`` and ``num_detections``
+    per class.
+    mAP is the mean over all classes (a class without gt counts as 0,
+    docs/method.md#evaluation-rules).
     """
     ap_07 = {name: r.ap_07 for name, r in zip(class_names, results, strict=True)}
     ap_area = {name: r.ap_area for name, r in zip(class_names, results, strict=True)}
@@ -244,7 +248,7 @@ def write_devkit_files(
     written atomically (names: ``RunDir.devkit_paths``).
 
     Lines ``<image_id> <score> <x1+1> <y1+1> <x2> <y2>``: the 1-based devkit coordinates of the
-    continuous boxes (ARCHITECTURE.md §2).
+    continuous boxes (docs/method.md#conventions-and-box-format).
     """
     if len(paths) != len(class_names):
         raise ValueError(f"{len(paths)} paths for {len(class_names)} classes")

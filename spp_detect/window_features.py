@@ -1,6 +1,6 @@
 """Feature statistics shared by the SVM and box-regression stages.
 
-Shapes: R windows, D feature dim.
+Shapes: R windows; D pool5 or F fc7 features, as the caller passes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from spp_detect.spp import inverse_permutation
 def sample_for_norm(
     window_counts: Sequence[int], max_images: int, max_windows: int, seed: int
 ) -> list[tuple[int, np.ndarray]]:
-    """Which windows estimate the mean feature norm (SPEC §7 ``spp_feature_stats.m``).
+    """Which windows estimate the mean feature norm (docs/method.md#svm-training,
+    ``spp_feature_stats.m``).
 
     Up to ``max_images`` random images, up to ``max_windows`` random windows of each.
     Returns (image number, window indices (r,)) pairs in image order.
@@ -35,7 +36,8 @@ def feature_scale(
     picks: Sequence[tuple[int, np.ndarray]],
     target_norm: float,
 ) -> float:
-    """``target_norm`` / mean L2 norm of the picked windows' features (R, D) (SPEC §7).
+    """``target_norm`` / mean L2 norm of the picked windows' features (R, D) or (R, F)
+    (docs/method.md#svm-training).
 
     ``features_of(image number, window indices)`` computes one image's features.
     """

@@ -68,7 +68,8 @@ def test_flip_hand_case_and_twice_is_identity():
     flipped = flip_boxes(boxes, 100)
     np.testing.assert_array_equal(flipped, [[90, 1, 100, 5], [0, 2, 10, 3]])
     np.testing.assert_array_equal(flip_boxes(flipped, 100), boxes)
-    # 1-based inclusive equivalence (SPEC §6): x1' = W + 1 − x2 with x1_1b = x1 + 1, x2_1b = x2
+    # 1-based inclusive equivalence (docs/method.md#conventions-and-box-format): x1' = W + 1 − x2
+    # with x1_1b = x1 + 1, x2_1b = x2
     one_based_x1 = 100 + 1 - boxes[:, 2]
     np.testing.assert_array_equal(flipped[:, 0] + 1, one_based_x1)
 

@@ -1,4 +1,5 @@
-"""Config: SPEC defaults, YAML diffs, --set parsing, strict errors, fingerprints, round trips."""
+"""Config: the paper's defaults (docs/method.md), YAML diffs, --set parsing, strict errors,
+fingerprints, round trips."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_spp import zf5_fmap_side  # SPEC §2 size arithmetic, by hand
+from test_spp import zf5_fmap_side  # conv5 size arithmetic by hand (docs/method.md#conv-trunks)
 
 from spp_detect.artifacts import load_json
 from spp_detect.backbones import build_backbone

@@ -1,4 +1,4 @@
-"""image.py: shorter-side resizing (SPEC §3) and the two normalisations."""
+"""image.py: shorter-side resizing (docs/method.md#image-scales) and the two normalisations."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from spp_detect.image import (
     [
         ((375, 500), 600, 0, (600, 800)),
         ((500, 375), 600, 0, (800, 600)),  # portrait
-        ((333, 500), 1200, 0, (1200, 1802)),  # 1801.8 → 1802, no cap (SPEC §3)
+        ((333, 500), 1200, 0, (1200, 1802)),  # 1801.8 → 1802, no cap (docs/method.md#image-scales)
         ((2, 3), 3, 0, (3, 5)),  # 4.5 → 5: halves round up
         ((100, 100), 224, 0, (224, 224)),
         ((333, 500), 1200, 1000, (666, 1000)),  # capped: short = round(1000·333/500)

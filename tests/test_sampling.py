@@ -1,4 +1,4 @@
-"""Window labels by IoU and window-centric minibatches (SPEC §6)."""
+"""Window labels by IoU and window-centric minibatches (docs/method.md#fine-tuning-and-sampling)."""
 
 from __future__ import annotations
 

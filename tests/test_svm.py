@@ -14,8 +14,8 @@ from spp_detect.svm import (
     train_linear_svm,
 )
 
-# SPEC §7's solver settings; the mining tests use a larger C so that a handful of points
-# already pull the hyperplane where the hand analysis says.
+# The solver settings of docs/method.md#svm-training; the mining tests use a larger C so that a
+# handful of points already pull the hyperplane where the hand analysis says.
 SPEC_PARAMS = SvmParams(
     C=1e-3,
     pos_weight=2.0,

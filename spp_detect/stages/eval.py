@@ -1,6 +1,6 @@
 """`spp-detect eval`: VOC AP of a split's detections, devkit result files, PR curves.
 
-Steps (SPEC §10):
+Steps (docs/method.md#evaluation-rules):
 1. the split's detections (running `test` first when they are missing), optionally merged with
    another run's by NMS on the union (the paper's model combination);
 2. AP per class with the devkit rules: 11-point and area;

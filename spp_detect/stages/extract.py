@@ -4,7 +4,7 @@ Steps: 1. check the settings and build the backbone; 2. log the projected cache 
 image, skip a file already made with the same settings (unless --force), else one forward pass
 per scale (plus the mirrored image on training splits with ``extract.flip``) and an atomic write;
 an image that runs out of GPU memory is redone on the CPU; 4. the manifest, last.
-Cache layout: ``spp_detect.features`` (module docstring) and ARCHITECTURE §4.
+Cache layout: ``spp_detect.features`` (module docstring) and docs/contracts.md#artefacts.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _decoded_ahead(
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    save_npz(path, **arrays)  # uncompressed: zlib halves the size but writes ~25× slower
+    save_npz(path, **arrays)  # uncompressed: zlib halves the size but is slow (BENCHMARKS.md)
     return path.stat().st_size
 
 

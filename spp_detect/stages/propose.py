@@ -1,4 +1,5 @@
-"""`spp-detect propose`: region proposals for every image of a split (SPEC §11).
+"""`spp-detect propose`: region proposals for every image of a split
+(docs/method.md#proposals).
 
 Steps: 1. the split's records and the method's inputs; 2. one atomic
 ``proposals/<split>/<id>.npz`` per image (``boxes`` float32 (R, 4), ``seconds``, ``fingerprint``

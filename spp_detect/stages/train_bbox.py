@@ -1,4 +1,5 @@
-"""`spp-detect train-bbox`: class-specific box regression on pool5 features (SPEC §8).
+"""`spp-detect train-bbox`: class-specific box regression on pool5 features
+(docs/method.md#bounding-box-regression).
 
 Steps:
 1. check the upstream stages and open the features;
@@ -84,7 +85,7 @@ def _examples(
     num_classes: int,
     min_iou: float,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per class (pool5 (N_k, D) float16, windows (N_k, 4), assigned gt (N_k, 4))."""
+    """Per class (pool5 (R_k, D) float16, windows (R_k, 4), assigned gt (R_k, 4))."""
     parts: list[list[tuple]] = [[] for _ in range(num_classes)]
     pairs = zip(prefetching(source, records), windows, strict=True)
     for record, boxes in tqdm(pairs, desc="bbox examples", total=len(records), unit="img"):

@@ -1,6 +1,6 @@
 """`spp-detect train-svm`: per-class linear SVMs on fine-tuned fc7, one hard-negative pass.
 
-Steps (SPEC §7):
+Steps (docs/method.md#svm-training):
 1. check the upstream stages and open the features and the fine-tuned head;
 2. estimate the fc7 scale that gives mean norm 20;
 3. collect every class's positives (its gt windows, difficult included);
@@ -106,7 +106,8 @@ def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) ->
 
 
 def _positives(records: list[ImageRecord], windows: WindowFeatures, num_classes: int) -> list:
-    """K arrays (P_k, F): fc7 of every gt box, difficult included (SPEC §0, §7)."""
+    """K arrays (P_k, F): fc7 of every gt box, difficult included
+    (docs/method.md#conventions-and-box-format, docs/method.md#svm-training)."""
     per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     with_gt = [record for record in records if len(record.gt_boxes)]
     progress = dict(desc="svm positives", total=len(with_gt), unit="img", leave=False)
@@ -126,7 +127,7 @@ def _negatives(
     neg_iou: float,
     offset: float,
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-    """Per image, per class: (fc7 (N_k, F), window keys (N_k,)) of its candidate negatives."""
+    """Per image, per class: (fc7 (Q_k, F), window keys (Q_k,)) of its candidate negatives."""
     geometry = windows.source.geometry
     progress = dict(desc="hard-negative mining", total=len(records), unit="img")
     for record in tqdm(prefetching(windows.source, records), **progress):
