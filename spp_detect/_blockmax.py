@@ -26,7 +26,7 @@ from torch import Tensor
 __all__ = ["pool_into"]
 
 
-def _bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Absolute [first, end) cells (R, n) of the n bins over ``length`` cells from ``start``."""
     j = torch.arange(n, device=start.device)
     first = start[:, None] + torch.div(j * length[:, None], n, rounding_mode="floor")
@@ -190,7 +190,7 @@ def _doubled(table: Tensor, shift: int, dim: int, out: Tensor | None = None) -> 
     return out
 
 
-def _level_plan(levels: Sequence[int]) -> dict[int, int | None]:
+def level_plan(levels: Sequence[int]) -> dict[int, int | None]:
     """For each distinct level, the finer level it is reduced from (None: pooled directly).
 
     The source is the smallest multiple present, so that the reduction groups are smallest.
@@ -222,13 +222,13 @@ def _prepare(
     fmap: Tensor, cells: Tensor, level_plan: dict[int, int | None]
 ) -> tuple[_BlockTables, dict[int, dict[str, Tensor]], Tensor | None]:
     """The block tables of ``fmap`` and the look-up plan of every directly pooled level of
-    ``level_plan`` (:func:`_level_plan`), windows in the returned order (indices into ``cells``;
+    ``level_plan`` (:func:`level_plan`), windows in the returned order (indices into ``cells``;
     None: their own order)."""
     left, top, right, bottom = cells.unbind(dim=1)
     ranges = {}
     for n in (n for n, source in level_plan.items() if source is None):
-        y0, y1 = _bin_edges(top, bottom - top + 1, n)
-        x0, x1 = _bin_edges(left, right - left + 1, n)
+        y0, y1 = bin_edges(top, bottom - top + 1, n)
+        x0, x1 = bin_edges(left, right - left + 1, n)
         ranges[n] = (y0, y1, x0, x1)
     limit = _choose_limit(list(ranges.values()), fmap.shape[1] * fmap.shape[2])
     table = _BlockTables(
@@ -285,15 +285,15 @@ def pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     if len(cells) == 0:
         return None
     _check_cells(cells, (height, width))
-    level_plan = _level_plan(levels)
-    table, lookup_plans, order = _prepare(fmap, cells, level_plan)
+    plan = level_plan(levels)
+    table, lookup_plans, order = _prepare(fmap, cells, plan)
     chunk = len(cells)
     if fmap.device.type == "cpu":
         bins = sum(n * n for n in lookup_plans)
         chunk = max(1, POOL_CHUNK_BYTES // (bins * channels * fmap.element_size()))
     for start in range(0, len(cells), chunk):
         rows = slice(start, start + chunk)
-        pooled = _pool_chunk(table, lookup_plans, rows, level_plan)
+        pooled = _pool_chunk(table, lookup_plans, rows, plan)
         column = 0
         for n in levels:
             width_n = channels * n * n

@@ -16,13 +16,15 @@ The exact block-max engine that computes the bins is private: ``spp_detect._bloc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import roi_pool
 
-from spp_detect._blockmax import pool_into
+from spp_detect._blockmax import bin_edges, level_plan, pool_into
 
 BoxesLike = Tensor | np.ndarray
 
@@ -173,6 +175,71 @@ def spatial_pyramid_pool(
     out = fmap.new_empty((len(cells), pyramid_dim(fmap.shape[0], levels)), dtype=out_dtype)
     order = pool_into(out, fmap, cells, levels)
     return out if order is None else out.index_select(0, inverse_permutation(order))
+
+
+def trainable_pyramid_pool(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
+    """:func:`spatial_pyramid_pool` with gradients to ``fmap`` (C, H, W), for end-to-end
+    fine-tuning (docs/method.md#fine-tuning-and-sampling): the same (R, C·Σn²) values, and each
+    bin's gradient goes to the cell holding its max, as in max pooling.
+
+    A level that divides a finer one is the max over groups of its bins (exact, as in the
+    block-max engine). A directly pooled level uses torchvision's ``roi_pool`` (compiled forward
+    and backward) when its float32 bin edges equal the exact integer rule for every window size
+    the map allows (:func:`roi_pool_bins_exact`: levels 1–6 and 8, not 7), else a gather over
+    padded bins, exact but about 10× slower (BENCHMARKS.md).
+    """
+    cells = torch.as_tensor(cells, dtype=torch.long).to(fmap.device).reshape(-1, 4)
+    count, channels = len(cells), int(fmap.shape[0])
+    if count == 0:
+        return fmap.new_zeros((0, pyramid_dim(channels, levels)))
+    largest = max(int(fmap.shape[1]), int(fmap.shape[2]))
+    # roi_pool boxes: (image, x1, y1, x2, y2) in cells, its width x2 − x1 + 1 as ours
+    rois = torch.cat([cells.new_zeros((count, 1)), cells], dim=1).to(fmap.dtype)
+    pooled: dict[int, Tensor] = {}
+    for n, source in level_plan(levels).items():  # finest first: a source is always ready
+        if source is not None:
+            ratio = source // n
+            pooled[n] = pooled[source].view(count, channels, n, ratio, n, ratio).amax((3, 5))
+        elif roi_pool_bins_exact(n, largest):
+            pooled[n] = roi_pool(fmap[None], rois, (n, n), 1.0)
+        else:
+            pooled[n] = _gathered_level(fmap, cells, n)
+    return torch.cat([pooled[n].reshape(count, -1) for n in levels], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def roi_pool_bins_exact(n: int, largest: int) -> bool:
+    """Whether ``roi_pool``'s float32 bin edges ⌊j·(w/n)⌋, ⌈(j+1)·(w/n)⌉ equal the integer
+    rule ⌊j·w/n⌋, ⌈(j+1)·w/n⌉ for every window width w ≤ ``largest`` cells."""
+    widths = np.arange(1, largest + 1, dtype=np.int64)[:, None]
+    j = np.arange(n, dtype=np.int64)[None, :]
+    bin_size = widths.astype(np.float32) / np.float32(n)
+    starts = np.floor(j.astype(np.float32) * bin_size).astype(np.int64)
+    ends = np.ceil((j + 1).astype(np.float32) * bin_size).astype(np.int64)
+    return bool((starts == j * widths // n).all() and (ends == -(-(j + 1) * widths // n)).all())
+
+
+def _gathered_level(fmap: Tensor, cells: Tensor, n: int) -> Tensor:
+    """(R, C, n, n) maxima of one level: every bin padded to the largest bin by repeating its
+    last row and column (a repeat leaves a max unchanged), gathered, and reduced."""
+    channels, _, width = fmap.shape
+    left, top, right, bottom = cells.unbind(dim=1)
+    y0, y1 = bin_edges(top, bottom - top + 1, n)  # (R, n) each
+    x0, x1 = bin_edges(left, right - left + 1, n)
+    rows = _padded(y0, y1)  # (R, n, h)
+    cols = _padded(x0, x1)  # (R, n, w)
+    flat = rows[:, :, None, :, None] * width + cols[:, None, :, None, :]  # (R, n, n, h, w)
+    values = fmap.reshape(channels, -1)[:, flat.reshape(-1)]
+    values = values.view(channels, len(cells), n, n, -1).amax(dim=-1)
+    return values.permute(1, 0, 2, 3)
+
+
+def _padded(first: Tensor, end: Tensor) -> Tensor:
+    """Cell indices (R, n, L) of bins [first, end), each repeated at its last cell up to the
+    longest bin's length L."""
+    length = int((end - first).max())
+    steps = torch.arange(length, device=first.device)
+    return torch.minimum(first[:, :, None] + steps, end[:, :, None] - 1)
 
 
 def inverse_permutation(order: Tensor) -> Tensor:
