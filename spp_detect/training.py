@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +128,7 @@ class Trainer:
     identity: dict
     normalize_inputs: bool  # random fc6/fc7: standardise pooled inputs, stats of block 0
     progress: _Progress = field(default_factory=_Progress)
+    trunk: torch.nn.Module | None = None  # end-to-end fine-tuning: the conv trunk it trains
 
 
 def new_trainer(
@@ -156,6 +157,10 @@ def new_trainer(
     )
 
 
+# step(iteration) runs one SGD step and returns (mean loss, windows right, windows seen)
+StepFn = Callable[[int], tuple[float, int, int]]
+
+
 def train(
     trainer: Trainer,
     windows: TrainingWindows,
@@ -164,50 +169,81 @@ def train(
     total: int,
     validation: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[float, float]:
-    """SGD from the trainer's iteration up to ``total`` (≤ ``schedule.iterations``): redraw and
-    pool a block every B iterations, log every ``log_every``, checkpoint every
-    ``checkpoint_every`` to ``checkpoint_path``. ``validation``: held-out features (N, D) and
-    labels (N,) whose window accuracy each history entry records.
+    """Fine-tune the head on pooled windows from the trainer's iteration up to ``total``
+    (≤ ``schedule.iterations``): a block of B iterations is drawn and pooled every B iterations.
+    ``validation``: held-out features (N, D) and labels (N,) whose window accuracy each history
+    entry records.
 
     Returns the seconds spent pooling blocks and in SGD steps.
     """
-    progress, head = trainer.progress, trainer.head
-    pool_seconds = step_seconds = 0.0
-    block_index, block, features = -1, None, None
-    head.train()
+    head = trainer.head
+    state: dict = {"index": -1, "seconds": 0.0}
+
+    def step(iteration: int) -> tuple[float, int, int]:
+        if iteration // windows.block_iterations != state["index"]:
+            started = time.perf_counter()
+            state["index"] = iteration // windows.block_iterations
+            state["block"], state["features"] = _pool_next_block(
+                trainer, windows, schedule, state["index"]
+            )
+            state["seconds"] += time.perf_counter() - started
+        row = iteration - state["index"] * windows.block_iterations
+        rows = slice(row * schedule.batch_size, (row + 1) * schedule.batch_size)
+        targets = windows.labels[torch.as_tensor(state["block"].window_index[row])]
+        loss, correct = train_step(
+            head, trainer.optimizer, state["features"][rows], targets, trainer.generator
+        )
+        return loss, correct, len(targets)
+
+    def validate() -> float | None:
+        if validation is None:
+            return None
+        accuracy = window_accuracy(head, *validation)
+        head.train()
+        return accuracy
+
+    seconds = run_sgd(trainer, schedule, checkpoint_path, total, step, validate)
+    return state["seconds"], seconds - state["seconds"]
+
+
+def run_sgd(
+    trainer: Trainer,
+    schedule: SgdSchedule,
+    checkpoint_path: Path,
+    total: int,
+    step: StepFn,
+    validate: Callable[[], float | None] = lambda: None,
+) -> float:
+    """The SGD loop shared by head-only and end-to-end fine-tuning: from the trainer's
+    iteration up to ``total``, set the stepped learning rate, ``step``, log every
+    ``log_every`` (with ``validate()``'s accuracy when it gives one), checkpoint every
+    ``checkpoint_every`` to ``checkpoint_path``. Returns the seconds spent in ``step``."""
+    progress = trainer.progress
+    seconds = 0.0
+    trainer.head.train()
     bar = tqdm(total=schedule.iterations, initial=progress.iteration, desc="finetune", unit="it")
     with bar:
         while progress.iteration < total:
-            started = time.perf_counter()
-            if progress.iteration // windows.block_iterations != block_index:
-                block_index = progress.iteration // windows.block_iterations
-                block, features = _pool_next_block(trainer, windows, schedule, block_index)
-                pool_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-            row = progress.iteration - block_index * windows.block_iterations
             lr = step_learning_rate(progress.iteration, schedule.lr, schedule.lr_steps)
             set_learning_rate(trainer.optimizer, lr)
-            rows = slice(row * schedule.batch_size, (row + 1) * schedule.batch_size)
-            targets = windows.labels[torch.as_tensor(block.window_index[row])]
-            loss, correct = train_step(
-                head, trainer.optimizer, features[rows], targets, trainer.generator
-            )
-            step_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            loss, correct, count = step(progress.iteration)
+            seconds += time.perf_counter() - started
             _check_loss(loss, progress.iteration, schedule.lr)
-            progress.add(loss, correct, schedule.batch_size)
+            progress.add(loss, correct, count)
             bar.update(1)
             if progress.iteration % POSTFIX_EVERY == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.0e}", refresh=False)
             done = progress.iteration == schedule.iterations
             if progress.iteration % schedule.log_every == 0 or done:
                 entry = progress.flush(lr)
-                if validation is not None:
-                    entry["val_accuracy"] = window_accuracy(head, *validation)
-                    head.train()
+                accuracy = validate()
+                if accuracy is not None:
+                    entry["val_accuracy"] = accuracy
             # the finished run saves its head instead; a checkpoint there would only be deleted
             if progress.iteration % schedule.checkpoint_every == 0 and not done:
                 _save_checkpoint(checkpoint_path, trainer)
-    return pool_seconds, step_seconds
+    return seconds
 
 
 def _pool_next_block(
@@ -343,6 +379,7 @@ def _save_checkpoint(path: Path, trainer: Trainer) -> None:
         {
             "identity": trainer.identity,
             "head": trainer.head.state_dict(),
+            "trunk": trainer.trunk.state_dict() if trainer.trunk is not None else {},
             "input_normalization": _normalization_of(trainer.head),
             "optimizer": trainer.optimizer.state_dict(),
             "dropout_rng": trainer.generator.get_state(),
@@ -368,6 +405,8 @@ def resume(path: Path, trainer: Trainer) -> None:
             logger.warning("%s: made with other settings; starting over", path)
             return
         trainer.head.load_state_dict(checkpoint["head"])
+        if trainer.trunk is not None:
+            trainer.trunk.load_state_dict(checkpoint["trunk"])
         if checkpoint["input_normalization"]:
             trainer.head.set_input_normalization(*checkpoint["input_normalization"])
         trainer.optimizer.load_state_dict(checkpoint["optimizer"])
