@@ -4,9 +4,10 @@ Shapes: R windows (proposals) of an image, U distinct windows (same conv5 cells 
 scale), D pooled dim, F fc width, K classes, S scales.
 
 What lives here: the common command-line options; raccoon loading; proposals of exactly R
-windows per image; random models of the paper's sizes (trunk, fc6/fc7 of width 4,096, K = 20
-SVMs and box regressors); the SPP test path of ``stages/test.py`` (``Detector.detect``) split
-into timed parts; a stopwatch (device-synchronised), warm-up and medians; conv FLOP counts;
+windows per image; the package's ``Detector`` with random weights of the paper's sizes (fc6/fc7
+of width 4,096, K = 20 SVMs and box regressors) and live ``FeatureSource``s on a random trunk;
+the test path of ``stages/test.py`` (``Detector.detect``) timed in parts by timing the
+package's own calls; a stopwatch (device-synchronised), warm-up and medians; conv FLOP counts;
 markdown tables and the machine header.
 """
 
@@ -32,28 +33,27 @@ from torch import Tensor, nn
 from spp_detect.backbones import Backbone, build_backbone, output_hw
 from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.config import SppConfig, TestConfig
-from spp_detect.features import PoolGeometry, resolve_device
+from spp_detect.detector import DetectionSettings, Detector
+from spp_detect.features import FeatureSource, PoolGeometry, resolve_device
 from spp_detect.head import Head, init_random
-from spp_detect.image import image_to_tensor, resize_short_side
-from spp_detect.inference import finalize_detections, select_detections
-from spp_detect.precision import autocast
+from spp_detect.inference import detect_image
 from spp_detect.proposals import propose_image
-from spp_detect.spp import dedup_keys, inverse_permutation, pool_windows, select_scale
 from spp_detect.structures import ImageRecord
+from spp_detect.svm import SvmModel
+from spp_detect.testing import random_boxes
 from spp_detect.voc import read_split
-from spp_detect.window_features import distinct_windows
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared/datasets/raccoon"
-ONE_SCALE = (688,)  # the paper's 1-scale setting (ARCHITECTURE §2)
+ONE_SCALE = (688,)  # the paper's 1-scale setting (docs/method.md#image-scales)
 NUM_CLASSES = 20  # VOC: the SVM and regressor count of the paper's Tables 9-10
-FC_DIM = 4096  # fc6/fc7 width (SPEC §6)
-MIN_BOX_SIDE = 20  # px, smallest proposal side kept (SPEC §11, propose.min_size)
+FC_DIM = 4096  # fc6/fc7 width (docs/method.md#fine-tuning-and-sampling)
+MIN_BOX_SIDE = 20  # px, propose.min_size (docs/method.md#proposals)
 PASS_FRACTION = 0.1  # share of windows per class that random SVMs score above the threshold
 DELTA_STD = 0.1  # std of the random regressors' deltas (typical trained dx, dy, dw, dh scale)
 MODEL_SEED = 0
-TEST = TestConfig()  # score threshold, NMS, top-k and fc batch of the test stage (SPEC §9)
-SPP = SppConfig()  # levels, target size and box shrink (SPEC §4-5)
+TEST = TestConfig()  # docs/method.md#test-time-detection
+SPP = SppConfig()  # levels, target size, box shrink (docs/method.md#projection)
 
 
 # ---------------------------------------------------------------- options, machine, tables
@@ -136,23 +136,78 @@ def percent(part: float, whole: float) -> str:
 
 @dataclass
 class Stopwatch:
-    """Seconds per named part, accumulated; the device is synchronised around every part."""
+    """Seconds per named part, accumulated; the device is synchronised around every part.
+
+    Parts may nest: a part's seconds exclude those of the parts opened inside it, so the sum of
+    all parts is the wall time of the outermost ones.
+    """
 
     device: torch.device
     seconds: dict[str, float] = field(default_factory=dict)
+    _open: list[list] = field(default_factory=list)  # [name, started, seconds of inner parts]
 
     def now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def start(self, name: str) -> None:
+        self.seconds.setdefault(name, 0.0)  # parts listed in the order they start
+        self._open.append([name, self.now(), 0.0])
+
+    def stop(self) -> None:
+        name, started, inner = self._open.pop()
+        elapsed = self.now() - started
+        self.seconds[name] += elapsed - inner
+        if self._open:
+            self._open[-1][2] += elapsed
+
     @contextmanager
     def part(self, name: str):
-        started = self.now()
+        self.start(name)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + self.now() - started
+            self.stop()
+
+
+@contextmanager
+def timed_calls(watch: Stopwatch, *targets: tuple[Any, str, str]):
+    """While inside, every call of ``obj.method`` is timed as part ``name``, for each
+    (obj, method, name) of ``targets`` (an instance attribute shadows the method; removed on
+    exit). Times the package's own code without copying it."""
+    for obj, method, name in targets:
+        bound = getattr(obj, method)
+
+        def timed(*args, _bound=bound, _name=name, **kwargs):
+            with watch.part(_name):
+                return _bound(*args, **kwargs)
+
+        setattr(obj, method, timed)
+    try:
+        yield
+    finally:
+        for obj, method, _ in targets:
+            delattr(obj, method)
+
+
+@contextmanager
+def timed_trunk(backbone: nn.Module, watch: Stopwatch):
+    """While inside, each forward pass of ``backbone`` is timed as part "conv <s>", s the
+    shorter side of its input (forward hooks)."""
+
+    def before(module, inputs):
+        watch.start(f"conv {min(inputs[0].shape[-2:])}")
+
+    def after(module, inputs, output):
+        watch.stop()
+
+    handles = [backbone.register_forward_pre_hook(before), backbone.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def medians(samples: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -182,16 +237,6 @@ class BenchImage:
     ss_boxes: int  # how many of them came from selective search
 
 
-def random_boxes(rng: np.random.Generator, count: int, image_hw: tuple[int, int]) -> np.ndarray:
-    """Proposal-like boxes (count, 4): sides log-uniform from 20 px to the image side, anywhere
-    inside (the distribution of scripts/bench_extract.py)."""
-    height, width = image_hw
-    w = np.exp(rng.uniform(np.log(MIN_BOX_SIDE), np.log(width), count))
-    h = np.exp(rng.uniform(np.log(MIN_BOX_SIDE), np.log(height), count))
-    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
-
-
 def make_proposals(image: np.ndarray, count: int, source: str, seed: int) -> tuple[np.ndarray, int]:
     """Exactly ``count`` boxes (R, 4) and how many are selective-search boxes."""
     rng = np.random.default_rng(seed)
@@ -199,7 +244,7 @@ def make_proposals(image: np.ndarray, count: int, source: str, seed: int) -> tup
     if source == "ss":
         boxes = propose_image(image, "selective_search", mode="fast", min_size=MIN_BOX_SIDE)
         boxes = boxes[:count]
-    extra = random_boxes(rng, count - len(boxes), image.shape[:2])
+    extra = random_boxes(rng, count - len(boxes), image.shape[:2], min_side=MIN_BOX_SIDE)
     return np.concatenate([boxes, extra]).astype(np.float32), len(boxes)
 
 
@@ -235,22 +280,27 @@ def describe_images(images: Sequence[BenchImage], warmup: int) -> str:
 
 
 @dataclass
-class Models:
-    """A trunk and a head, SVMs and regressors of the paper's sizes, random weights."""
+class Bench:
+    """The package's Detector (random head, SVMs and regressors of the paper's sizes) and the
+    random conv trunk of its live FeatureSources (trunk and fc6/fc7 in ``precision``)."""
 
     backbone: Backbone
     geometry: PoolGeometry
-    head: Head
-    svm_weight: Tensor  # (F, K), already transposed as Detector keeps it
-    svm_bias: Tensor  # (K,)
-    regressors: BoxRegressors
+    detector: Detector
     device: torch.device
-    workspace: Tensor = field(default_factory=lambda: torch.empty(0))  # pooled rows, reused
-    precision: str = "fp32"  # autocast of the trunk and fc6/fc7 (spp_detect/precision.py)
+    precision: str = "fp32"
 
     @property
     def feature_dim(self) -> int:
-        return self.head.in_dim
+        return self.detector.head.in_dim
+
+    def source(self, scales: Sequence[int]) -> FeatureSource:
+        """A FeatureSource computing the maps at ``scales`` on the fly (as ``spp-detect test``
+        with ``extract.cache: none``)."""
+        return FeatureSource(
+            scales, self.geometry, self.backbone.channels, self.device,
+            backbone=self.backbone, precision=self.precision,
+        )  # fmt: skip
 
 
 def random_head(in_dim: int, fc_dim: int, num_classes: int, device: torch.device) -> Head:
@@ -259,35 +309,37 @@ def random_head(in_dim: int, fc_dim: int, num_classes: int, device: torch.device
     return head.requires_grad_(False).to(device).eval()
 
 
-def build_models(args: argparse.Namespace, device: torch.device, precision: str = "fp32") -> Models:
+def detection_settings(precision: str) -> DetectionSettings:
+    return DetectionSettings(
+        TEST.score_thresh, TEST.nms_thresh, TEST.max_per_class, TEST.batch_windows, precision
+    )
+
+
+def build_bench(args: argparse.Namespace, device: torch.device, precision: str = "fp32") -> Bench:
+    """Untrained: zero SVMs and identity regressors until :func:`calibrate`."""
     backbone = build_backbone(args.backbone, args.weights).to(device)
     geometry = PoolGeometry(
         backbone.stride, backbone.offset0, SPP.offset, tuple(SPP.levels), SPP.target_size
     )
-    in_dim = geometry.feature_dim(backbone.channels)
-    k = args.num_classes
-    return Models(
-        backbone=backbone,
-        geometry=geometry,
-        head=random_head(in_dim, args.fc_dim, k, device),
-        svm_weight=torch.zeros((args.fc_dim, k), device=device),
-        svm_bias=torch.zeros(k, device=device),
-        regressors=BoxRegressors.identity(k, in_dim),
-        device=device,
-        precision=precision,
-    )
+    in_dim, k = geometry.feature_dim(backbone.channels), args.num_classes
+    svms = SvmModel(np.zeros((k, args.fc_dim), np.float32), np.zeros(k, np.float32))
+    head = random_head(in_dim, args.fc_dim, k, device)
+    settings = detection_settings(precision)
+    detector = Detector(head, svms, BoxRegressors.identity(k, in_dim), settings, device)
+    return Bench(backbone, geometry, detector, device, precision)
 
 
-def calibrated_svms(fc7: Tensor, num_classes: int, pass_fraction: float) -> tuple[Tensor, Tensor]:
-    """Random SVMs (F, K), (K,) whose scores on ``fc7`` (U, F) exceed the test threshold for
-    ``pass_fraction`` of the windows per class (so NMS sees a realistic number of boxes)."""
+def calibrated_svms(fc7: Tensor, num_classes: int, pass_fraction: float) -> SvmModel:
+    """Random SVMs (weight (K, F), bias (K,)) whose scores on ``fc7`` (U, F) exceed the test
+    threshold for ``pass_fraction`` of the windows per class (so NMS sees a realistic number of
+    boxes)."""
     generator = torch.Generator().manual_seed(MODEL_SEED + 1)
     weight = torch.randn((fc7.shape[1], num_classes), generator=generator).to(fc7.device)
     raw = fc7.float() @ weight
     weight /= raw.std(dim=0).clamp(min=1e-12)
     raw = fc7.float() @ weight
     bias = TEST.score_thresh - torch.quantile(raw, 1.0 - pass_fraction, dim=0)
-    return weight, bias
+    return SvmModel(weight.T.cpu().numpy().copy(), bias.cpu().numpy())
 
 
 def calibrated_regressors(pooled: Tensor, num_classes: int) -> BoxRegressors:
@@ -300,71 +352,58 @@ def calibrated_regressors(pooled: Tensor, num_classes: int) -> BoxRegressors:
     return BoxRegressors(weight.cpu().numpy(), np.zeros((num_classes, 4), np.float32))
 
 
-def calibrate(models: Models, item: BenchImage, scales: Sequence[int], pass_fraction: float):
+def calibrated_detector(
+    head: Head, pooled: Tensor, fc7: Tensor, num_classes: int, pass_fraction: float, precision
+) -> Detector:
+    """A Detector of ``head`` with SVMs and regressors calibrated on one image's pool5 (U, D)
+    and fc7 (U, F)."""
+    svms = calibrated_svms(fc7, num_classes, pass_fraction)
+    regressors = calibrated_regressors(pooled, num_classes)
+    return Detector(head, svms, regressors, detection_settings(precision), pooled.device)
+
+
+def calibrate(bench: Bench, item: BenchImage, scales: Sequence[int], pass_fraction: float):
     """Set the random SVMs and regressors from one image's features (untimed)."""
-    watch = Stopwatch(models.device)
-    hw, k = item.record.image_hw, models.svm_bias.shape[0]
+    detector = bench.detector
     with torch.inference_mode():
-        maps = conv_maps(models, item.image, scales, watch)
-        pooled, fc7, _ = spp_features(models, maps, hw, scales, item.boxes, watch)
-        models.svm_weight, models.svm_bias = calibrated_svms(fc7, k, pass_fraction)
-        models.regressors = calibrated_regressors(pooled, k)
+        pooled, fc7, _ = detector.window_features(bench.source(scales), item.record, item.boxes)
+        bench.detector = calibrated_detector(
+            detector.head, pooled, fc7, detector.head.num_classes, pass_fraction, bench.precision
+        )
 
 
-# ---------------------------------------------------------------- the SPP test path, in parts
+# ---------------------------------------------------------------- the test path, timed in parts
+
+PREP = "image read + prep"  # decode, resize, normalise, copy to the device (all scales)
 
 
-def conv_maps(
-    models: Models, image: np.ndarray, scales: Sequence[int], watch: Stopwatch
-) -> list[Tensor]:
-    """``features.compute_maps`` with its two steps timed per scale: "prep <s>" (resize,
-    normalise, copy to the device) and "conv <s>" (the trunk). S maps (C, H_k, W_k)."""
-    maps = []
-    for scale in scales:
-        with watch.part(f"prep {scale}"):
-            resized = resize_short_side(image, scale)
-            pixels = image_to_tensor(resized, models.backbone.normalization, models.device)
-        with watch.part(f"conv {scale}"), autocast(models.device, models.precision):
-            maps.append(models.backbone(pixels[None])[0].float())
-    return maps
+def timed_maps(bench: Bench, source: FeatureSource, record: ImageRecord, watch: Stopwatch):
+    """``source.maps(record)`` (kept by the source for the image's later calls), timed: PREP
+    and "conv <s>" per scale (the trunk)."""
+    with timed_trunk(bench.backbone, watch), watch.part(PREP):
+        source.maps(record)
 
 
-def spp_features(
-    models: Models,
-    maps: Sequence[Tensor],
-    image_hw: tuple[int, int],
-    scales: Sequence[int],
+def timed_window_features(
+    detector: Detector,
+    source: FeatureSource,
+    record: ImageRecord,
     boxes: np.ndarray,
     watch: Stopwatch,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``Detector.window_features``: pool5 (U, D), fc7 (U, F), inverse (R,) into the U rows.
+    """``Detector.window_features``: pool5 (U, D), fc7 (U, F), each window's row (R,).
 
-    Parts: "projection + dedup" (scale choice, conv5 window keys, distinct windows),
-    "pooling" (``pool_windows(keep_order=False)`` of the distinct windows into a workspace kept
-    across images), "fc6/fc7".
+    Parts: "pooling" (its ``FeatureSource.pool`` call), "fc6/fc7" (its ``Head.features``
+    calls) and the rest, "projection + dedup" (scale choice, conv5 window keys, distinct
+    windows).
     """
-    g = models.geometry
-    with watch.part("projection + dedup"):
-        scale_index = select_scale(boxes, image_hw, scales, g.target_size)
-        keys = dedup_keys(boxes, image_hw, scales, scale_index, g.stride, g.offset0, g.offset)
-        first, inverse = distinct_windows(keys)
-    with watch.part("pooling"):
-        dim = models.feature_dim
-        if len(models.workspace) < len(first):
-            models.workspace = torch.empty((len(first), dim), device=models.device)
-        pooled, rows = pool_windows(
-            maps, boxes[first.numpy()], image_hw, scales, scale_index[first], g.stride,
-            g.offset0, g.offset, g.levels, out=models.workspace, keep_order=False,
-        )  # fmt: skip
-    with watch.part("fc6/fc7"), autocast(models.device, models.precision):
-        parts = pooled.split(TEST.batch_windows)
-        fc7 = torch.cat([models.head.features(part) for part in parts]).float()
-    inverse = inverse_permutation(rows)[inverse]
-    return pooled, fc7, inverse.to(pooled.device)
+    targets = ((source, "pool", "pooling"), (detector.head, "features", "fc6/fc7"))
+    with timed_calls(watch, *targets), watch.part("projection + dedup"):
+        return detector.window_features(source, record, boxes)
 
 
-def detect_from_features(
-    models: Models,
+def timed_detections(
+    detector: Detector,
     pooled: Tensor,
     fc7: Tensor,
     inverse: Tensor,
@@ -372,37 +411,42 @@ def detect_from_features(
     image_hw: tuple[int, int],
     watch: Stopwatch,
 ) -> dict[str, int]:
-    """``Detector.detect`` after the features: "SVM scores", "NMS + top-k", "regression",
-    "clip + NMS". Returns counts: windows passing the threshold, kept, final detections."""
+    """The rest of ``Detector.detect``, from pool5 (U, D), fc7 (U, F) and the rows (R,):
+    "SVM scores" (``Detector.class_scores``), then ``inference.detect_image``: "regression" (of
+    the kept windows from their pool5, as ``Detector.detect`` passes it) and the rest, "NMS +
+    top-k, clip + NMS". Returns counts: windows passing the threshold, kept, final detections."""
     with watch.part("SVM scores"):
-        scores = (fc7 @ models.svm_weight + models.svm_bias)[inverse]
-    with watch.part("NMS + top-k"):
+        scores = detector.class_scores(fc7)[inverse]
+    kept = []
+
+    def regress(window_index: Tensor, labels: Tensor) -> Tensor:
+        kept.append(len(window_index))
+        with watch.part("regression"):
+            features = pooled[inverse[window_index]]
+            return detector.regressors.apply(boxes_t[window_index], features, labels, image_hw)
+
+    s, has_regressors = detector.settings, detector.regressors is not None
+    with watch.part("NMS + top-k, clip + NMS"):
         boxes_t = torch.as_tensor(boxes, device=scores.device)
-        window_index, labels, kept_scores = select_detections(
-            scores, boxes_t, TEST.score_thresh, TEST.nms_thresh, TEST.max_per_class
-        )
-    with watch.part("regression"):
-        features = pooled[inverse[window_index]]
-        regressed = models.regressors.apply(boxes_t[window_index], features, labels, image_hw)
-    with watch.part("clip + NMS"):
-        final = finalize_detections(regressed, kept_scores, labels, image_hw, TEST.nms_thresh)
-    return {
-        "passing": int((scores > TEST.score_thresh).sum()),
-        "kept": len(window_index),
-        "detections": len(final[0]),
-    }
+        found = detect_image(
+            scores, boxes_t, image_hw, s.score_thresh, s.nms_thresh, s.max_per_class,
+            regress if has_regressors else None,
+        )  # fmt: skip
+    passing = int((scores > s.score_thresh).sum())
+    return {"passing": passing, "kept": sum(kept), "detections": len(found)}
 
 
 def spp_test_image(
-    models: Models, item: BenchImage, scales: Sequence[int]
+    bench: Bench, item: BenchImage, scales: Sequence[int]
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """Seconds per part of one image's SPP test path, and counts (windows, distinct, ...)."""
-    watch = Stopwatch(models.device)
+    """Seconds per part of one image's test path (``Detector.detect`` on a fresh live source,
+    maps included), and counts (windows, distinct, passing, kept, detections)."""
+    watch = Stopwatch(bench.device)
+    source, detector, record, boxes = bench.source(scales), bench.detector, item.record, item.boxes
     with torch.inference_mode():
-        maps = conv_maps(models, item.image, scales, watch)
-        hw = item.record.image_hw
-        pooled, fc7, inverse = spp_features(models, maps, hw, scales, item.boxes, watch)
-        counts = detect_from_features(models, pooled, fc7, inverse, item.boxes, hw, watch)
+        timed_maps(bench, source, record, watch)
+        pooled, fc7, inverse = timed_window_features(detector, source, record, boxes, watch)
+        counts = timed_detections(detector, pooled, fc7, inverse, boxes, record.image_hw, watch)
     counts.update(windows=len(item.boxes), distinct=len(pooled))
     return watch.seconds, counts
 
@@ -410,7 +454,7 @@ def spp_test_image(
 # Parts grouped as the paper's Table 9 columns: conv (image → conv5), fc (conv5 → class scores),
 # and the rest (window bookkeeping and post-processing, not in the paper's table).
 def group_parts(seconds: dict[str, float]) -> dict[str, float]:
-    conv = sum(v for k, v in seconds.items() if k.startswith(("prep ", "conv ")))
+    conv = sum(v for k, v in seconds.items() if k == PREP or k.startswith("conv "))
     fc = sum(seconds.get(k, 0.0) for k in ("pooling", "fc6/fc7", "SVM scores"))
     total = sum(seconds.values())
     return {"conv": conv, "fc": fc, "other": total - conv - fc, "total": total}

@@ -6,8 +6,8 @@ set at ../shared/datasets/raccoon):
   2. the trunk on two same-size images one by one against one batch of 2;
   3. cache bytes per image at 1 and 5 scales (float16 .npz, uncompressed and zlib) and write time;
   4. time to pool N windows (default 2,000) spread over the 5 scales: the vectorised
-     ``pool_windows`` against the slow reference of tests/test_spp.py (Python loops) and
-     torchvision's ``roi_pool`` (one call per level), all checked equal;
+     ``pool_windows`` against the slow reference ``spp_detect.testing.reference_pool`` (Python
+     loops) and torchvision's ``roi_pool`` (one call per level), all checked equal;
   5. a test-like loop over cached images (read the maps, pool the windows), with and without
      the next image's maps prefetched in the background (``FeatureSource.prefetch``);
   6. peak resident memory after each phase (ru_maxrss, monotonic).
@@ -22,7 +22,6 @@ import itertools
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the slow reference lives with the tests
-
-from test_spp import reference_pool  # noqa: E402
-
-from spp_detect.artifacts import save_npz  # noqa: E402
-from spp_detect.backbones import build_backbone  # noqa: E402
-from spp_detect.config import PAPER_SCALES  # noqa: E402
-from spp_detect.features import (  # noqa: E402
+from spp_detect.artifacts import save_npz
+from spp_detect.backbones import build_backbone
+from spp_detect.config import PAPER_SCALES
+from spp_detect.features import (
     FeatureSource,
     PoolGeometry,
     cache_arrays,
@@ -46,13 +40,17 @@ from spp_detect.features import (  # noqa: E402
     prefetching,
     resolve_device,
 )
-from spp_detect.image import read_image  # noqa: E402
-from spp_detect.spp import pool_windows, select_scale, window_cells  # noqa: E402
-from spp_detect.structures import ImageRecord  # noqa: E402
+from spp_detect.image import read_image
+from spp_detect.spp import pool_windows, select_scale, window_cells
+from spp_detect.structures import ImageRecord
+from spp_detect.testing import random_boxes, reference_pool
+
+REPO = Path(__file__).resolve().parents[1]
 
 ONE_SCALE = (688,)
 LEVELS = (6, 3, 2, 1)
-OFFSET = 6.5  # SPEC §4
+OFFSET = 6.5  # docs/method.md#projection
+MIN_SIDE = 20  # px, of the random proposal-like windows (propose.min_size)
 
 
 def peak_rss_mib() -> float:
@@ -141,7 +139,7 @@ def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: i
     of 43 GB at 5 scales does not fit in memory); best of ``repeats``, the modes alternating."""
     geometry = PoolGeometry(backbone.stride, backbone.offset0, OFFSET, LEVELS, 224.0)
     rng = np.random.default_rng(0)
-    boxes = [random_windows(rng, windows, r.image_hw) for r in records]
+    boxes = [random_boxes(rng, windows, r.image_hw, min_side=MIN_SIDE) for r in records]
     times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"{record.image_id}.npz" for record in records]
@@ -171,18 +169,9 @@ def evict_from_page_cache(paths) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def random_windows(rng, count: int, image_hw) -> np.ndarray:
-    """Proposal-like boxes: sides log-uniform from 20 px to the image side, anywhere inside."""
-    height, width = image_hw
-    w = np.exp(rng.uniform(np.log(20), np.log(width), count))
-    h = np.exp(rng.uniform(np.log(20), np.log(height), count))
-    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
-
-
 def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, reference_windows):
     rng = np.random.default_rng(0)
-    boxes = random_windows(rng, windows, image_hw)
+    boxes = random_boxes(rng, windows, image_hw, min_side=MIN_SIDE)
     index = select_scale(boxes, image_hw, scales)
     args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
     pooled, _ = pool_windows(maps, *args)  # warm-up

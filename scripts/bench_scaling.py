@@ -7,13 +7,15 @@ proposal throughput with the number of worker processes.
 2. Test time per image against the number of scales S = 1 … 5 (subsets of the paper's
    (480, 576, 688, 864, 1200), growing around 688) at R = 2,000, with lines of the total against
    S and of the conv time against the input pixels (Σ over scales of H_k·W_k).
-   The conv5 maps of all five scales are computed once per image (each scale timed); a subset's
-   conv time is the sum of its scales' times, the window parts are run for every setting.
+   Each scale setting has its own ``FeatureSource``; its conv time is that source computing the
+   image's maps (read, resize, trunk) once; the window parts then run on the kept maps.
 3. Selective search (fast) images per second with 1 and 2 worker processes, through the propose
-   stage's own worker pool (``stages.propose.run_jobs``: spawned processes, one .npz per image,
-   written into a temporary folder); wall time includes starting the pool.
+   stage's own worker pool and job (``workers.run_jobs`` of ``stages.propose.compute_proposals``:
+   spawned processes, one .npz per image, written into a temporary folder); wall time includes
+   starting the pool.
 
-Models as in bench_test_time.py (random, the paper's sizes). Example (notes/bench_perf.md):
+Models and parts as in bench_test_time.py (the package's ``Detector``, random weights of the
+paper's sizes). Example (notes/bench_perf.md):
 
     python scripts/bench_scaling.py          # 1 warm-up + 3 images; 8 images for proposals
 """
@@ -29,15 +31,13 @@ import numpy as np
 import torch
 from _bench_common import (
     ONE_SCALE,
+    Bench,
     BenchImage,
-    Models,
     Stopwatch,
     base_parser,
-    build_models,
+    build_bench,
     calibrate,
-    conv_maps,
     describe_images,
-    detect_from_features,
     group_parts,
     load_images,
     machine_header,
@@ -46,14 +46,18 @@ from _bench_common import (
     ms,
     scales_label,
     setup,
-    spp_features,
     spp_test_image,
+    timed_detections,
+    timed_maps,
+    timed_window_features,
 )
 
 from spp_detect.config import PAPER_SCALES
+from spp_detect.features import FeatureSource
 from spp_detect.image import resized_hw
-from spp_detect.stages.propose import ProposalJob, run_jobs
+from spp_detect.stages.propose import ProposalJob, compute_proposals
 from spp_detect.voc import read_split
+from spp_detect.workers import run_jobs
 
 PROPOSAL_COUNTS = (250, 500, 1000, 2000, 4000)
 # Scale subsets for S = 1 … 5: the 1-scale setting (688) and its neighbours added in turn.
@@ -80,31 +84,32 @@ def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 # ---------------------------------------------------------------- measurements
 
 
-def window_parts(models: Models, maps, item: BenchImage, scales, count: int) -> dict[str, float]:
+def window_parts(bench: Bench, source: FeatureSource, item: BenchImage, count: int) -> dict:
     """Seconds of the window parts (projection … clip + NMS) for the first ``count`` proposals
-    on ``maps`` (one per scale of ``scales``)."""
-    watch = Stopwatch(models.device)
-    boxes = item.boxes[:count]
-    hw = item.record.image_hw
+    on the maps ``source`` keeps for the image."""
+    watch = Stopwatch(bench.device)
+    boxes, record = item.boxes[:count], item.record
     with torch.inference_mode():
-        pooled, fc7, inverse = spp_features(models, maps, hw, scales, boxes, watch)
-        detect_from_features(models, pooled, fc7, inverse, boxes, hw, watch)
+        pooled, fc7, inverse = timed_window_features(bench.detector, source, record, boxes, watch)
+        timed_detections(bench.detector, pooled, fc7, inverse, boxes, record.image_hw, watch)
     return watch.seconds
 
 
-def sweep_image(models: Models, item: BenchImage, counts, subsets, sweep_count: int) -> dict:
-    """All measurements of one image: {("R", scales, R) or ("S", scales): grouped seconds}."""
-    watch = Stopwatch(models.device)
-    with torch.inference_mode():
-        maps = conv_maps(models, item.image, PAPER_SCALES, watch)
-    all_maps = dict(zip(PAPER_SCALES, maps, strict=True))
-    conv = {s: watch.seconds[f"prep {s}"] + watch.seconds[f"conv {s}"] for s in PAPER_SCALES}
+def sweep_image(bench: Bench, sources: dict, item: BenchImage, counts, subsets, sweep_count):
+    """All measurements of one image: {("R", scales, R) or ("S", scales): grouped seconds};
+    ``sources`` one FeatureSource per scale setting."""
+    conv = {}
+    for scales, source in sources.items():
+        watch = Stopwatch(bench.device)
+        with torch.inference_mode():
+            timed_maps(bench, source, item.record, watch)
+        conv[scales] = sum(watch.seconds.values())
     results = {}
 
     def measure(scales, count):
-        parts = window_parts(models, [all_maps[s] for s in scales], item, scales, count)
+        parts = window_parts(bench, sources[scales], item, count)
         grouped = group_parts(parts)
-        grouped["conv"] = sum(conv[s] for s in scales)
+        grouped["conv"] = conv[scales]
         grouped["pooling"], grouped["fc6/fc7"] = parts["pooling"], parts["fc6/fc7"]
         grouped["other"] = grouped["total"] - parts["pooling"] - parts["fc6/fc7"]
         grouped["total"] += grouped["conv"]
@@ -128,7 +133,7 @@ def proposal_throughput(args, workers: int, images: int) -> dict[str, float]:
             for r in records
         ]
         started = time.perf_counter()
-        failures = run_jobs(jobs, workers)
+        failures = run_jobs(jobs, workers, compute_proposals, desc=f"{workers} workers")
         wall = time.perf_counter() - started
         inside = []
         for job in jobs:
@@ -222,8 +227,8 @@ def main() -> None:
     args.proposals = max([*counts, sweep_count])  # one list per image; sweeps take prefixes
     device = setup(args)
     images = load_images(args)
-    models = build_models(args, device)
-    calibrate(models, images[0], PAPER_SCALES, args.pass_fraction)
+    bench = build_bench(args, device)
+    calibrate(bench, images[0], PAPER_SCALES, args.pass_fraction)
     print("## Scaling of the SPP test time and of proposal throughput\n")
     print(machine_header(device))
     print(describe_images(images, args.warmup))
@@ -232,9 +237,13 @@ def main() -> None:
         f"K = {args.num_classes}; warm-up: one full 5-scale test per warm-up image\n"
     )
     for item in images[: args.warmup]:
-        spp_test_image(models, item, PAPER_SCALES)
+        spp_test_image(bench, item, PAPER_SCALES)
     timed = images[args.warmup :]
-    samples = [sweep_image(models, item, counts, SCALE_SUBSETS, sweep_count) for item in timed]
+    settings = dict.fromkeys((ONE_SCALE, PAPER_SCALES, *SCALE_SUBSETS))
+    sources = {scales: bench.source(scales) for scales in settings}
+    samples = [
+        sweep_image(bench, sources, item, counts, SCALE_SUBSETS, sweep_count) for item in timed
+    ]
     summary = {key: medians([s[key] for s in samples]) for key in samples[0]}
     print("### Test time against the number of proposals\n")
     print(proposals_report(summary, counts))

@@ -1,14 +1,17 @@
 """Per-image SPP test time, broken into parts, at 1 scale (688) and the paper's 5 scales.
 
-The path is the test stage's (``stages/test.py``, ``Detector.detect``, conv5 maps computed on the
-fly): per scale, resize + normalise ("prep") and the conv trunk ("conv"); scale choice,
-projection and dedup of the R windows; pooling of the U distinct windows; fc6/fc7; SVM scores
-of K classes; threshold + per-class NMS + top-k; box regression of the kept windows; clip +
-NMS. Models have random weights of the paper's sizes (fc width 4,096, K = 20 SVMs and
-regressors; SVMs calibrated so that 10% of the windows pass the -1.5 threshold per class).
+The path is the test stage's: the package's ``Detector.detect`` on a live ``FeatureSource``
+(conv5 maps computed on the fly), its parts timed as the package runs them: image read, resize
+and normalise, all scales ("prep"), the conv trunk per scale ("conv"); in
+``Detector.window_features`` scale choice, projection and dedup of the R windows,
+``FeatureSource.pool`` of the U distinct windows and fc6/fc7; SVM scores of K classes; in
+``inference.detect_image`` box regression of the kept windows and the rest (threshold,
+per-class NMS, top-k, clip, NMS). Models have random weights of the paper's sizes (fc width
+4,096, K = 20 SVMs and regressors; SVMs calibrated so that 10% of the windows pass the -1.5
+threshold per class).
 Each part is the median over the timed images, after warm-up. In the same run: a plain
-``torch.mm`` of fc6's and fc7's shapes (the matrix-multiply reference) and the package's own
-``Detector.detect`` end to end (its total should match the sum of the parts).
+``torch.mm`` of fc6's and fc7's shapes (the matrix-multiply reference) and ``Detector.detect``
+end to end, untouched (its total should match the sum of the parts).
 
 Example (the figures in notes/bench_perf.md):
 
@@ -24,12 +27,13 @@ import numpy as np
 import torch
 from _bench_common import (
     ONE_SCALE,
+    PREP,
     TEST,
+    Bench,
     BenchImage,
-    Models,
     Stopwatch,
     base_parser,
-    build_models,
+    build_bench,
     calibrate,
     describe_images,
     fc_gflop,
@@ -47,20 +51,18 @@ from _bench_common import (
     timed_runs,
 )
 
-from spp_detect.config import PAPER_SCALES, TestConfig
-from spp_detect.detector import DetectionSettings, Detector
+from spp_detect.config import PAPER_SCALES
 from spp_detect.features import FeatureSource
 from spp_detect.precision import AUTOCAST_DTYPES
-from spp_detect.svm import SvmModel
 
 POOLING_TARGET = 0.05  # issue 8: pooling at most 5% of the per-image test time (CPU)
 FC_TARGET = 0.5  # issue 8: fc stage at least 50% of torch's matmul throughput
 
 
-def matmul_reference(models: Models, rows: int) -> dict[str, float]:
+def matmul_reference(bench: Bench, rows: int) -> dict[str, float]:
     """Seconds of plain ``torch.mm`` with fc6's (rows×D @ D×F) and fc7's (rows×F @ F×F) shapes."""
-    dim, fc_dim = models.feature_dim, models.head.fc6.out_features
-    device = models.device
+    dim, fc_dim = bench.feature_dim, bench.detector.head.fc6.out_features
+    device = bench.device
     x6, w6 = torch.rand(rows, dim, device=device), torch.randn(dim, fc_dim, device=device)
     x7, w7 = torch.rand(rows, fc_dim, device=device), torch.randn(fc_dim, fc_dim, device=device)
     watch = Stopwatch(device)
@@ -72,45 +74,28 @@ def matmul_reference(models: Models, rows: int) -> dict[str, float]:
     return watch.seconds
 
 
-def package_detector(models: Models, scales) -> tuple[Detector, FeatureSource]:
-    """The package's Detector and a live FeatureSource holding the same models."""
-    svms = SvmModel(models.svm_weight.T.cpu().numpy().copy(), models.svm_bias.cpu().numpy().copy())
-    test = TestConfig(precision=models.precision)
-    settings = DetectionSettings(
-        test.score_thresh, test.nms_thresh, test.max_per_class, test.batch_windows, test.precision
-    )
-    detector = Detector(models.head, svms, models.regressors, settings, str(models.device))
-    source = FeatureSource(
-        scales, models.geometry, models.backbone.channels, models.device,
-        backbone=models.backbone, precision=models.precision,
-    )  # fmt: skip
-    return detector, source
-
-
-def measure(models: Models, item: BenchImage, scales, detector, source) -> dict:
-    parts, counts = spp_test_image(models, item, scales)
-    reference = matmul_reference(models, counts["distinct"])
+def measure(bench: Bench, item: BenchImage, scales, source: FeatureSource | None) -> dict:
+    parts, counts = spp_test_image(bench, item, scales)
+    reference = matmul_reference(bench, counts["distinct"])
     result = {"parts": parts, "counts": counts, "mm": reference}
-    if detector is not None:
-        watch = Stopwatch(models.device)
+    if source is not None:
+        watch = Stopwatch(bench.device)
         with watch.part("Detector.detect"):
-            detector.detect(source, item.record, item.boxes)
+            bench.detector.detect(source, item.record, item.boxes)
         result["package"] = watch.seconds
     return result
 
 
-def run_setting(models, images, scales, args) -> dict:
-    detector, source = package_detector(models, scales) if args.package_check else (None, None)
-    samples = timed_runs(
-        images, args.warmup, lambda item: measure(models, item, scales, detector, source)
-    )
+def run_setting(bench: Bench, images, scales, args) -> dict:
+    source = bench.source(scales) if args.package_check else None
+    samples = timed_runs(images, args.warmup, lambda item: measure(bench, item, scales, source))
     totals = [group_parts(s["parts"]) for s in samples]
     fc_rates, mm_rates = [], []
     for s in samples:
-        gflop = fc_gflop(s["counts"]["distinct"], models.feature_dim, args.fc_dim)
+        gflop = fc_gflop(s["counts"]["distinct"], bench.feature_dim, args.fc_dim)
         fc_rates.append(gflop / s["parts"]["fc6/fc7"])
         mm_rates.append(gflop / (s["mm"]["mm fc6"] + s["mm"]["mm fc7"]))
-    conv_gflop = [spp_conv_gflop(models.backbone, item.record.image_hw, scales) for item in images]
+    conv_gflop = [spp_conv_gflop(bench.backbone, item.record.image_hw, scales) for item in images]
     return {
         "scales": scales,
         "parts": medians([s["parts"] for s in samples]),
@@ -127,14 +112,10 @@ def run_setting(models, images, scales, args) -> dict:
 
 def parts_table(results: list[dict]) -> str:
     names = list(dict.fromkeys(name for r in results for name in r["parts"]))
-    prep = [n for n in names if n.startswith("prep ")]
-    rows = []
-    if prep:
-        rows.append(["image prep (resize + normalise), all scales", *_cells(results, prep)])
-    for name in names:
-        if not name.startswith("prep "):
-            label = f"{name} (trunk)" if name.startswith("conv ") else name
-            rows.append([label, *_cells(results, [name])])
+    conv = sorted((n for n in names if n.startswith("conv ")), key=lambda n: int(n.split()[1]))
+    rows = [["image read + prep (decode, resize, normalise), all scales", *_cells(results, [PREP])]]
+    rows += [[f"{name} (trunk)", *_cells(results, [name])] for name in conv]
+    rows += [[name, *_cells(results, [name])] for name in names if name not in (PREP, *conv)]
     rows.append(["**total** (median of per-image sums)"] + [
         cell for r in results for cell in (f"**{ms(r['grouped']['total'])}**", "100%")
     ])  # fmt: skip
@@ -212,17 +193,17 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)  # random weights warn once per build
     device = setup(args)
     images = load_images(args)
-    models = build_models(args, device, args.precision)
-    calibrate(models, images[0], PAPER_SCALES, args.pass_fraction)
+    bench = build_bench(args, device, args.precision)
+    calibrate(bench, images[0], PAPER_SCALES, args.pass_fraction)
     print(f"## Per-image SPP test time, {args.backbone} (weights {args.weights})\n")
     print(machine_header(device))
     print(describe_images(images, args.warmup))
     print(
-        f"- models: pooled dim D = {models.feature_dim}, fc width F = {args.fc_dim}, "
+        f"- models: pooled dim D = {bench.feature_dim}, fc width F = {args.fc_dim}, "
         f"K = {args.num_classes} SVMs and regressors; test settings {TEST}; "
         f"precision {args.precision}\n"
     )
-    results = [run_setting(models, images, scales, args) for scales in (ONE_SCALE, PAPER_SCALES)]
+    results = [run_setting(bench, images, scales, args) for scales in (ONE_SCALE, PAPER_SCALES)]
     print(parts_table(results))
     print()
     print(summary_tables(results, args.fc_dim))

@@ -5,8 +5,9 @@ to 224×224 (the trunk's classification input; ``cv2.resize`` bilinear, no conte
 normalised and run through the conv trunk in batches; its conv5 map (13×13 for zf5 and alexnet)
 goes through the classification net's pooling (zf5: the pyramid (6, 3, 2, 1) over the whole map,
 12,800 dims; alexnet: torchvision's 3×3/2 max-pool + 6×6 average pool, 9,216 dims), then fc6/fc7,
-K SVMs, NMS, regression, clip + NMS. SPP: the test stage's path (conv once per scale, pooling of
-the distinct windows), at 1 scale (688) and 5 scales.
+K SVMs, NMS, regression, clip + NMS (the package's ``inference.detect_image``). SPP: the
+package's ``Detector.detect`` on a live ``FeatureSource`` (conv once per scale, pooling of the
+distinct windows), timed in parts as in bench_test_time.py, at 1 scale (688) and 5 scales.
 
 R-CNN's crop/warp, normalisation, conv and pooling are measured on the first ``--rcnn-windows``
 proposals (default 128) of each image and **extrapolated linearly** to all R (default 2,000):
@@ -37,17 +38,15 @@ from _bench_common import (
     ONE_SCALE,
     SPP,
     TEST,
+    Bench,
     BenchImage,
-    Models,
     Stopwatch,
     base_parser,
-    build_models,
+    build_bench,
     calibrate,
-    calibrated_regressors,
-    calibrated_svms,
+    calibrated_detector,
     conv_gflop,
     describe_images,
-    detect_from_features,
     fc_gflop,
     group_parts,
     load_images,
@@ -59,16 +58,19 @@ from _bench_common import (
     setup,
     spp_conv_gflop,
     spp_test_image,
+    timed_detections,
     timed_runs,
 )
 from torch import Tensor, nn
 
 from spp_detect.config import PAPER_SCALES
+from spp_detect.detector import Detector
 from spp_detect.image import image_to_tensor
 from spp_detect.spp import spatial_pyramid_pool
 
 RCNN_INPUT = 224  # warped window side: the classification input of zf5 / torchvision trunks
-# The paper's GPU seconds per image (Tables 9-10, SPEC §12): R-CNN on the same ZF-5 net, and SPP.
+# The paper's GPU seconds per image (Tables 9-10, docs/method.md#paper-figures-to-compare-with):
+# R-CNN on the same ZF-5 net, and SPP.
 PAPER = {
     "R-CNN": {"conv": 14.37, "fc": None, "total": 14.46},
     "SPP 1 scale": {"conv": 0.053, "fc": 0.089, "total": 0.142, "speedup": 102},
@@ -80,26 +82,27 @@ EXTRAPOLATED = ("crop + warp", "normalise", "conv (trunk)", "pool")
 # ---------------------------------------------------------------- the R-CNN path
 
 
-def classifier_pool(models: Models) -> Callable[[Tensor], Tensor]:
+def classifier_pool(bench: Bench) -> Callable[[Tensor], Tensor]:
     """conv5 maps (B, C, h, w) of warped windows → fc6 inputs (B, D_rcnn), as the
     classification net pools them."""
-    name, levels = models.backbone.name, SPP.levels
+    name, levels = bench.backbone.name, SPP.levels
     if name == "zf5":
-        # adaptive max pooling's bins [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) are the SPP bins (SPEC §5)
+        # adaptive max pooling's bins [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) are the SPP bins
+        # (docs/method.md#spatial-pyramid-pooling)
         return lambda maps: torch.cat(
             [F.adaptive_max_pool2d(maps, n).flatten(1) for n in levels], dim=1
         )
     import torchvision
 
     model = getattr(torchvision.models, name)(weights=None)
-    return nn.Sequential(model.features[-1], model.avgpool, nn.Flatten()).to(models.device).eval()
+    return nn.Sequential(model.features[-1], model.avgpool, nn.Flatten()).to(bench.device).eval()
 
 
-def check_pyramid(models: Models, pool: Callable[[Tensor], Tensor]) -> None:
+def check_pyramid(bench: Bench, pool: Callable[[Tensor], Tensor]) -> None:
     """zf5: the whole-map pyramid equals ``spatial_pyramid_pool`` of the full window."""
-    if models.backbone.name != "zf5":
+    if bench.backbone.name != "zf5":
         return
-    maps = torch.rand(2, models.backbone.channels, 13, 13, device=models.device)
+    maps = torch.rand(2, bench.backbone.channels, 13, 13, device=bench.device)
     full = torch.tensor([[0, 0, 12, 12]])
     expected = torch.cat([spatial_pyramid_pool(m, full, SPP.levels) for m in maps])
     assert torch.equal(pool(maps), expected), "whole-map pyramid differs from spp"
@@ -117,18 +120,18 @@ def warp_windows(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def normalise_batch(warped: np.ndarray, models: Models) -> Tensor:
+def normalise_batch(warped: np.ndarray, bench: Bench) -> Tensor:
     """uint8 (B, S, S, 3) → float (B, 3, S, S), normalised as the package does one image: the
     batch goes through ``image_to_tensor`` as one (B·S, S, 3) image (per-channel ops only)."""
     count, size = warped.shape[:2]
     flat = image_to_tensor(
-        warped.reshape(count * size, size, 3), models.backbone.normalization, models.device
+        warped.reshape(count * size, size, 3), bench.backbone.normalization, bench.device
     )
     return flat.view(3, count, size, size).transpose(0, 1).contiguous()
 
 
 def rcnn_windows_pooled(
-    models: Models, pool, image: np.ndarray, boxes: np.ndarray, batch: int, watch: Stopwatch
+    bench: Bench, pool, image: np.ndarray, boxes: np.ndarray, batch: int, watch: Stopwatch
 ) -> Tensor:
     """fc6 inputs (M, D_rcnn) of M windows: crop + warp, normalise, trunk, pooling."""
     pooled = []
@@ -136,37 +139,37 @@ def rcnn_windows_pooled(
         with watch.part("crop + warp"):
             warped = warp_windows(image, boxes[start : start + batch], RCNN_INPUT)
         with watch.part("normalise"):
-            pixels = normalise_batch(warped, models)
+            pixels = normalise_batch(warped, bench)
         with watch.part("conv (trunk)"):
-            maps = models.backbone(pixels)
+            maps = bench.backbone(pixels)
         with watch.part("pool"):
             pooled.append(pool(maps))
     return torch.cat(pooled)
 
 
 def rcnn_test_image(
-    rcnn: Models, pool, item: BenchImage, measured: int, batch: int
+    spp: Bench, rcnn: Detector, pool, item: BenchImage, measured: int, batch: int
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per part for all R windows (the per-window parts extrapolated from ``measured``)."""
-    watch = Stopwatch(rcnn.device)
+    watch = Stopwatch(spp.device)
     count = len(item.boxes)
     with torch.inference_mode():
-        pooled = rcnn_windows_pooled(rcnn, pool, item.image, item.boxes[:measured], batch, watch)
+        pooled = rcnn_windows_pooled(spp, pool, item.image, item.boxes[:measured], batch, watch)
         factor = count / len(pooled)
         watch.seconds = {k: v * factor for k, v in watch.seconds.items()}
         every = pooled.repeat(math.ceil(factor), 1)[:count]  # R rows for the dense parts
         with watch.part("fc6/fc7"):
             fc7 = torch.cat([rcnn.head.features(p) for p in every.split(TEST.batch_windows)])
-        inverse = torch.arange(count, device=rcnn.device)
+        inverse = torch.arange(count, device=spp.device)
         hw = item.record.image_hw
-        counts = detect_from_features(rcnn, every, fc7, inverse, item.boxes, hw, watch)
+        counts = timed_detections(rcnn, every, fc7, inverse, item.boxes, hw, watch)
     counts.update(windows=count, measured=len(pooled))
     return watch.seconds, counts
 
 
-def rcnn_models(spp: Models, pool, item: BenchImage, args) -> Models:
+def rcnn_detector(spp: Bench, pool, item: BenchImage, args) -> Detector:
     """R-CNN's head (fc6 of the classifier's input width), SVMs and regressors, calibrated on
-    one image's windows like the SPP ones."""
+    one image's windows like the SPP ones, in a package Detector."""
     with torch.inference_mode():
         sample = rcnn_windows_pooled(
             spp, pool, item.image, item.boxes[: args.rcnn_batch], args.rcnn_batch,
@@ -175,9 +178,8 @@ def rcnn_models(spp: Models, pool, item: BenchImage, args) -> Models:
     head = random_head(sample.shape[1], args.fc_dim, args.num_classes, spp.device)
     with torch.inference_mode():
         fc7 = head.features(sample)
-        svm_weight, svm_bias = calibrated_svms(fc7, args.num_classes, args.pass_fraction)
-        regressors = calibrated_regressors(sample, args.num_classes)
-    return Models(spp.backbone, spp.geometry, head, svm_weight, svm_bias, regressors, spp.device)
+        k, fraction = args.num_classes, args.pass_fraction
+        return calibrated_detector(head, sample, fc7, k, fraction, spp.precision)
 
 
 # ---------------------------------------------------------------- report
@@ -246,11 +248,11 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     device = setup(args)
     images = load_images(args)
-    spp = build_models(args, device)
+    spp = build_bench(args, device)
     calibrate(spp, images[0], PAPER_SCALES, args.pass_fraction)
     pool = classifier_pool(spp)
     check_pyramid(spp, pool)
-    rcnn = rcnn_models(spp, pool, images[0], args)
+    rcnn = rcnn_detector(spp, pool, images[0], args)
 
     print(f"## SPP vs R-CNN on the same {args.backbone} trunk (weights {args.weights})\n")
     print(machine_header(device))
@@ -258,19 +260,19 @@ def main() -> None:
     print(
         f"- R-CNN: {RCNN_INPUT}×{RCNN_INPUT} warps in batches of {args.rcnn_batch}; crop/warp, "
         f"normalise, conv and pool measured on {args.rcnn_windows} windows per image and "
-        f"**extrapolated linearly to {args.proposals}**; fc6 input {rcnn.feature_dim} (SPP: "
+        f"**extrapolated linearly to {args.proposals}**; fc6 input {rcnn.head.in_dim} (SPP: "
         f"{spp.feature_dim}), fc width {args.fc_dim}, K = {args.num_classes}\n"
     )
     rows: dict[str, dict] = {}
     samples = timed_runs(
         images, args.warmup,
-        lambda item: rcnn_test_image(rcnn, pool, item, args.rcnn_windows, args.rcnn_batch),
+        lambda item: rcnn_test_image(spp, rcnn, pool, item, args.rcnn_windows, args.rcnn_batch),
     )  # fmt: skip
     rows["R-CNN"] = summarise([s[0] for s in samples], [s[1] for s in samples])
     rows["R-CNN"]["conv_gflop"] = args.proposals * conv_gflop(
         spp.backbone.features, (RCNN_INPUT, RCNN_INPUT)
     )
-    rows["R-CNN"]["fc_gflop"] = fc_gflop(args.proposals, rcnn.feature_dim, args.fc_dim)
+    rows["R-CNN"]["fc_gflop"] = fc_gflop(args.proposals, rcnn.head.in_dim, args.fc_dim)
     for label, scales in (("SPP 1 scale", ONE_SCALE), ("SPP 5 scales", PAPER_SCALES)):
         samples = timed_runs(images, args.warmup, partial(spp_test_image, spp, scales=scales))
         rows[label] = summarise([s[0] for s in samples], [s[1] for s in samples])

@@ -1,4 +1,6 @@
-"""spp.py against a slow reference written from SPEC §4–5, plus the hand cases of SPEC §14."""
+"""spp.py against slow references (docs/method.md#scale-selection, #projection, and
+``spp_detect.testing.reference_pool`` for docs/method.md#spatial-pyramid-pooling), plus hand
+cases."""
 
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from spp_detect.spp import (
     spatial_pyramid_pool,
     window_cells,
 )
+from spp_detect.testing import random_boxes, reference_pool
 
 ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # SPEC §4 spp_config.m values
 LEVELS = (6, 3, 2, 1)
 
 
-# ---------------------------------------------------------------- slow reference (SPEC §4–5)
+# ------------------------------------------------ slow references (scale selection, projection)
 
 
 def reference_select_scale(box, image_hw, scales, target=224.0) -> int:
@@ -67,29 +70,6 @@ def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
     return left - 1, top - 1, right - 1, bottom - 1
 
 
-def reference_pool(fmap: np.ndarray, cells, levels) -> np.ndarray:
-    """SPEC §5: loops over windows, levels, bins and cells; accumulator starts at 0."""
-    channels = fmap.shape[0]
-    rows = []
-    for left, top, right, bottom in cells:
-        width, height = right - left + 1, bottom - top + 1
-        parts = []
-        for n in levels:
-            level = np.zeros((channels, n, n), dtype=fmap.dtype)
-            for i in range(n):
-                for j in range(n):
-                    y_start = top + (i * height) // n
-                    y_end = top + -(-((i + 1) * height) // n)
-                    x_start = left + (j * width) // n
-                    x_end = left + -(-((j + 1) * width) // n)
-                    for y in range(y_start, y_end):
-                        for x in range(x_start, x_end):
-                            level[:, i, j] = np.maximum(level[:, i, j], fmap[:, y, x])
-            parts.append(level.reshape(-1))  # channel-major [C][n][n]
-        rows.append(np.concatenate(parts))
-    return np.stack(rows) if rows else np.zeros((0, pyramid_dim(channels, levels)), fmap.dtype)
-
-
 def zf5_fmap_side(side: int) -> int:
     """SPEC §2 conv5 size arithmetic (floor for conv, ceil for pooling)."""
     c1 = (side - 5) // 2 + 1
@@ -98,17 +78,14 @@ def zf5_fmap_side(side: int) -> int:
     return -(-(c2 - 3) // 2) + 1
 
 
-def random_boxes(rng: np.random.Generator, count: int, image_hw, min_side=1.0) -> np.ndarray:
-    """Continuous boxes inside the image, sides from 1 px to the whole image, some integer."""
-    height, width = image_hw
-    w = rng.uniform(min_side, width, count)
-    h = rng.uniform(min_side, height, count)
-    x1 = rng.uniform(0, width - w)
-    y1 = rng.uniform(0, height - h)
-    boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1)
-    boxes[: count // 2] = np.round(boxes[: count // 2])  # VOC boxes are whole pixels
-    boxes[: count // 2, 2:] = np.maximum(boxes[: count // 2, 2:], boxes[: count // 2, :2] + 1)
-    return boxes.astype(np.float32)
+def mixed_boxes(rng: np.random.Generator, count: int, image_hw, min_side=1.0) -> np.ndarray:
+    """``testing.random_boxes`` from ``min_side`` px to the whole image, the first half rounded
+    to whole pixels (as VOC boxes are)."""
+    boxes = random_boxes(rng, count, image_hw, min_side=min_side)
+    half = boxes[: count // 2]
+    half[:] = np.round(half)
+    half[:, 2:] = np.maximum(half[:, 2:], half[:, :2] + 1)
+    return boxes
 
 
 def relu_map(rng: np.random.Generator, channels: int, height: int, width: int) -> torch.Tensor:
@@ -240,7 +217,7 @@ def test_cells_outside_the_map_are_refused():
 def test_projection_matches_reference_on_random_boxes(scale):
     rng = np.random.default_rng(scale)
     image_hw = (333, 500)
-    boxes = random_boxes(rng, 500, image_hw)
+    boxes = mixed_boxes(rng, 500, image_hw)
     resized = (scale, round(scale * 500 / 333))
     fmap_hw = (zf5_fmap_side(resized[0]), zf5_fmap_side(resized[1]))
     cells = project_boxes(boxes, image_hw, scale, fmap_hw, **ZF5)
@@ -253,7 +230,7 @@ def test_projection_matches_reference_on_random_boxes(scale):
 def test_scale_selection_matches_reference_on_random_boxes():
     rng = np.random.default_rng(1)
     image_hw, scales = (333, 500), (480, 576, 688, 864, 1200)
-    boxes = random_boxes(rng, 2000, image_hw)
+    boxes = mixed_boxes(rng, 2000, image_hw)
     expected = [reference_select_scale(b, image_hw, scales) for b in boxes]
     assert select_scale(boxes, image_hw, scales).tolist() == expected
 
@@ -296,7 +273,7 @@ def pool_windows_case(seed: int, count: int = 40):
     rng = np.random.default_rng(seed)
     image_hw, scales = (120, 160), (96, 128)
     maps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
-    boxes = random_boxes(rng, count, image_hw)
+    boxes = mixed_boxes(rng, count, image_hw)
     return (maps, boxes, image_hw, scales, torch.from_numpy(rng.integers(0, 2, count)))
 
 
@@ -341,7 +318,7 @@ def test_pool_windows_matches_reference_at_several_scales():
     fmaps = [
         relu_map(rng, 8, zf5_fmap_side(s), zf5_fmap_side(round(s * 200 / 150))) for s in scales
     ]
-    boxes = random_boxes(rng, 400, image_hw, min_side=4.0)
+    boxes = mixed_boxes(rng, 400, image_hw, min_side=4.0)
     scale_index = select_scale(boxes, image_hw, scales, target=100.0)  # all three in use
     assert len(set(scale_index.tolist())) == 3
     pooled, rows = pool_windows(fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, **ZF5)
@@ -362,7 +339,7 @@ def test_pool_windows_with_random_scales_and_unused_maps():
     rng = np.random.default_rng(3)
     image_hw, scales = (120, 160), (96, 128)
     fmaps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
-    boxes = random_boxes(rng, 50, image_hw)
+    boxes = mixed_boxes(rng, 50, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 50))
     pooled, _ = pool_windows(fmaps, boxes, image_hw, scales, index, levels=LEVELS, **ZF5)
     cells = window_cells(boxes, image_hw, scales, index, [(5, 7), (7, 9)], **ZF5)
@@ -393,7 +370,7 @@ def test_float16_maps_pool_exactly_into_float32():
     rng = np.random.default_rng(5)
     image_hw, scales = (120, 160), (96, 128)
     maps = [relu_map(rng, 8, 5, 7).half(), relu_map(rng, 8, 7, 9).half()]
-    boxes = random_boxes(rng, 60, image_hw)
+    boxes = mixed_boxes(rng, 60, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 60))
     args = (boxes, image_hw, scales, index)
     pooled, _ = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)

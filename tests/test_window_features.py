@@ -13,6 +13,7 @@ from spp_detect.features import FeatureSource, PoolGeometry
 from spp_detect.head import Head
 from spp_detect.structures import ImageRecord
 from spp_detect.svm import SvmModel
+from spp_detect.testing import random_boxes
 from spp_detect.voc import read_split
 from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
 
@@ -77,9 +78,7 @@ def test_source_pool_order_modes_and_buffer(toy_root):
     """keep_order=False gives the same rows in pooling order; ``out`` in both modes."""
     source, record = toy_source(toy_root)
     rng = np.random.default_rng(2)
-    corner = rng.uniform(0, 0.6, size=(40, 2)) * [record.width, record.height]
-    size = rng.uniform(0.1, 0.4, size=(40, 2)) * [record.width, record.height]
-    boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+    boxes = random_boxes(rng, 40, record.image_hw, 0.1, 0.4)
     index = torch.arange(40) % 2  # both scales, interleaved
     ordered, rows = source.pool(record, boxes, index)
     assert ordered.dtype == torch.float32 and torch.equal(rows, torch.arange(40))
@@ -101,9 +100,7 @@ def test_dedup_gives_the_same_scores_as_every_window(toy_root):
     head = Head(source.feature_dim, 64, len(TOY_CLASSES)).eval()
     svms = SvmModel(np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32), np.zeros(3))
     rng = np.random.default_rng(1)
-    corner = rng.uniform(0, 0.6, size=(300, 2)) * [record.width, record.height]
-    size = rng.uniform(0.1, 0.4, size=(300, 2)) * [record.width, record.height]
-    boxes = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+    boxes = random_boxes(rng, 300, record.image_hw, 0.1, 0.4)
     boxes = np.concatenate([boxes, boxes[:50] + 0.5])  # near-duplicates share conv5 cells
 
     test = Config().test

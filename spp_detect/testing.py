@@ -1,0 +1,77 @@
+"""Helpers shared by the tests and the benchmark scripts (like ``torch.testing``).
+
+Shapes: R windows, C channels, H/W a conv5 map's size, D = C·Σn² pooled dim.
+
+* :func:`random_boxes`: proposal-like random boxes inside an image.
+* :func:`reference_pool`: spatial pyramid pooling written as plain loops, slow and obviously
+  correct (docs/method.md#spatial-pyramid-pooling); ``spp.spatial_pyramid_pool`` and
+  ``spp.pool_windows`` are tested against it. Keep it that way: no vectorisation, no shared code
+  with ``spp.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def random_boxes(
+    rng: np.random.Generator,
+    count: int,
+    image_hw: tuple[int, int],
+    min_size: float = 0.0,
+    max_size: float = 1.0,
+    *,
+    min_side: float = 1.0,
+) -> np.ndarray:
+    """``count`` proposal-like boxes inside an image of ``image_hw`` (H, W): float32 (R, 4)
+    continuous XYXY (docs/method.md#conventions-and-box-format).
+
+    Each box's width is log-uniform between ``min_size``·W and ``max_size``·W (its height
+    likewise with H), neither below ``min_side`` px, so small boxes are as common as in a
+    proposal list; the box lies anywhere inside the image, uniformly.
+    """
+    height, width = image_hw
+    sides = []
+    for length in (width, height):
+        low = max(min_size * length, min_side)
+        high = max(max_size * length, low)
+        sides.append(np.exp(rng.uniform(np.log(low), np.log(high), count)))
+    w, h = sides
+    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+
+
+def reference_pool(
+    fmap: np.ndarray, cells: Iterable[Sequence[int]], levels: Sequence[int]
+) -> np.ndarray:
+    """Pooled features (R, D) of the windows ``cells`` (R, 4) on one map ``fmap`` (C, H, W).
+
+    ``cells``: 0-based inclusive conv5 cells (left, top, right, bottom), inside the map. Loops
+    over windows, levels, bins and cells: bin j of an n-bin level over a w-cell window covers
+    cells [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) from the window's first one (rows the same), its value the
+    per-channel max with an accumulator that starts at 0 (the original's; the same on post-ReLU
+    maps). Each level channel-major [C][n][n], levels in order
+    (docs/method.md#spatial-pyramid-pooling).
+    """
+    channels = fmap.shape[0]
+    rows = []
+    for left, top, right, bottom in cells:
+        width, height = right - left + 1, bottom - top + 1
+        parts = []
+        for n in levels:
+            level = np.zeros((channels, n, n), dtype=fmap.dtype)
+            for i in range(n):
+                for j in range(n):
+                    y_start = top + (i * height) // n
+                    y_end = top + -(-((i + 1) * height) // n)
+                    x_start = left + (j * width) // n
+                    x_end = left + -(-((j + 1) * width) // n)
+                    for y in range(y_start, y_end):
+                        for x in range(x_start, x_end):
+                            level[:, i, j] = np.maximum(level[:, i, j], fmap[:, y, x])
+            parts.append(level.reshape(-1))
+        rows.append(np.concatenate(parts))
+    dim = channels * sum(n * n for n in levels)
+    return np.stack(rows) if rows else np.zeros((0, dim), fmap.dtype)
