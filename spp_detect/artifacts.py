@@ -7,6 +7,7 @@ loaded with ``allow_pickle=False``; weights are ``.pt`` loaded with ``weights_on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -85,6 +86,16 @@ def stored_fingerprint(path: str | Path) -> str | None:
             return str(data["fingerprint"]) if "fingerprint" in data.files else None
     except Exception:  # missing or damaged: the item is simply computed again
         return None
+
+
+def file_digest(path: str | Path) -> str:
+    """Short SHA-256 of a file's bytes: names a saved model's content, so an artefact made from
+    it can tell when the model was trained again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def save_json(path: str | Path, obj: Any) -> None:

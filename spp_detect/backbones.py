@@ -194,6 +194,35 @@ def _random_trunk(name: str) -> Backbone:
         return Backbone(name, _torchvision_features(name), "imagenet")
 
 
+# The conv layers of each trunk in order, by their usual names (the first trainable one is
+# finetune.conv_from); VGG16 numbers them per block as its papers do.
+CONV_LAYERS = {
+    "zf5": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "vgg16": tuple(
+        f"conv{block}_{i}"
+        for block, count in enumerate((2, 2, 3, 3, 3), start=1)
+        for i in range(1, count + 1)
+    ),
+}
+
+
+def check_conv_layer(backbone_name: str, layer: str) -> None:
+    """UserError naming the valid layers when ``finetune.conv_from`` is not a conv layer."""
+    if layer not in CONV_LAYERS[backbone_name]:
+        raise UserError(
+            f"finetune.conv_from: {backbone_name} has no conv layer {layer!r}; use one of "
+            f'{", ".join(CONV_LAYERS[backbone_name])}, or "" to keep the conv layers frozen'
+        )
+
+
+def conv_layer_index(backbone: Backbone, layer: str) -> int:
+    """Index in ``backbone.features`` of the conv layer named ``layer`` (``CONV_LAYERS``)."""
+    check_conv_layer(backbone.name, layer)
+    convs = [i for i, module in enumerate(backbone.features) if isinstance(module, nn.Conv2d)]
+    return convs[CONV_LAYERS[backbone.name].index(layer)]
+
+
 def check_backbone_name(name: str) -> None:
     if name not in BACKBONES:
         raise UserError(
@@ -324,6 +353,12 @@ def _load_trunk(backbone: Backbone, state: Mapping[str, Tensor], source: str) ->
         )
     backbone.load_state_dict(trunk)
     logger.info("%s conv layers loaded from %s", backbone.name, source)
+
+
+def trunk_state(backbone: Backbone) -> dict[str, Tensor]:
+    """The trunk's tensors on the CPU, keyed ``features.<i>.*``: a weights file that
+    ``build_backbone`` loads as a local path (a fine-tuned trunk saved ready to use)."""
+    return {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
 
 
 def load_classifier_state(name: str, weights: str) -> dict[str, Tensor] | None:

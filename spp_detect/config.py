@@ -29,6 +29,9 @@ VOC_CLASSES = (
 PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used 874 for 864
 
 
+SCORERS = ("svm", "softmax")  # test.scorer
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str = (
@@ -96,6 +99,11 @@ class FinetuneConfig:
     checkpoint_every: int = 2000  # iterations between resumable checkpoints
     log_every: int = 100  # iterations between history entries
     val_split: str = ""  # held-out split for window accuracy in history; "" = none
+    # first trainable conv layer for end-to-end fine-tuning from images, e.g. conv3 (zf5 and
+    # alexnet: conv1…conv5; vgg16: conv1_1…conv5_3); "" keeps the conv layers frozen (paper)
+    conv_from: str = ""
+    images_per_batch: int = 2  # with conv_from: images per minibatch (Fast R-CNN: 2 × 64)
+    conv_lr_mult: float = 1.0  # with conv_from: conv layers' rate / lr (Fast R-CNN: 1)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,9 @@ class TestConfig:
     bbox_reg: bool = True  # apply the box regressors when trained (SPEC §8)
     batch_windows: int = 4096  # windows per fc6/fc7 batch
     precision: str = "fp32"  # fc6/fc7: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
+    # svm: per-class SVMs on fc7 (paper) | softmax: the fine-tuned head's classifier (Fast R-CNN)
+    scorer: str = "svm"
+    softmax_thresh: float = 0.05  # softmax scorer: keep windows above this (Fast R-CNN test_net)
 
 
 @dataclass(frozen=True)
@@ -338,6 +349,9 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("test.nms_thresh", lambda v: 0.0 <= v <= 1.0, "an IoU in [0, 1]"),
     ("test.max_per_class", lambda v: v >= 1, "at least 1"),
     ("test.batch_windows", lambda v: v >= 1, "at least 1"),
+    ("test.softmax_thresh", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    ("finetune.images_per_batch", lambda v: v >= 1, "at least 1"),
+    ("finetune.conv_lr_mult", lambda v: v >= 0, "at least 0"),
     ("eval.iou_thresh", lambda v: 0.0 < v <= 1.0, "an IoU in (0, 1]"),
 )
 
@@ -363,6 +377,17 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
     if svm.evict_thresh > svm.hard_thresh:
         problems.append("svm.evict_thresh must not exceed svm.hard_thresh")
+    if finetune.images_per_batch > finetune.batch_size:
+        problems.append("finetune.images_per_batch must not exceed finetune.batch_size")
+    if finetune.conv_from and finetune.val_split:
+        problems.append(
+            "finetune.val_split is measured on cached features, so it works with frozen conv "
+            "layers only; unset finetune.val_split or finetune.conv_from"
+        )
+    if config.test.scorer not in SCORERS:
+        problems.append(
+            f"test.scorer must be one of {', '.join(SCORERS)}, got {config.test.scorer!r}"
+        )
     if config.propose.method == "mat" and not config.propose.mat_file:
         problems.append("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")
     return problems
@@ -370,7 +395,7 @@ def _relation_problems(config: Config) -> list[str]:
 
 def _check_choices(config: Config) -> None:
     """Names checked by the library modules that own them (each raises one UserError)."""
-    from spp_detect.backbones import check_backbone_name
+    from spp_detect.backbones import check_backbone_name, check_conv_layer
     from spp_detect.features import check_extract_settings, check_levels
     from spp_detect.precision import check_precision
     from spp_detect.proposals import check_method
@@ -378,6 +403,8 @@ def _check_choices(config: Config) -> None:
     check_method(config.propose.method, config.propose.mode)
     extract = config.extract
     check_backbone_name(extract.backbone)
+    if config.finetune.conv_from:
+        check_conv_layer(extract.backbone, config.finetune.conv_from)
     check_extract_settings(extract.scales, extract.max_long_side, extract.cache, extract.precision)
     check_levels(config.spp.levels)
     check_precision(config.test.precision, "test.precision")

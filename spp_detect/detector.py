@@ -29,7 +29,8 @@ from spp_detect.window_features import distinct_windows
 
 @dataclass(frozen=True)
 class DetectionSettings:
-    """Test-time settings (docs/method.md#test-time-detection): keep windows scoring above
+    """Test-time settings (docs/method.md#test-time-detection): windows are scored by the
+    per-class SVMs or the head's own ``softmax`` (``scorer``); keep windows scoring above
     ``score_thresh``, per-class NMS at ``nms_thresh`` IoU (before and after regression), at most
     ``max_per_class`` per class and image; fc6/fc7 on ``batch_windows`` windows at a time in
     ``precision`` (fp32 | bf16 | fp16)."""
@@ -39,19 +40,21 @@ class DetectionSettings:
     max_per_class: int
     batch_windows: int
     precision: str
+    scorer: str = "svm"  # svm | softmax
 
 
 class Detector:
     """Everything trained, ready to turn an image's conv5 maps and proposals into detections.
 
-    ``head`` the fine-tuned fc6/fc7 (eval mode, on ``device``), ``svms`` the per-class SVMs
-    (weight (K, F), bias (K,)), ``regressors`` the box regressors or None (no regression).
+    ``head`` the fine-tuned fc6/fc7 and classifier (eval mode, on ``device``), ``svms`` the
+    per-class SVMs (weight (K, F), bias (K,); None with the softmax scorer), ``regressors`` the
+    box regressors or None (no regression).
     """
 
     def __init__(
         self,
         head: Head,
-        svms: SvmModel,
+        svms: SvmModel | None,
         regressors: BoxRegressors | None,
         settings: DetectionSettings,
         device: str | torch.device,
@@ -59,8 +62,12 @@ class Detector:
         check_precision(settings.precision, "test.precision")
         self.settings = settings
         self.head = head
-        self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
-        self.svm_bias = torch.as_tensor(svms.bias, device=device)
+        if (svms is None) != (settings.scorer == "softmax"):
+            raise ValueError("give svms exactly when the scorer is svm")
+        self.svm_weight = self.svm_bias = None
+        if svms is not None:
+            self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
+            self.svm_bias = torch.as_tensor(svms.bias, device=device)
         self.regressors = regressors
         self._workspace = torch.empty(0)  # pooled rows, reused across images
 
@@ -72,7 +79,7 @@ class Detector:
         if len(proposals) == 0:
             return ImageDetections.empty()
         pooled, fc7, inverse = self.window_features(source, record, proposals)
-        scores = (fc7 @ self.svm_weight + self.svm_bias)[inverse]
+        scores = self.class_scores(fc7)[inverse]
         boxes = torch.as_tensor(proposals, device=scores.device)
 
         def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,13 @@ class Detector:
             scores, boxes, record.image_hw, settings.score_thresh, settings.nms_thresh,
             settings.max_per_class, regress if self.regressors is not None else None,
         )  # fmt: skip
+
+    def class_scores(self, fc7: torch.Tensor) -> torch.Tensor:
+        """Scores (U, K) of windows' fc7 (U, F): SVM margins, or the head's softmax
+        probabilities of the K foreground classes (Fast R-CNN)."""
+        if self.svm_weight is None:
+            return torch.softmax(self.head.cls(fc7), dim=1)[:, :-1]
+        return fc7 @ self.svm_weight + self.svm_bias
 
     def window_features(
         self, source: FeatureSource, record: ImageRecord, proposals: np.ndarray
@@ -115,5 +129,5 @@ class Detector:
         """A float32 buffer (≥ rows, dim) kept across images: a fresh one per image would pay
         its page faults every time (BENCHMARKS.md)."""
         if len(self._workspace) < rows or self._workspace.shape[1:] != (dim,):
-            self._workspace = torch.empty((rows, dim), device=self.svm_weight.device)
+            self._workspace = torch.empty((rows, dim), device=self.head.fc6.weight.device)
         return self._workspace

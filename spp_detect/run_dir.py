@@ -49,6 +49,11 @@ class RunDir:
         return self.finetune_dir / "history.json"
 
     @property
+    def trunk_path(self) -> Path:
+        """The fine-tuned conv trunk (end-to-end fine-tuning only), loadable as weights."""
+        return self.finetune_dir / "trunk.pt"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.finetune_dir / "checkpoint.pt"
 

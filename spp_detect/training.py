@@ -131,29 +131,46 @@ class Trainer:
     trunk: torch.nn.Module | None = None  # end-to-end fine-tuning: the conv trunk it trains
 
 
+@dataclass(frozen=True)
+class HeadShape:
+    """What a new head is built for: pooled inputs D = C·Σn² from ``channels`` C and pyramid
+    ``levels``, ``fc_dim`` F, ``num_classes`` K, ``dropout``."""
+
+    channels: int
+    levels: tuple[int, ...]
+    fc_dim: int
+    num_classes: int
+    dropout: float
+
+    @property
+    def feature_dim(self) -> int:
+        return self.channels * sum(n * n for n in self.levels)
+
+
 def new_trainer(
-    windows: TrainingWindows,
-    fc_dim: int,
-    num_classes: int,
-    dropout: float,
+    shape: HeadShape,
     schedule: SgdSchedule,
     classifier: Mapping[str, torch.Tensor] | None,
     identity: dict,
+    device: torch.device,
+    trunk: torch.nn.Module | None = None,
 ) -> Trainer:
-    """A head for K = ``num_classes``, initialised from the pretrained ``classifier`` (fc6/fc7
-    state) when there is one, else at random (seeded); its SGD optimizer and dropout generator."""
-    head = Head(windows.feature_dim, fc_dim, num_classes, dropout)
+    """A head of ``shape`` on ``device``, initialised from the pretrained ``classifier``
+    (fc6/fc7 state) when there is one, else at random (seeded); its SGD optimizer and dropout
+    generator. ``trunk``: conv layers trained with it (their parameters join the optimizer
+    through ``conv_training.add_trunk_to_optimizer``)."""
+    head = Head(shape.feature_dim, shape.fc_dim, shape.num_classes, shape.dropout)
     init_random(head, torch.Generator().manual_seed(schedule.seed))
     if classifier is not None:
-        levels = windows.source.geometry.levels
-        init_from_classifier(head, classifier, windows.source.channels, levels)
-    head.to(windows.source.device)
+        init_from_classifier(head, classifier, shape.channels, shape.levels)
+    head.to(device)
     return Trainer(
         head=head,
         optimizer=make_optimizer(head, schedule.momentum, schedule.weight_decay),
-        generator=torch.Generator(device=windows.source.device).manual_seed(schedule.seed + 1),
+        generator=torch.Generator(device=device).manual_seed(schedule.seed + 1),
         identity=identity,
         normalize_inputs=classifier is None,
+        trunk=trunk,
     )
 
 

@@ -287,7 +287,8 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 
     config, run_dir, records = _test_split(toy_run)
     half_config = replace(config, extract=replace(config.extract, precision=precision))
-    full, half = live_feature_source(config, "cpu"), live_feature_source(half_config, "cpu")
+    full = live_feature_source(config, run_dir, "cpu")
+    half = live_feature_source(half_config, run_dir, "cpu")
     for record in records:
         for full_fmap, half_fmap in zip(full.maps(record), half.maps(record), strict=True):
             error = (full_fmap - half_fmap).abs().max() / full_fmap.abs().max()

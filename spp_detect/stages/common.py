@@ -65,13 +65,14 @@ def fingerprint(config: Config, stage: str) -> str:
     return config.fingerprint(*STAGE_SECTIONS[stage])
 
 
-def item_fingerprint(config: Config, stage: str, record: ImageRecord) -> str:
+def item_fingerprint(config: Config, stage: str, record: ImageRecord, model: str = "") -> str:
     """The fingerprint stored in ``stage``'s file for one image: its config sections, the
     dataset's absolute root, the image id and the image file's size and modification time.
 
     A resumed stage keeps a file only when this matches, so an item made from another dataset
     (a run directory pointed at a new data.root with the same ids), from an image rewritten in
-    place, or with another config is recomputed, never reused.
+    place, with another config or (``model``: its digest) another trained model is recomputed,
+    never reused.
     """
     try:
         stat = record.path.stat()
@@ -83,16 +84,22 @@ def item_fingerprint(config: Config, stage: str, record: ImageRecord) -> str:
         record.image_id,
         stat.st_size,
         stat.st_mtime_ns,
+        model,
     ]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def items_to_do(
-    config: Config, stage: str, records: Sequence[ImageRecord], path_of, force: bool
+    config: Config,
+    stage: str,
+    records: Sequence[ImageRecord],
+    path_of,
+    force: bool,
+    model: str = "",
 ) -> tuple[list[ImageRecord], dict[str, str]]:
     """The records whose file ``path_of(image_id)`` is missing or was made from other inputs
     (all of them with ``force``), and every record's item fingerprint by image id."""
-    fingerprints = {r.image_id: item_fingerprint(config, stage, r) for r in records}
+    fingerprints = {r.image_id: item_fingerprint(config, stage, r, model) for r in records}
     todo = [
         r
         for r in records
@@ -122,6 +129,13 @@ UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
 }  # fmt: skip
 
 
+def upstream_stages(config: Config, stage: str) -> tuple[tuple[str, str], ...]:
+    """``UPSTREAM[stage]``; with end-to-end fine-tuning, extract also reads the trained trunk."""
+    if stage == "extract" and config.finetune.conv_from:
+        return (("finetune", "train"),)
+    return UPSTREAM[stage]
+
+
 def close_stage(
     config: Config,
     run_dir: RunDir,
@@ -135,7 +149,7 @@ def close_stage(
     upstream manifests it read (those present: no extract manifest without a cache, none for
     train-bbox without regression). ``folder``: where it goes, if not ``RunDir.stage_dir``."""
     upstream = {}
-    for name, role in UPSTREAM[stage]:
+    for name, role in upstream_stages(config, stage):
         manifest = read_manifest(
             run_dir.stage_dir(name, config.data.train_split if role == "train" else split)
         )
@@ -236,11 +250,56 @@ def load_trained_head(config: Config, run_dir: RunDir, device: str):
     return load_head(run_dir.head_path, device)
 
 
-def _geometry(config: Config, stride: int, offset0: float):
+def pool_geometry(config: Config, stride: int, offset0: float):
+    """The ``features.PoolGeometry`` of a trunk's ``stride`` and ``offset0`` under ``spp``."""
     from spp_detect.features import PoolGeometry
 
     spp = config.spp
     return PoolGeometry(stride, offset0, spp.offset, tuple(spp.levels), spp.target_size)
+
+
+def build_trunk(config: Config, run_dir: RunDir):
+    """The conv trunk whose conv5 maps the later stages use: ``extract.backbone`` with
+    ``extract.weights``, or, with ``finetune.conv_from``, the trunk fine-tuned end to end."""
+    from spp_detect.backbones import build_backbone
+
+    settings = config.extract
+    if not config.finetune.conv_from:
+        return build_backbone(settings.backbone, settings.weights)
+    require_upstream(config, run_dir, "finetune", config.data.train_split)
+    return build_backbone(settings.backbone, str(run_dir.trunk_path))
+
+
+def trunk_digest(config: Config, run_dir: RunDir) -> str:
+    """The digest of the fine-tuned trunk (``finetune/trunk.pt``); "" with frozen conv layers,
+    whose trunk the config alone names."""
+    if not config.finetune.conv_from:
+        return ""
+    manifest = require_upstream(config, run_dir, "finetune", config.data.train_split)
+    return str(manifest.get("trunk_digest", ""))
+
+
+def check_trunk(config: Config, run_dir: RunDir, manifest: dict, folder: Path, split: str) -> None:
+    """Refuse conv5 maps (the extract ``manifest`` in ``folder``) made with another trunk than
+    the one fine-tuned now: after end-to-end fine-tuning, an older cache is stale."""
+    if manifest.get("trunk_digest", "") != trunk_digest(config, run_dir):
+        raise UserError(
+            f"{folder}: conv5 maps made with another conv trunk than the fine-tuned one "
+            f"({run_dir.trunk_path}); rerun `spp-detect extract --split {split} --force`"
+        )
+
+
+def is_current(config: Config, run_dir: RunDir, stage: str, split: str) -> bool:
+    """Whether ``stage`` has closed ``split`` with the current config (and, for extract, the
+    current fine-tuned trunk)."""
+    manifest = read_manifest(run_dir.stage_dir(stage, split))
+    if manifest is None or manifest.get("fingerprint") != fingerprint(config, stage):
+        return False
+    if stage == "extract" and config.finetune.conv_from:
+        finetune = read_manifest(run_dir.stage_dir("finetune", config.data.train_split))
+        current = "" if finetune is None else finetune.get("trunk_digest", "")
+        return manifest.get("trunk_digest", "") == current
+    return True
 
 
 def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
@@ -249,11 +308,12 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
     from spp_detect.features import FeatureSource
 
     if config.extract.cache != "disk":
-        return live_feature_source(config, device)
+        return live_feature_source(config, run_dir, device)
     manifest = require_upstream(config, run_dir, "extract", split)
+    check_trunk(config, run_dir, manifest, run_dir.features_dir(split), split)
     return FeatureSource(
         config.extract.scales,
-        _geometry(config, int(manifest["stride"]), float(manifest["offset0"])),
+        pool_geometry(config, int(manifest["stride"]), float(manifest["offset0"])),
         int(manifest["channels"]),
         device,
         cache_path=functools.partial(run_dir.feature_path, split),
@@ -268,16 +328,16 @@ def open_split(config: Config, run_dir: RunDir, split: str, limit: int | None, d
     return records, open_feature_source(config, run_dir, split, device)
 
 
-def live_feature_source(config: Config, device: str):
-    """A ``features.FeatureSource`` that runs the backbone on each image (no cache needed)."""
-    from spp_detect.backbones import build_backbone
+def live_feature_source(config: Config, run_dir: RunDir, device: str):
+    """A ``features.FeatureSource`` that runs the trunk (``build_trunk``) on each image (no
+    cache needed)."""
     from spp_detect.features import FeatureSource
 
     settings = config.extract
-    backbone = build_backbone(settings.backbone, settings.weights)
+    backbone = build_trunk(config, run_dir)
     return FeatureSource(
         settings.scales,
-        _geometry(config, backbone.stride, backbone.offset0),
+        pool_geometry(config, backbone.stride, backbone.offset0),
         backbone.channels,
         device,
         backbone=backbone,
@@ -294,9 +354,11 @@ def build_detector(config: Config, run_dir: RunDir, device: str):
     from spp_detect.svm import SvmModel
 
     head = load_trained_head(config, run_dir, device)
-    manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
-    check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
-    svms = SvmModel.load(run_dir.svm_path)
+    svms = None
+    if config.test.scorer == "svm":
+        manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
+        check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
+        svms = SvmModel.load(run_dir.svm_path)
     regressors = None
     if config.test.bbox_reg:
         manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
@@ -310,10 +372,11 @@ def detection_settings(config: Config):
     from spp_detect.detector import DetectionSettings
 
     test = config.test
+    softmax = test.scorer == "softmax"
     return DetectionSettings(
-        score_thresh=test.score_thresh, nms_thresh=test.nms_thresh,
-        max_per_class=test.max_per_class, batch_windows=test.batch_windows,
-        precision=test.precision,
+        score_thresh=test.softmax_thresh if softmax else test.score_thresh,
+        nms_thresh=test.nms_thresh, max_per_class=test.max_per_class,
+        batch_windows=test.batch_windows, precision=test.precision, scorer=test.scorer,
     )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
                         "pass --set propose.method=selective_search")  # fmt: skip
     records = [_record(path) for path in images]  # every file checked before any work
     detector = build_detector(config, ctx.run_dir, ctx.device)
-    source = live_feature_source(config, ctx.device)
+    source = live_feature_source(config, ctx.run_dir, ctx.device)
     params = proposal_params(config.propose)
     total = 0
     for record in tqdm(records, desc="detect", unit="img"):

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_npz
-from spp_detect.backbones import Backbone, build_backbone
+from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
 from spp_detect.features import (
     cache_arrays,
@@ -36,10 +36,12 @@ from spp_detect.features import (
 from spp_detect.image import flip_image, resized_hw
 from spp_detect.stages.common import (
     StageContext,
+    build_trunk,
     close_stage,
     format_bytes,
     items_to_do,
     split_records,
+    trunk_digest,
 )
 from spp_detect.structures import ImageRecord
 
@@ -57,7 +59,8 @@ def run_extract(ctx: StageContext, split: str) -> str:
         return "extract: extract.cache is none, later stages compute conv5 maps on the fly"
     device = resolve_device(ctx.device)
     records = split_records(config, split, ctx.limit)
-    backbone = build_backbone(settings.backbone, settings.weights)
+    backbone = build_trunk(config, ctx.run_dir)
+    digest = trunk_digest(config, ctx.run_dir)
     check_scales_fit(backbone, settings.scales)
     flip = settings.flip and split == config.data.train_split
     out_dir = ctx.run_dir.features_dir(split)
@@ -65,7 +68,9 @@ def run_extract(ctx: StageContext, split: str) -> str:
 
     clear_manifest(out_dir)
     path_of = functools.partial(ctx.run_dir.feature_path, split)
-    todo_records, fingerprints = items_to_do(config, "extract", records, path_of, ctx.force)
+    todo_records, fingerprints = items_to_do(
+        config, "extract", records, path_of, ctx.force, model=digest
+    )
     todo = [(record, path_of(record.image_id)) for record in todo_records]
     extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
@@ -77,6 +82,7 @@ def run_extract(ctx: StageContext, split: str) -> str:
         extra={
             "backbone": backbone.name, "channels": backbone.channels, "stride": backbone.stride,
             "offset0": backbone.offset0, "scales": list(settings.scales), "flip": flip,
+            "trunk_digest": digest,
         },
     )  # fmt: skip
     per_image = f" ({seconds / len(todo):.3f} s/image)" if todo else ""

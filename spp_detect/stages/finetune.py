@@ -18,10 +18,12 @@ from tqdm import tqdm
 from spp_detect import training
 from spp_detect.artifacts import (
     clear_manifest,
+    file_digest,
     read_manifest,
     save_json,
     save_torch,
 )
+from spp_detect.backbones import trunk_state
 from spp_detect.config import Config, FinetuneConfig
 from spp_detect.errors import UserError
 from spp_detect.head import head_state
@@ -35,6 +37,7 @@ from spp_detect.stages.common import (
     fingerprint,
     load_proposals,
     open_feature_source,
+    pool_geometry,
     require_upstream,
     split_records,
     stage_dir,
@@ -45,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 
 def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -> str:
-    """Fine-tune the head on ``split``; ``stop_after`` (tests) stops after that many iterations
-    as a kill would, leaving only the last regular checkpoint behind."""
+    """Fine-tune the head on ``split`` (and the conv layers from ``finetune.conv_from`` on,
+    from images); ``stop_after`` (tests) stops after that many iterations as a kill would,
+    leaving only the last regular checkpoint behind."""
     config, run_dir, settings = ctx.config, ctx.run_dir, ctx.config.finetune
     summary = Summary("finetune")
     stage_fingerprint = fingerprint(config, "finetune")
@@ -56,61 +60,122 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     elif _is_complete(run_dir, split, stage_fingerprint):
         summary.notes.append(f"already complete in {run_dir.finetune_dir} (use --force to redo)")
         return summary.line()
-    schedule = _schedule(settings)
     clear_manifest(run_dir.finetune_dir)
     # 2. Upstream manifests.
     manifests = _check_upstream(config, run_dir, split)
-    # 3. Labelled training windows (flipped copies when the cache holds them: extract flips only
-    # the training split), and the held-out windows.
-    flip = bool(manifests["extract"].get("flip")) if "extract" in manifests else config.extract.flip
-    windows = _training_windows(config, run_dir, split, ctx.limit, ctx.device, flip)
-    validation = None
-    if settings.val_split:
-        validation = evaluation_windows(config, run_dir, settings.val_split, ctx.limit, ctx.device)
-    # 4. A new head, or the state of an interrupted run.
-    identity = {
-        "fingerprint": stage_fingerprint,
-        "split": split,
-        "limit": ctx.limit or 0,
-        "feature_dim": windows.feature_dim,
-        "block_iterations": windows.block_iterations,
-    }
-    trainer = _new_trainer(config, windows, schedule, identity)
-    training.resume(run_dir.checkpoint_path, trainer)
-    # 5. Train, block by block.
+    # 3.-5. Windows, a new or resumed trainer, SGD up to `total`.
     total = settings.iterations if stop_after is None else min(stop_after, settings.iterations)
-    start = trainer.progress.iteration
-    pool_seconds, step_seconds = training.train(
-        trainer, windows, schedule, run_dir.checkpoint_path, total, validation
-    )
+    identity = {"fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0}
+    train = _train_end_to_end if settings.conv_from else _train_head
+    trainer, notes = train(ctx, split, manifests, identity, total)
     summary.items = trainer.progress.iteration
-    if step_seconds > 0:
-        rate = (summary.items - start) / step_seconds
-        summary.notes.append(f"{rate:.1f} SGD it/s, {pool_seconds:.1f} s pooling")
+    summary.notes += notes
     if trainer.progress.iteration < settings.iterations:
         summary.notes.append(f"stopped at iteration {summary.items} of {settings.iterations}")
         return summary.line()
-    # 6. Outputs: the last iteration's head, the curve, the manifest last.
-    history = trainer.progress.history
-    save_torch(run_dir.head_path, head_state(trainer.head))
-    save_json(
-        run_dir.history_path,
-        {"split": split, "val_split": settings.val_split or None, "iterations": settings.iterations,
-         "batch_size": settings.batch_size, "entries": history},
-    )  # fmt: skip
-    close_stage(
-        config, run_dir, "finetune", split, settings.iterations,
-        extra={"classes": list(config.data.classes), "feature_dim": windows.feature_dim,
-               "fc_dim": settings.fc_dim},
-    )  # fmt: skip
+    # 6. Outputs: the last iteration's head (and trunk), the curve, the manifest last.
+    summary.bytes_written = _save_outputs(config, run_dir, split, trainer)
     run_dir.checkpoint_path.unlink(missing_ok=True)
-    summary.bytes_written = run_dir.head_path.stat().st_size
+    history = trainer.progress.history
     if history:
         summary.notes.append(f"loss {history[-1]['loss']:.3f}")
         summary.notes.append(f"train window acc {history[-1]['accuracy']:.3f}")
     if history and "val_accuracy" in history[-1]:
         summary.notes.append(f"{settings.val_split} window acc {history[-1]['val_accuracy']:.3f}")
     return summary.line()
+
+
+def _train_head(
+    ctx: StageContext, split: str, manifests: dict, identity: dict, total: int
+) -> tuple[training.Trainer, list[str]]:
+    """Head-only fine-tuning (the paper's) on pooled windows of cached or live conv5 maps."""
+    config, settings = ctx.config, ctx.config.finetune
+    schedule = _schedule(settings)
+    # flipped copies when the cache holds them: extract flips only the training split
+    flip = bool(manifests["extract"].get("flip")) if "extract" in manifests else config.extract.flip
+    windows = _training_windows(config, ctx.run_dir, split, ctx.limit, ctx.device, flip)
+    validation = None
+    if settings.val_split:
+        validation = evaluation_windows(config, ctx.run_dir, settings.val_split, ctx.limit,
+                                        ctx.device)  # fmt: skip
+    identity = {**identity, "feature_dim": windows.feature_dim,
+                "block_iterations": windows.block_iterations}  # fmt: skip
+    trainer = _new_trainer(config, windows, schedule, identity)
+    training.resume(ctx.run_dir.checkpoint_path, trainer)
+    start = trainer.progress.iteration
+    pool_seconds, step_seconds = training.train(
+        trainer, windows, schedule, ctx.run_dir.checkpoint_path, total, validation
+    )
+    notes = []
+    if step_seconds > 0:
+        rate = (trainer.progress.iteration - start) / step_seconds
+        notes.append(f"{rate:.1f} SGD it/s, {pool_seconds:.1f} s pooling")
+    return trainer, notes
+
+
+def _train_end_to_end(
+    ctx: StageContext, split: str, manifests: dict, identity: dict, total: int
+) -> tuple[training.Trainer, list[str]]:
+    """Conv layers from ``finetune.conv_from`` on, the pyramid and the head, from images
+    (docs/method.md#conv-fine-tuning)."""
+    from spp_detect import conv_training
+    from spp_detect.backbones import build_backbone, conv_layer_index, load_classifier_state
+    from spp_detect.features import resolve_device
+
+    config, settings, extract = ctx.config, ctx.config.finetune, ctx.config.extract
+    device = resolve_device(ctx.device)
+    schedule = _schedule(settings)
+    records = split_records(config, split, ctx.limit)
+    pool = _window_pool(config, ctx.run_dir, split, records, flip=True)
+    if len(pool.labels) == 0:
+        raise _no_windows(ctx.run_dir, split, settings)
+    warn_missing_classes(pool, config.data.classes)
+    trunk = build_backbone(extract.backbone, extract.weights).to(device)
+    first = conv_layer_index(trunk, settings.conv_from)
+    geometry = pool_geometry(config, trunk.stride, trunk.offset0)
+    model = conv_training.EndToEnd(
+        trunk=trunk, first_trainable=first, device=device,
+        images=conv_training.TrainingImages.from_pool(records, pool, geometry),
+        sampling=conv_training.ImageSampling(
+            settings.images_per_batch, tuple(extract.scales), extract.max_long_side
+        ),
+    )  # fmt: skip
+    conv_training.freeze_below(trunk, first)
+    classifier = load_classifier_state(extract.backbone, extract.weights)
+    shape = _head_shape(config, trunk.channels)
+    trainer = training.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
+    conv_training.add_trunk_to_optimizer(trainer.optimizer, trunk, first, settings.conv_lr_mult)
+    training.resume(ctx.run_dir.checkpoint_path, trainer)
+    if trainer.normalize_inputs and trainer.progress.iteration == 0:
+        trainer.head.set_input_normalization(*conv_training.input_statistics(model, schedule))
+    start = trainer.progress.iteration
+    step = conv_training.end_to_end_step(trainer, model, schedule)
+    seconds = training.run_sgd(trainer, schedule, ctx.run_dir.checkpoint_path, total, step)
+    notes = []
+    if seconds > 0:
+        notes.append(f"{(trainer.progress.iteration - start) / seconds:.2f} SGD it/s end to end")
+    return trainer, notes
+
+
+def _save_outputs(config: Config, run_dir: RunDir, split: str, trainer: training.Trainer) -> int:
+    """head.pt (and trunk.pt), history.json, then the manifest; returns the bytes written."""
+    settings = config.finetune
+    save_torch(run_dir.head_path, head_state(trainer.head))
+    written = [run_dir.head_path]
+    extra = {"classes": list(config.data.classes), "feature_dim": trainer.head.in_dim,
+             "fc_dim": settings.fc_dim}  # fmt: skip
+    if trainer.trunk is not None:
+        save_torch(run_dir.trunk_path, trunk_state(trainer.trunk))
+        written.append(run_dir.trunk_path)
+        extra["trunk_digest"] = file_digest(run_dir.trunk_path)
+    save_json(
+        run_dir.history_path,
+        {"split": split, "val_split": settings.val_split or None, "iterations": settings.iterations,
+         "batch_size": settings.batch_size, "conv_from": settings.conv_from or None,
+         "entries": trainer.progress.history},
+    )  # fmt: skip
+    close_stage(config, run_dir, "finetune", split, settings.iterations, extra=extra)
+    return sum(path.stat().st_size for path in written)
 
 
 def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:
@@ -155,7 +220,8 @@ def _is_complete(run_dir: RunDir, split: str, stage_fingerprint: str) -> bool:
 def _check_upstream(config: Config, run_dir: RunDir, split: str) -> dict[str, dict]:
     """Manifests of the split's proposals (and cached features); their classes must match."""
     manifests = {"propose": require_upstream(config, run_dir, "propose", split)}
-    if config.extract.cache == "disk":
+    # end-to-end fine-tuning reads images: a conv5 cache would come from the untrained trunk
+    if config.extract.cache == "disk" and not config.finetune.conv_from:
         manifests["extract"] = require_upstream(config, run_dir, "extract", split)
     for stage, manifest in manifests.items():
         check_classes(manifest, config.data.classes, stage_dir(run_dir, stage, split), stage)
@@ -213,12 +279,19 @@ def _new_trainer(
     """A trainer whose fc6/fc7 start from the backbone's pretrained classifier when it has one."""
     from spp_detect.backbones import load_classifier_state
 
-    settings = config.finetune
     classifier = load_classifier_state(config.extract.backbone, config.extract.weights)
+    source = windows.source
     trainer = training.new_trainer(
-        windows, settings.fc_dim, len(config.data.classes), settings.dropout, schedule,
-        classifier, identity,
-    )  # fmt: skip
+        _head_shape(config, source.channels), schedule, classifier, identity, source.device
+    )
     if classifier is not None:
         logger.info("fc6/fc7 start from the %s classifier", config.extract.backbone)
     return trainer
+
+
+def _head_shape(config: Config, channels: int) -> training.HeadShape:
+    settings = config.finetune
+    return training.HeadShape(
+        channels=channels, levels=tuple(config.spp.levels), fc_dim=settings.fc_dim,
+        num_classes=len(config.data.classes), dropout=settings.dropout,
+    )  # fmt: skip

@@ -6,8 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from spp_detect.artifacts import read_manifest
-from spp_detect.stages.common import StageContext, fingerprint, stage_dir
+from spp_detect.stages.common import StageContext, is_current
 
 logger = logging.getLogger(__name__)
 
@@ -24,31 +23,33 @@ def pipeline(ctx: StageContext) -> list[tuple[str, str, Callable[[], str]]]:
 
     data = ctx.config.data
     train, test = data.train_split, data.test_split
+    config = ctx.config
     steps = [
         ("propose", train, lambda: run_propose(ctx, train)),
         ("propose", test, lambda: run_propose(ctx, test)),
     ]
-    if ctx.config.extract.cache == "disk":
-        steps += [
+    extract = []
+    if config.extract.cache == "disk":
+        extract = [
             ("extract", train, lambda: run_extract(ctx, train)),
             ("extract", test, lambda: run_extract(ctx, test)),
         ]
-    steps += [
-        ("finetune", train, lambda: run_finetune(ctx, train)),
-        ("train-svm", train, lambda: run_train_svm(ctx, train)),
-    ]
-    if ctx.config.test.bbox_reg:
+    finetune = [("finetune", train, lambda: run_finetune(ctx, train))]
+    # end-to-end fine-tuning trains the trunk whose conv5 maps extract then caches
+    steps += finetune + extract if config.finetune.conv_from else extract + finetune
+    if config.test.scorer == "svm":
+        steps.append(("train-svm", train, lambda: run_train_svm(ctx, train)))
+    if config.test.bbox_reg:
         steps.append(("train-bbox", train, lambda: run_train_bbox(ctx, train)))
     steps += [
         ("test", test, lambda: run_test(ctx, test)),
-        ("eval", test, lambda: run_eval(ctx, test, ctx.config.eval.use_07_metric)),
+        ("eval", test, lambda: run_eval(ctx, test, config.eval.use_07_metric)),
     ]
     return steps
 
 
 def is_complete(ctx: StageContext, stage: str, split: str) -> bool:
-    manifest = read_manifest(stage_dir(ctx.run_dir, stage, split))
-    return manifest is not None and manifest.get("fingerprint") == fingerprint(ctx.config, stage)
+    return is_current(ctx.config, ctx.run_dir, stage, split)
 
 
 def run_all(ctx: StageContext) -> str:

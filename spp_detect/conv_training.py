@@ -1,0 +1,244 @@
+"""End-to-end fine-tuning: the conv trunk from a chosen layer on, the pyramid, fc6, fc7 and the
+classifier, trained from images (docs/method.md#conv-fine-tuning).
+
+Shapes: N entries (an image or its mirror), R windows of an entry, B windows of a minibatch,
+C channels, D = C·Σn² pooled dim, K foreground classes.
+
+Sampling follows Fast R-CNN: each minibatch takes ``images_per_batch`` entries (every image
+appears as itself and mirrored), at a uniformly random scale each, and B / images windows from
+each, ``fg_fraction`` of them foreground where the entry has enough. Entries are visited in a
+fresh permutation per epoch; an iteration's draw depends only on (seed, iteration), so a resumed
+run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spp_detect.backbones import Backbone
+from spp_detect.errors import UserError
+from spp_detect.features import PoolGeometry, effective_scales, read_record_image
+from spp_detect.head import BIAS_LR_MULT, input_normalization_for
+from spp_detect.image import flip_image, image_to_tensor, resize_short_side
+from spp_detect.sampling import WindowPool
+from spp_detect.spp import trainable_pyramid_pool, window_cells
+from spp_detect.structures import ImageRecord
+from spp_detect.training import SgdSchedule, StepFn, Trainer
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATION_ENTRIES = 16  # entries whose pooled windows set a random head's input statistics
+# Seed-sequence streams, so the windows of iteration i, the epoch permutations and the draw for
+# the input statistics never share random numbers.
+WINDOW_STREAM, NORMALIZATION_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """How end-to-end minibatches are made: ``images_per_batch`` entries, each at one of
+    ``scales`` (shorter sides, px; longer side capped at ``max_long_side`` when > 0)."""
+
+    images_per_batch: int
+    scales: tuple[int, ...]
+    max_long_side: int
+
+
+@dataclass
+class TrainingImages:
+    """The training split for end-to-end fine-tuning: records and their labelled windows, the
+    pool's windows grouped by entry (``entry_start`` (N+1,) offsets; the pool lists each entry's
+    windows contiguously), and how windows map to conv cells."""
+
+    records: Sequence[ImageRecord]
+    pool: WindowPool
+    entry_start: np.ndarray
+    geometry: PoolGeometry
+
+    @classmethod
+    def from_pool(
+        cls, records: Sequence[ImageRecord], pool: WindowPool, geometry: PoolGeometry
+    ) -> TrainingImages:
+        if np.any(np.diff(pool.window_entry) < 0):
+            raise ValueError("the pool must list each entry's windows contiguously")
+        starts = np.searchsorted(pool.window_entry, np.arange(len(pool.entry_image) + 1))
+        return cls(records, pool, starts, geometry)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.pool.entry_image)
+
+
+def freeze_below(trunk: Backbone, first_trainable: int) -> list[nn.Parameter]:
+    """Make the trunk's layers from index ``first_trainable`` on trainable, the ones before it
+    frozen; returns the trainable parameters."""
+    trunk.requires_grad_(False)
+    trainable = [p for layer in trunk.features[first_trainable:] for p in layer.parameters()]
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    return trainable
+
+
+def add_trunk_to_optimizer(
+    optimizer: torch.optim.Optimizer, trunk: Backbone, first_trainable: int, lr_mult: float
+) -> None:
+    """The trainable conv layers join the head's SGD at ``lr_mult`` times its rate, biases
+    twice that (the head's multipliers, docs/method.md#fine-tuning-and-sampling)."""
+    layers = trunk.features[first_trainable:]
+    weights = [layer.weight for layer in layers if isinstance(layer, nn.Conv2d)]
+    biases = [layer.bias for layer in layers if isinstance(layer, nn.Conv2d)]
+    optimizer.add_param_group({"params": weights, "lr_mult": lr_mult})
+    optimizer.add_param_group({"params": biases, "lr_mult": lr_mult * BIAS_LR_MULT})
+
+
+def iteration_entries(num_entries: int, images_per_batch: int, iteration: int, seed: int):
+    """The entries (images_per_batch,) of one iteration: consecutive positions of a seeded
+    permutation of all entries, a new permutation per epoch."""
+    positions = np.arange(iteration * images_per_batch, (iteration + 1) * images_per_batch)
+    epochs, offsets = np.divmod(positions, num_entries)
+    return np.array(
+        [
+            np.random.default_rng([seed, int(epoch)]).permutation(num_entries)[offset]
+            for epoch, offset in zip(epochs, offsets, strict=True)
+        ],
+        dtype=np.int64,
+    )
+
+
+def sample_entry_windows(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    num_classes: int,
+    windows_per_image: int,
+    fg_fraction: float,
+) -> np.ndarray:
+    """Rows (≤ windows_per_image,) of one entry's windows with labels (R,): up to
+    round(fg_fraction · windows_per_image) foreground, background for the rest, each drawn
+    without replacement (Fast R-CNN ``_sample_rois``)."""
+    foreground = np.flatnonzero(labels < num_classes)
+    background = np.flatnonzero(labels == num_classes)
+    num_fg = min(round(fg_fraction * windows_per_image), len(foreground))
+    num_bg = min(windows_per_image - num_fg, len(background))
+    chosen = [
+        rng.choice(foreground, num_fg, replace=False),
+        rng.choice(background, num_bg, replace=False),
+    ]
+    return np.concatenate(chosen).astype(np.int64)
+
+
+@dataclass
+class EndToEnd:
+    """A trunk trained from layer index ``first_trainable`` on, the images it learns from and
+    how minibatches are drawn, on ``device``."""
+
+    trunk: Backbone
+    first_trainable: int
+    images: TrainingImages
+    sampling: ImageSampling
+    device: torch.device
+
+    def draw(
+        self, rng: np.random.Generator, entry: int, windows_per_image: int, fg_fraction: float
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """An entry's sampled window rows (≤ windows_per_image,), their labels and a uniformly
+        random training scale (the shorter side of its image there)."""
+        images = self.images
+        labels = images.pool.labels[images.entry_start[entry] : images.entry_start[entry + 1]]
+        rows = sample_entry_windows(
+            rng, labels, images.pool.num_classes, windows_per_image, fg_fraction
+        )
+        record = images.records[int(images.pool.entry_image[entry])]
+        sides = effective_scales(record.image_hw, self.sampling.scales, self.sampling.max_long_side)
+        return rows, labels[rows], int(sides[int(rng.integers(len(sides)))])
+
+    def pooled(self, entry: int, rows: np.ndarray, short_side: int) -> Tensor:
+        """Pooled features (len(rows), D) of windows ``rows`` of ``entry`` at one scale, with
+        gradients to the trainable conv layers. Frozen layers run without autograd, so they keep
+        no activations for the backward pass."""
+        pool, trunk = self.images.pool, self.trunk
+        record = self.images.records[int(pool.entry_image[entry])]
+        image = read_record_image(record)
+        if pool.entry_flipped[entry]:
+            image = flip_image(image)
+        resized = resize_short_side(image, short_side, self.sampling.max_long_side)
+        pixels = image_to_tensor(resized, trunk.normalization, self.device)
+        x = pixels[None].contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            x = trunk.features[: self.first_trainable](x)
+        fmap = trunk.features[self.first_trainable :](x)[0]
+        boxes = pool.boxes[self.images.entry_start[entry] + rows]
+        g = self.images.geometry
+        cells = window_cells(
+            boxes, record.image_hw, [short_side], torch.zeros(len(rows), dtype=torch.long),
+            [tuple(fmap.shape[1:])], g.stride, g.offset0, g.offset,
+        )  # fmt: skip
+        return trainable_pyramid_pool(fmap, cells, g.levels)
+
+
+def end_to_end_step(trainer: Trainer, model: EndToEnd, schedule: SgdSchedule) -> StepFn:
+    """The SGD step of end-to-end fine-tuning for ``training.run_sgd``."""
+    windows_per_image = schedule.batch_size // model.sampling.images_per_batch
+
+    def step(iteration: int) -> tuple[float, int, int]:
+        rng = np.random.default_rng([schedule.seed, iteration, WINDOW_STREAM])
+        entries = iteration_entries(
+            model.images.num_entries, model.sampling.images_per_batch, iteration, schedule.seed
+        )
+        features, targets = [], []
+        for entry in entries.tolist():
+            rows, labels, short_side = model.draw(
+                rng, entry, windows_per_image, schedule.fg_fraction
+            )
+            features.append(_guarded(model.pooled, entry, rows, short_side))
+            targets.append(torch.as_tensor(labels, device=model.device))
+        logits = trainer.head(torch.cat(features), generator=trainer.generator)
+        target = torch.cat(targets)
+        loss = F.cross_entropy(logits, target)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        _guarded(loss.backward)
+        trainer.optimizer.step()
+        correct = int((logits.argmax(dim=1) == target).sum())
+        return float(loss.detach()), correct, len(target)
+
+    return step
+
+
+def _guarded(function, *args):
+    """``function(*args)``, an out-of-memory error turned into one line naming the settings
+    that lower memory."""
+    try:
+        return function(*args)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError | MemoryError) and not _is_oom(exc):
+            raise
+        raise UserError(
+            "finetune: out of memory while training the conv layers; lower it with a later "
+            "finetune.conv_from, finetune.images_per_batch=1, smaller extract.scales or "
+            "extract.max_long_side (e.g. 1000)"
+        ) from None
+
+
+def _is_oom(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+@torch.no_grad()
+def input_statistics(model: EndToEnd, schedule: SgdSchedule) -> tuple[Tensor, Tensor]:
+    """Shift (D,) and scale (D,) standardising the pooled windows of the first
+    NORMALIZATION_ENTRIES entries drawn, from the trunk as it starts (a random head's inputs,
+    ``head.input_normalization_for``)."""
+    rng = np.random.default_rng([schedule.seed, NORMALIZATION_STREAM])
+    windows_per_image = schedule.batch_size // model.sampling.images_per_batch
+    count = min(NORMALIZATION_ENTRIES, model.images.num_entries)
+    pooled = []
+    for entry in iteration_entries(model.images.num_entries, count, 0, schedule.seed).tolist():
+        rows, _, short_side = model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
+        pooled.append(model.pooled(entry, rows, short_side))
+    return input_normalization_for(torch.cat(pooled))
