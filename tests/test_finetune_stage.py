@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from spp_detect import training
 from spp_detect.artifacts import load_json, read_manifest, save_npz, write_manifest
+from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
@@ -264,3 +265,57 @@ def test_cli_bad_input_is_one_line(toy_root, tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "spp-detect propose" in lines[0]
+
+
+# End-to-end fine-tuning (finetune.conv_from): small images and few windows keep it quick.
+CONV = (
+    *FAST,
+    "extract.scales=[160, 200]",
+    "finetune.conv_from=conv4",
+    "finetune.conv_lr_mult=0.1",
+    "finetune.images_per_batch=2",
+)
+
+
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
+def test_conv_resume_equals_uninterrupted(toy_root, upstream, tmp_path):
+    extra = (*CONV, "finetune.iterations=7", "finetune.checkpoint_every=3", "finetune.log_every=2")
+    whole = _copy(upstream, tmp_path, "whole")
+    run_finetune(_ctx(toy_root, whole, *extra), "trainval")
+    killed = _copy(upstream, tmp_path, "killed")
+    line = run_finetune(_ctx(toy_root, killed, *extra), "trainval", stop_after=5)
+    assert "stopped at iteration 5 of 7" in line
+    run_finetune(_ctx(toy_root, killed, *extra), "trainval")
+    for name in ("head.pt", "trunk.pt"):
+        expected = torch.load(RunDir(whole).finetune_dir / name, weights_only=True)
+        got = torch.load(RunDir(killed).finetune_dir / name, weights_only=True)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (name, key)
+    assert load_json(RunDir(whole).history_path) == load_json(RunDir(killed).history_path)
+    # frozen layers kept their weights; trained ones moved
+    initial = build_backbone("zf5", "none").state_dict()
+    trunk = torch.load(RunDir(whole).trunk_path, weights_only=True)
+    assert torch.equal(trunk["features.0.weight"], initial["features.0.weight"])  # conv1
+    assert not torch.equal(trunk["features.12.weight"], initial["features.12.weight"])  # conv5
+
+
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
+def test_a_cache_from_another_trunk_is_refused_then_recomputed(toy_root, upstream, tmp_path):
+    from spp_detect.stages.common import open_feature_source
+
+    run = _copy(upstream, tmp_path)  # its conv5 cache comes from the untrained trunk
+    same_scales = [s for s in CONV if not s.startswith("extract.scales")]
+    ctx = _ctx(toy_root, run, *same_scales, "finetune.iterations=2")
+    run_finetune(ctx, "trainval")
+    with pytest.raises(UserError, match=r"another conv trunk than the fine-tuned one.*extract"):
+        open_feature_source(ctx.config, ctx.run_dir, "trainval", "cpu")
+    text = run_extract(ctx, "trainval")
+    assert "0 already cached" in text  # every file recomputed with the fine-tuned trunk
+    source = open_feature_source(ctx.config, ctx.run_dir, "trainval", "cpu")
+    # training again (another seed) makes this cache stale in turn
+    retrained = _ctx(toy_root, run, *same_scales, "finetune.iterations=2", "finetune.seed=1")
+    run_finetune(retrained, "trainval")
+    with pytest.raises(UserError, match="another conv trunk"):
+        open_feature_source(retrained.config, retrained.run_dir, "trainval", "cpu")
+    assert source.channels == 256
