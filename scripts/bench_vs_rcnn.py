@@ -83,7 +83,7 @@ EXTRAPOLATED = ("crop + warp", "normalise", "conv (trunk)", "pool")
 
 
 def classifier_pool(bench: Bench) -> Callable[[Tensor], Tensor]:
-    """conv5 maps (B, C, h, w) of warped windows → fc6 inputs (B, D_rcnn), as the
+    """conv5 maps (R, C, h, w) of warped windows → fc6 inputs (R, D_rcnn), as the
     classification net pools them."""
     name, levels = bench.backbone.name, SPP.levels
     if name == "zf5":
@@ -121,8 +121,9 @@ def warp_windows(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalise_batch(warped: np.ndarray, bench: Bench) -> Tensor:
-    """uint8 (B, S, S, 3) → float (B, 3, S, S), normalised as the package does one image: the
-    batch goes through ``image_to_tensor`` as one (B·S, S, 3) image (per-channel ops only)."""
+    """uint8 (R, s, s, 3) → float (R, 3, s, s) (s the warp size), normalised as the package does
+    one image: the batch goes through ``image_to_tensor`` as one (R·s, s, 3) image (per-channel
+    ops only)."""
     count, size = warped.shape[:2]
     flat = image_to_tensor(
         warped.reshape(count * size, size, 3), bench.backbone.normalization, bench.device

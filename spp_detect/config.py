@@ -1,6 +1,7 @@
 """Typed defaults for every stage, YAML diffs over them, strict overrides and fingerprints.
 
-The defaults are the paper's VOC 2007 setting (``../shared/SPEC.md``, ``ARCHITECTURE.md`` §2).
+The defaults are the paper's VOC 2007 setting
+(docs/method.md; deviations in docs/method.md#where-we-differ-from-the-original).
 A YAML file holds only what differs; ``--set section.key=value`` overrides it. Unknown keys and
 wrong types fail with the valid keys named. Only ``cli.py`` and ``stages/`` see a :class:`Config`;
 library functions take explicit arguments.
@@ -34,6 +35,8 @@ SCORERS = ("svm", "softmax")  # test.scorer
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Dataset and splits; labels as in docs/method.md#conventions-and-box-format."""
+
     root: str = (
         "data/VOCdevkit/VOC2007"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/
     )
@@ -48,54 +51,62 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProposeConfig:
+    """Proposal step: docs/method.md#proposals."""
+
     method: str = "selective_search"  # selective_search | edge_boxes | mat
     mode: str = "fast"  # selective search strategy: fast | quality (OpenCV ximgproc)
     base_k: int = 150  # graph-segmentation k of the first strategy (OpenCV default)
     inc_k: int = 150  # increment of k between strategies (OpenCV default)
-    sigma: float = 0.8  # graph-segmentation Gaussian sigma (SPEC §11)
+    sigma: float = 0.8  # graph-segmentation Gaussian sigma (released code)
     edge_model: str = ""  # structured-edge model .yml.gz for edge_boxes; "" = gradient edges
     edge_max_boxes: int = 2000  # EdgeBoxes maxBoxes (paper: about 2,000 windows per image)
     mat_file: str = (
         ""  # R-CNN/SPP-net proposal .mat (method: mat); boxes stored [y1 x1 y2 x2] 1-based
     )
-    min_size: int = 20  # drop boxes narrower or shorter than this, px (SPEC §11, SS-IJCV BoxSize)
-    max_per_image: int = 0  # keep at most this many boxes per image; 0 = keep all (SPEC §11)
+    min_size: int = 20  # drop boxes narrower or shorter than this, px (released code: BoxSize)
+    max_per_image: int = 0  # keep at most this many boxes per image; 0 = keep all
     max_side: int = 0  # downscale images whose longer side exceeds this for proposing; 0 = never
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
+    """Image pyramid and conv trunk: docs/method.md#image-scales, #conv-trunks."""
+
     backbone: str = "zf5"  # zf5 | alexnet | vgg16
     weights: str = "none"  # torchvision weights name, local file, or none (random init)
     scales: tuple[int, ...] = PAPER_SCALES  # shorter image side per pyramid level, px
-    max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap (SPEC §3)
-    flip: bool = False  # also cache horizontally flipped maps of training splits (SPEC §6)
+    max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap
+    flip: bool = False  # also cache horizontally flipped maps of training splits
     cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly
     precision: str = "fp32"  # conv trunk: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
 
 
 @dataclass(frozen=True)
 class SppConfig:
+    """docs/method.md#scale-selection, #projection, #spatial-pyramid-pooling."""
+
     levels: tuple[int, ...] = (6, 3, 2, 1)  # pyramid bins per side, in output order (paper)
     target_size: float = 224.0  # window side aimed at by scale selection, px (paper; code: 208)
-    offset: float = 6.5  # box shrink before projection, px (SPEC §4, spp_config.m)
+    offset: float = 6.5  # box shrink before projection, px (released code, spp_config.m)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    fc_dim: int = 4096  # width of fc6 and fc7 (SPEC §6)
-    dropout: float = 0.5  # dropout after fc6 and fc7 (SPEC §6)
-    batch_size: int = 128  # windows per minibatch (SPEC §6)
-    fg_fraction: float = 0.25  # foreground share of a minibatch: 32 of 128 (SPEC §6)
-    fg_thresh: float = 0.5  # IoU >= this is foreground (SPEC §6)
-    bg_thresh_lo: float = 0.1  # background IoU lower bound, inclusive (SPEC §6)
-    bg_thresh_hi: float = 0.5  # background IoU upper bound, exclusive (SPEC §6)
+    """Fine-tuning the fc head: docs/method.md#fine-tuning-and-sampling."""
+
+    fc_dim: int = 4096  # width of fc6 and fc7 (paper)
+    dropout: float = 0.5  # dropout after fc6 and fc7 (paper)
+    batch_size: int = 128  # windows per minibatch (released code)
+    fg_fraction: float = 0.25  # foreground share of a minibatch: 32 of 128 (paper)
+    fg_thresh: float = 0.5  # IoU >= this is foreground (paper)
+    bg_thresh_lo: float = 0.1  # background IoU lower bound, inclusive (paper)
+    bg_thresh_hi: float = 0.5  # background IoU upper bound, exclusive (paper)
     iterations: int = 90000  # SGD iterations; the last one is kept (no test-set selection)
-    lr: float = 1e-3  # base learning rate (SPEC §6 "vstep")
-    lr_steps: tuple[int, ...] = (30000, 60000)  # lr x0.1 at each of these iterations (SPEC §6)
-    momentum: float = 0.9  # SGD momentum (SPEC §6)
-    weight_decay: float = 5e-4  # L2 weight decay (SPEC §6)
-    seed: int = 6  # RNG seed (SPEC §6: Caffe seed 6)
+    lr: float = 1e-3  # base learning rate (released code; paper: 1e-4)
+    lr_steps: tuple[int, ...] = (30000, 60000)  # lr x0.1 at these iterations (released code)
+    momentum: float = 0.9  # SGD momentum (released code)
+    weight_decay: float = 5e-4  # L2 weight decay (released code)
+    seed: int = 6  # RNG seed (released code: Caffe seed 6)
     checkpoint_every: int = 2000  # iterations between resumable checkpoints
     log_every: int = 100  # iterations between history entries
     val_split: str = ""  # held-out split for window accuracy in history; "" = none
@@ -108,37 +119,43 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SvmConfig:
-    C: float = 1e-3  # liblinear -c (SPEC §7)
-    pos_weight: float = 2.0  # liblinear -w1: positive-class cost multiplier (SPEC §7)
-    intercept_scaling: float = 10.0  # liblinear -B (SPEC §7)
-    tol: float = 0.1  # liblinear eps for -s 3 (SPEC §7)
-    neg_iou: float = 0.3  # negatives have IoU < this with every gt of the class (SPEC §7)
-    hard_thresh: float = -1.0001  # mine negatives scoring above this (SPEC §7)
-    evict_thresh: float = -1.2  # evict cached negatives scoring below this (SPEC §7)
-    retrain_limit: int = 2000  # retrain after this many new negatives (SPEC §7)
-    target_norm: float = 20.0  # features scaled to this mean L2 norm (SPEC §7)
-    norm_images: int = 200  # images sampled to estimate the mean norm (SPEC §7)
-    norm_windows: int = 200  # windows per image for the mean norm (SPEC §7)
-    seed: int = 3  # RNG seed for the norm estimate (SPEC §7: rng seed 3)
+    """Per-class SVMs on fc7: docs/method.md#svm-training (all defaults: released code)."""
+
+    C: float = 1e-3  # liblinear -c
+    pos_weight: float = 2.0  # liblinear -w1: positive-class cost multiplier
+    intercept_scaling: float = 10.0  # liblinear -B
+    tol: float = 0.1  # liblinear eps for -s 3
+    neg_iou: float = 0.3  # negatives have IoU < this with every gt of the class (paper: <=)
+    hard_thresh: float = -1.0001  # mine negatives scoring above this
+    evict_thresh: float = -1.2  # evict cached negatives scoring below this
+    retrain_limit: int = 2000  # retrain after this many new negatives
+    target_norm: float = 20.0  # fc7 scaled to this mean L2 norm
+    norm_images: int = 200  # images sampled to estimate the mean norm
+    norm_windows: int = 200  # windows per image for the mean norm
+    seed: int = 3  # RNG seed for the norm estimate (rng seed 3)
 
 
 @dataclass(frozen=True)
 class BboxRegConfig:
-    ridge_lambda: float = 4000.0  # ridge penalty, bias included (SPEC §8; R-CNN used 1000)
-    min_iou: float = 0.5  # train on windows whose best gt IoU is > this (SPEC §8)
-    target_norm: float = 20.0  # pool5 features scaled to this mean L2 norm (SPEC §8)
-    whiten_eps: float = 1e-3  # added to target covariance eigenvalues (SPEC §8)
-    norm_images: int = 200  # images sampled to estimate the pool5 mean norm (SPEC §7–8)
-    norm_windows: int = 200  # windows per image for the mean norm (SPEC §7–8)
-    seed: int = 3  # RNG seed for the norm estimate (SPEC §7: rng seed 3)
+    """Box regression on pool5: docs/method.md#bounding-box-regression (released code)."""
+
+    ridge_lambda: float = 4000.0  # ridge penalty, bias included (released code; R-CNN used 1000)
+    min_iou: float = 0.5  # train on windows whose best gt IoU is > this (R-CNN: 0.6)
+    target_norm: float = 20.0  # pool5 features scaled to this mean L2 norm
+    whiten_eps: float = 1e-3  # added to target covariance eigenvalues
+    norm_images: int = 200  # images sampled to estimate the pool5 mean norm (as svm)
+    norm_windows: int = 200  # windows per image for the mean norm (as svm)
+    seed: int = 3  # RNG seed for the norm estimate (as svm: rng seed 3)
 
 
 @dataclass(frozen=True)
 class TestConfig:
-    score_thresh: float = -1.5  # keep windows scoring above this (SPEC §9)
-    nms_thresh: float = 0.3  # per-class NMS IoU, before and after regression (SPEC §9–10)
-    max_per_class: int = 100  # detections kept per class and image (SPEC §9)
-    bbox_reg: bool = True  # apply the box regressors when trained (SPEC §8)
+    """Scoring, NMS and regression at test time: docs/method.md#test-time-detection."""
+
+    score_thresh: float = -1.5  # keep windows scoring above this (released code)
+    nms_thresh: float = 0.3  # per-class NMS IoU, before and after regression (released code)
+    max_per_class: int = 100  # detections kept per class and image (released code)
+    bbox_reg: bool = True  # apply the box regressors when trained (paper)
     batch_windows: int = 4096  # windows per fc6/fc7 batch
     precision: str = "fp32"  # fc6/fc7: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
     # svm: per-class SVMs on fc7 (paper) | softmax: the fine-tuned head's classifier (Fast R-CNN)
@@ -148,6 +165,8 @@ class TestConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """VOC devkit rules: docs/method.md#evaluation-rules."""
+
     iou_thresh: float = 0.5  # a detection matches a gt at IoU >= this (VOC devkit)
     use_07_metric: bool = True  # headline AP: VOC07 11-point (True) or area under PR (False)
 

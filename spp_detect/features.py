@@ -2,7 +2,7 @@
 
 Shapes: R windows, C channels, S scales, H_k/W_k the map at scale k, D = C·Σn² pooled dim.
 
-Cache file (ARCHITECTURE §4), one per image, ``features/<split>/<image_id>.npz``:
+Cache file (docs/contracts.md#artefacts), one per image, ``features/<split>/<image_id>.npz``:
 ``fmap_<k>`` float16 (C, H_k, W_k) for scale index k; ``flip_fmap_<k>`` the same for the
 horizontally flipped image (training splits with ``extract.flip``); ``scales`` int64 (S,);
 ``image_hw`` int64 (2,) of the original image; ``fingerprint`` str (the extract config that made
@@ -35,9 +35,10 @@ CACHE_MODES = ("disk", "none")
 
 @dataclass(frozen=True)
 class PoolGeometry:
-    """How windows become pooled vectors: the backbone's ``stride`` and ``offset0`` (SPEC §4),
-    the box shrink ``offset`` (px), pyramid ``levels`` in output order, and ``target_size`` (px),
-    the window side scale selection aims at (ARCHITECTURE §2)."""
+    """How windows become pooled vectors: the backbone's ``stride`` and ``offset0``
+    (docs/method.md#projection), the box shrink ``offset`` (px), pyramid ``levels`` in output
+    order, and ``target_size`` (px), the window side scale selection aims at
+    (docs/method.md#scale-selection)."""
 
     stride: int
     offset0: float

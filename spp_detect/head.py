@@ -1,7 +1,10 @@
-"""The fine-tuned fully connected head: fc6 → fc7 → (K+1)-way classifier (SPEC §6).
+"""The fine-tuned fully connected head: fc6 → fc7 → (K+1)-way classifier.
+
+docs/method.md#fine-tuning-and-sampling.
 
 Shapes: R windows, D pooled feature dim (C·Σn²), F fc width, K foreground classes, C channels.
-Class K of the classifier is background; only this head has it (ARCHITECTURE §2).
+Class K of the classifier is background; only this head has it
+(docs/method.md#conventions-and-box-format).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from spp_detect.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CLS_WEIGHT_STD = 0.01  # new classifier weights ~ N(0, 0.01²) (SPEC §6, fc8_pascal filler)
-CLS_BIAS = 1.0  # fc8_pascal bias filler (SPEC §6); a constant shift, softmax-invariant
+CLS_WEIGHT_STD = 0.01  # new classifier weights ~ N(0, 0.01²) (released code's fc8_pascal)
+CLS_BIAS = 1.0  # fc8_pascal bias filler (released code); a constant shift, softmax-invariant
 FC_BIAS = 0.0  # fc6/fc7 bias at random init
 HEAD_KEYS = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "cls.weight", "cls.bias")
 
@@ -93,7 +96,7 @@ STD_FLOOR = 0.1  # input std floor, as a fraction of the mean std: near-constant
 
 
 def input_normalization_for(pooled: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-input shift (D,) and scale (D,) that standardise pooled features (N, D).
+    """Per-input shift (D,) and scale (D,) that standardise pooled features (R, D).
 
     Used with random fc6/fc7 only: a random-weight trunk gives pooled inputs whose scales
     differ by orders of magnitude (hundreds to thousands overall), and SGD on them unscaled
@@ -117,7 +120,8 @@ def init_random(head: Head, generator: torch.Generator | None = None) -> None:
     """Initialise a head without a pretrained classifier.
 
     fc6/fc7: He-normal weights (std √(2/fan_in), suits ReLU layers on features of unknown
-    scale better than Caffe's fixed N(0, 0.005²)), zero bias. cls: N(0, 0.01²), bias 1 (SPEC §6).
+    scale better than Caffe's fixed N(0, 0.005²)), zero bias. cls: N(0, 0.01²), bias 1
+    (released code).
     """
     with torch.no_grad():
         for layer in (head.fc6, head.fc7):
@@ -127,7 +131,7 @@ def init_random(head: Head, generator: torch.Generator | None = None) -> None:
 
 
 def init_classifier(head: Head, generator: torch.Generator | None = None) -> None:
-    """The new (K+1)-way layer: weights N(0, 0.01²), bias 1 (SPEC §6 fc8_pascal)."""
+    """The new (K+1)-way layer: weights N(0, 0.01²), bias 1 (released code's fc8_pascal)."""
     with torch.no_grad():
         head.cls.weight.normal_(0.0, CLS_WEIGHT_STD, generator=generator)
         head.cls.bias.fill_(CLS_BIAS)
@@ -136,7 +140,9 @@ def init_classifier(head: Head, generator: torch.Generator | None = None) -> Non
 def init_from_classifier(
     head: Head, state: Mapping[str, Tensor], channels: int, levels: Sequence[int]
 ) -> None:
-    """Start fc6/fc7 from a pretrained ImageNet classifier (ARCHITECTURE §2 backbones row).
+    """Start fc6/fc7 from a pretrained ImageNet classifier.
+
+    docs/method.md#fine-tuning-and-sampling (initialisation).
 
     ``state`` holds ``fc6.weight`` (F, C·n²), ``fc6.bias`` (F,), ``fc7.weight`` (F, F) and
     ``fc7.bias`` (F,), n the classifier's pooled size (6 AlexNet, 7 VGG16). The pooled input is
@@ -175,7 +181,8 @@ def init_from_classifier(
 
 def head_state(head: Head) -> dict[str, Tensor]:
     """Tensors only, on the CPU, any input normalisation folded into fc6, ready to use on raw
-    pooled features (ARCHITECTURE §7.8): W·((x − μ)·s) + b = (W·s)·x + (b − (W·s)·μ)."""
+    pooled features (docs/contracts.md#saved-models-are-ready-to-use):
+    W·((x − μ)·s) + b = (W·s)·x + (b − (W·s)·μ)."""
     state = {key: value.detach().cpu().clone() for key, value in head.state_dict().items()}
     if head.input_scale is not None and head.input_shift is not None:
         weight = state["fc6.weight"].double() * head.input_scale.detach().cpu().double()
@@ -206,13 +213,14 @@ def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
     return head.to(device).eval()
 
 
-BIAS_LR_MULT = 2.0  # biases learn twice as fast as weights (SPEC §6, Caffe blobs_lr 1/2)
-LR_STEP_FACTOR = 0.1  # lr × 0.1 at each step ("vstep", SPEC §6)
+BIAS_LR_MULT = 2.0  # biases learn twice as fast as weights (released code: Caffe blobs_lr 1/2)
+LR_STEP_FACTOR = 0.1  # lr × 0.1 at each step (released code's "vstep")
 
 
 def make_optimizer(head: Head, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with SPEC §6's multipliers: lr ×1 weights, ×2 biases; no weight decay on the
-    classifier bias. Each group's ``lr_mult`` scales the rate ``set_learning_rate`` gives."""
+    """SGD with the released code's multipliers (docs/method.md#fine-tuning-and-sampling):
+    lr ×1 weights, ×2 biases; no weight decay on the classifier bias. Each group's ``lr_mult``
+    scales the rate ``set_learning_rate`` gives."""
     groups = [
         {"params": [head.fc6.weight, head.fc7.weight, head.cls.weight], "lr_mult": 1.0},
         {"params": [head.fc6.bias, head.fc7.bias], "lr_mult": BIAS_LR_MULT},

@@ -1,14 +1,18 @@
-"""Scale selection, window → conv-cell projection and spatial pyramid pooling (SPEC §4–5).
+"""Scale selection, window → conv-cell projection and spatial pyramid pooling.
+
+docs/method.md#scale-selection, #projection, #spatial-pyramid-pooling.
 
 Shapes: R windows, C channels, H/W conv map size, S scales, n bins per side of a level,
 D = C·Σn² pooled dim.
 
 Boxes are float32 (R, 4) XYXY in continuous pixel coordinates of the original image
-(ARCHITECTURE §2); cells are int64 (R, 4) 0-based inclusive (left, top, right, bottom) conv cells.
+(docs/method.md#conventions-and-box-format); cells are int64 (R, 4) 0-based inclusive
+(left, top, right, bottom) conv cells.
 
-Pooling: bin j of a w-cell window at an n-bin level spans cells [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) (never
-empty; SPEC §5), computed in exact integer arithmetic. Each bin is the plain max over its cells;
-the original's accumulator starts at 0 (SPEC §5), which is the same for post-ReLU conv5 maps.
+Pooling (docs/method.md#spatial-pyramid-pooling): bin j of a w-cell window at an n-bin level
+spans cells [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) (never empty), computed in exact integer arithmetic. Each
+bin is the plain max over its cells; the original's accumulator starts at 0, which is the same
+for post-ReLU conv5 maps.
 torchvision's ``roi_pool`` gives the same bins for levels 1, 2, 3 and 6 but computes their
 edges in float32, which is off by a cell for some window sizes at other levels (e.g. 7).
 The exact block-max engine that computes the bins is private: ``spp_detect._blockmax``.
@@ -44,7 +48,7 @@ def _as_float64(boxes: BoxesLike) -> Tensor:
 def select_scale(
     boxes: BoxesLike, image_hw: tuple[int, int], scales: Sequence[int], target: float = 224.0
 ) -> Tensor:
-    """Index into ``scales`` (R,) int64 of each box's best scale (ARCHITECTURE §2, SPEC §4).
+    """Index into ``scales`` (R,) int64 of each box's best scale (docs/method.md#scale-selection).
 
     e = target · m / √A (m = min(H, W) of the original image, A the box area in pixels); the
     scale nearest to e wins, ties going to the smaller scale.
@@ -61,11 +65,12 @@ def select_scale(
 def _edges(
     boxes64: Tensor, short: int, scale: Tensor, stride: int, offset0: float, offset: float
 ) -> Tensor:
-    """1-based (L, T, R, B) of SPEC §4 steps 3–4, before the degenerate fix and the clamp.
+    """1-based (L, T, R, B) of docs/method.md#projection steps 1–3, before the collapse fix and
+    the clamp.
 
     ``scale`` (R,) float64 is each box's target shorter side S_k.
     """
-    # continuous (x1, y1, x2, y2) → 1-based inclusive (x1+1, y1+1, x2, y2) (ARCHITECTURE §2)
+    # step 1: continuous (x1, y1, x2, y2) → 1-based inclusive (x1+1, y1+1, x2, y2)
     one_based = boxes64 + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     # x' = (x − 1)(S_k − 1)/(m − 1) + 1, evaluated left to right as the original's MATLAB
     scaled = (one_based - 1.0) * (scale - 1.0)[:, None] / max(short - 1, 1) + 1.0
@@ -75,7 +80,7 @@ def _edges(
 
 
 def _fix_and_clamp(edges: Tensor, fmap_h: Tensor, fmap_w: Tensor) -> Tensor:
-    """SPEC §4 steps 5–6 on 1-based edges; returns 0-based inclusive cells."""
+    """docs/method.md#projection steps 4–6 on 1-based edges; returns 0-based inclusive cells."""
     left, top, right, bottom = edges.unbind(dim=1)
     left, right = _collapse(left, right)
     top, bottom = _collapse(top, bottom)
@@ -103,10 +108,10 @@ def project_boxes(
 ) -> Tensor:
     """0-based inclusive (left, top, right, bottom) cells (R, 4) int64 of each box at ``scale``.
 
-    SPEC §4 steps 3–6: the box (in the original H×W image) is scaled by (S−1)/(m−1) about pixel
-    1, shrunk by ``offset`` px per side, its edges snapped to the nearest cell centre
-    (``stride``·(J−1) + ``offset0``, 1-based), a collapsed window is set to its middle, and the
-    result is clamped to the map (``fmap_hw``). Never empty.
+    docs/method.md#projection steps 1–6: the box (in the original H×W image) is scaled by
+    (S−1)/(m−1) about pixel 1, shrunk by ``offset`` px per side, its edges snapped to the nearest
+    cell centre (``stride``·(J−1) + ``offset0``, 1-based), a collapsed window is set to its
+    middle, and the result is clamped to the map (``fmap_hw``). Never empty.
     """
     boxes64 = _as_float64(boxes)
     count = len(boxes64)
@@ -147,10 +152,10 @@ def dedup_keys(
     offset0: float,
     offset: float,
 ) -> Tensor:
-    """(R, 5) int64 keys (L, T, R, B, scale index): step-4 edges before the fix and the clamp.
+    """(R, 5) int64 keys (L, T, R, B, scale index): step-3 edges before the fix and the clamp.
 
     Two windows with equal keys pool identical features; the original deduplicates SVM negative
-    candidates by this key, keeping the first (SPEC §4 "Dedup option").
+    candidates by this key, keeping the first (docs/method.md#deduplication-of-windows).
     """
     boxes64 = _as_float64(boxes)
     index = torch.as_tensor(scale_index, dtype=torch.long, device="cpu").reshape(-1)
@@ -168,8 +173,9 @@ def spatial_pyramid_pool(
     """Pooled features (R, C·Σn²) of the windows ``cells`` (R, 4) on ``fmap`` (C, H, W).
 
     Levels in the given order; each level channel-major [C][n][n] (index c·n² + i·n + j, i the
-    bin row); bins as in the module docstring (SPEC §5). On ``fmap``'s device, in ``out_dtype``
-    (default ``fmap``'s; a max is exact in any dtype, so float16 maps may give float32 output).
+    bin row); bins as in the module docstring (docs/method.md#spatial-pyramid-pooling). On
+    ``fmap``'s device, in ``out_dtype`` (default ``fmap``'s; a max is exact in any dtype, so
+    float16 maps may give float32 output).
     """
     cells = torch.as_tensor(cells, dtype=torch.long).to(fmap.device).reshape(-1, 4)
     out = fmap.new_empty((len(cells), pyramid_dim(fmap.shape[0], levels)), dtype=out_dtype)

@@ -82,7 +82,7 @@ class SvmModel:
         weight, bias = arrays.get("weight"), arrays.get("bias")
         if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
             raise UserError(
-                f"{path}: not an SVM file (need weight (K, D), bias (K,)); rerun train-svm"
+                f"{path}: not an SVM file (need weight (K, F), bias (K,)); rerun train-svm"
             )
         return cls(weight.astype(np.float32), bias.astype(np.float32))
 

@@ -1,9 +1,10 @@
 """Fine-tuning of the head by SGD on pooled windows, with a resumable checkpoint
 (docs/method.md#fine-tuning-and-sampling).
 
-Shapes: B iterations of a block, D pooled feature dim, K foreground classes.
+Shapes: I iterations of a block, B windows per minibatch, R windows (of the pool or held out),
+D pooled feature dim, K foreground classes.
 
-Windows are redrawn every block of B iterations; a block's draw depends only on (seed, block), so
+Windows are redrawn every block of I iterations; a block's draw depends only on (seed, block), so
 a run resumed from a checkpoint (head, optimizer, dropout RNG, running sums, taken every
 ``checkpoint_every`` iterations) ends with the same weights as one never interrupted. The last
 iteration is kept: no model selection on any split
@@ -110,9 +111,9 @@ class TrainingWindows:
     records: Sequence[ImageRecord]
     source: FeatureSource
     pool: WindowPool
-    labels: torch.Tensor  # (N,) int64 on the device, the pool's labels
+    labels: torch.Tensor  # (R,) int64 on the device, the pool's labels
     feature_dim: int
-    block_iterations: int  # B
+    block_iterations: int  # I
 
 
 @dataclass
@@ -187,8 +188,8 @@ def train(
     validation: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[float, float]:
     """Fine-tune the head on pooled windows from the trainer's iteration up to ``total``
-    (≤ ``schedule.iterations``): a block of B iterations is drawn and pooled every B iterations.
-    ``validation``: held-out features (N, D) and labels (N,) whose window accuracy each history
+    (≤ ``schedule.iterations``): a block of I iterations is drawn and pooled every I iterations.
+    ``validation``: held-out features (R, D) and labels (R,) whose window accuracy each history
     entry records.
 
     Returns the seconds spent pooling blocks and in SGD steps.
@@ -288,7 +289,7 @@ def _check_loss(loss: float, iteration: int, lr: float) -> None:
 
 
 def block_size(batch_size: int, feature_dim: int) -> int:
-    """Iterations per block B: as many as fit BLOCK_BYTES of float16 features, at most 500."""
+    """Iterations per block I: as many as fit BLOCK_BYTES of float16 features, at most 500."""
     per_iteration = batch_size * feature_dim * 2
     return max(1, min(MAX_BLOCK_ITERATIONS, BLOCK_BYTES // per_iteration))
 
@@ -296,7 +297,7 @@ def block_size(batch_size: int, feature_dim: int) -> int:
 def pool_block(
     source: FeatureSource, records: Sequence[ImageRecord], pool: WindowPool, block: Block
 ) -> torch.Tensor:
-    """Pooled features (B·batch, D) float16 of a block's windows, rows in minibatch order.
+    """Pooled features (I·B, D) float16 of a block's windows, rows in minibatch order.
 
     Each image (or flipped copy) is read once per block.
     """
@@ -326,7 +327,7 @@ def train_step(
     targets: torch.Tensor,
     generator: torch.Generator,
 ) -> tuple[float, int]:
-    """One SGD step on a minibatch: features (batch, D), targets (batch,) in 0 … K on the
+    """One SGD step on a minibatch: features (B, D), targets (B,) in 0 … K on the
     head's device.
 
     Returns the mean loss and the number of windows classified right (dropout on).
@@ -347,8 +348,8 @@ def held_out_windows(
     batch_size: int,
     fg_fraction: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out windows of a non-empty ``pool``: features (N, D) float16 at the best scale and
-    labels (N,) on the source's device.
+    """Held-out windows of a non-empty ``pool``: features (R, D) float16 at the best scale and
+    labels (R,) on the source's device.
 
     Drawn the training way (fg/bg fraction, docs/method.md#fine-tuning-and-sampling), up to
     EVAL_BATCHES minibatches of the fixed EVAL_SEED, so every run scores the same windows.
@@ -368,7 +369,7 @@ def held_out_windows(
 
 @torch.no_grad()
 def window_accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of windows (N, D) whose argmax class (background K included) is their label.
+    """Fraction of windows (R, D) whose argmax class (background K included) is their label.
 
     Leaves the head in eval mode.
     """

@@ -23,7 +23,7 @@ from spp_detect.spp import (
 )
 from spp_detect.testing import random_boxes, reference_pool
 
-ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # SPEC §4 spp_config.m values
+ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # released spp_config.m (method.md#projection)
 LEVELS = (6, 3, 2, 1)
 
 
@@ -31,7 +31,7 @@ LEVELS = (6, 3, 2, 1)
 
 
 def reference_select_scale(box, image_hw, scales, target=224.0) -> int:
-    """SPEC §4 steps 1–2 with ARCHITECTURE's e = target·m/√A: nearest scale, ties to the smaller."""
+    """docs/method.md#scale-selection: e = target·m/√A, nearest scale, ties to the smaller."""
     x1, y1, x2, y2 = (float(v) for v in box)
     expected = target * min(image_hw) / math.sqrt((x2 - x1) * (y2 - y1))
     best = None
@@ -43,7 +43,7 @@ def reference_select_scale(box, image_hw, scales, target=224.0) -> int:
 
 
 def reference_edges(box, image_hw, scale, stride, offset0, offset) -> tuple[int, int, int, int]:
-    """SPEC §4 steps 3–4 for one box, 1-based, unclamped."""
+    """docs/method.md#projection steps 1–3 for one box, 1-based, unclamped."""
     x1, y1, x2, y2 = float(box[0]) + 1, float(box[1]) + 1, float(box[2]), float(box[3])
     m = min(image_hw)
 
@@ -58,7 +58,7 @@ def reference_edges(box, image_hw, scale, stride, offset0, offset) -> tuple[int,
 
 
 def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
-    """SPEC §4 steps 3–6 for one box → 0-based inclusive cells."""
+    """docs/method.md#projection steps 1–6 for one box → 0-based inclusive cells."""
     left, top, right, bottom = reference_edges(box, image_hw, scale, stride, offset0, offset)
     if left > right:
         left = right = math.trunc((left + right) / 2)  # C integer division
@@ -71,7 +71,7 @@ def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
 
 
 def zf5_fmap_side(side: int) -> int:
-    """SPEC §2 conv5 size arithmetic (floor for conv, ceil for pooling)."""
+    """docs/method.md#conv-trunks conv5 size arithmetic (floor for conv, ceil for pooling)."""
     c1 = (side - 5) // 2 + 1
     p1 = -(-(c1 - 3) // 2) + 1
     c2 = (p1 - 5) // 2 + 1
@@ -93,7 +93,7 @@ def relu_map(rng: np.random.Generator, channels: int, height: int, width: int) -
     return torch.from_numpy(np.maximum(rng.standard_normal((channels, height, width)), 0)).float()
 
 
-# ---------------------------------------------------------------- hand cases (SPEC §14)
+# -------------------- hand cases (docs/method.md#projection, #spatial-pyramid-pooling)
 
 
 def test_224_box_at_scale_224_covers_13_by_13_cells():
@@ -129,7 +129,7 @@ def test_bins_of_a_13_cell_window():
 
 def test_one_pixel_box_collapses_to_one_cell():
     # x1 = 108 → 1-based 109: L = ⌊(109−21+6.5)/16+0.5⌋+1 = 7, R = ⌈(109−21−6.5)/16−0.5⌉+1 = 6;
-    # L > R → both ⌊13/2⌋ = 6 → 0-based 5 (SPEC §4 step 5)
+    # L > R → both ⌊13/2⌋ = 6 → 0-based 5 (docs/method.md#projection step 4)
     box = np.array([[108.0, 108.0, 109.0, 109.0]], dtype=np.float32)
     assert reference_edges(box[0], (300, 300), 300, **ZF5)[0::2] == (7, 6)
     cells = project_boxes(box, (300, 300), 300, (17, 17), **ZF5)
@@ -159,7 +159,7 @@ def test_box_on_the_border_and_beyond_is_clamped():
 
 
 def test_projection_scales_about_pixel_one():
-    """At twice the shorter side, 1-based x maps to (x−1)(S−1)/(m−1)+1 (SPEC §4 step 3)."""
+    """At twice the shorter side, 1-based x maps to (x−1)(S−1)/(m−1)+1 (projection step 2)."""
     box = np.array([[99.0, 99.0, 200.0, 200.0]])  # 1-based 100 … 200
     image_hw, scale = (301, 301), 601  # factor (601−1)/(301−1) = 2
     left, top, right, bottom = reference_edges(box[0], image_hw, scale, **ZF5)

@@ -16,7 +16,7 @@ from spp_detect.svm import (
 
 # The solver settings of docs/method.md#svm-training; the mining tests use a larger C so that a
 # handful of points already pull the hyperplane where the hand analysis says.
-SPEC_PARAMS = SvmParams(
+PAPER_PARAMS = SvmParams(
     C=1e-3,
     pos_weight=2.0,
     intercept_scaling=10.0,
@@ -55,7 +55,7 @@ def blobs(seed: int, count: int = 60, dim: int = 8) -> tuple[np.ndarray, np.ndar
 
 def test_separates_separable_data():
     pos, neg = blobs(0)
-    params = SvmParams(**{**SPEC_PARAMS.__dict__, "C": 1.0})
+    params = SvmParams(**{**PAPER_PARAMS.__dict__, "C": 1.0})
     weight, bias, objective = train_linear_svm(pos, neg, params)
     assert weight.shape == (8,) and weight.dtype == np.float32
     assert (pos @ weight + bias > 0).all() and (neg @ weight + bias < 0).all()
@@ -68,7 +68,7 @@ def test_solution_is_the_optimum_of_the_documented_objective():
     neg[:5, 0] += 6  # overlapping classes, so the hinge terms matter
     pos[:, 0] += 10  # a boundary far from the origin, so the bias penalty matters
     neg[:, 0] += 10
-    params = SvmParams(**{**SPEC_PARAMS.__dict__, "C": 0.1, "tol": 1e-8, "max_iter": 100_000})
+    params = SvmParams(**{**PAPER_PARAMS.__dict__, "C": 0.1, "tol": 1e-8, "max_iter": 100_000})
     weight, bias, objective = train_linear_svm(pos, neg, params)
     rng = np.random.default_rng(0)
     for _ in range(200):

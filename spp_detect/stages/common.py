@@ -189,7 +189,9 @@ def load_proposals(run_dir: RunDir, split: str, image_id: str) -> np.ndarray:
 
 
 def windows_of(record: ImageRecord, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All windows of an image, gt first as in the original roidb (SPEC §0).
+    """All windows of an image, gt first as in the original roidb.
+
+    docs/method.md#conventions-and-box-format.
 
     Returns boxes (G + R, 4) float32 and is_gt (G + R,) bool.
     """

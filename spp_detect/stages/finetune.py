@@ -190,7 +190,7 @@ def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:
 def evaluation_windows(
     config: Config, run_dir: RunDir, split: str, limit: int | None, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out windows of ``split``: features (N, D) at the best scale and labels (N,).
+    """Held-out windows of ``split``: features (R, D) at the best scale and labels (R,).
 
     Drawn the training way (``training.held_out_windows``), without flips. Needs the split's
     proposals (and features when cached).
