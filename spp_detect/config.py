@@ -31,6 +31,7 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used
 
 
 SCORERS = ("svm", "softmax")  # test.scorer
+REGRESSORS = ("ridge", "head")  # test.regressor
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class FinetuneConfig:
     conv_from: str = ""
     images_per_batch: int = 2  # with conv_from: images per minibatch (Fast R-CNN: 2 × 64)
     conv_lr_mult: float = 1.0  # with conv_from: conv layers' rate / lr (Fast R-CNN: 1)
+    # > 0: a box branch on the head trains with this weight on its smooth L1 loss (Fast R-CNN: 1);
+    # used at test time with test.regressor=head. 0: no box branch (paper)
+    bbox_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,9 @@ class TestConfig:
     # svm: per-class SVMs on fc7 (paper) | softmax: the fine-tuned head's classifier (Fast R-CNN)
     scorer: str = "svm"
     softmax_thresh: float = 0.05  # softmax scorer: keep windows above this (Fast R-CNN test_net)
+    # with bbox_reg: ridge (train-bbox's regressors on pool5, paper) | head (the fine-tuned
+    # head's box branch, finetune.bbox_loss_weight > 0, Fast R-CNN)
+    regressor: str = "ridge"
 
 
 @dataclass(frozen=True)
@@ -371,6 +378,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("test.softmax_thresh", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("finetune.images_per_batch", lambda v: v >= 1, "at least 1"),
     ("finetune.conv_lr_mult", lambda v: v >= 0, "at least 0"),
+    ("finetune.bbox_loss_weight", lambda v: v >= 0, "at least 0"),
     ("eval.iou_thresh", lambda v: 0.0 < v <= 1.0, "an IoU in (0, 1]"),
 )
 
@@ -407,6 +415,12 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append(
             f"test.scorer must be one of {', '.join(SCORERS)}, got {config.test.scorer!r}"
         )
+    if config.test.regressor not in REGRESSORS:
+        problems.append(
+            f"test.regressor must be one of {', '.join(REGRESSORS)}, got {config.test.regressor!r}"
+        )
+    if config.test.regressor == "head" and finetune.bbox_loss_weight == 0:
+        problems.append("test.regressor=head needs a box branch: set finetune.bbox_loss_weight > 0")
     if config.propose.method == "mat" and not config.propose.mat_file:
         problems.append("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")
     return problems

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spp_detect.backbones import Backbone
@@ -30,7 +29,7 @@ from spp_detect.image import flip_image, image_to_tensor, resize_short_side
 from spp_detect.sampling import WindowPool
 from spp_detect.spp import trainable_pyramid_pool, window_cells
 from spp_detect.structures import ImageRecord
-from spp_detect.training import SgdSchedule, StepFn, Trainer
+from spp_detect.training import SgdSchedule, StepFn, Trainer, window_loss
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +146,8 @@ class EndToEnd:
         self, rng: np.random.Generator, entry: int, windows_per_image: int, fg_fraction: float
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """An entry's sampled window rows (≤ windows_per_image,), their labels and a uniformly
-        random training scale (the shorter side of its image there)."""
+        random training scale (the shorter side of its image there). Rows index the entry's
+        windows: pool row ``entry_start[entry] + row``."""
         images = self.images
         labels = images.pool.labels[images.entry_start[entry] : images.entry_start[entry + 1]]
         rows = sample_entry_windows(
@@ -190,16 +190,20 @@ def end_to_end_step(trainer: Trainer, model: EndToEnd, schedule: SgdSchedule) ->
         entries = iteration_entries(
             model.images.num_entries, model.sampling.images_per_batch, iteration, schedule.seed
         )
-        features, targets = [], []
+        features, targets, box_targets = [], [], []
         for entry in entries.tolist():
             rows, labels, short_side = model.draw(
                 rng, entry, windows_per_image, schedule.fg_fraction
             )
             features.append(_guarded(model.pooled, entry, rows, short_side))
             targets.append(torch.as_tensor(labels, device=model.device))
-        logits = trainer.head(torch.cat(features), generator=trainer.generator)
+            pool_rows = model.images.entry_start[entry] + rows
+            box_targets.append(torch.as_tensor(model.images.pool.box_targets[pool_rows]))
         target = torch.cat(targets)
-        loss = F.cross_entropy(logits, target)
+        loss, logits = window_loss(
+            trainer.head, torch.cat(features), target, trainer.generator,
+            torch.cat(box_targets), schedule.box_loss_weight,
+        )  # fmt: skip
         trainer.optimizer.zero_grad(set_to_none=True)
         _guarded(loss.backward)
         trainer.optimizer.step()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from spp_detect.bbox_reg import BoxRegressors
+from spp_detect.boxes import clip_boxes, decode_deltas
 from spp_detect.features import FeatureSource
 from spp_detect.head import Head
 from spp_detect.inference import detect_image
@@ -41,6 +42,7 @@ class DetectionSettings:
     batch_windows: int
     precision: str
     scorer: str = "svm"  # svm | softmax
+    head_boxes: bool = False  # regress with the head's box branch (the regressors must be None)
 
 
 class Detector:
@@ -64,6 +66,8 @@ class Detector:
         self.head = head
         if (svms is None) != (settings.scorer == "softmax"):
             raise ValueError("give svms exactly when the scorer is svm")
+        if settings.head_boxes and (regressors is not None or head.bbox is None):
+            raise ValueError("head_boxes needs a head with a box branch and no regressors")
         self.svm_weight = self.svm_bias = None
         if svms is not None:
             self.svm_weight = torch.as_tensor(svms.weight, device=device).T.contiguous()  # (F, K)
@@ -83,13 +87,17 @@ class Detector:
         boxes = torch.as_tensor(proposals, device=scores.device)
 
         def regress(window_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            features = pooled[inverse[window_index]]
-            return self.regressors.apply(boxes[window_index], features, labels, record.image_hw)
+            rows = inverse[window_index]
+            if self.settings.head_boxes:
+                deltas = self.head.box_deltas(fc7[rows], labels)
+                return clip_boxes(decode_deltas(boxes[window_index], deltas), record.image_hw)
+            return self.regressors.apply(boxes[window_index], pooled[rows], labels, record.image_hw)
 
         settings = self.settings
+        regresses = self.regressors is not None or settings.head_boxes
         return detect_image(
             scores, boxes, record.image_hw, settings.score_thresh, settings.nms_thresh,
-            settings.max_per_class, regress if self.regressors is not None else None,
+            settings.max_per_class, regress if regresses else None,
         )  # fmt: skip
 
     def class_scores(self, fc7: torch.Tensor) -> torch.Tensor:

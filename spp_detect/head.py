@@ -26,10 +26,16 @@ CLS_WEIGHT_STD = 0.01  # new classifier weights ~ N(0, 0.01²) (released code's 
 CLS_BIAS = 1.0  # fc8_pascal bias filler (released code); a constant shift, softmax-invariant
 FC_BIAS = 0.0  # fc6/fc7 bias at random init
 HEAD_KEYS = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "cls.weight", "cls.bias")
+# The optional box branch (finetune.bbox_loss_weight > 0) predicts per-class deltas divided by
+# these, so that its four targets have similar spreads (Fast R-CNN's BBOX_NORMALIZE_STDS);
+# head_state folds them back in, so a saved head predicts plain deltas.
+BOX_DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
+BOX_WEIGHT_STD = 0.001  # box branch weights ~ N(0, 0.001²), bias 0 (Fast R-CNN bbox_pred)
 
 
 class Head(nn.Module):
-    """fc6 (D → F) → ReLU → dropout → fc7 (F → F) → ReLU → dropout → cls (F → K+1).
+    """fc6 (D → F) → ReLU → dropout → fc7 (F → F) → ReLU → dropout → cls (F → K+1), and with
+    ``box_branch`` a box layer beside cls (F → 4K, per-class deltas, Fast R-CNN's bbox_pred).
 
     While training from random weights the pooled features may be standardised before fc6
     (``set_input_normalization``); ``head_state`` folds that into fc6, so a saved head takes raw
@@ -39,11 +45,19 @@ class Head(nn.Module):
     input_shift: Tensor | None
     input_scale: Tensor | None
 
-    def __init__(self, in_dim: int, fc_dim: int, num_classes: int, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        fc_dim: int,
+        num_classes: int,
+        dropout: float = 0.5,
+        box_branch: bool = False,
+    ) -> None:
         super().__init__()
         self.fc6 = nn.Linear(in_dim, fc_dim)
         self.fc7 = nn.Linear(fc_dim, fc_dim)
         self.cls = nn.Linear(fc_dim, num_classes + 1)
+        self.bbox = nn.Linear(fc_dim, 4 * num_classes) if box_branch else None
         self.dropout = dropout
         # not in the state dict: head_state folds them into fc6
         self.register_buffer("input_shift", None, persistent=False)
@@ -63,10 +77,27 @@ class Head(nn.Module):
 
         ``generator`` draws the dropout masks, so a resumed run can restore its state.
         """
+        return self.cls(self._hidden(pooled, generator))
+
+    def forward_with_boxes(
+        self, pooled: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Logits (R, K+1) and the box branch's normalised deltas (R, K, 4), from the same
+        dropout masks (training)."""
+        hidden = self._hidden(pooled, generator)
+        assert self.bbox is not None, "a head without a box branch"
+        return self.cls(hidden), self.bbox(hidden).view(len(hidden), -1, 4)
+
+    def box_deltas(self, fc7: Tensor, labels: Tensor) -> Tensor:
+        """Deltas (M, 4) of class ``labels`` (M,) from fc7 (M, F) of a saved (folded) head."""
+        assert self.bbox is not None, "a head without a box branch"
+        deltas = self.bbox(fc7).view(len(fc7), -1, 4)
+        return deltas[torch.arange(len(fc7), device=fc7.device), labels]
+
+    def _hidden(self, pooled: Tensor, generator: torch.Generator | None) -> Tensor:
         hidden = torch.relu(self.fc6(self._normalized(pooled)))
         hidden = _dropout(hidden, self.dropout, self.training, generator)
-        hidden = _dropout(torch.relu(self.fc7(hidden)), self.dropout, self.training, generator)
-        return self.cls(hidden)
+        return _dropout(torch.relu(self.fc7(hidden)), self.dropout, self.training, generator)
 
     def features(self, pooled: Tensor) -> Tensor:
         """fc7 after ReLU (R, F), without dropout whatever the mode (input of the SVMs)."""
@@ -128,6 +159,16 @@ def init_random(head: Head, generator: torch.Generator | None = None) -> None:
             layer.weight.normal_(0.0, math.sqrt(2.0 / layer.in_features), generator=generator)
             layer.bias.fill_(FC_BIAS)
     init_classifier(head, generator)
+    init_box_branch(head, generator)
+
+
+def init_box_branch(head: Head, generator: torch.Generator | None = None) -> None:
+    """The box layer, when there is one: weights N(0, 0.001²), bias 0 (Fast R-CNN)."""
+    if head.bbox is None:
+        return
+    with torch.no_grad():
+        head.bbox.weight.normal_(0.0, BOX_WEIGHT_STD, generator=generator)
+        head.bbox.bias.zero_()
 
 
 def init_classifier(head: Head, generator: torch.Generator | None = None) -> None:
@@ -188,13 +229,18 @@ def head_state(head: Head) -> dict[str, Tensor]:
         weight = state["fc6.weight"].double() * head.input_scale.detach().cpu().double()
         bias = state["fc6.bias"].double() - weight @ head.input_shift.detach().cpu().double()
         state["fc6.weight"], state["fc6.bias"] = weight.float(), bias.float()
+    if head.bbox is not None:  # predict plain deltas: fold the normalising stds in
+        stds = torch.tensor(BOX_DELTA_STDS).repeat(head.num_classes)
+        state["bbox.weight"] = state["bbox.weight"] * stds[:, None]
+        state["bbox.bias"] = state["bbox.bias"] * stds
     return state
 
 
 def head_from_state(state: Mapping[str, Tensor], dropout: float = 0.5) -> Head:
     """A head whose sizes come from the state dict's shapes (D, F, K from fc6 and cls)."""
     fc_dim, in_dim = state["fc6.weight"].shape
-    head = Head(int(in_dim), int(fc_dim), int(state["cls.weight"].shape[0]) - 1, dropout)
+    num_classes = int(state["cls.weight"].shape[0]) - 1
+    head = Head(int(in_dim), int(fc_dim), num_classes, dropout, box_branch="bbox.weight" in state)
     head.load_state_dict(dict(state))
     return head
 
@@ -226,6 +272,9 @@ def make_optimizer(head: Head, momentum: float, weight_decay: float) -> torch.op
         {"params": [head.fc6.bias, head.fc7.bias], "lr_mult": BIAS_LR_MULT},
         {"params": [head.cls.bias], "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0},
     ]
+    if head.bbox is not None:
+        groups.append({"params": [head.bbox.weight], "lr_mult": 1.0})
+        groups.append({"params": [head.bbox.bias], "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
 
 

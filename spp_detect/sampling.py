@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from spp_detect.boxes import flip_boxes
+from spp_detect.boxes import encode_deltas, flip_boxes
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class WindowPool:
 
     ``entry_image`` (N,) int64 indexes the split's records, ``entry_flipped`` (N,) bool marks
     flipped copies; ``window_entry`` (R,) int64, ``boxes`` (R, 4) float32 in the entry's own
-    (possibly flipped) image and ``labels`` (R,) int64 describe the R windows of the split.
+    (possibly flipped) image and ``labels`` (R,) int64 describe the R windows of the split;
+    ``box_targets`` (R, 4) are a foreground window's regression targets
+    (``boxes.encode_deltas`` to its class's best-overlapping gt box), zeros for background.
     """
 
     entry_image: np.ndarray
@@ -72,6 +74,7 @@ class WindowPool:
     boxes: np.ndarray
     labels: np.ndarray
     num_classes: int
+    box_targets: np.ndarray  # (R, 4) float32 deltas to the assigned gt (fg), zeros (bg)
 
     @property
     def fg_index(self) -> np.ndarray:
@@ -101,20 +104,24 @@ def build_window_pool(
     (IoU, hence the labels, are unchanged by the flip).
     """
     entry_image, entry_flipped, window_entry, all_boxes, all_labels = [], [], [], [], []
+    all_targets = []
     for index, (record, image_proposals) in enumerate(zip(records, proposals, strict=True)):
         boxes = np.concatenate([record.gt_boxes, image_proposals]).astype(np.float32, copy=False)
         overlaps = class_overlaps(boxes, record.gt_boxes, record.gt_labels, num_classes)
         labels = window_labels(overlaps, fg_thresh, bg_thresh_lo, bg_thresh_hi)
         used = labels != IGNORE
-        copies = [(boxes[used], False)]
+        gt_of = _assigned_gt(boxes[used], record.gt_boxes, record.gt_labels, labels[used])
+        copies = [(boxes[used], record.gt_boxes, False)]
         if flip:
-            copies.append((flip_boxes(boxes[used], record.width), True))
-        for copy_boxes, flipped in copies:
+            flipped_gt = flip_boxes(record.gt_boxes, record.width)
+            copies.append((flip_boxes(boxes[used], record.width), flipped_gt, True))
+        for copy_boxes, copy_gt, flipped in copies:
             window_entry.append(np.full(int(used.sum()), len(entry_image), dtype=np.int64))
             entry_image.append(index)
             entry_flipped.append(flipped)
             all_boxes.append(np.asarray(copy_boxes, dtype=np.float32).reshape(-1, 4))
             all_labels.append(labels[used])
+            all_targets.append(_box_targets(all_boxes[-1], copy_gt, gt_of))
     return WindowPool(
         entry_image=np.asarray(entry_image, dtype=np.int64),
         entry_flipped=np.asarray(entry_flipped, dtype=bool),
@@ -122,7 +129,33 @@ def build_window_pool(
         boxes=_concat(all_boxes, np.float32, (0, 4)),
         labels=_concat(all_labels, np.int64, (0,)),
         num_classes=num_classes,
+        box_targets=_concat(all_targets, np.float32, (0, 4)),
     )
+
+
+def _assigned_gt(
+    boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """(R,) int64: the gt box of each window's own class it overlaps most (−1 for background or
+    a class without gt)."""
+    assigned = np.full(len(boxes), -1, dtype=np.int64)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return assigned
+    iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(gt_boxes)).numpy()  # (R, G)
+    same_class = np.asarray(gt_labels)[None, :] == labels[:, None]
+    iou = np.where(same_class, iou, -1.0)
+    has_gt = same_class.any(axis=1)
+    assigned[has_gt] = iou[has_gt].argmax(axis=1)
+    return assigned
+
+
+def _box_targets(boxes: np.ndarray, gt_boxes: np.ndarray, gt_of: np.ndarray) -> np.ndarray:
+    """(R, 4) float32 deltas from each window to its assigned gt box, zeros where none."""
+    targets = np.zeros((len(boxes), 4), dtype=np.float32)
+    rows = np.flatnonzero(gt_of >= 0)
+    if len(rows):
+        targets[rows] = encode_deltas(boxes[rows], gt_boxes[gt_of[rows]])
+    return targets
 
 
 def _concat(parts: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...]) -> np.ndarray:

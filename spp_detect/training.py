@@ -29,6 +29,7 @@ from spp_detect.artifacts import load_torch, save_torch
 from spp_detect.errors import UserError
 from spp_detect.features import FeatureSource
 from spp_detect.head import (
+    BOX_DELTA_STDS,
     Head,
     init_from_classifier,
     init_random,
@@ -74,6 +75,7 @@ class SgdSchedule:
     seed: int
     checkpoint_every: int
     log_every: int
+    box_loss_weight: float = 0.0  # > 0: the head's box branch trains with smooth L1 (Fast R-CNN)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class HeadShape:
     fc_dim: int
     num_classes: int
     dropout: float
+    box_branch: bool = False
 
     @property
     def feature_dim(self) -> int:
@@ -160,7 +163,7 @@ def new_trainer(
     (fc6/fc7 state) when there is one, else at random (seeded); its SGD optimizer and dropout
     generator. ``trunk``: conv layers trained with it (their parameters join the optimizer
     through ``conv_training.add_trunk_to_optimizer``)."""
-    head = Head(shape.feature_dim, shape.fc_dim, shape.num_classes, shape.dropout)
+    head = Head(shape.feature_dim, shape.fc_dim, shape.num_classes, shape.dropout, shape.box_branch)
     init_random(head, torch.Generator().manual_seed(schedule.seed))
     if classifier is not None:
         init_from_classifier(head, classifier, shape.channels, shape.levels)
@@ -207,10 +210,13 @@ def train(
             state["seconds"] += time.perf_counter() - started
         row = iteration - state["index"] * windows.block_iterations
         rows = slice(row * schedule.batch_size, (row + 1) * schedule.batch_size)
-        targets = windows.labels[torch.as_tensor(state["block"].window_index[row])]
+        window_index = state["block"].window_index[row]
+        targets = windows.labels[torch.as_tensor(window_index)]
+        box_targets = torch.as_tensor(windows.pool.box_targets[window_index])
         loss, correct = train_step(
-            head, trainer.optimizer, state["features"][rows], targets, trainer.generator
-        )
+            head, trainer.optimizer, state["features"][rows], targets, trainer.generator,
+            box_targets, schedule.box_loss_weight,
+        )  # fmt: skip
         return loss, correct, len(targets)
 
     def validate() -> float | None:
@@ -326,19 +332,43 @@ def train_step(
     features: torch.Tensor,
     targets: torch.Tensor,
     generator: torch.Generator,
+    box_targets: torch.Tensor | None = None,
+    box_weight: float = 0.0,
 ) -> tuple[float, int]:
-    """One SGD step on a minibatch: features (B, D), targets (B,) in 0 … K on the
-    head's device.
+    """One SGD step on a minibatch: features (B, D), targets (B,) in 0 … K on the head's
+    device (with a box branch, ``box_targets`` (B, 4) weighted by ``box_weight``).
 
     Returns the mean loss and the number of windows classified right (dropout on).
     """
-    logits = head(features.float(), generator=generator)
-    loss = F.cross_entropy(logits, targets)
+    loss, logits = window_loss(head, features.float(), targets, generator, box_targets, box_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     correct = int((logits.argmax(dim=1) == targets).sum())
     return float(loss.detach()), correct
+
+
+def window_loss(
+    head: Head,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    generator: torch.Generator,
+    box_targets: torch.Tensor | None = None,
+    box_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine-tuning loss of a minibatch (B windows) and its logits (B, K+1): softmax cross
+    entropy, plus with a box branch ``box_weight`` × the smooth L1 loss of the foreground
+    windows' normalised deltas, summed and divided by B (Fast R-CNN's multi-task loss)."""
+    if head.bbox is None or box_targets is None or box_weight == 0.0:
+        logits = head(features, generator=generator)
+        return F.cross_entropy(logits, targets), logits
+    logits, deltas = head.forward_with_boxes(features, generator=generator)
+    foreground = torch.nonzero(targets < head.num_classes).squeeze(1)
+    predicted = deltas[foreground, targets[foreground]]
+    stds = torch.tensor(BOX_DELTA_STDS, device=predicted.device)
+    wanted = box_targets[foreground].to(predicted.device) / stds
+    box_loss = F.smooth_l1_loss(predicted, wanted, reduction="sum", beta=1.0) / len(targets)
+    return F.cross_entropy(logits, targets) + box_weight * box_loss, logits
 
 
 def held_out_windows(

@@ -193,3 +193,39 @@ def test_input_normalization_standardises_and_folds(tmp_path):
     assert loaded.input_scale is None
     assert torch.allclose(loaded(pooled), logits, rtol=1e-4, atol=1e-4)
     assert torch.allclose(loaded.features(pooled), head.features(pooled), rtol=1e-4, atol=1e-4)
+
+
+def test_box_branch_is_saved_with_its_normalisation_folded_in():
+    from spp_detect.head import BOX_DELTA_STDS, head_from_state, init_random
+
+    head = Head(12, 8, 3, dropout=0.0, box_branch=True)
+    init_random(head, torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(head.bbox.weight)  # a trained branch: not the tiny initial weights
+    head.eval()
+    pooled = torch.randn(5, 12)
+    _, normalised = head.forward_with_boxes(pooled)  # (5, 3, 4), in units of BOX_DELTA_STDS
+    saved = head_from_state(head_state(head)).eval()
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    fc7 = saved.features(pooled)
+    expected = normalised[torch.arange(5), labels] * torch.tensor(BOX_DELTA_STDS)
+    torch.testing.assert_close(saved.box_deltas(fc7, labels), expected)
+
+
+def test_window_loss_regresses_foreground_windows_only():
+    from spp_detect.head import BOX_DELTA_STDS
+    from spp_detect.training import window_loss
+
+    head = Head(6, 4, 2, dropout=0.0, box_branch=True)
+    features, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 2])  # 2 fg, 2 bg (K = 2)
+    box_targets = torch.randn(4, 4)
+    generator = torch.Generator()
+    plain, _ = window_loss(head, features, labels, generator)
+    with_boxes, _ = window_loss(head, features, labels, generator, box_targets, 2.0)
+    _, deltas = head.forward_with_boxes(features)
+    fg = deltas[[0, 1], [0, 1]]
+    wanted = box_targets[:2] / torch.tensor(BOX_DELTA_STDS)
+    box_loss = torch.nn.functional.smooth_l1_loss(fg, wanted, reduction="sum") / 4
+    torch.testing.assert_close(with_boxes, plain + 2.0 * box_loss)
+    box_targets[2:] = 1e6  # background targets never count
+    torch.testing.assert_close(window_loss(head, features, labels, generator, box_targets, 2.0)[0],
+                               with_boxes)  # fmt: skip

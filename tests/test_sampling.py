@@ -187,3 +187,19 @@ def test_minibatch_split_extremes(fraction):
     pool = _big_pool(num_images=1)
     num_fg, num_bg = minibatch_split(16, fraction, pool)
     assert num_fg + num_bg == 16 and num_fg == round(16 * fraction)
+
+
+def test_box_targets_lead_foreground_windows_to_their_gt_also_when_flipped():
+    from spp_detect.boxes import decode_deltas, flip_boxes
+
+    record = _record("a", [[10, 10, 50, 60], [60, 20, 90, 80]], [0, 1], width=100, height=100)
+    proposals = np.array([[12, 8, 52, 58], [58, 22, 92, 78], [0, 0, 100, 100]], np.float32)
+    pool = build_window_pool([record], [proposals], 2, 0.5, 0.1, 0.5, flip=True)
+    for entry in (0, 1):
+        rows = np.flatnonzero(pool.window_entry == entry)
+        fg = rows[pool.labels[rows] < 2]
+        gt = record.gt_boxes if entry == 0 else flip_boxes(record.gt_boxes, record.width)
+        decoded = decode_deltas(pool.boxes[fg], pool.box_targets[fg])
+        np.testing.assert_allclose(decoded, gt[pool.labels[fg]], atol=1e-4)
+    background = pool.labels == 2
+    assert background.any() and (pool.box_targets[background] == 0).all()

@@ -362,7 +362,7 @@ def build_detector(config: Config, run_dir: RunDir, device: str):
         check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
         svms = SvmModel.load(run_dir.svm_path)
     regressors = None
-    if config.test.bbox_reg:
+    if config.test.bbox_reg and config.test.regressor == "ridge":
         manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
         check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
         regressors = BoxRegressors.load(run_dir.bbox_path)
@@ -379,6 +379,7 @@ def detection_settings(config: Config):
         score_thresh=test.softmax_thresh if softmax else test.score_thresh,
         nms_thresh=test.nms_thresh, max_per_class=test.max_per_class,
         batch_windows=test.batch_windows, precision=test.precision, scorer=test.scorer,
+        head_boxes=test.bbox_reg and test.regressor == "head",
     )  # fmt: skip
 
 

@@ -184,6 +184,7 @@ def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:
         fg_fraction=settings.fg_fraction, lr=settings.lr, lr_steps=tuple(settings.lr_steps),
         momentum=settings.momentum, weight_decay=settings.weight_decay, seed=settings.seed,
         checkpoint_every=settings.checkpoint_every, log_every=settings.log_every,
+        box_loss_weight=settings.bbox_loss_weight,
     )  # fmt: skip
 
 
@@ -294,4 +295,5 @@ def _head_shape(config: Config, channels: int) -> training.HeadShape:
     return training.HeadShape(
         channels=channels, levels=tuple(config.spp.levels), fc_dim=settings.fc_dim,
         num_classes=len(config.data.classes), dropout=settings.dropout,
+        box_branch=settings.bbox_loss_weight > 0,
     )  # fmt: skip

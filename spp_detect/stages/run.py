@@ -39,7 +39,7 @@ def pipeline(ctx: StageContext) -> list[tuple[str, str, Callable[[], str]]]:
     steps += finetune + extract if config.finetune.conv_from else extract + finetune
     if config.test.scorer == "svm":
         steps.append(("train-svm", train, lambda: run_train_svm(ctx, train)))
-    if config.test.bbox_reg:
+    if config.test.bbox_reg and config.test.regressor == "ridge":
         steps.append(("train-bbox", train, lambda: run_train_bbox(ctx, train)))
     steps += [
         ("test", test, lambda: run_test(ctx, test)),
