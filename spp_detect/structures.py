@@ -51,6 +51,15 @@ class ImageRecord:
         return (self.height, self.width)
 
 
+def _check_detection_arrays(found) -> int:
+    """Coerce and check ``found``'s boxes (M, 4), scores (M,) and labels (M,); returns M."""
+    count = len(np.asarray(found.scores).reshape(-1))
+    object.__setattr__(found, "boxes", _check("boxes", found.boxes, np.float32, (count, 4)))
+    object.__setattr__(found, "scores", _check("scores", found.scores, np.float32, (count,)))
+    object.__setattr__(found, "labels", _check("labels", found.labels, np.int64, (count,)))
+    return count
+
+
 @dataclass(frozen=True)
 class ImageDetections:
     """One image's detections: boxes (M, 4) float32, scores (M,) float32, labels (M,) int64
@@ -61,10 +70,7 @@ class ImageDetections:
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        count = len(np.asarray(self.scores).reshape(-1))
-        object.__setattr__(self, "boxes", _check("boxes", self.boxes, np.float32, (count, 4)))
-        object.__setattr__(self, "scores", _check("scores", self.scores, np.float32, (count,)))
-        object.__setattr__(self, "labels", _check("labels", self.labels, np.int64, (count,)))
+        _check_detection_arrays(self)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -94,13 +100,10 @@ class Detections:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_ids", np.asarray(self.image_ids, dtype=str).reshape(-1))
-        count = len(np.asarray(self.scores).reshape(-1))
+        count = _check_detection_arrays(self)
         object.__setattr__(
             self, "image_index", _check("image_index", self.image_index, np.int64, (count,))
         )
-        object.__setattr__(self, "boxes", _check("boxes", self.boxes, np.float32, (count, 4)))
-        object.__setattr__(self, "scores", _check("scores", self.scores, np.float32, (count,)))
-        object.__setattr__(self, "labels", _check("labels", self.labels, np.int64, (count,)))
 
     def __len__(self) -> int:
         return len(self.scores)

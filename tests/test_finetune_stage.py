@@ -132,6 +132,18 @@ def _head_tensors(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(RunDir(run).head_path, weights_only=True)
 
 
+def _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after: int) -> tuple[Path, Path]:
+    """Two runs: one fine-tuned to the end, one stopped after ``stop_after`` iterations as a
+    kill would (its last regular checkpoint left, no head)."""
+    whole = _copy(upstream, tmp_path, "whole")
+    run_finetune(_ctx(toy_root, whole, *extra), "trainval")
+    killed = _copy(upstream, tmp_path, "killed")
+    line = run_finetune(_ctx(toy_root, killed, *extra), "trainval", stop_after=stop_after)
+    assert f"stopped at iteration {stop_after} of" in line
+    assert RunDir(killed).checkpoint_path.is_file() and not RunDir(killed).head_path.exists()
+    return whole, killed
+
+
 @pytest.mark.slow
 def test_learns_toy_windows(toy_root, upstream, tmp_path):
     run = _copy(upstream, tmp_path)
@@ -169,12 +181,7 @@ def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
     # mid-way and replays iterations 6–8 from the checkpoint at 5.
     monkeypatch.setattr(training, "MAX_BLOCK_ITERATIONS", 4)
     extra = (*FAST, "finetune.iterations=11", "finetune.checkpoint_every=5", "finetune.log_every=3")
-    whole = _copy(upstream, tmp_path, "whole")
-    run_finetune(_ctx(toy_root, whole, *extra), "trainval")
-    killed = _copy(upstream, tmp_path, "killed")
-    line = run_finetune(_ctx(toy_root, killed, *extra), "trainval", stop_after=8)
-    assert "stopped at iteration 8 of 11" in line
-    assert RunDir(killed).checkpoint_path.is_file() and not RunDir(killed).head_path.exists()
+    whole, killed = _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after=8)
     checkpoint = torch.load(RunDir(killed).checkpoint_path, weights_only=True)
     assert checkpoint["progress"]["iteration"] == 5
     run_finetune(_ctx(toy_root, killed, *extra), "trainval")
@@ -280,11 +287,7 @@ CONV = (
 @pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_conv_resume_equals_uninterrupted(toy_root, upstream, tmp_path):
     extra = (*CONV, "finetune.iterations=7", "finetune.checkpoint_every=3", "finetune.log_every=2")
-    whole = _copy(upstream, tmp_path, "whole")
-    run_finetune(_ctx(toy_root, whole, *extra), "trainval")
-    killed = _copy(upstream, tmp_path, "killed")
-    line = run_finetune(_ctx(toy_root, killed, *extra), "trainval", stop_after=5)
-    assert "stopped at iteration 5 of 7" in line
+    whole, killed = _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after=5)
     run_finetune(_ctx(toy_root, killed, *extra), "trainval")
     for name in ("head.pt", "trunk.pt"):
         expected = torch.load(RunDir(whole).finetune_dir / name, weights_only=True)
