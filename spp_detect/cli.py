@@ -286,7 +286,7 @@ def run(ctx: StageContext) -> None:
     type=float,
     default=0.0,
     show_default=True,
-    help="Keep detections whose SVM score is at least this.",
+    help="Keep detections scoring at least this (SVM margin; probability with softmax).",
 )
 def detect(
     ctx: StageContext, images: tuple[str, ...], out_dir: str | None, score_thresh: float

@@ -5,8 +5,8 @@ Shapes: R proposals of the image, U distinct conv5 windows among them, D pooled 
 K foreground classes.
 
 Per image: pool5 of every distinct window at its best scale → fc7 → SVM scores (one product for
-all classes) → threshold, NMS, top-k → regression of the kept windows (reusing their pool5) →
-clip and NMS again.
+all classes) or the head's softmax → threshold, NMS, top-k → regression of the kept windows
+(reusing their pool5, or the head's box branch on their fc7) → clip and NMS again.
 """
 
 from __future__ import annotations

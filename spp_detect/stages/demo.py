@@ -20,6 +20,7 @@ from spp_detect.visualize import draw_detections, save_png
 
 DEMO_PICTURES = 4  # test images drawn at the end
 DEMO_SCORE_THRESH = 0.0  # SVM margin: drawn boxes are the ones the SVM calls positive
+SOFTMAX_DEMO_THRESH = 0.5  # softmax scorer: boxes more likely the class than anything else
 
 
 def run_demo(ctx: StageContext, toy_root: Path) -> str:
@@ -38,12 +39,13 @@ def draw_test_pictures(ctx: StageContext, count: int) -> list[Path]:
     split = config.data.test_split
     detections = Detections(**load_npz(run_dir.detections_path(split)))
     records = split_records(config, split, ctx.limit)[:count]
+    softmax = config.test.scorer == "softmax"
     paths = []
     for record in records:
         found = detections.for_image(record.image_id)
         picture = draw_detections(
             read_image(record.path), detections=found, class_names=config.data.classes,
-            score_thresh=DEMO_SCORE_THRESH,
+            score_thresh=SOFTMAX_DEMO_THRESH if softmax else DEMO_SCORE_THRESH,
         )  # fmt: skip
         path = run_dir.demo_picture_path(record.image_id)
         save_png(path, picture)
