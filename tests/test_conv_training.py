@@ -131,3 +131,27 @@ def test_out_of_memory_names_the_settings_that_lower_it():
         conv_training._guarded(allocate)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through
         conv_training._guarded(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "order"),
+    [
+        ([], ["propose", "propose", "extract", "extract", "finetune", "train-svm", "train-bbox"]),
+        (
+            ["finetune.conv_from=conv3", "test.scorer=softmax"],
+            ["propose", "propose", "finetune", "extract", "extract", "train-bbox"],
+        ),
+        (
+            ["finetune.bbox_loss_weight=1", "test.regressor=head", "extract.cache=none"],
+            ["propose", "propose", "finetune", "train-svm"],
+        ),
+    ],
+)
+def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
+    from spp_detect.run_dir import RunDir
+    from spp_detect.stages.common import StageContext
+    from spp_detect.stages.run import pipeline
+
+    ctx = StageContext(load_config(None, overrides), RunDir(tmp_path), "cpu", 1, None, False)
+    stages = [stage for stage, _, _ in pipeline(ctx)]
+    assert stages == [*order, "test", "eval"]
