@@ -1,4 +1,6 @@
-"""What every stage shares: the split's records, fingerprints, upstream checks and summaries."""
+"""What every stage shares: the command-line context, the split's records, fingerprints,
+upstream checks and manifests, summaries, and the library objects built from the config
+(feature source, trunk, detector)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
 
 
-# Config sections each stage's output depends on, its upstream stages' included.
 @dataclass(frozen=True)
 class StageContext:
     """What every stage gets from the command line."""
@@ -39,6 +40,7 @@ class StageContext:
     force: bool
 
 
+# Config sections each stage's output depends on, its upstream stages' included.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "propose": ("data", "propose"),
     "extract": ("data", "extract"),
