@@ -119,32 +119,19 @@ def _train_end_to_end(
     """Conv layers from ``finetune.conv_from`` on, the pyramid and the head, from images
     (docs/method.md#conv-fine-tuning)."""
     from spp_detect import conv_training
-    from spp_detect.backbones import build_backbone, conv_layer_index, load_classifier_state
-    from spp_detect.features import resolve_device
+    from spp_detect.backbones import load_classifier_state
 
     config, settings, extract = ctx.config, ctx.config.finetune, ctx.config.extract
-    device = resolve_device(ctx.device)
     schedule = _schedule(settings)
-    records = split_records(config, split, ctx.limit)
-    pool = _window_pool(config, ctx.run_dir, split, records, flip=True)
-    if len(pool.labels) == 0:
-        raise _no_windows(ctx.run_dir, split, settings)
-    warn_missing_classes(pool, config.data.classes)
-    trunk = build_backbone(extract.backbone, extract.weights).to(device)
-    first = conv_layer_index(trunk, settings.conv_from)
-    geometry = pool_geometry(config, trunk.stride, trunk.offset0)
-    model = conv_training.EndToEnd(
-        trunk=trunk, first_trainable=first, device=device,
-        images=conv_training.TrainingImages.from_pool(records, pool, geometry),
-        sampling=conv_training.ImageSampling(
-            settings.images_per_batch, tuple(extract.scales), extract.max_long_side
-        ),
-    )  # fmt: skip
-    conv_training.freeze_below(trunk, first)
+    model = _end_to_end_model(ctx, split)
     classifier = load_classifier_state(extract.backbone, extract.weights)
-    shape = _head_shape(config, trunk.channels)
-    trainer = training.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
-    conv_training.add_trunk_to_optimizer(trainer.optimizer, trunk, first, settings.conv_lr_mult)
+    shape = _head_shape(config, model.trunk.channels)
+    trainer = training.new_trainer(
+        shape, schedule, classifier, identity, model.device, trunk=model.trunk
+    )
+    conv_training.add_trunk_to_optimizer(
+        trainer.optimizer, model.trunk, model.first_trainable, settings.conv_lr_mult
+    )
     training.resume(ctx.run_dir.checkpoint_path, trainer)
     if trainer.normalize_inputs and trainer.progress.iteration == 0:
         trainer.head.set_input_normalization(*conv_training.input_statistics(model, schedule))
@@ -155,6 +142,34 @@ def _train_end_to_end(
     if seconds > 0:
         notes.append(f"{(trainer.progress.iteration - start) / seconds:.2f} SGD it/s end to end")
     return trainer, notes
+
+
+def _end_to_end_model(ctx: StageContext, split: str):
+    """The split's labelled windows (each image also mirrored) and the trunk, frozen below
+    ``finetune.conv_from``, as a ``conv_training.EndToEnd``."""
+    from spp_detect import conv_training
+    from spp_detect.backbones import build_backbone, conv_layer_index
+    from spp_detect.features import check_scales_fit, resolve_device
+
+    config, settings, extract = ctx.config, ctx.config.finetune, ctx.config.extract
+    records = split_records(config, split, ctx.limit)
+    pool = _window_pool(config, ctx.run_dir, split, records, flip=True)
+    if len(pool.labels) == 0:
+        raise _no_windows(ctx.run_dir, split, settings)
+    warn_missing_classes(pool, config.data.classes)
+    device = resolve_device(ctx.device)
+    trunk = build_backbone(extract.backbone, extract.weights).to(device)
+    check_scales_fit(trunk, extract.scales)
+    first = conv_layer_index(trunk, settings.conv_from)
+    conv_training.freeze_below(trunk, first)
+    geometry = pool_geometry(config, trunk.stride, trunk.offset0)
+    return conv_training.EndToEnd(
+        trunk=trunk, first_trainable=first, device=device,
+        images=conv_training.TrainingImages.from_pool(records, pool, geometry),
+        sampling=conv_training.ImageSampling(
+            settings.images_per_batch, tuple(extract.scales), extract.max_long_side
+        ),
+    )  # fmt: skip
 
 
 def _save_outputs(config: Config, run_dir: RunDir, split: str, trainer: training.Trainer) -> int:
