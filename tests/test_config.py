@@ -180,3 +180,12 @@ def test_config_is_frozen():
 def test_bad_values_fail_when_the_config_loads(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_every_bundled_config_loads_and_passes_the_value_checks():
+    from spp_detect.config import bundled_configs
+
+    names = bundled_configs()
+    assert {"toy", "raccoon", "raccoon_conv", "voc07_zf5_5scale"} <= set(names)
+    for name in names:
+        assert load_config(name).name == name
