@@ -101,9 +101,21 @@ def test_set_typo_names_the_set_not_the_file(tmp_path):
         ("finetune.iterations=true", "finetune.iterations must be int, got True (bool)"),
         ("extract.scales=[480, big]", "extract.scales must be int, got 'big' (str)"),
         ("extract.flip=3", "extract.flip must be bool, got 3 (int)"),
+        # values of the right type that no stage can work with, checked when the config loads
+        ("finetune.lr=-0.1", "finetune.lr must be positive"),
+        ("finetune.batch_size=0", "finetune.batch_size must be at least 1"),
+        ("test.nms_thresh=1.5", "test.nms_thresh must be an IoU in [0, 1]"),
+        ("svm.C=0", "svm.C must be positive"),
+        ("finetune.bg_thresh_hi=0.7", "bg_thresh_lo <= bg_thresh_hi <= fg_thresh"),
+        ("propose.method=mat", "propose.mat_file: empty"),
+        ("propose.method=sliding", "propose.method: unknown 'sliding'"),
+        ("extract.backbone=resnet", "extract.backbone"),
+        ("extract.precision=int8", "extract.precision"),
+        ("spp.levels=[6, 0]", "spp.levels"),
+        ("test.precision=fp8", "test.precision"),
     ],
 )
-def test_wrong_type_names_the_key(override, message):
+def test_wrong_type_or_bad_value_names_the_key(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])
 
@@ -159,27 +171,6 @@ def test_config_is_frozen():
     config = load_config()
     with pytest.raises(AttributeError):
         config.svm.C = 1.0  # type: ignore[misc]
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("finetune.lr=-0.1", "finetune.lr must be positive"),
-        ("finetune.batch_size=0", "finetune.batch_size must be at least 1"),
-        ("test.nms_thresh=1.5", "test.nms_thresh must be an IoU in [0, 1]"),
-        ("svm.C=0", "svm.C must be positive"),
-        ("finetune.bg_thresh_hi=0.7", "bg_thresh_lo <= bg_thresh_hi <= fg_thresh"),
-        ("propose.method=mat", "propose.mat_file: empty"),
-        ("propose.method=sliding", "propose.method: unknown 'sliding'"),
-        ("extract.backbone=resnet", "extract.backbone"),
-        ("extract.precision=int8", "extract.precision"),
-        ("spp.levels=[6, 0]", "spp.levels"),
-        ("test.precision=fp8", "test.precision"),
-    ],
-)
-def test_bad_values_fail_when_the_config_loads(override, message):
-    with pytest.raises(UserError, match=re.escape(message)):
-        load_config(None, [override])
 
 
 def test_every_bundled_config_loads_and_passes_the_value_checks():
