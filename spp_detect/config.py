@@ -404,8 +404,6 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
     if svm.evict_thresh > svm.hard_thresh:
         problems.append("svm.evict_thresh must not exceed svm.hard_thresh")
-    if finetune.images_per_batch > finetune.batch_size:
-        problems.append("finetune.images_per_batch must not exceed finetune.batch_size")
     if finetune.conv_from and finetune.val_split:
         problems.append(
             "finetune.val_split is measured on cached features, so it works with frozen conv "
@@ -419,7 +417,9 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append(
             f"test.regressor must be one of {', '.join(REGRESSORS)}, got {config.test.regressor!r}"
         )
-    if config.test.regressor == "head" and finetune.bbox_loss_weight == 0:
+    if finetune.images_per_batch >= 1 and finetune.batch_size % finetune.images_per_batch:
+        problems.append("finetune.batch_size must be a multiple of finetune.images_per_batch")
+    if config.test.bbox_reg and config.test.regressor == "head" and not finetune.bbox_loss_weight:
         problems.append("test.regressor=head needs a box branch: set finetune.bbox_loss_weight > 0")
     if config.propose.method == "mat" and not config.propose.mat_file:
         problems.append("propose.mat_file: empty; set it to the R-CNN/SPP-net proposal .mat file")

@@ -34,9 +34,9 @@ from spp_detect.training import SgdSchedule, StepFn, Trainer, window_loss
 logger = logging.getLogger(__name__)
 
 NORMALIZATION_ENTRIES = 16  # entries whose pooled windows set a random head's input statistics
-# Seed-sequence streams, so the windows of iteration i, the epoch permutations and the draw for
-# the input statistics never share random numbers.
-WINDOW_STREAM, NORMALIZATION_STREAM = 1, 2
+# Seed-sequence keys (seed, index, stream): the epoch permutations, the windows of each iteration
+# and the draw for the input statistics never share random numbers.
+PERMUTATION_STREAM, WINDOW_STREAM, NORMALIZATION_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,14 @@ class ImageSampling:
 class TrainingImages:
     """The training split for end-to-end fine-tuning: records and their labelled windows, the
     pool's windows grouped by entry (``entry_start`` (N+1,) offsets; the pool lists each entry's
-    windows contiguously), and how windows map to conv cells."""
+    windows contiguously), the entries with at least one window (``usable`` (N',), the ones
+    minibatches draw from: an image without objects of the classes may have none), and how
+    windows map to conv cells."""
 
     records: Sequence[ImageRecord]
     pool: WindowPool
     entry_start: np.ndarray
+    usable: np.ndarray
     geometry: PoolGeometry
 
     @classmethod
@@ -67,11 +70,14 @@ class TrainingImages:
         if np.any(np.diff(pool.window_entry) < 0):
             raise ValueError("the pool must list each entry's windows contiguously")
         starts = np.searchsorted(pool.window_entry, np.arange(len(pool.entry_image) + 1))
-        return cls(records, pool, starts, geometry)
+        usable = np.flatnonzero(np.diff(starts) > 0)
+        if len(usable) == 0:
+            raise ValueError("no entry has a window to train on")
+        return cls(records, pool, starts, usable, geometry)
 
-    @property
-    def num_entries(self) -> int:
-        return len(self.pool.entry_image)
+    def entries(self, count: int, iteration: int, seed: int) -> np.ndarray:
+        """The ``count`` usable entries of an iteration (``iteration_entries``)."""
+        return self.usable[iteration_entries(len(self.usable), count, iteration, seed)]
 
 
 def freeze_below(trunk: Backbone, first_trainable: int) -> list[nn.Parameter]:
@@ -103,7 +109,9 @@ def iteration_entries(num_entries: int, images_per_batch: int, iteration: int, s
     epochs, offsets = np.divmod(positions, num_entries)
     return np.array(
         [
-            np.random.default_rng([seed, int(epoch)]).permutation(num_entries)[offset]
+            np.random.default_rng([seed, int(epoch), PERMUTATION_STREAM]).permutation(num_entries)[
+                offset
+            ]
             for epoch, offset in zip(epochs, offsets, strict=True)
         ],
         dtype=np.int64,
@@ -146,19 +154,18 @@ class EndToEnd:
         self, rng: np.random.Generator, entry: int, windows_per_image: int, fg_fraction: float
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """An entry's sampled window rows (≤ windows_per_image,), their labels and a uniformly
-        random training scale (the shorter side of its image there). Rows index the entry's
-        windows: pool row ``entry_start[entry] + row``."""
+        random training scale of ``sampling.scales``. Rows index the entry's windows: pool row
+        ``entry_start[entry] + row``."""
         images = self.images
         labels = images.pool.labels[images.entry_start[entry] : images.entry_start[entry + 1]]
         rows = sample_entry_windows(
             rng, labels, images.pool.num_classes, windows_per_image, fg_fraction
         )
-        record = images.records[int(images.pool.entry_image[entry])]
-        sides = effective_scales(record.image_hw, self.sampling.scales, self.sampling.max_long_side)
-        return rows, labels[rows], int(sides[int(rng.integers(len(sides)))])
+        scales = self.sampling.scales
+        return rows, labels[rows], int(scales[int(rng.integers(len(scales)))])
 
-    def pooled(self, entry: int, rows: np.ndarray, short_side: int) -> Tensor:
-        """Pooled features (len(rows), D) of windows ``rows`` of ``entry`` at one scale, with
+    def pooled(self, entry: int, rows: np.ndarray, scale: int) -> Tensor:
+        """Pooled features (len(rows), D) of windows ``rows`` of ``entry`` at ``scale``, with
         gradients to the trainable conv layers. Frozen layers run without autograd, so they keep
         no activations for the backward pass."""
         pool, trunk = self.images.pool, self.trunk
@@ -166,7 +173,10 @@ class EndToEnd:
         image = read_record_image(record)
         if pool.entry_flipped[entry]:
             image = flip_image(image)
-        resized = resize_short_side(image, short_side, self.sampling.max_long_side)
+        max_long_side = self.sampling.max_long_side
+        resized = resize_short_side(image, scale, max_long_side)
+        # the shorter side the image really got (less than the scale under a long-side cap)
+        short_side = effective_scales(record.image_hw, [scale], max_long_side)[0]
         pixels = image_to_tensor(resized, trunk.normalization, self.device)
         x = pixels[None].contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -187,15 +197,11 @@ def end_to_end_step(trainer: Trainer, model: EndToEnd, schedule: SgdSchedule) ->
 
     def step(iteration: int) -> tuple[float, int, int]:
         rng = np.random.default_rng([schedule.seed, iteration, WINDOW_STREAM])
-        entries = iteration_entries(
-            model.images.num_entries, model.sampling.images_per_batch, iteration, schedule.seed
-        )
+        entries = model.images.entries(model.sampling.images_per_batch, iteration, schedule.seed)
         features, targets, box_targets = [], [], []
         for entry in entries.tolist():
-            rows, labels, short_side = model.draw(
-                rng, entry, windows_per_image, schedule.fg_fraction
-            )
-            features.append(_guarded(model.pooled, entry, rows, short_side))
+            rows, labels, scale = model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
+            features.append(_guarded(model.pooled, entry, rows, scale))
             targets.append(torch.as_tensor(labels, device=model.device))
             pool_rows = model.images.entry_start[entry] + rows
             box_targets.append(torch.as_tensor(model.images.pool.box_targets[pool_rows]))
@@ -218,8 +224,8 @@ def _guarded(function, *args):
     that lower memory."""
     try:
         return function(*args)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, torch.OutOfMemoryError | MemoryError) and not _is_oom(exc):
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) and not _is_oom(exc):
             raise
         raise UserError(
             "finetune: out of memory while training the conv layers; lower it with a later "
@@ -238,11 +244,11 @@ def input_statistics(model: EndToEnd, schedule: SgdSchedule) -> tuple[Tensor, Te
     """Shift (D,) and scale (D,) standardising the pooled windows of the first
     NORMALIZATION_ENTRIES entries drawn, from the trunk as it starts (a random head's inputs,
     ``head.input_normalization_for``)."""
-    rng = np.random.default_rng([schedule.seed, NORMALIZATION_STREAM])
+    rng = np.random.default_rng([schedule.seed, 0, NORMALIZATION_STREAM])
     windows_per_image = schedule.batch_size // model.sampling.images_per_batch
-    count = min(NORMALIZATION_ENTRIES, model.images.num_entries)
+    count = min(NORMALIZATION_ENTRIES, len(model.images.usable))
     pooled = []
-    for entry in iteration_entries(model.images.num_entries, count, 0, schedule.seed).tolist():
-        rows, _, short_side = model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
-        pooled.append(model.pooled(entry, rows, short_side))
+    for entry in model.images.entries(count, 0, schedule.seed).tolist():
+        rows, _, scale = model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
+        pooled.append(model.pooled(entry, rows, scale))
     return input_normalization_for(torch.cat(pooled))

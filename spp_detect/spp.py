@@ -185,7 +185,7 @@ def spatial_pyramid_pool(
 
 def trainable_pyramid_pool(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
     """:func:`spatial_pyramid_pool` with gradients to ``fmap`` (C, H, W), for end-to-end
-    fine-tuning (docs/method.md#fine-tuning-and-sampling): the same (R, C·Σn²) values, and each
+    fine-tuning (docs/method.md#conv-fine-tuning): the same (R, C·Σn²) values, and each
     bin's gradient goes to the cell holding its max, as in max pooling.
 
     A level that divides a finer one is the max over groups of its bins (exact, as in the

@@ -45,6 +45,7 @@ from spp_detect.sampling import (
     sample_block,
     sample_eval_windows,
 )
+from spp_detect.spp import pyramid_dim
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class HeadShape:
 
     @property
     def feature_dim(self) -> int:
-        return self.channels * sum(n * n for n in self.levels)
+        return pyramid_dim(self.channels, self.levels)
 
 
 def new_trainer(

@@ -155,3 +155,25 @@ def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
     ctx = StageContext(load_config(None, overrides), RunDir(tmp_path), "cpu", 1, None, False)
     stages = [stage for stage, _, _ in pipeline(ctx)]
     assert stages == [*order, "test", "eval"]
+
+
+def test_entries_without_windows_are_never_drawn(tmp_path):
+    """An image with no object of the classes has no window in [bg_thresh_lo, 1]: minibatches
+    skip it (and its mirror) instead of training on nothing."""
+    from spp_detect.features import PoolGeometry
+    from spp_detect.sampling import build_window_pool
+    from spp_detect.structures import ImageRecord
+
+    def record(name, gt):
+        boxes = np.asarray(gt, np.float32).reshape(-1, 4)
+        labels, difficult = np.zeros(len(boxes), np.int64), np.zeros(len(boxes), bool)
+        return ImageRecord(name, tmp_path / f"{name}.jpg", 100, 100, boxes, labels, difficult)
+
+    records = [record("a", [[10, 10, 60, 60]]), record("empty", []), record("b", [[5, 5, 50, 90]])]
+    proposals = [np.array([[12, 12, 58, 62]], np.float32)] * 3
+    pool = build_window_pool(records, proposals, 1, 0.5, 0.1, 0.5, flip=True)
+    geometry = PoolGeometry(16, 21.0, 6.5, (1,), 224.0)
+    images = conv_training.TrainingImages.from_pool(records, pool, geometry)
+    assert images.usable.tolist() == [0, 1, 4, 5]  # "empty" and its mirror are entries 2, 3
+    drawn = np.concatenate([images.entries(2, i, seed=0) for i in range(6)])
+    assert set(drawn.tolist()) == {0, 1, 4, 5}

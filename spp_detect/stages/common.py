@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from spp_detect.artifacts import (
+    file_digest,
     load_npz,
     read_manifest,
     require_manifest,
@@ -63,8 +64,12 @@ ITEM_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def fingerprint(config: Config, stage: str) -> str:
-    """The fingerprint of a stage's manifest: every config section its output depends on."""
-    return config.fingerprint(*STAGE_SECTIONS[stage])
+    """The fingerprint of a stage's manifest: every config section its output depends on
+    (train-bbox's pool5 also depends on the fine-tuning when it trains the conv layers)."""
+    sections = STAGE_SECTIONS[stage]
+    if stage == "train-bbox" and config.finetune.conv_from:
+        sections = (*sections, "finetune")
+    return config.fingerprint(*sections)
 
 
 def item_fingerprint(config: Config, stage: str, record: ImageRecord, model: str = "") -> str:
@@ -115,27 +120,25 @@ def stage_dir(run_dir: RunDir, stage: str, split: str) -> Path:
     return run_dir.stage_dir(stage, split)
 
 
-# The stages whose manifests each stage reads, with the split they are read for: "own" is the
-# stage's split, "train" is data.train_split (the trained models).
-UPSTREAM: dict[str, tuple[tuple[str, str], ...]] = {
-    "propose": (),
-    "extract": (),
-    "finetune": (("propose", "own"), ("extract", "own")),
-    "train-svm": (("propose", "own"), ("extract", "own"), ("finetune", "train")),
-    "train-bbox": (("propose", "own"), ("extract", "own")),
-    "test": (
-        ("propose", "own"), ("extract", "own"), ("finetune", "train"), ("train-svm", "train"),
-        ("train-bbox", "train"),
-    ),
-    "eval": (("test", "own"),),
-}  # fmt: skip
-
-
-def upstream_stages(config: Config, stage: str) -> tuple[tuple[str, str], ...]:
-    """``UPSTREAM[stage]``; with end-to-end fine-tuning, extract also reads the trained trunk."""
-    if stage == "extract" and config.finetune.conv_from:
-        return (("finetune", "train"),)
-    return UPSTREAM[stage]
+def upstream_stages(config: Config, stage: str) -> list[tuple[str, str]]:
+    """The stages whose manifests ``stage`` reads, with the split they are read for: "own" is
+    the stage's split, "train" is data.train_split (the trained models)."""
+    cached = config.extract.cache == "disk"
+    conv = bool(config.finetune.conv_from)
+    maps = [("propose", "own")] + ([("extract", "own")] if cached else [])
+    test = config.test
+    reads = {
+        "propose": [],
+        "extract": [("finetune", "train")] if conv else [],
+        "finetune": [("propose", "own")] if conv else maps,
+        "train-svm": [*maps, ("finetune", "train")],
+        "train-bbox": maps + ([("finetune", "train")] if conv else []),
+        "test": [*maps, ("finetune", "train")]
+        + ([("train-svm", "train")] if test.scorer == "svm" else [])
+        + ([("train-bbox", "train")] if test.bbox_reg and test.regressor == "ridge" else []),
+        "eval": [("test", "own")],
+    }
+    return reads[stage]
 
 
 def close_stage(
@@ -147,9 +150,9 @@ def close_stage(
     extra: dict | None = None,
     folder: Path | None = None,
 ) -> None:
-    """Write ``stage``'s manifest last, with its config fingerprint and the fingerprints of the
-    upstream manifests it read (those present: no extract manifest without a cache, none for
-    train-bbox without regression). ``folder``: where it goes, if not ``RunDir.stage_dir``."""
+    """Write ``stage``'s manifest last, with its config fingerprint and, as a record of where
+    it came from, the fingerprints of the upstream manifests it read. ``folder``: where it goes,
+    if not ``RunDir.stage_dir``."""
     upstream = {}
     for name, role in upstream_stages(config, stage):
         manifest = read_manifest(
@@ -270,7 +273,12 @@ def build_trunk(config: Config, run_dir: RunDir):
     settings = config.extract
     if not config.finetune.conv_from:
         return build_backbone(settings.backbone, settings.weights)
-    require_upstream(config, run_dir, "finetune", config.data.train_split)
+    expected = trunk_digest(config, run_dir)
+    if not run_dir.trunk_path.is_file() or file_digest(run_dir.trunk_path) != expected:
+        raise UserError(
+            f"{run_dir.trunk_path}: missing or not the trunk its finetune manifest names; rerun "
+            "`spp-detect finetune --force`"
+        )
     return build_backbone(settings.backbone, str(run_dir.trunk_path))
 
 
@@ -299,9 +307,11 @@ def is_current(config: Config, run_dir: RunDir, stage: str, split: str) -> bool:
     manifest = read_manifest(run_dir.stage_dir(stage, split))
     if manifest is None or manifest.get("fingerprint") != fingerprint(config, stage):
         return False
-    if stage == "extract" and config.finetune.conv_from:
-        finetune = read_manifest(run_dir.stage_dir("finetune", config.data.train_split))
-        current = "" if finetune is None else finetune.get("trunk_digest", "")
+    if stage == "extract":
+        current = ""
+        if config.finetune.conv_from:
+            finetune = read_manifest(run_dir.stage_dir("finetune", config.data.train_split))
+            current = "" if finetune is None else finetune.get("trunk_digest", "")
         return manifest.get("trunk_digest", "") == current
     return True
 

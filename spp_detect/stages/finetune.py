@@ -1,5 +1,6 @@
 """`spp-detect finetune`: train fc6, fc7 and the (K+1)-way classifier on pooled windows
-(docs/method.md#fine-tuning-and-sampling).
+(docs/method.md#fine-tuning-and-sampling), or, with ``finetune.conv_from``, the conv layers from
+there on too, end to end from images (docs/method.md#conv-fine-tuning).
 
 Shapes: D pooled feature dim, K foreground classes.
 
@@ -230,6 +231,7 @@ def _is_complete(run_dir: RunDir, split: str, stage_fingerprint: str) -> bool:
         and manifest.get("fingerprint") == stage_fingerprint
         and manifest.get("split") == split
         and run_dir.head_path.is_file()
+        and (not manifest.get("trunk_digest") or run_dir.trunk_path.is_file())
     )
 
 
