@@ -107,13 +107,12 @@ def iteration_entries(num_entries: int, images_per_batch: int, iteration: int, s
     permutation of all entries, a new permutation per epoch."""
     positions = np.arange(iteration * images_per_batch, (iteration + 1) * images_per_batch)
     epochs, offsets = np.divmod(positions, num_entries)
+
+    def permutation(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch, PERMUTATION_STREAM]).permutation(num_entries)
+
     return np.array(
-        [
-            np.random.default_rng([seed, int(epoch), PERMUTATION_STREAM]).permutation(num_entries)[
-                offset
-            ]
-            for epoch, offset in zip(epochs, offsets, strict=True)
-        ],
+        [permutation(int(epoch))[offset] for epoch, offset in zip(epochs, offsets, strict=True)],
         dtype=np.int64,
     )
 
