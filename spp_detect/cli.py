@@ -199,7 +199,8 @@ def extract(ctx: StageContext, split: str | None) -> None:
 @stage_options
 @split_option
 def finetune(ctx: StageContext, split: str | None) -> None:
-    """Fine-tune fc6, fc7 and a (K+1)-way classifier on pooled windows; resumes when killed."""
+    """Fine-tune fc6, fc7 and a (K+1)-way classifier (and the conv layers from
+    finetune.conv_from, end to end from images); resumes when killed."""
     from spp_detect.stages.finetune import run_finetune
 
     click.echo(run_finetune(ctx, split or ctx.config.data.train_split))
