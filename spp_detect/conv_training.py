@@ -29,7 +29,7 @@ from spp_detect.image import flip_image, image_to_tensor, resize_short_side
 from spp_detect.sampling import WindowPool
 from spp_detect.spp import trainable_pyramid_pool, window_cells
 from spp_detect.structures import ImageRecord
-from spp_detect.training import SgdSchedule, StepFn, Trainer, window_loss
+from spp_detect.training import SgdSchedule, StepFn, Trainer, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -204,16 +204,12 @@ def end_to_end_step(trainer: Trainer, model: EndToEnd, schedule: SgdSchedule) ->
             targets.append(torch.as_tensor(labels, device=model.device))
             pool_rows = model.images.entry_start[entry] + rows
             box_targets.append(torch.as_tensor(model.images.pool.box_targets[pool_rows]))
-        target = torch.cat(targets)
-        loss, logits = window_loss(
-            trainer.head, torch.cat(features), target, trainer.generator,
-            torch.cat(box_targets), schedule.box_loss_weight,
+        # training.train_step's backward keeps the activations of both images: OOM-guarded too
+        loss, correct = _guarded(
+            train_step, trainer.head, trainer.optimizer, torch.cat(features), torch.cat(targets),
+            trainer.generator, torch.cat(box_targets), schedule.box_loss_weight,
         )  # fmt: skip
-        trainer.optimizer.zero_grad(set_to_none=True)
-        _guarded(loss.backward)
-        trainer.optimizer.step()
-        correct = int((logits.argmax(dim=1) == target).sum())
-        return float(loss.detach()), correct, len(target)
+        return loss, correct, sum(len(t) for t in targets)
 
     return step
 

@@ -101,7 +101,8 @@ def _train_head(
                                         ctx.device)  # fmt: skip
     identity = {**identity, "feature_dim": windows.feature_dim,
                 "block_iterations": windows.block_iterations}  # fmt: skip
-    trainer = _new_trainer(config, windows, schedule, identity)
+    source = windows.source
+    trainer = _new_trainer(config, source.channels, source.device, schedule, identity)
     training.resume(ctx.run_dir.checkpoint_path, trainer)
     start = trainer.progress.iteration
     pool_seconds, step_seconds = training.train(
@@ -120,15 +121,12 @@ def _train_end_to_end(
     """Conv layers from ``finetune.conv_from`` on, the pyramid and the head, from images
     (docs/method.md#conv-fine-tuning)."""
     from spp_detect import conv_training
-    from spp_detect.backbones import load_classifier_state
 
-    config, settings, extract = ctx.config, ctx.config.finetune, ctx.config.extract
+    config, settings = ctx.config, ctx.config.finetune
     schedule = _schedule(settings)
     model = _end_to_end_model(ctx, split)
-    classifier = load_classifier_state(extract.backbone, extract.weights)
-    shape = _head_shape(config, model.trunk.channels)
-    trainer = training.new_trainer(
-        shape, schedule, classifier, identity, model.device, trunk=model.trunk
+    trainer = _new_trainer(
+        config, model.trunk.channels, model.device, schedule, identity, trunk=model.trunk
     )
     conv_training.add_trunk_to_optimizer(
         trainer.optimizer, model.trunk, model.first_trainable, settings.conv_lr_mult
@@ -290,18 +288,19 @@ def _training_windows(
 
 def _new_trainer(
     config: Config,
-    windows: training.TrainingWindows,
+    channels: int,
+    device: torch.device,
     schedule: training.SgdSchedule,
     identity: dict,
+    trunk: torch.nn.Module | None = None,
 ) -> training.Trainer:
-    """A trainer whose fc6/fc7 start from the backbone's pretrained classifier when it has one."""
+    """A trainer for a trunk of ``channels`` conv5 channels, whose fc6/fc7 start from the
+    backbone's pretrained classifier when it has one (``trunk``: conv layers it trains too)."""
     from spp_detect.backbones import load_classifier_state
 
     classifier = load_classifier_state(config.extract.backbone, config.extract.weights)
-    source = windows.source
-    trainer = training.new_trainer(
-        _head_shape(config, source.channels), schedule, classifier, identity, source.device
-    )
+    shape = _head_shape(config, channels)
+    trainer = training.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
     if classifier is not None:
         logger.info("fc6/fc7 start from the %s classifier", config.extract.backbone)
     return trainer
