@@ -7,9 +7,12 @@ loaded with ``allow_pickle=False``; weights are ``.pt`` loaded with ``weights_on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,20 +36,80 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
+# Write failures a user can fix, each with the fix; anything else stays a bug with a traceback.
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full; free space or use another --run-dir",
+    errno.EDQUOT: "the disk quota is exceeded; free space or use another --run-dir",
+    errno.EROFS: "the file system is read-only; use another --run-dir",
+    errno.EACCES: "permission denied; fix the folder's permissions or use another --run-dir",
+    errno.EPERM: "operation not permitted; fix the folder's permissions or use another --run-dir",
+    errno.EIO: "the disk reported an I/O error; check the device, then rerun to resume",
+}
+
+
+def write_error(path: str | Path, exc: OSError, needed: int | None = None) -> UserError:
+    """One line for a failed write of ``path``: what failed, the bytes it needed where known,
+    the space left and the fix."""
+    reason = WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+    parts = [f"{path}: could not write ({exc.strerror or exc})"]
+    if needed is not None:
+        parts.append(f"needed {needed:,} bytes")
+    free = free_bytes(Path(path).parent)
+    if free is not None:
+        parts.append(f"{free:,} bytes free")
+    return UserError(f"{', '.join(parts)}; {reason}")
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of ``folder`` (or its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def is_write_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in WRITE_ERRORS
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A write error (full disk, read-only or forbidden folder, I/O error) becomes one
+    :class:`UserError` naming ``path`` (and ``needed`` bytes when the caller knows them); the
+    temporary file is removed either way, so nothing half-written stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; artefacts get the usual umask mode
         os.replace(tmp, path)
+    except OSError as exc:
+        if is_write_error(exc):
+            raise write_error(path, exc, needed) from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files (``.<name>.*.tmp``, see :func:`atomic_path`) that a killed
+    process left in ``folder``; only safe while holding the folder's stage lock. Returns the
+    count."""
+    removed = 0
+    for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -59,7 +122,8 @@ def save_npz(path: str | Path, compress: bool = False, **arrays: Any) -> None:
     for name, array in arrays.items():
         if np.asarray(array).dtype.hasobject:  # np.savez would pickle these silently
             raise ValueError(f"{name}: object arrays need pickle; store plain numeric/str arrays")
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    needed = sum(np.asarray(array).nbytes for array in arrays.values())
+    with atomic_path(path, needed) as tmp, open(tmp, "wb") as handle:
         (np.savez_compressed if compress else np.savez)(handle, **arrays)
 
 
@@ -72,7 +136,16 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except Exception as exc:  # numpy/zipfile/zlib/tokenize raise many types for a corrupt file
-        raise UserError(f"{path}: unreadable ({exc}); delete it and rerun the stage") from None
+        raise UserError(
+            f"{path}: unreadable ({_reason(exc)}); delete it and rerun the stage"
+        ) from None
+
+
+def _reason(exc: Exception) -> str:
+    """The first sentence of a loader's message: numpy's own advice (to load with pickle
+    enabled) is wrong for a damaged artefact."""
+    text = str(exc).split(". ")[0].split("\n")[0].strip()
+    return text or type(exc).__name__
 
 
 def stored_fingerprint(path: str | Path) -> str | None:
@@ -116,8 +189,32 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """Save tensors (nested dicts/lists of tensors and plain values) atomically."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    needed = _tensor_bytes(obj)
+    with atomic_path(path, needed) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            if not _TORCH_WRITE_FAILURE.search(str(exc)):
+                raise
+            # torch's writer hides the errno ("basic_ios::clear: iostream error")
+            free = free_bytes(tmp.parent) or 0
+            code = errno.ENOSPC if free < max(needed, _LOW_SPACE) else errno.EIO
+            raise OSError(code, os.strerror(code)) from None
+
+
+_TORCH_WRITE_FAILURE = re.compile(r"iostream|failed writing|write", re.IGNORECASE)
+_LOW_SPACE = 1 << 20  # bytes: below this a failed write is taken for a full disk
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list (the size a checkpoint needs, about)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
 
 
 def load_torch(path: str | Path, map_location: str = "cpu") -> Any:
@@ -141,12 +238,18 @@ def write_manifest(
     upstream: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Close a stage: written last, so its presence means every item before it is complete."""
+    """Close a stage: written last, so its presence means every item before it is complete.
+
+    ``token`` names this exact output: the config fingerprint and every file of the folder
+    (:func:`folder_token`); a later stage records the tokens it read (``upstream``), so a rerun
+    upstream, or a file changed after the manifest, shows.
+    """
     manifest = {
         "stage": stage,
         "split": split,
         "count": count,
         "fingerprint": fingerprint,
+        "token": folder_token(stage_dir, fingerprint),
         "upstream": dict(upstream or {}),
         "version": __version__,
         **dict(extra or {}),
@@ -154,24 +257,43 @@ def write_manifest(
     save_json(Path(stage_dir) / MANIFEST, manifest)
 
 
+def folder_token(stage_dir: str | Path, fingerprint: str) -> str:
+    """A digest of ``fingerprint`` and the name, size and modification time of every file in
+    ``stage_dir`` but the manifest and hidden files: changes whenever an output is rewritten."""
+    folder = Path(stage_dir)
+    entries = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if path.name != MANIFEST and not path.name.startswith(".") and path.is_file():
+            stat = path.stat()
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(json.dumps([fingerprint, entries]).encode()).hexdigest()[:16]
+
+
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     path = Path(stage_dir) / MANIFEST
     return load_json(path) if path.is_file() else None
 
 
-def require_manifest(stage_dir: str | Path, stage: str, fingerprint: str) -> dict[str, Any]:
+def require_manifest(
+    stage_dir: str | Path, stage: str, fingerprint: str, split: str | None = None
+) -> dict[str, Any]:
     """The upstream manifest, or a :class:`UserError` naming the stage to (re)run."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
         raise UserError(
-            f"{stage_dir}: no completed '{stage}' output; run `spp-detect {stage}` first"
+            f"{stage_dir}: no completed '{stage}' output; "
+            f"run `spp-detect {stage}{_split_option(split)}` first"
         )
     if manifest.get("fingerprint") != fingerprint:
         raise UserError(
             f"{Path(stage_dir) / MANIFEST}: made with a different config than the current one; "
-            f"rerun `spp-detect {stage} --force` or use another --run-dir"
+            f"rerun `spp-detect {stage}{_split_option(split)} --force` or use another --run-dir"
         )
     return manifest
+
+
+def _split_option(split: str | None) -> str:
+    return f" --split {split}" if split else ""
 
 
 def clear_manifest(stage_dir: str | Path) -> None:

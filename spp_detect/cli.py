@@ -1,6 +1,8 @@
 """The `spp-detect` command line: a click group of thin commands over `spp_detect.stages`.
 
-Every command turns a :class:`UserError` into one line on stderr and exit code 2.
+Every command turns a :class:`UserError` (and a failed write: full disk, read-only or forbidden
+folder) into one line on stderr and exit code 2, and Ctrl-C into "interrupted; rerun to resume"
+and exit code 130.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Any
 import click
 
 from spp_detect import __version__
+from spp_detect.artifacts import is_write_error, write_error
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import StageContext
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's convention
 
 
 class _Group(click.Group):
@@ -29,6 +34,14 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # a write outside artifacts.atomic_path (a folder, a log)
+            if not is_write_error(exc):
+                raise
+            click.echo(f"error: {write_error(exc.filename or Path.cwd(), exc)}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:  # every artefact is written atomically: nothing half-written
+            click.echo("interrupted; rerun to resume", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
 
 
 class _TqdmHandler(logging.Handler):

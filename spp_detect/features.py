@@ -172,7 +172,9 @@ class FeatureSource:
 
     ``scales`` (S,) shorter sides, ``geometry`` (:class:`PoolGeometry`), ``channels`` (C) and
     ``device``. Maps come from the cache (``cache_path(image_id)`` → .npz) or, with
-    ``backbone`` instead, are computed on the fly (the trunk in ``precision``). The last
+    ``backbone`` instead, are computed on the fly (the trunk in ``precision``). With
+    ``cache_fingerprint(record)``, each cache file's stored fingerprint must equal it (a file
+    of another origin is refused, never pooled). The last
     image's maps are kept, so ``maps`` and ``pool`` on the same image read or compute them once.
     """
 
@@ -184,6 +186,7 @@ class FeatureSource:
         device: str | torch.device,
         *,
         cache_path: Callable[[str], Path] | None = None,
+        cache_fingerprint: Callable[[ImageRecord], str] | None = None,
         backbone: Backbone | None = None,
         max_long_side: int = 0,
         precision: str = "fp32",
@@ -197,6 +200,7 @@ class FeatureSource:
         self.max_long_side = max_long_side
         self.precision = precision  # of the backbone, for maps computed on the fly
         self._cache_path = cache_path
+        self._cache_fingerprint = cache_fingerprint
         self._backbone = backbone.to(self.device).eval() if backbone is not None else None
         if backbone is not None:
             check_scales_fit(backbone, self.scales)
@@ -313,6 +317,14 @@ class FeatureSource:
         return tensors
 
     def _check_cache(self, path: Path, data, record: ImageRecord, flipped: bool) -> None:
+        if self._cache_fingerprint is not None:
+            stored = str(data["fingerprint"]) if "fingerprint" in data.files else None
+            if stored != self._cache_fingerprint(record):
+                raise UserError(
+                    f"{path}: conv5 maps made from other inputs than this run's (dataset, image, "
+                    "extract settings or trunk); run `spp-detect extract` for this split to "
+                    "recompute them"
+                )
         cached = tuple(int(s) for s in data["scales"])
         if cached != self.scales:
             raise UserError(

@@ -5,6 +5,7 @@ Images are numpy uint8 (H, W, 3) in RGB order everywhere in the package.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ import cv2
 import numpy as np
 
 from spp_detect.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: proposal workers never need it
     import torch
@@ -22,17 +25,39 @@ _DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB; grayscale is replicated to 3 channels."""
+    """Decode an image file to uint8 (H, W, 3) RGB; grayscale is replicated to 3 channels.
+
+    A file that decodes only partially (a JPEG cut short, common in scraped datasets) is used
+    as decoded, as ``cv2.imread`` does, with one WARNING per file; ``cv2.imdecode`` alone
+    refuses it. A file that does not decode at all is a :class:`UserError`.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: image not found; check data.root and the split file")
+        raise UserError(f"{path}: image not found; check the path")
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, _DECODE_FLAGS) if data.size else None
+    if image is None and data.size:
+        image = cv2.imread(str(path), _DECODE_FLAGS)  # libjpeg's tolerant path
+        if image is not None:
+            _warn_partial(path)
     if image is None:
         raise UserError(
             f"{path}: not a readable image; replace the file or drop its id from the split"
         )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+_warned_partial: set[Path] = set()
+
+
+def _warn_partial(path: Path) -> None:
+    if path not in _warned_partial:
+        _warned_partial.add(path)
+        logger.warning(
+            "%s: truncated or damaged image, decoded partially (the rest is grey); "
+            "replace the file to use all of it",
+            path,
+        )
 
 
 # Normalisations, chosen by the backbone's weights (docs/method.md#image-scales, "Pixels").

@@ -128,6 +128,10 @@ class RunDir:
     def demo_picture_path(self, image_id: str) -> Path:
         return self.root / "demo" / f"{image_id}.png"
 
+    def lock_path(self, stage: str, split: str) -> Path:
+        """The lock file a process holds while it writes ``stage`` of ``split``."""
+        return self.root / ".locks" / f"{stage}.{split}.lock"
+
     # the folder whose manifest.json closes each stage
     def stage_dir(self, stage: str, split: str) -> Path:
         """The folder whose manifest.json closes ``stage`` (for ``split``, where it has one)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -40,6 +41,9 @@ def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
+    # Ctrl-C reaches the whole process group: the parent stops the pool, workers finish the
+    # image in hand (each written atomically) instead of printing tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A killed stage (SIGKILL, SIGTERM) would leave its workers blocked on the job queue forever.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 

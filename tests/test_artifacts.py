@@ -14,6 +14,7 @@ from spp_detect.artifacts import (
     atomic_path,
     atomic_write_text,
     clear_manifest,
+    folder_token,
     load_json,
     load_npz,
     load_torch,
@@ -127,6 +128,7 @@ def test_manifest_write_require_mismatch_clear(tmp_path):
         require_manifest(stage_dir, "propose", "abc")
     write_manifest(stage_dir, "propose", "trainval", 12, "abc", upstream={"x": "1"}, extra={"k": 2})
     manifest = require_manifest(stage_dir, "propose", "abc")
+    assert manifest.pop("token") == folder_token(stage_dir, "abc")
     assert manifest == {
         "stage": "propose", "split": "trainval", "count": 12, "fingerprint": "abc",
         "upstream": {"x": "1"}, "version": __version__, "k": 2,

@@ -71,8 +71,8 @@ def test_run_writes_every_artefact(toy_run):
 
 
 def test_manifests_record_the_upstream_manifests_they_read(toy_run):
-    def fingerprint_of(folder: str) -> str:
-        return json.loads((toy_run / folder / "manifest.json").read_text())["fingerprint"]
+    def fingerprint_of(folder: str) -> str:  # the token naming that manifest's output
+        return json.loads((toy_run / folder / "manifest.json").read_text())["token"]
 
     def upstream_of(folder: str) -> dict:
         return json.loads((toy_run / folder / "manifest.json").read_text())["upstream"]

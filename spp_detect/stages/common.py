@@ -17,14 +17,17 @@ import numpy as np
 
 from spp_detect.artifacts import (
     file_digest,
+    folder_token,
     load_npz,
     read_manifest,
+    remove_stale_temporaries,
     require_manifest,
     stored_fingerprint,
     write_manifest,
 )
 from spp_detect.config import Config, ProposeConfig
 from spp_detect.errors import UserError
+from spp_detect.locks import exclusive
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
 
@@ -142,33 +145,63 @@ def upstream_stages(config: Config, stage: str) -> list[tuple[str, str]]:
 
 
 def close_stage(
-    config: Config,
-    run_dir: RunDir,
+    ctx: StageContext,
     stage: str,
     split: str,
     count: int,
     extra: dict | None = None,
     folder: Path | None = None,
 ) -> None:
-    """Write ``stage``'s manifest last, with its config fingerprint and, as a record of where
-    it came from, the fingerprints of the upstream manifests it read. ``folder``: where it goes,
-    if not ``RunDir.stage_dir``."""
-    upstream = {}
+    """Write ``stage``'s manifest last, with its config fingerprint, the ``--limit`` it ran
+    with and the tokens of the upstream manifests it read (what `run` compares to decide
+    whether the stage is still current). ``folder``: where it goes, if not
+    ``RunDir.stage_dir``."""
+    config, run_dir = ctx.config, ctx.run_dir
+    upstream = {
+        name: manifest.get("token", "")
+        for name, manifest in _upstream_manifests(config, run_dir, stage, split).items()
+    }
+    write_manifest(
+        folder or run_dir.stage_dir(stage, split), stage, split, count, fingerprint(config, stage),
+        upstream=upstream, extra={"limit": ctx.limit, **(extra or {})},
+    )  # fmt: skip
+
+
+def _upstream_manifests(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:
+    """The manifests (by stage name) of the upstream stages of ``stage`` that exist."""
+    found = {}
     for name, role in upstream_stages(config, stage):
         manifest = read_manifest(
             run_dir.stage_dir(name, config.data.train_split if role == "train" else split)
         )
         if manifest is not None:
-            upstream[name] = manifest["fingerprint"]
-    write_manifest(
-        folder or run_dir.stage_dir(stage, split), stage, split, count, fingerprint(config, stage),
-        upstream=upstream, extra=extra,
-    )  # fmt: skip
+            found[name] = manifest
+    return found
 
 
 def require_upstream(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:
     """The manifest of a completed upstream ``stage``, made with the current config."""
-    return require_manifest(stage_dir(run_dir, stage, split), stage, fingerprint(config, stage))
+    return require_manifest(
+        stage_dir(run_dir, stage, split), stage, fingerprint(config, stage), split
+    )
+
+
+def locked(stage: str):
+    """Decorate a stage's ``run_*(ctx, split, ...)``: it runs holding the run directory's lock
+    for ``stage`` and ``split`` (``locks.exclusive``), after deleting the temporary files a
+    killed run left in the stage's folder."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def run(ctx: StageContext, split: str, *args, **kwargs):
+            what = f"{stage} (split {split}) in {ctx.run_dir.root}"
+            with exclusive(ctx.run_dir.lock_path(stage, split), what):
+                remove_stale_temporaries(ctx.run_dir.stage_dir(stage, split))
+                return func(ctx, split, *args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def split_records(config: Config, split: str, limit: int | None = None) -> list[ImageRecord]:
@@ -176,21 +209,40 @@ def split_records(config: Config, split: str, limit: int | None = None) -> list[
     from spp_detect.voc import read_split
 
     records = read_split(Path(config.data.root), split, config.data.classes)
+    split_file = Path(config.data.root) / "ImageSets/Main" / f"{split}.txt"
     if not records:
+        raise UserError(f"{split_file}: no images")
+    records = records[:limit] if limit else records
+    if split == config.data.train_split and not any(len(r.gt_boxes) for r in records):
         raise UserError(
-            f"{Path(config.data.root) / 'ImageSets/Main' / (split + '.txt')}: no images"
+            f"{split_file}: no box of data.classes {list(config.data.classes)} in the "
+            f"{len(records)} training images; set data.classes to the <name>s of "
+            f"{Path(config.data.root) / 'Annotations'} (the log line above counts the others)"
         )
-    return records[:limit] if limit else records
+    return records
 
 
-def load_proposals(run_dir: RunDir, split: str, image_id: str) -> np.ndarray:
-    """Proposal boxes (R, 4) float32 of one image; a missing file names the stage to run."""
-    path = run_dir.proposal_path(split, image_id)
+def load_proposals(config: Config, run_dir: RunDir, split: str, record: ImageRecord) -> np.ndarray:
+    """Proposal boxes (R, 4) float32 of one image, checked to come from this image and config;
+    a missing or foreign file names the stage to run."""
+    path = run_dir.proposal_path(split, record.image_id)
+    rerun = f"run `spp-detect propose --split {split}`"
     if not path.is_file():
+        raise UserError(f"{path}: no proposals for this image; {rerun}")
+    arrays = load_npz(path)
+    check_item(path, arrays, item_fingerprint(config, "propose", record), rerun)
+    return arrays["boxes"].astype(np.float32, copy=False)
+
+
+def check_item(path: Path, arrays: dict, expected: str, rerun: str) -> None:
+    """Refuse a per-item file made from other inputs than the current ones (another dataset,
+    image file, config or model): its stored fingerprint is checked on every read."""
+    stored = str(arrays["fingerprint"]) if "fingerprint" in arrays else None
+    if stored != expected:
         raise UserError(
-            f"{path}: no proposals for this image; run `spp-detect propose --split {split}`"
+            f"{path}: made from other inputs than this run's (dataset, image, config or model); "
+            f"{rerun} to recompute it"
         )
-    return load_npz(path)["boxes"].astype(np.float32, copy=False)
 
 
 def windows_of(record: ImageRecord, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -301,18 +353,25 @@ def check_trunk(config: Config, run_dir: RunDir, manifest: dict, folder: Path, s
         )
 
 
-def is_current(config: Config, run_dir: RunDir, stage: str, split: str) -> bool:
-    """Whether ``stage`` has closed ``split`` with the current config (and, for extract, the
-    current fine-tuned trunk)."""
-    manifest = read_manifest(run_dir.stage_dir(stage, split))
-    if manifest is None or manifest.get("fingerprint") != fingerprint(config, stage):
+def is_current(
+    config: Config, run_dir: RunDir, stage: str, split: str, limit: int | None = None
+) -> bool:
+    """Whether ``stage`` has closed ``split`` with the current config and ``limit``, no file of
+    its folder changed since, and every upstream output it read is still the one there now
+    (make-like: a stage rerun upstream makes it stale)."""
+    folder = run_dir.stage_dir(stage, split)
+    manifest = read_manifest(folder)
+    stage_fingerprint = fingerprint(config, stage)
+    if manifest is None or manifest.get("fingerprint") != stage_fingerprint:
         return False
-    if stage == "extract":
-        current = ""
-        if config.finetune.conv_from:
-            finetune = read_manifest(run_dir.stage_dir("finetune", config.data.train_split))
-            current = "" if finetune is None else finetune.get("trunk_digest", "")
-        return manifest.get("trunk_digest", "") == current
+    if manifest.get("limit") != limit:
+        return False
+    if manifest.get("token") != folder_token(folder, stage_fingerprint):
+        return False
+    upstream = manifest.get("upstream", {})
+    for name, current in _upstream_manifests(config, run_dir, stage, split).items():
+        if upstream.get(name) != current.get("token"):
+            return False
     return True
 
 
@@ -324,6 +383,7 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
     if config.extract.cache != "disk":
         return live_feature_source(config, run_dir, device)
     manifest = require_upstream(config, run_dir, "extract", split)
+    digest = trunk_digest(config, run_dir)
     check_trunk(config, run_dir, manifest, run_dir.features_dir(split), split)
     return FeatureSource(
         config.extract.scales,
@@ -331,6 +391,7 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
         int(manifest["channels"]),
         device,
         cache_path=functools.partial(run_dir.feature_path, split),
+        cache_fingerprint=functools.partial(item_fingerprint, config, "extract", model=digest),
         max_long_side=config.extract.max_long_side,
     )
 
@@ -379,6 +440,21 @@ def build_detector(config: Config, run_dir: RunDir, device: str):
         check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
         regressors = BoxRegressors.load(run_dir.bbox_path)
     return Detector(head, svms, regressors, detection_settings(config), device)
+
+
+def model_digest(config: Config, run_dir: RunDir) -> str:
+    """A digest of every trained file the test stage's detector uses (head, and the SVMs,
+    ridge regressors and fine-tuned trunk where they apply): per-image detections made with
+    models trained since are recomputed."""
+    paths = [run_dir.head_path]
+    if config.test.scorer == "svm":
+        paths.append(run_dir.svm_path)
+    if config.test.bbox_reg and config.test.regressor == "ridge":
+        paths.append(run_dir.bbox_path)
+    if config.finetune.conv_from:
+        paths.append(run_dir.trunk_path)
+    digests = [file_digest(path) if path.is_file() else "" for path in paths]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
 def detection_settings(config: Config):

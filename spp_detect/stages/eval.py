@@ -20,6 +20,7 @@ from spp_detect.stages.common import (
     Summary,
     check_classes,
     close_stage,
+    locked,
     require_upstream,
     split_records,
     stage_dir,
@@ -34,6 +35,7 @@ from spp_detect.voc_eval import (
 )
 
 
+@locked("eval")
 def run_eval(
     ctx: StageContext, split: str, use_07_metric: bool, combine: Path | None = None
 ) -> str:
@@ -65,7 +67,7 @@ def run_eval(
     )
     curves = run_dir.pr_curve_path(name)
     plotted = plot_pr_curves(results, config.data.classes, curves)
-    close_stage(config, run_dir, "eval", split, len(records), folder=out_dir)
+    close_stage(ctx, "eval", split, len(records), folder=out_dir)
     summary.items = len(records)
     summary.notes.append(f"mAP {100 * report['mAP']:.2f} ({report['metric']})")
     notes = [format_ap_table(report), f"wrote {run_dir.eval_path(name)} and {out_dir}/"]

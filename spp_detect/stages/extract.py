@@ -40,6 +40,7 @@ from spp_detect.stages.common import (
     close_stage,
     format_bytes,
     items_to_do,
+    locked,
     split_records,
     trunk_digest,
 )
@@ -51,6 +52,7 @@ MAX_PENDING_WRITES = 2  # cache files being written in the background while the 
 FLOAT16_BYTES = 2
 
 
+@locked("extract")
 def run_extract(ctx: StageContext, split: str) -> str:
     """Cache the conv5 maps of ``split``; returns the one-line summary."""
     config = ctx.config
@@ -78,7 +80,7 @@ def run_extract(ctx: StageContext, split: str) -> str:
     seconds = time.perf_counter() - started
 
     close_stage(
-        config, ctx.run_dir, "extract", split, len(records),
+        ctx, "extract", split, len(records),
         extra={
             "backbone": backbone.name, "channels": backbone.channels, "stride": backbone.stride,
             "offset0": backbone.offset0, "scales": list(settings.scales), "flip": flip,

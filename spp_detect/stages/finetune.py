@@ -37,6 +37,7 @@ from spp_detect.stages.common import (
     close_stage,
     fingerprint,
     load_proposals,
+    locked,
     open_feature_source,
     pool_geometry,
     require_upstream,
@@ -48,6 +49,7 @@ from spp_detect.structures import ImageRecord
 logger = logging.getLogger(__name__)
 
 
+@locked("finetune")
 def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -> str:
     """Fine-tune the head on ``split`` (and the conv layers from ``finetune.conv_from`` on,
     from images); ``stop_after`` (tests) stops after that many iterations as a kill would,
@@ -75,7 +77,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
         summary.notes.append(f"stopped at iteration {summary.items} of {settings.iterations}")
         return summary.line()
     # 6. Outputs: the last iteration's head (and trunk), the curve, the manifest last.
-    summary.bytes_written = _save_outputs(config, run_dir, split, trainer)
+    summary.bytes_written = _save_outputs(ctx, split, trainer)
     run_dir.checkpoint_path.unlink(missing_ok=True)
     history = trainer.progress.history
     if history:
@@ -171,8 +173,9 @@ def _end_to_end_model(ctx: StageContext, split: str):
     )  # fmt: skip
 
 
-def _save_outputs(config: Config, run_dir: RunDir, split: str, trainer: training.Trainer) -> int:
+def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> int:
     """head.pt (and trunk.pt), history.json, then the manifest; returns the bytes written."""
+    config, run_dir = ctx.config, ctx.run_dir
     settings = config.finetune
     save_torch(run_dir.head_path, head_state(trainer.head))
     written = [run_dir.head_path]
@@ -188,7 +191,7 @@ def _save_outputs(config: Config, run_dir: RunDir, split: str, trainer: training
          "batch_size": settings.batch_size, "conv_from": settings.conv_from or None,
          "entries": trainer.progress.history},
     )  # fmt: skip
-    close_stage(config, run_dir, "finetune", split, settings.iterations, extra=extra)
+    close_stage(ctx, "finetune", split, settings.iterations, extra=extra)
     return sum(path.stat().st_size for path in written)
 
 
@@ -256,7 +259,7 @@ def _window_pool(
 ) -> WindowPool:
     settings = config.finetune
     proposals = [
-        load_proposals(run_dir, split, record.image_id)
+        load_proposals(config, run_dir, split, record)
         for record in tqdm(records, desc=f"label windows ({split})", unit="img", leave=False)
     ]
     return build_window_pool(

@@ -44,6 +44,7 @@ from spp_detect.stages.common import (
     close_stage,
     dir_bytes,
     items_to_do,
+    locked,
     proposal_params,
     split_records,
 )
@@ -85,6 +86,7 @@ def save_proposals(
     )
 
 
+@locked("propose")
 def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str:
     """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
     config, run_dir = ctx.config, ctx.run_dir
@@ -96,7 +98,6 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
         return _report(config, run_dir, records, split, summary)
     _check_edge_model_setting(config.propose)
     clear_manifest(out_dir)
-    _remove_stale_temporaries(out_dir)
     todo, fingerprints = items_to_do(
         config, "propose", records, functools.partial(run_dir.proposal_path, split), ctx.force
     )
@@ -119,7 +120,7 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     if failures:
         _raise_failures(failures, len(records), split)
     # 4. manifest
-    close_stage(config, run_dir, "propose", split, len(records))
+    close_stage(ctx, "propose", split, len(records))
     # 5. recall report
     return _report(config, run_dir, records, split, summary)
 
@@ -147,12 +148,6 @@ def _check_edge_model(model_path: str) -> None:
                 f"{model_path}: not a structured-edge model (OpenCV crashed loading it); use the "
                 "model.yml.gz from opencv_extra (see README)"
             ) from None
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary files a killed run left behind (artifacts.atomic_path names them .<name>.*.tmp)."""
-    for stale in out_dir.glob(".*.npz.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def _import_mat(

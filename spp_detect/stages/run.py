@@ -49,7 +49,7 @@ def pipeline(ctx: StageContext) -> list[tuple[str, str, Callable[[], str]]]:
 
 
 def is_complete(ctx: StageContext, stage: str, split: str) -> bool:
-    return is_current(ctx.config, ctx.run_dir, stage, split)
+    return is_current(ctx.config, ctx.run_dir, stage, split, ctx.limit)
 
 
 def run_all(ctx: StageContext) -> str:

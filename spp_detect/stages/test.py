@@ -25,15 +25,19 @@ from spp_detect.stages.common import (
     StageContext,
     Summary,
     build_detector,
+    check_item,
     close_stage,
     items_to_do,
     load_proposals,
+    locked,
+    model_digest,
     open_split,
     stage_dir,
 )
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 
+@locked("test")
 def run_test(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("test")
@@ -43,11 +47,12 @@ def run_test(ctx: StageContext, split: str) -> str:
     clear_manifest(stage_dir(run_dir, "test", split))
     # 2. per image
     todo, fingerprints = items_to_do(
-        config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force
-    )
+        config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force,
+        model=model_digest(config, run_dir),
+    )  # fmt: skip
     progress = dict(desc=f"test {split}", total=len(todo), unit="img")
     for record in tqdm(prefetching(source, todo), **progress):
-        proposals = load_proposals(run_dir, split, record.image_id)
+        proposals = load_proposals(config, run_dir, split, record)
         found = detector.detect(source, record, proposals)
         save_npz(
             run_dir.detection_part_path(split, record.image_id),
@@ -56,20 +61,26 @@ def run_test(ctx: StageContext, split: str) -> str:
         )  # fmt: skip
         summary.items += 1
     # 3. merge
-    detections = _merge(records, run_dir, split)
+    detections = _merge(records, run_dir, split, fingerprints)
     save_npz(run_dir.detections_path(split), **detections.to_arrays())
     close_stage(
-        config, run_dir, "test", split, len(records),
+        ctx, "test", split, len(records),
         extra={"classes": list(config.data.classes), "detections": len(detections)},
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")
     return summary.line()
 
 
-def _merge(records: list[ImageRecord], run_dir: RunDir, split: str) -> Detections:
+def _merge(
+    records: list[ImageRecord], run_dir: RunDir, split: str, fingerprints: dict[str, str]
+) -> Detections:
+    """The per-image files, each checked to be made from the current inputs and models."""
     per_image = []
     for record in records:
-        part = load_npz(run_dir.detection_part_path(split, record.image_id))
+        path = run_dir.detection_part_path(split, record.image_id)
+        part = load_npz(path)
+        rerun = f"run `spp-detect test --split {split}`"
+        check_item(path, part, fingerprints[record.image_id], rerun)
         per_image.append(
             ImageDetections(boxes=part["boxes"].reshape(-1, 4), scores=part["scores"],
                             labels=part["labels"])

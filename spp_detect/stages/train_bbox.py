@@ -26,6 +26,7 @@ from spp_detect.stages.common import (
     Summary,
     close_stage,
     load_proposals,
+    locked,
     open_split,
     windows_of,
 )
@@ -35,13 +36,14 @@ from spp_detect.window_features import feature_scale, sample_for_norm
 logger = logging.getLogger(__name__)
 
 
+@locked("train-bbox")
 def run_train_bbox(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("train-bbox")
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     clear_manifest(run_dir.bbox_dir)
-    windows = [windows_of(r, load_proposals(run_dir, split, r.image_id))[0] for r in records]
+    windows = [windows_of(r, load_proposals(config, run_dir, split, r))[0] for r in records]
     # 2. feature scale
     cfg = config.bbox_reg
     picks = sample_for_norm([len(w) for w in windows], cfg.norm_images, cfg.norm_windows, cfg.seed)
@@ -64,7 +66,7 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     regressors.save(run_dir.bbox_path)
     save_json(run_dir.bbox_report_path, {"feature_scale": scale, "classes": report})
     close_stage(
-        config, run_dir, "train-bbox", split, len(records),
+        ctx, "train-bbox", split, len(records),
         extra={"classes": list(config.data.classes)},
     )  # fmt: skip
     summary.items = len(records)

@@ -28,6 +28,7 @@ from spp_detect.stages.common import (
     close_stage,
     load_proposals,
     load_trained_head,
+    locked,
     open_split,
     windows_of,
 )
@@ -42,10 +43,11 @@ class WindowFeatures:
     """fc7 features (R, F) of an image's windows (gt first) at their best scale."""
 
     def __init__(self, ctx: StageContext, split: str, source: FeatureSource, head: Head):
-        self.run_dir, self.split, self.source, self.head = ctx.run_dir, split, source, head
+        self.config, self.run_dir, self.split = ctx.config, ctx.run_dir, split
+        self.source, self.head = source, head
 
     def windows(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        return windows_of(record, load_proposals(self.run_dir, self.split, record.image_id))
+        return windows_of(record, load_proposals(self.config, self.run_dir, self.split, record))
 
     def scale_index(self, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
         return self.source.scale_index(record, boxes)
@@ -56,6 +58,7 @@ class WindowFeatures:
         return self.head.features(pooled).float().cpu().numpy()
 
 
+@locked("train-svm")
 def run_train_svm(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("train-svm")
@@ -76,7 +79,7 @@ def run_train_svm(ctx: StageContext, split: str) -> str:
     report = _report(model.report, config.data.classes, scale)
     save_json(run_dir.svm_report_path, report)
     close_stage(
-        config, run_dir, "train-svm", split, len(records),
+        ctx, "train-svm", split, len(records),
         extra={"classes": list(config.data.classes)},
     )  # fmt: skip
     summary.items = len(records)
