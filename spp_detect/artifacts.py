@@ -71,6 +71,17 @@ def free_bytes(folder: Path) -> int | None:
     return None
 
 
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes of ``what`` under ``folder`` when the file system
+    has less free: better one line now than a full disk hours later."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise UserError(
+            f"{folder}: {what} needs about {needed:,} bytes, {free:,} are free; free space or "
+            "use another --run-dir"
+        )
+
+
 def is_write_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in WRITE_ERRORS
 
@@ -189,7 +200,7 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """Save tensors (nested dicts/lists of tensors and plain values) atomically."""
     import torch
 
-    needed = _tensor_bytes(obj)
+    needed = tensor_bytes(obj)
     with atomic_path(path, needed) as tmp:
         try:
             torch.save(obj, tmp)
@@ -206,14 +217,14 @@ _TORCH_WRITE_FAILURE = re.compile(r"iostream|failed writing|write", re.IGNORECAS
 _LOW_SPACE = 1 << 20  # bytes: below this a failed write is taken for a full disk
 
 
-def _tensor_bytes(obj: Any) -> int:
+def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a nested dict/list (the size a checkpoint needs, about)."""
     if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
         return obj.element_size() * obj.nelement()
     if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(value) for value in obj.values())
+        return sum(tensor_bytes(value) for value in obj.values())
     if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(value) for value in obj)
+        return sum(tensor_bytes(value) for value in obj)
     return 0
 
 
@@ -257,13 +268,18 @@ def write_manifest(
     save_json(Path(stage_dir) / MANIFEST, manifest)
 
 
+# What later stages read: arrays and weights. Reports (JSON, PNG, devkit text) are for people
+# and may be rewritten alone (`propose --report`) without making anything downstream stale.
+TOKEN_SUFFIXES = (".npz", ".pt")
+
+
 def folder_token(stage_dir: str | Path, fingerprint: str) -> str:
-    """A digest of ``fingerprint`` and the name, size and modification time of every file in
-    ``stage_dir`` but the manifest and hidden files: changes whenever an output is rewritten."""
+    """A digest of ``fingerprint`` and the name, size and modification time of every artefact
+    (``TOKEN_SUFFIXES``) in ``stage_dir``: changes whenever one is rewritten."""
     folder = Path(stage_dir)
     entries = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if path.name != MANIFEST and not path.name.startswith(".") and path.is_file():
+        if path.suffix in TOKEN_SUFFIXES and not path.name.startswith(".") and path.is_file():
             stat = path.stat()
             entries.append((path.name, stat.st_size, stat.st_mtime_ns))
     return hashlib.sha256(json.dumps([fingerprint, entries]).encode()).hexdigest()[:16]

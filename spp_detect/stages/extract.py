@@ -1,6 +1,7 @@
 """`spp-detect extract`: conv5 maps of every image at every scale, cached as float16 .npz.
 
-Steps: 1. check the settings and build the backbone; 2. log the projected cache size; 3. per
+Steps: 1. check the settings and build the backbone; 2. log the projected cache size and stop
+when what is left to write does not fit the free space (unless --force); 3. per
 image, skip a file already made with the same settings (unless --force), else one forward pass
 per scale (plus the mirrored image on training splits with ``extract.flip``) and an atomic write;
 an image that runs out of GPU memory is redone on the CPU; 4. the manifest, last.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import clear_manifest, save_npz
+from spp_detect.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
 from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
 from spp_detect.features import (
@@ -66,13 +66,16 @@ def run_extract(ctx: StageContext, split: str) -> str:
     check_scales_fit(backbone, settings.scales)
     flip = settings.flip and split == config.data.train_split
     out_dir = ctx.run_dir.features_dir(split)
-    _log_projected_size(records, backbone, settings.scales, settings.max_long_side, flip, out_dir)
-
     clear_manifest(out_dir)
     path_of = functools.partial(ctx.run_dir.feature_path, split)
     todo_records, fingerprints = items_to_do(
         config, "extract", records, path_of, ctx.force, model=digest
     )
+    sizes = {
+        r.image_id: _cache_bytes(r, backbone, settings.scales, settings.max_long_side, flip)
+        for r in records
+    }
+    _check_projected_size(sizes, todo_records, out_dir, ctx.force)
     todo = [(record, path_of(record.image_id)) for record in todo_records]
     extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
@@ -172,27 +175,31 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:
     return path.stat().st_size
 
 
-def _log_projected_size(
-    records: Sequence[ImageRecord],
-    backbone: Backbone,
-    scales: Sequence[int],
-    max_long_side: int,
-    flip: bool,
-    out_dir: Path,
-) -> None:
-    """Log the cache size from the images' sizes and the conv size arithmetic; warn if no room."""
+def _cache_bytes(
+    record: ImageRecord, backbone: Backbone, scales: Sequence[int], max_long_side: int, flip: bool
+) -> int:
+    """The float16 conv5 maps of one image at every scale (and mirrored), from the image size and
+    the conv size arithmetic."""
     total = 0
-    for record in records:
-        for scale in scales:
-            fmap_h, fmap_w = backbone.output_hw(resized_hw(record.image_hw, scale, max_long_side))
-            total += backbone.channels * fmap_h * fmap_w * FLOAT16_BYTES
-    total *= 2 if flip else 1
+    for scale in scales:
+        fmap_h, fmap_w = backbone.output_hw(resized_hw(record.image_hw, scale, max_long_side))
+        total += backbone.channels * fmap_h * fmap_w * FLOAT16_BYTES
+    return total * (2 if flip else 1)
+
+
+def _check_projected_size(
+    sizes: Mapping[str, int], todo: Sequence[ImageRecord], out_dir: Path, force: bool
+) -> None:
+    """Log the cache size; refuse to start when the images still to write will not fit (with
+    --force only warn: the files it replaces free their space as it goes)."""
+    needed = sum(sizes[record.image_id] for record in todo)
     logger.info(
-        "projected cache size: %s for %d images × %d scales%s (float16 %s maps, %d channels)",
-        format_bytes(total), len(records), len(scales), " + flips" if flip else "",
-        backbone.name, backbone.channels,
+        "projected cache size: %s for %d images, %s of it still to write",
+        format_bytes(sum(sizes.values())), len(sizes), format_bytes(needed),
     )  # fmt: skip
-    existing = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < total:
-        logger.warning("only %s free under %s", format_bytes(free), existing)
+    if force:
+        free = free_bytes(out_dir)
+        if free is not None and free < needed:
+            logger.warning("only %s free under %s", format_bytes(free), out_dir)
+        return
+    check_free_space(out_dir, needed, "the conv5 cache")

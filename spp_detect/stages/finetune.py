@@ -18,11 +18,13 @@ from tqdm import tqdm
 
 from spp_detect import training
 from spp_detect.artifacts import (
+    check_free_space,
     clear_manifest,
     file_digest,
     read_manifest,
     save_json,
     save_torch,
+    tensor_bytes,
 )
 from spp_detect.backbones import trunk_state
 from spp_detect.config import Config, FinetuneConfig
@@ -104,7 +106,7 @@ def _train_head(
     identity = {**identity, "feature_dim": windows.feature_dim,
                 "block_iterations": windows.block_iterations}  # fmt: skip
     source = windows.source
-    trainer = _new_trainer(config, source.channels, source.device, schedule, identity)
+    trainer = _new_trainer(config, ctx.run_dir, source.channels, source.device, schedule, identity)
     training.resume(ctx.run_dir.checkpoint_path, trainer)
     start = trainer.progress.iteration
     pool_seconds, step_seconds = training.train(
@@ -128,7 +130,13 @@ def _train_end_to_end(
     schedule = _schedule(settings)
     model = _end_to_end_model(ctx, split)
     trainer = _new_trainer(
-        config, model.trunk.channels, model.device, schedule, identity, trunk=model.trunk
+        config,
+        ctx.run_dir,
+        model.trunk.channels,
+        model.device,
+        schedule,
+        identity,
+        trunk=model.trunk,
     )
     conv_training.add_trunk_to_optimizer(
         trainer.optimizer, model.trunk, model.first_trainable, settings.conv_lr_mult
@@ -291,6 +299,7 @@ def _training_windows(
 
 def _new_trainer(
     config: Config,
+    run_dir: RunDir,
     channels: int,
     device: torch.device,
     schedule: training.SgdSchedule,
@@ -304,9 +313,21 @@ def _new_trainer(
     classifier = load_classifier_state(config.extract.backbone, config.extract.weights)
     shape = _head_shape(config, channels)
     trainer = training.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
+    _check_checkpoint_space(run_dir, trainer)
     if classifier is not None:
         logger.info("fc6/fc7 start from the %s classifier", config.extract.backbone)
     return trainer
+
+
+def _check_checkpoint_space(run_dir: RunDir, trainer: training.Trainer) -> None:
+    """Weights and optimizer state of a checkpoint, twice (the new one is written beside the
+    old one before it replaces it), plus the final head and trunk."""
+    weights = tensor_bytes(trainer.head.state_dict())
+    if trainer.trunk is not None:
+        weights += tensor_bytes(trainer.trunk.state_dict())
+    state = tensor_bytes(trainer.optimizer.state_dict())
+    needed = 2 * (weights + max(state, weights)) + weights  # momentum buffers appear at step 1
+    check_free_space(run_dir.finetune_dir, needed, "fine-tuning checkpoints")
 
 
 def _head_shape(config: Config, channels: int) -> training.HeadShape:

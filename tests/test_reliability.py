@@ -1,0 +1,328 @@
+"""Never a silently wrong result: files checked on every read, one writer per stage, write
+errors and Ctrl-C as one line, make-like `run`, truncated images (issue 18).
+
+Each test here failed before the fix it names. The kill -9 / corruption / stale-data matrix
+at scale is `scripts/fault_suite.py` (its CI slice: tests/test_fault_suite.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spp_detect import artifacts, locks
+from spp_detect.artifacts import load_npz, require_manifest, save_npz, save_torch
+from spp_detect.cli import cli
+from spp_detect.config import load_config
+from spp_detect.errors import UserError
+from spp_detect.image import read_image
+from spp_detect.run_dir import RunDir
+from spp_detect.stages.common import (
+    is_current,
+    load_proposals,
+    open_feature_source,
+    split_records,
+)
+from spp_detect.voc import image_size
+
+TOY = ["data.classes=[circle,square,triangle]", "extract.scales=[96]", "propose.max_side=200"]
+
+
+def _sets(root: Path, *extra: str) -> list[str]:
+    return [part for item in [f"data.root={root}", *TOY, *extra] for part in ("--set", item)]
+
+
+def _invoke(verb: str, root: Path, run: Path, *args: str):
+    command = [verb, "--run-dir", str(run), "--device", "cpu", "--workers", "1", *args]
+    return CliRunner().invoke(cli, command + _sets(root))
+
+
+def _config(root: Path, *extra: str):
+    return load_config(None, [f"data.root={root}", *TOY, *extra])
+
+
+def _error_line(result) -> str:
+    """The one line a refused command printed (its output holds no traceback)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_run(toy_root: Path, tmp_path_factory) -> Path:
+    """Proposals and conv5 maps of the first 3 training images of the toy set."""
+    run = tmp_path_factory.mktemp("reliability") / "run"
+    for verb in ("propose", "extract"):
+        result = _invoke(verb, toy_root, run, "--limit", "3")
+        assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture
+def run_copy(small_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(small_run, tmp_path / "run"))
+
+
+def _tamper(path: Path, **changes) -> None:
+    """Rewrite a per-item .npz with some arrays replaced (another origin, as a second writer
+    with other settings would leave it)."""
+    arrays = load_npz(path)
+    arrays.update(changes)
+    save_npz(path, **arrays)
+
+
+# --- files checked when read, not only when skipped ------------------------------------------
+
+
+def test_conv5_maps_of_another_origin_are_refused_when_read(toy_root, run_copy):
+    config = _config(toy_root)
+    record = split_records(config, "trainval", 3)[1]
+    _tamper(RunDir(run_copy).feature_path("trainval", record.image_id), fingerprint="other")
+    source = open_feature_source(config, RunDir(run_copy), "trainval", "cpu")
+    source.maps(split_records(config, "trainval", 3)[0])  # the untouched ones still read
+    with pytest.raises(UserError, match=r"conv5 maps made from other inputs.*spp-detect extract"):
+        source.maps(record)
+
+
+def test_proposals_of_another_origin_are_refused_when_read(toy_root, run_copy):
+    config = _config(toy_root)
+    record = split_records(config, "trainval", 3)[0]
+    run_dir = RunDir(run_copy)
+    assert len(load_proposals(config, run_dir, "trainval", record))
+    _tamper(run_dir.proposal_path("trainval", record.image_id), fingerprint="other")
+    with pytest.raises(UserError, match=r"other inputs.*spp-detect propose --split trainval"):
+        load_proposals(config, run_dir, "trainval", record)
+
+
+def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, small_run):
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    run = Path(shutil.copytree(small_run, tmp_path / "run"))
+    config = _config(root)
+    for verb in ("propose", "extract"):  # this dataset's own items (paths differ from toy_root)
+        assert _invoke(verb, root, run, "--limit", "3").exit_code == 0
+    record = split_records(config, "trainval", 3)[2]
+    os.utime(record.path, ns=(1, 1))  # same bytes, another modification time: another file
+    source = open_feature_source(config, RunDir(run), "trainval", "cpu")
+    with pytest.raises(UserError, match="other inputs"):
+        source.maps(split_records(config, "trainval", 3)[2])
+
+
+# --- one writer per run directory and stage ---------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_first(toy_root, run_copy):
+    lock = RunDir(run_copy).lock_path("extract", "trainval")
+    with locks.exclusive(lock, "extract"):
+        line = _error_line(_invoke("extract", toy_root, run_copy, "--limit", "3"))
+    assert f"pid {os.getpid()}" in line and "already writing extract" in line
+    assert _invoke("extract", toy_root, run_copy, "--limit", "3").exit_code == 0  # released
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    lock = tmp_path / ".locks" / "extract.trainval.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from spp_detect import locks\n"
+         "with locks.exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); "
+         "time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"pid {holder.pid}"), locks.exclusive(lock, "x"):
+        pass
+    holder.kill()
+    holder.wait()
+    with locks.exclusive(lock, "x"):  # the kernel released it with the process
+        pass
+
+
+def test_other_torchrun_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
+    lock = tmp_path / "x.lock"
+    with locks.exclusive(lock, "x"):
+        monkeypatch.setenv("RANK", "1")
+        with locks.exclusive(lock, "x"):  # rank 0 holds it for the job
+            pass
+
+
+def test_stale_temporaries_are_removed_when_a_stage_starts(toy_root, run_copy):
+    folder = RunDir(run_copy).features_dir("trainval")
+    stale = folder / ".000001.npz.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    assert _invoke("extract", toy_root, run_copy, "--limit", "3").exit_code == 0
+    assert not stale.exists()
+
+
+# --- write errors and Ctrl-C ----------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(toy_root, run_copy, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full)
+    line = _error_line(_invoke("extract", toy_root, run_copy, "--limit", "3", "--force"))
+    assert "could not write" in line and "needed" in line and "bytes free" in line
+    assert "disk is full" in line
+    folder = RunDir(run_copy).features_dir("trainval")
+    assert not list(folder.glob(".*.tmp"))
+    assert not (folder / "manifest.json").exists()  # the stage is not closed
+
+
+def test_extract_refuses_to_start_without_room_for_its_cache(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 1000)
+    line = _error_line(_invoke("extract", toy_root, tmp_path / "run", "--limit", "2"))
+    assert re.search(r"the conv5 cache needs about [\d,]+ bytes, 1,000 are free", line), line
+    assert not list((tmp_path / "run").glob("features/trainval/*.npz"))
+
+
+def test_finetune_refuses_to_start_without_room_for_its_checkpoints(
+    toy_root, run_copy, monkeypatch
+):
+    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 1000)
+    tiny = ["--set", "finetune.iterations=2", "--set", "finetune.fc_dim=16"]
+    line = _error_line(_invoke("finetune", toy_root, run_copy, "--limit", "3", *tiny))
+    assert "fine-tuning checkpoints needs about" in line and "1,000 are free" in line
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [(errno.EROFS, "read-only"), (errno.EACCES, "permission"), (errno.EIO, "I/O error")],
+)
+def test_each_write_error_names_the_path_and_the_fix(tmp_path, monkeypatch, code, fix):
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(np, "savez", failing)
+    target = tmp_path / "out" / "a.npz"
+    with pytest.raises(UserError, match=rf"{target}: could not write.*{fix}"):
+        save_npz(target, x=np.zeros(3))
+    assert not list(target.parent.glob(".*"))
+
+
+def test_torch_iostream_failure_on_a_full_disk_is_named(tmp_path, monkeypatch):
+    def failing(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", failing)
+    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 1000)
+    with pytest.raises(UserError, match=r"checkpoint\.pt: could not write.*disk is full"):
+        save_torch(tmp_path / "checkpoint.pt", {"w": torch.zeros(1000)})
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_ends_with_exit_130_and_the_resume_hint(toy_root, run_copy, monkeypatch):
+    from spp_detect.stages import extract
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract, "_extract_all", interrupted)
+    result = _invoke("extract", toy_root, run_copy, "--limit", "3", "--force")
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == "interrupted; rerun to resume"
+
+
+# --- `run` is make-like -----------------------------------------------------------------------
+
+
+def test_a_split_left_partial_by_limit_is_not_current(toy_root, run_copy):
+    config, run_dir = _config(toy_root), RunDir(run_copy)
+    assert is_current(config, run_dir, "propose", "trainval", limit=3)
+    assert not is_current(config, run_dir, "propose", "trainval", limit=None)
+
+
+def test_an_upstream_rerun_makes_the_downstream_stale(toy_root, run_copy):
+    tiny = ["--set", "finetune.iterations=2", "--set", "finetune.fc_dim=16"]
+    config, run_dir = (
+        _config(toy_root, "finetune.iterations=2", "finetune.fc_dim=16"),
+        RunDir(run_copy),
+    )
+    assert _invoke("finetune", toy_root, run_copy, "--limit", "3", *tiny).exit_code == 0
+    assert is_current(config, run_dir, "finetune", "trainval", limit=3)
+    # the same config and images: only the proposal files are new
+    assert _invoke("propose", toy_root, run_copy, "--limit", "3", "--force").exit_code == 0
+    assert not is_current(config, run_dir, "finetune", "trainval", limit=3)
+
+
+def test_a_file_changed_after_its_manifest_makes_the_stage_stale(toy_root, run_copy):
+    config, run_dir = _config(toy_root), RunDir(run_copy)
+    path = next(run_dir.features_dir("trainval").glob("*.npz"))
+    _tamper(path)  # rewritten (as a second process would) after the manifest was closed
+    assert not is_current(config, run_dir, "extract", "trainval", limit=3)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def test_a_truncated_jpeg_is_used_with_one_warning(toy_root, tmp_path, caplog):
+    source = next((toy_root / "JPEGImages").glob("*.jpg"))
+    whole = read_image(source)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(source.read_bytes()[:-20])
+    with caplog.at_level(logging.WARNING, logger="spp_detect"):
+        image = read_image(cut)
+        read_image(cut)
+    assert image.shape == whole.shape
+    assert image_size(cut) == whole.shape[:2]  # the header check agrees with the decoder
+    warnings = [r for r in caplog.records if "truncated or damaged" in r.getMessage()]
+    assert len(warnings) == 1 and str(cut) in warnings[0].getMessage()
+
+
+def test_an_undecodable_image_is_one_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    with pytest.raises(UserError, match=r"bad\.jpg: not a readable image"):
+        read_image(bad)
+
+
+def test_a_missing_image_is_named_without_dataset_advice(tmp_path):
+    with pytest.raises(UserError, match=r"missing\.jpg: image not found; check the path$"):
+        read_image(tmp_path / "missing.jpg")
+
+
+# --- small items ------------------------------------------------------------------------------
+
+
+def test_a_garbage_npz_message_does_not_advise_unsafe_loading(tmp_path):
+    path = tmp_path / "x.npz"
+    path.write_bytes(b"\x93NUMPY garbage" * 10)
+    with pytest.raises(UserError) as raised:
+        load_npz(path)
+    assert "allow_pickle" not in str(raised.value) and "delete it and rerun" in str(raised.value)
+
+
+def test_hints_to_run_an_upstream_stage_name_the_split(tmp_path):
+    with pytest.raises(UserError, match=r"run `spp-detect extract --split test` first"):
+        require_manifest(tmp_path, "extract", "abc", "test")
+
+
+def test_a_training_split_without_any_configured_class_is_an_error(toy_root, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["propose", "--run-dir", str(tmp_path / "run"), "--set", f"data.root={toy_root}",
+         "--set", "data.classes=[hexagon]"],
+    )  # fmt: skip
+    line = _error_line(result)
+    assert "trainval.txt: no box of data.classes ['hexagon']" in line
+
+
+@pytest.mark.parametrize(
+    "setting", ["test.nms_thresh=1.5", "finetune.fg_thresh=1.5", "finetune.bg_thresh_lo=-0.1"]
+)
+def test_thresholds_out_of_range_are_refused_at_load(setting):
+    with pytest.raises(UserError, match=setting.split("=")[0]):
+        load_config(None, [setting])
