@@ -7,6 +7,7 @@ so the whole module is marked slow (deselect with ``-m "not slow"``).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,27 @@ def test_run_again_skips_every_stage(toy_root, toy_run):
     result = invoke("run", *toy_args(toy_root, toy_run))
     assert result.exit_code == 0, result.output
     assert result.output.count("done before") == 9
+
+
+def test_run_reevaluates_after_test_is_recomputed(toy_root, toy_run):
+    assert invoke("test", *toy_args(toy_root, toy_run), "--force").exit_code == 0
+    result = invoke("run", *toy_args(toy_root, toy_run))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done before") == 8
+    assert re.search(r"^eval +test +ran", result.output, re.MULTILINE), result.output
+
+
+def test_run_completes_a_split_left_partial_by_limit(toy_root, toy_run, tmp_path):
+    run = Path(shutil.copytree(toy_run, tmp_path / "run"))
+    args = toy_args(toy_root, run)
+    assert invoke("propose", *args, "--split", "test", "--limit", "2", "--force").exit_code == 0
+    result = invoke("run", *args)
+    assert result.exit_code == 0, result.output
+    for stage in ("propose", "test", "eval"):  # the 2 new proposal files: their detections too
+        assert re.search(rf"^{stage} +test +ran", result.output, re.MULTILINE), result.output
+    assert "test: 2 items" in result.output
+    manifest = json.loads((run / "proposals/test/manifest.json").read_text())
+    assert (manifest["count"], manifest["limit"]) == (6, None)
 
 
 def test_eval_voc2007_and_saved_config(toy_run):

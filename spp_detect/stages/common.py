@@ -8,7 +8,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +105,13 @@ def items_to_do(
     records: Sequence[ImageRecord],
     path_of,
     force: bool,
-    model: str = "",
+    model: str | Callable[[ImageRecord], str] = "",
 ) -> tuple[list[ImageRecord], dict[str, str]]:
     """The records whose file ``path_of(image_id)`` is missing or was made from other inputs
-    (all of them with ``force``), and every record's item fingerprint by image id."""
-    fingerprints = {r.image_id: item_fingerprint(config, stage, r, model) for r in records}
+    (all of them with ``force``), and every record's item fingerprint by image id. ``model``:
+    the digest of what else the item depends on, or a function giving it per record."""
+    model_of = model if callable(model) else (lambda record: model)
+    fingerprints = {r.image_id: item_fingerprint(config, stage, r, model_of(r)) for r in records}
     todo = [
         r
         for r in records
@@ -205,21 +207,34 @@ def locked(stage: str):
 
 
 def split_records(config: Config, split: str, limit: int | None = None) -> list[ImageRecord]:
-    """The annotated images of ``split``, the first ``limit`` of them when given."""
-    from spp_detect.voc import read_split
-
-    records = read_split(Path(config.data.root), split, config.data.classes)
-    split_file = Path(config.data.root) / "ImageSets/Main" / f"{split}.txt"
+    """The annotated images of ``split`` (VOC layout or COCO file, data.format), the first
+    ``limit`` of them when given."""
+    records, split_file, names = _read_split(config, split)
     if not records:
         raise UserError(f"{split_file}: no images")
     records = records[:limit] if limit else records
     if split == config.data.train_split and not any(len(r.gt_boxes) for r in records):
         raise UserError(
             f"{split_file}: no box of data.classes {list(config.data.classes)} in the "
-            f"{len(records)} training images; set data.classes to the <name>s of "
-            f"{Path(config.data.root) / 'Annotations'} (the log line above counts the others)"
+            f"{len(records)} training images; set data.classes to the {names} "
+            "(the log line above counts the others)"
         )
     return records
+
+
+def _read_split(config: Config, split: str) -> tuple[list[ImageRecord], Path, str]:
+    """The split's records, the file that lists them, and where its class names are."""
+    root = Path(config.data.root)
+    if config.data.format == "coco":
+        from spp_detect import coco
+
+        path = coco.annotation_path(root, config.data.annotations, split)
+        records = coco.read_split(root, path, split, config.data.classes)
+        return records, path, f"category names of {path}"
+    from spp_detect.voc import read_split
+
+    records = read_split(root, split, config.data.classes)
+    return records, root / "ImageSets/Main" / f"{split}.txt", f"<name>s of {root / 'Annotations'}"
 
 
 def load_proposals(config: Config, run_dir: RunDir, split: str, record: ImageRecord) -> np.ndarray:
@@ -457,6 +472,15 @@ def model_digest(config: Config, run_dir: RunDir) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
+def file_identity(path: Path) -> str:
+    """Size and modification time of a file ("" when missing): names one version of it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def detection_settings(config: Config):
     """The ``detector.DetectionSettings`` of ``config.test``."""
     from spp_detect.detector import DetectionSettings
@@ -468,6 +492,7 @@ def detection_settings(config: Config):
         nms_thresh=test.nms_thresh, max_per_class=test.max_per_class,
         batch_windows=test.batch_windows, precision=test.precision, scorer=test.scorer,
         head_boxes=test.bbox_reg and test.regressor == "head",
+        fc_compression=test.fc_compression, svd_ranks=(test.svd_rank_fc6, test.svd_rank_fc7),
     )  # fmt: skip
 
 

@@ -3,15 +3,19 @@
 Steps (docs/method.md#evaluation-rules):
 1. the split's detections (running `test` first when they are missing), optionally merged with
    another run's by NMS on the union (the paper's model combination);
-2. AP per class with the devkit rules: 11-point and area;
-3. `eval/<name>.json`, the devkit files, the PR-curve PNG when matplotlib is there, the table.
+2. AP per class with the devkit rules: 11-point and area; with `--metric coco` also the COCO
+   figures through pycocotools (docs/coco.md#the-coco-metric);
+3. `eval/<name>.json`, the devkit files (and the COCO results JSON), the PR-curve PNG when
+   matplotlib is there, the table.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from spp_detect import coco
 from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json
+from spp_detect.coco_eval import evaluate_coco, format_coco_line, require_pycocotools, results_json
 from spp_detect.errors import UserError
 from spp_detect.inference import combine_detections
 from spp_detect.run_dir import RunDir
@@ -37,10 +41,18 @@ from spp_detect.voc_eval import (
 
 @locked("eval")
 def run_eval(
-    ctx: StageContext, split: str, use_07_metric: bool, combine: Path | None = None
+    ctx: StageContext,
+    split: str,
+    use_07_metric: bool,
+    combine: Path | None = None,
+    metric: str | None = None,
 ) -> str:
+    """``metric``: voc, or coco for the COCO figures too (default eval.metric)."""
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("eval")
+    metric = metric or config.eval.metric
+    if metric == "coco":
+        require_pycocotools()  # before any work
     # 1. detections
     records = split_records(config, split, ctx.limit)
     detections = _own_detections(ctx, split)
@@ -60,6 +72,8 @@ def run_eval(
     )
     if combine is not None:
         report["combined_with"] = str(combine)
+    if metric == "coco":
+        report["coco"] = _coco_figures(ctx, split, name, records, detections)
     # 3. outputs
     save_json(run_dir.eval_path(name), report)
     write_devkit_files(
@@ -71,10 +85,28 @@ def run_eval(
     summary.items = len(records)
     summary.notes.append(f"mAP {100 * report['mAP']:.2f} ({report['metric']})")
     notes = [format_ap_table(report), f"wrote {run_dir.eval_path(name)} and {out_dir}/"]
+    if "coco" in report:
+        notes.insert(1, format_coco_line(report["coco"]))
     notes.append(
         f"PR curves: {curves}" if plotted else "PR curves: install matplotlib to draw them"
     )
     return "\n".join([*notes, summary.line()])
+
+
+def _coco_figures(
+    ctx: StageContext, split: str, name: str, records: list, detections: Detections
+) -> dict:
+    """The COCO figures (docs/coco.md#the-coco-metric); the detections are written as a COCO
+    results JSON, with the annotation file's category ids when the data is in COCO format."""
+    config = ctx.config
+    classes = config.data.classes
+    category_ids = list(range(1, len(classes) + 1))
+    if config.data.format == "coco":
+        path = coco.annotation_path(config.data.root, config.data.annotations, split)
+        category_ids = coco.category_ids(path, classes)
+    results = results_json(detections, records, category_ids)
+    save_json(ctx.run_dir.coco_results_path(name), results)
+    return evaluate_coco(records, results, classes, category_ids)
 
 
 def _own_detections(ctx: StageContext, split: str) -> Detections:

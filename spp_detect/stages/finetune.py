@@ -80,7 +80,6 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
         return summary.line()
     # 6. Outputs: the last iteration's head (and trunk), the curve, the manifest last.
     summary.bytes_written = _save_outputs(ctx, split, trainer)
-    run_dir.checkpoint_path.unlink(missing_ok=True)
     history = trainer.progress.history
     if history:
         summary.notes.append(f"loss {history[-1]['loss']:.3f}")
@@ -182,7 +181,8 @@ def _end_to_end_model(ctx: StageContext, split: str):
 
 
 def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> int:
-    """head.pt (and trunk.pt), history.json, then the manifest; returns the bytes written."""
+    """head.pt (and trunk.pt), history.json, the checkpoint removed, then the manifest; returns
+    the bytes written."""
     config, run_dir = ctx.config, ctx.run_dir
     settings = config.finetune
     save_torch(run_dir.head_path, head_state(trainer.head))
@@ -199,6 +199,9 @@ def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> i
          "batch_size": settings.batch_size, "conv_from": settings.conv_from or None,
          "entries": trainer.progress.history},
     )  # fmt: skip
+    # Gone before the manifest, whose token covers the folder's files: a kill in between
+    # retrains from the start, to the same weights.
+    run_dir.checkpoint_path.unlink(missing_ok=True)
     close_stage(ctx, "finetune", split, settings.iterations, extra=extra)
     return sum(path.stat().st_size for path in written)
 

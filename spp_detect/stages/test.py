@@ -10,6 +10,7 @@ Steps:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from spp_detect.artifacts import (
     load_npz,
     save_npz,
 )
+from spp_detect.config import Config
 from spp_detect.features import prefetching
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
@@ -27,6 +29,7 @@ from spp_detect.stages.common import (
     build_detector,
     check_item,
     close_stage,
+    file_identity,
     items_to_do,
     load_proposals,
     locked,
@@ -48,7 +51,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     # 2. per image
     todo, fingerprints = items_to_do(
         config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force,
-        model=model_digest(config, run_dir),
+        model=_inputs_of(config, run_dir, split),
     )  # fmt: skip
     progress = dict(desc=f"test {split}", total=len(todo), unit="img")
     for record in tqdm(prefetching(source, todo), **progress):
@@ -69,6 +72,20 @@ def run_test(ctx: StageContext, split: str) -> str:
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")
     return summary.line()
+
+
+def _inputs_of(config: Config, run_dir: RunDir, split: str) -> Callable[[ImageRecord], str]:
+    """What one image's detections come from besides the config: the trained models, and that
+    image's proposal and cached conv5 files (a rerun upstream recomputes its detections)."""
+    models = model_digest(config, run_dir)
+    cached = config.extract.cache == "disk"
+
+    def inputs(record: ImageRecord) -> str:
+        proposals = file_identity(run_dir.proposal_path(split, record.image_id))
+        maps = file_identity(run_dir.feature_path(split, record.image_id)) if cached else ""
+        return f"{models}|{proposals}|{maps}"
+
+    return inputs
 
 
 def _merge(
