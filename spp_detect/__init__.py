@@ -1,3 +1,17 @@
-"""spp-detect: SPP-net object detection as a staged, resumable pipeline."""
+"""spp-detect: SPP-net object detection as a staged, resumable pipeline.
+
+``from spp_detect import Detector`` gives the Python API (``spp_detect.api``), imported on first
+use: proposal worker processes import this package and should not pay for torch.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["Detection", "Detector", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("Detector", "Detection"):
+        from spp_detect import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spp_detect' has no attribute {name!r}")

@@ -11,12 +11,15 @@ Weights are ``none`` (random, seeded, so every stage and process sees the same n
 torchvision weights name (``AlexNet_Weights.IMAGENET1K_V1`` or just ``IMAGENET1K_V1``; fetched
 into the torch hub cache when online) or a local file loaded with ``weights_only=True``: the
 trunk's own state dict or a full torchvision classification state dict (``features.*`` keys).
+A file converted from Caffe (``spp_detect.caffe``) also holds its pixel mean
+(``CAFFE_MEAN_KEY``), which sets the trunk's normalisation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -24,12 +27,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spp_detect.errors import UserError
+from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization
 
 logger = logging.getLogger(__name__)
 
 BACKBONES = ("zf5", "alexnet", "vgg16")
 RANDOM_INIT_SEED = 0  # random ("none") weights are seeded: extract and later stages must agree
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")  # names that can only be files
+# The pixels each trunk's own weights expect (image.image_to_tensor): ZF-5 is a Caffe model,
+# the others are torchvision's. A weights file holding CAFFE_MEAN_KEY overrides it.
+DEFAULT_NORMALIZATION = {"zf5": "caffe_bgr", "alexnet": "imagenet", "vgg16": "imagenet"}
+# (3,) float32 BGR mean in a weights file converted from Caffe: its trunk is fed BGR 0–255
+# pixels minus this mean, as the Caffe model was trained (docs/contracts.md, data/README.md)
+CAFFE_MEAN_KEY = "normalization.caffe_bgr_mean"
 
 # ZF-5 local response normalisation (docs/method.md#conv-trunks, Zeiler_conv5.prototxt norm1/2).
 ZF5_LRN_SIZE = 3
@@ -67,7 +77,8 @@ class Backbone(nn.Module):
 
     Attributes: ``name``; ``stride`` (input pixels per map cell); ``channels`` (C); ``offset0``
     (1-based input pixel at the centre of map cell 1); ``normalization`` ("caffe_bgr" for zf5,
-    "imagenet" for the torchvision trunks, see ``image.image_to_tensor``).
+    "imagenet" for the torchvision trunks, "caffe_bgr:B,G,R" for weights converted from Caffe;
+    see ``image.image_to_tensor``).
     """
 
     def __init__(self, name: str, features: nn.Sequential, normalization: str) -> None:
@@ -190,8 +201,8 @@ def _random_trunk(name: str) -> Backbone:
         if name == "zf5":
             features = _zf5_features()
             _init_zf5(features)
-            return Backbone(name, features, "caffe_bgr")
-        return Backbone(name, _torchvision_features(name), "imagenet")
+            return Backbone(name, features, DEFAULT_NORMALIZATION[name])
+        return Backbone(name, _torchvision_features(name), DEFAULT_NORMALIZATION[name])
 
 
 # The conv layers of each trunk in order, by their usual names (the first trainable one is
@@ -214,6 +225,21 @@ def check_conv_layer(backbone_name: str, layer: str) -> None:
             f"finetune.conv_from: {backbone_name} has no conv layer {layer!r}; use one of "
             f'{", ".join(CONV_LAYERS[backbone_name])}, or "" to keep the conv layers frozen'
         )
+
+
+@cache
+def conv_layout(name: str) -> tuple[tuple[str, str, tuple[int, ...], tuple[int, ...]], ...]:
+    """The conv layers of the ``name`` trunk in order, each as (its name in ``CONV_LAYERS``,
+    its state-dict prefix ``features.<i>``, weight shape (out, in, kh, kw), bias shape (out,)):
+    what a weights file must hold (data/README.md)."""
+    check_backbone_name(name)
+    with torch.device("meta"):  # shapes only: no memory, no random init of VGG16's 138M weights
+        trunk = _random_trunk(name)
+    convs = [(i, m) for i, m in enumerate(trunk.features) if isinstance(m, nn.Conv2d)]
+    return tuple(
+        (layer, f"features.{i}", tuple(conv.weight.shape), tuple(conv.bias.shape))
+        for layer, (i, conv) in zip(CONV_LAYERS[name], convs, strict=True)
+    )
 
 
 def conv_layer_index(backbone: Backbone, layer: str) -> int:
@@ -247,6 +273,8 @@ def build_backbone(name: str, weights: str) -> Backbone:
     else:
         state, source = load_weights_state(name, weights)
         _load_trunk(backbone, state, source)
+        if CAFFE_MEAN_KEY in state:
+            backbone.normalization = _caffe_normalization(state[CAFFE_MEAN_KEY], source)
     backbone.requires_grad_(False)
     return backbone.eval()
 
@@ -355,10 +383,28 @@ def _load_trunk(backbone: Backbone, state: Mapping[str, Tensor], source: str) ->
     logger.info("%s conv layers loaded from %s", backbone.name, source)
 
 
+def _caffe_normalization(mean: Tensor, source: str) -> str:
+    """The normalisation named by a weights file's ``CAFFE_MEAN_KEY`` (3,) BGR mean."""
+    if mean.shape != (3,) or not bool(torch.isfinite(mean).all()):
+        raise UserError(
+            f"{source}: {CAFFE_MEAN_KEY} must hold 3 finite BGR values, got shape "
+            f"{tuple(mean.shape)}; convert the Caffe model again with spp-detect convert-weights"
+        )
+    return caffe_bgr_normalization(mean.tolist())
+
+
 def trunk_state(backbone: Backbone) -> dict[str, Tensor]:
     """The trunk's tensors on the CPU, keyed ``features.<i>.*``: a weights file that
-    ``build_backbone`` loads as a local path (a fine-tuned trunk saved ready to use)."""
-    return {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
+    ``build_backbone`` loads as a local path (a fine-tuned trunk saved ready to use).
+
+    A trunk fed other pixels than its default (a converted Caffe model) keeps its mean under
+    ``CAFFE_MEAN_KEY``, so the saved trunk is fed as it was trained.
+    """
+    state = {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
+    mean = caffe_bgr_mean(backbone.normalization)
+    if mean is not None and backbone.normalization != DEFAULT_NORMALIZATION[backbone.name]:
+        state[CAFFE_MEAN_KEY] = torch.tensor(mean, dtype=torch.float32)
+    return state
 
 
 def load_classifier_state(name: str, weights: str) -> dict[str, Tensor] | None:

@@ -6,6 +6,7 @@ Images are numpy uint8 (H, W, 3) in RGB order everywhere in the package.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,27 @@ def _warn_partial(path: Path) -> None:
 CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (docs/method.md#image-scales)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB mean of torchvision's ImageNet weights, after /255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB std of torchvision's ImageNet weights, after /255
-NORMALIZATIONS = ("caffe_bgr", "imagenet")
+NORMALIZATIONS = ("caffe_bgr", "imagenet")  # and "caffe_bgr:B,G,R" (caffe_bgr_normalization)
+_CAFFE_BGR_PREFIX = "caffe_bgr:"
+
+
+def caffe_bgr_normalization(bgr_mean: Sequence[float]) -> str:
+    """The normalisation of BGR 0–255 pixels minus ``bgr_mean`` (B, G, R): "caffe_bgr" when
+    that is ``CAFFE_PIXEL_MEAN`` everywhere, else "caffe_bgr:B,G,R" (the mean of a model
+    converted from Caffe, ``spp_detect.caffe``). ``repr`` keeps every float exactly."""
+    values = tuple(float(value) for value in bgr_mean)
+    if values == (CAFFE_PIXEL_MEAN,) * 3:
+        return "caffe_bgr"
+    return _CAFFE_BGR_PREFIX + ",".join(repr(value) for value in values)
+
+
+def caffe_bgr_mean(normalization: str) -> tuple[float, ...] | None:
+    """The (B, G, R) mean of a "caffe_bgr" normalisation; None for any other."""
+    if normalization == "caffe_bgr":
+        return (CAFFE_PIXEL_MEAN,) * 3
+    if normalization.startswith(_CAFFE_BGR_PREFIX):
+        return tuple(float(v) for v in normalization.removeprefix(_CAFFE_BGR_PREFIX).split(","))
+    return None
 
 
 def resized_hw(
@@ -104,19 +125,23 @@ def image_to_tensor(
 ) -> torch.Tensor:
     """uint8 (H, W, 3) RGB → float32 (3, H, W) on ``device``, normalised for the weights.
 
-    "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5). "imagenet": /255, then
-    ImageNet mean/std per RGB channel (torchvision weights). See docs/method.md#image-scales.
+    "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5). "caffe_bgr:B,G,R": the
+    same minus that BGR mean (weights converted from Caffe). "imagenet": /255, then ImageNet
+    mean/std per RGB channel (torchvision weights). See docs/method.md#image-scales.
     """
     import torch
 
     pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
-    if normalization == "caffe_bgr":
-        return pixels.flip(0) - CAFFE_PIXEL_MEAN
+    bgr_mean = caffe_bgr_mean(normalization)
+    if bgr_mean is not None:
+        return pixels.flip(0) - torch.tensor(bgr_mean, device=pixels.device).view(3, 1, 1)
     if normalization == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
         return (pixels / 255.0 - mean) / std
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    raise ValueError(
+        f"normalization must be one of {NORMALIZATIONS} or caffe_bgr:B,G,R, got {normalization!r}"
+    )
 
 
 def flip_image(image: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """`spp-detect detect`: a trained run applied to any image files → JSON + drawn PNG per image.
 
-Steps per image: read it, propose windows with the run's proposal settings, compute the conv5
-maps on the fly, score, regress and NMS exactly as `test` does, keep the detections scoring at
-least ``score_thresh``, write `<stem>.json` and `<stem>.png`.
+Every image is decoded first (a bad file stops the command before any work); then, per image,
+the Python API's ``api.Detector``: windows proposed with the run's settings, conv5 maps
+computed on the fly, scored, regressed and NMS'd exactly as `test` does; the detections scoring
+at least ``score_thresh`` go to `<stem>.json` and `<stem>.png`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from spp_detect.api import Detector, image_record
 from spp_detect.artifacts import save_json
 from spp_detect.errors import UserError
 from spp_detect.image import read_image
-from spp_detect.proposals import propose_image
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
-    build_detector,
-    live_feature_source,
-    proposal_params,
-)
+from spp_detect.stages.common import StageContext, Summary
 from spp_detect.structures import ImageDetections, ImageRecord
 from spp_detect.visualize import draw_detections, save_png
 
@@ -33,17 +28,16 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
     if config.propose.method == "mat":
         raise UserError("propose.method: 'mat' cannot propose for new images; "
                         "pass --set propose.method=selective_search")  # fmt: skip
-    records = [_record(path) for path in images]  # every file checked before any work
-    detector = build_detector(config, ctx.run_dir, ctx.device)
-    source = live_feature_source(config, ctx.run_dir, ctx.device)
-    params = proposal_params(config.propose)
+    for path in images:  # every file checked before any work (decoded again below, one at a time)
+        read_image(path)
+    detector = Detector.from_config(config, ctx.run_dir, ctx.device)
     total = 0
-    for record in tqdm(records, desc="detect", unit="img"):
-        image = read_image(record.path)
-        proposals = propose_image(image, **params)
-        found = detector.detect(source, record, proposals)
+    for path in tqdm(images, desc="detect", unit="img"):
+        image = read_image(path)
+        found = detector.detect(image)
         found = found.select(found.scores >= score_thresh)
-        stem = out_dir / record.image_id
+        stem = out_dir / path.stem
+        record = image_record(path, image.shape[:2])
         save_json(stem.with_suffix(".json"), _as_json(record, found, config.data.classes))
         picture = draw_detections(image, detections=found, class_names=config.data.classes)
         save_png(stem.with_suffix(".png"), picture)
@@ -51,13 +45,6 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
         total += len(found)
     summary.notes.append(f"{total} detections with score >= {score_thresh:g}, in {out_dir}/")
     return summary.line()
-
-
-def _record(path: Path) -> ImageRecord:
-    """An unannotated record; the image is decoded here so a bad file fails before any work."""
-    height, width = read_image(path).shape[:2]
-    empty = np.zeros((0, 4), np.float32)
-    return ImageRecord(path.stem, path, height, width, empty, np.zeros(0), np.zeros(0, bool))
 
 
 def _as_json(record: ImageRecord, found: ImageDetections, classes: tuple[str, ...]) -> dict:

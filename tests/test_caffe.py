@@ -1,0 +1,286 @@
+"""convert-weights: .caffemodel files written here (V1 `layers` and current `layer` layouts)
+round-trip exactly into weights files that build_backbone and load_classifier_state read."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spp_detect import caffe
+from spp_detect.backbones import (
+    CAFFE_MEAN_KEY,
+    build_backbone,
+    conv_layout,
+    load_classifier_state,
+    trunk_state,
+)
+from spp_detect.cli import cli
+from spp_detect.errors import UserError
+from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization, image_to_tensor
+
+FC_WIDTH = 16  # a narrow fc6/fc7 keeps the files small; the converter takes any width
+
+
+def _blob(array: np.ndarray, v1: bool):
+    """A BlobProto of ``array``: V1 files store legacy 4-d (num, channels, height, width)."""
+    blob = caffe.caffe_messages().BlobProto()
+    if v1:
+        blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - array.ndim) + array.shape
+    else:
+        blob.shape.dim.extend(array.shape)
+    blob.data.extend(array.ravel().tolist())
+    return blob
+
+
+def write_caffemodel(path: Path, layers: dict[str, list[np.ndarray]], v1: bool) -> Path:
+    """A .caffemodel holding ``layers`` (name → blobs) after a blob-less data layer, in the V1
+    (``layers``) or the current (``layer``) layout."""
+    net = caffe.caffe_messages().NetParameter(name="test net")
+    add = net.layers.add if v1 else net.layer.add
+    add(name="data")
+    for name, blobs in layers.items():
+        add(name=name, blobs=[_blob(blob, v1) for blob in blobs])
+        add(name=f"relu_{name}")  # parameter-free layers sit between, as in real files
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+def known_layers(backbone: str, fc_cells: int = 36, seed: int = 0) -> dict[str, list]:
+    """Random float32 blobs named and shaped as ``backbone``'s Caffe model, with fc6 reading
+    ``fc_cells`` cells per conv5 channel, fc7, and an fc8 the converter ignores."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer, _, weight_shape, bias_shape in conv_layout(backbone):
+        layers[layer] = [
+            rng.standard_normal(s).astype(np.float32) for s in (weight_shape, bias_shape)
+        ]
+    channels = conv_layout(backbone)[-1][2][0]
+    for name, shape in (("fc6", (FC_WIDTH, channels * fc_cells)), ("fc7", (FC_WIDTH, FC_WIDTH))):
+        layers[name] = [rng.standard_normal(s).astype(np.float32) for s in (shape, shape[:1])]
+    layers["fc8"] = [np.ones((3, FC_WIDTH), np.float32), np.zeros(3, np.float32)]
+    return layers
+
+
+def convert(args: list[str]):
+    return CliRunner().invoke(cli, ["convert-weights", *args])
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+        result.output
+    )
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["V1-layers", "layer"])
+def test_zf5_round_trip_is_exact_and_loads(tmp_path, v1):
+    layers = known_layers("zf5")
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", layers, v1)
+    out = tmp_path / "zf5.pt"
+    result = convert([str(model), "--backbone", "zf5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fc6, fc7" in result.output and ("V1 layers" if v1 else "(layer)") in result.output
+
+    state = torch.load(out, weights_only=True)
+    for layer, prefix, _, _ in conv_layout("zf5"):
+        assert torch.equal(state[f"{prefix}.weight"], torch.from_numpy(layers[layer][0]))
+        assert torch.equal(state[f"{prefix}.bias"], torch.from_numpy(layers[layer][1]))
+    assert state[CAFFE_MEAN_KEY].tolist() == [128.0, 128.0, 128.0]  # SPP-net's release
+    assert not any(key.startswith("fc8") for key in state)
+
+    trunk = build_backbone("zf5", str(out))
+    assert trunk.normalization == "caffe_bgr"
+    for key, value in trunk.state_dict().items():
+        assert torch.equal(value, state[key])
+    classifier = load_classifier_state("zf5", str(out))
+    assert classifier is not None
+    for name in ("fc6", "fc7"):
+        assert torch.equal(classifier[f"{name}.weight"], torch.from_numpy(layers[name][0]))
+        assert torch.equal(classifier[f"{name}.bias"], torch.from_numpy(layers[name][1]))
+
+
+def test_alexnet_keeps_the_caffe_pixel_mean(tmp_path):
+    layers = known_layers("alexnet", seed=1)
+    model = write_caffemodel(tmp_path / "alexnet.caffemodel", layers, v1=False)
+    out = tmp_path / "alexnet.pt"
+    caffe.convert_caffemodel(model, "alexnet", out)
+    trunk = build_backbone("alexnet", str(out))
+    for layer, prefix, _, _ in conv_layout("alexnet"):
+        assert torch.equal(
+            trunk.state_dict()[f"{prefix}.weight"], torch.from_numpy(layers[layer][0])
+        )
+    # BGR 0–255 minus py-faster-rcnn's mean, not torchvision's ImageNet normalisation
+    expected = tuple(float(np.float32(v)) for v in caffe.FAST_RCNN_PIXEL_MEANS)
+    assert caffe_bgr_mean(trunk.normalization) == expected
+    image = np.zeros((2, 2, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 200  # R, G, B
+    pixels = image_to_tensor(image, trunk.normalization)
+    assert pixels[:, 0, 0].tolist() == pytest.approx([200 - 102.9801, 20 - 115.9465, 10 - 122.7717])
+    # a trunk fine-tuned from it is saved with its mean and fed the same pixels
+    torch.save(trunk_state(trunk), tmp_path / "trunk.pt")
+    assert (
+        build_backbone("alexnet", str(tmp_path / "trunk.pt")).normalization == trunk.normalization
+    )
+    assert load_classifier_state("alexnet", str(out))["fc6.weight"].shape == (FC_WIDTH, 256 * 36)
+
+
+def test_vgg16_layer_names_and_keys():
+    layout = conv_layout("vgg16")
+    names = [layer for layer, *_ in layout]
+    assert names[:3] == ["conv1_1", "conv1_2", "conv2_1"] and names[-1] == "conv5_3"
+    assert [prefix for _, prefix, *_ in layout][:3] == ["features.0", "features.2", "features.5"]
+    assert layout[-1][1:] == ("features.28", (512, 512, 3, 3), (512,))
+
+
+def test_mean_options(tmp_path):
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=False)
+    out = tmp_path / "zf5.pt"
+    result = convert([str(model), "--backbone", "zf5", "--out", str(out), "--mean", "1,2.5,3"])
+    assert result.exit_code == 0, result.output
+    assert build_backbone("zf5", str(out)).normalization == caffe_bgr_normalization((1, 2.5, 3))
+
+    mean_image = np.stack([np.full((4, 5), v, np.float32) for v in (100, 110, 120)])[None]
+    mean_image[0, 0, 0, 0] += 20  # channel B: mean 100 + 20/20 = 101
+    mean_file = tmp_path / "mean.binaryproto"
+    mean_file.write_bytes(_blob(mean_image, v1=True).SerializeToString())
+    result = convert(
+        [str(model), "--backbone", "zf5", "--out", str(out), "--mean-file", str(mean_file)]
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.load(out, weights_only=True)[CAFFE_MEAN_KEY].tolist() == [101.0, 110.0, 120.0]
+
+
+def test_pyramid_fc6_is_left_out(tmp_path):
+    """SPP-net's own ZF-5 fc6 reads the whole pyramid (256 × 50 cells): finetune cannot start
+    from it, so only the conv layers are written."""
+    model = write_caffemodel(tmp_path / "spp.caffemodel", known_layers("zf5", fc_cells=50), v1=True)
+    out = tmp_path / "zf5.pt"
+    result = convert([str(model), "--backbone", "zf5", "--out", str(out)])
+    assert result.exit_code == 0 and "(fc6/fc7: left out, fc6 reads a pyramid" in result.output
+    assert load_classifier_state("zf5", str(out)) is None
+    build_backbone("zf5", str(out))
+
+
+def test_normalization_names_round_trip():
+    assert caffe_bgr_normalization((128, 128, 128)) == "caffe_bgr"
+    mean = (float(np.float32(102.9801)), 0.1, 1e-7)
+    assert caffe_bgr_mean(caffe_bgr_normalization(mean)) == mean
+    assert caffe_bgr_mean("imagenet") is None
+    image = np.array([[[10, 20, 200]]], np.uint8)  # R, G, B
+    assert image_to_tensor(image, "caffe_bgr")[:, 0, 0].tolist() == [72, -108, -118]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_truncated_file_is_one_line(tmp_path):
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=True)
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(result, str(model), "truncated or damaged")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_other_network_names_its_first_layer(tmp_path):
+    lenet = {  # LeNet's layer names and shapes (Caffe's MNIST example)
+        "conv1": [np.zeros((20, 1, 5, 5), np.float32), np.zeros(20, np.float32)],
+        "conv2": [np.zeros((50, 20, 5, 5), np.float32), np.zeros(50, np.float32)],
+        "ip1": [np.zeros((500, 800), np.float32), np.zeros(500, np.float32)],
+    }
+    model = write_caffemodel(tmp_path / "lenet.caffemodel", lenet, v1=False)
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(
+        result, "does not fit --backbone zf5: layer conv1 has weight (20, 1, 5, 5)", "fits none"
+    )
+    result = convert([str(model), "--backbone", "vgg16", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(result, "no layer conv1_1 (layers with weights: conv1, conv2, ip1)")
+
+
+def test_wrong_backbone_says_which_fits(tmp_path):
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=True)
+    result = convert([str(model), "--backbone", "alexnet", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(
+        result, "does not fit --backbone alexnet: layer conv1", "it fits --backbone zf5"
+    )
+
+
+def test_first_mismatching_layer_is_named(tmp_path):
+    layers = known_layers("zf5")
+    layers["conv4"][0] = layers["conv4"][0][:, :100]  # conv4 reads 100 channels, not 384
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", layers, v1=False)
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(result, "layer conv4 has weight (384, 100, 3, 3)")
+    layers = known_layers("zf5")
+    layers["fc7"][0] = layers["fc7"][0][:, :5]
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", layers, v1=False)
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(result, "layer fc7 has weight (16, 5)")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--mean", "1,2"], "--mean 1,2: expected three numbers"),
+        (["--mean-file", "absent.binaryproto"], "mean file not found"),
+        (["--mean", "1,2,3", "--mean-file", "m"], "give one of them"),
+    ],
+    ids=["mean-two-values", "mean-file-missing", "mean-and-mean-file"],
+)
+def test_bad_mean_options(tmp_path, args, fragment):
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=False)
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt"), *args])
+    assert_one_line_error(result, fragment)
+
+
+def test_missing_model_and_missing_protobuf(tmp_path, monkeypatch):
+    result = convert([str(tmp_path / "absent.caffemodel"), "--backbone", "zf5", "--out", "x.pt"])
+    assert_one_line_error(result, "Caffe model not found")
+    (tmp_path / "empty.caffemodel").write_bytes(b"")
+    result = convert([str(tmp_path / "empty.caffemodel"), "--backbone", "zf5", "--out", "x.pt"])
+    assert_one_line_error(result, "no layer with weights")
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # import now fails
+    caffe.caffe_messages.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"pip install 'spp-detect\[caffe\]'"):
+            caffe.read_caffemodel(Path(__file__))
+    finally:
+        caffe.caffe_messages.cache_clear()
+
+
+def test_blob_with_too_few_values_is_one_line(tmp_path):
+    messages = caffe.caffe_messages()
+    net = messages.NetParameter()
+    blob = net.layer.add(name="conv1").blobs.add()
+    blob.shape.dim.extend([2, 3])
+    blob.data.extend([1.0] * 5)
+    model = tmp_path / "damaged.caffemodel"
+    model.write_bytes(net.SerializeToString())
+    result = convert([str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")])
+    assert_one_line_error(result, "layer conv1: a blob holds 5 values for shape (2, 3)")
+
+
+def test_bad_mean_file_and_bad_stored_mean(tmp_path):
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=False)
+    not_a_mean = tmp_path / "mean.binaryproto"
+    not_a_mean.write_bytes(_blob(np.zeros((2, 3), np.float32), v1=False).SerializeToString())
+    args = [str(model), "--backbone", "zf5", "--out", str(tmp_path / "x.pt")]
+    result = convert([*args, "--mean-file", str(not_a_mean)])
+    assert_one_line_error(result, "not a Caffe mean image")
+
+    state = dict(build_backbone("zf5", "none").state_dict())
+    state[CAFFE_MEAN_KEY] = torch.tensor([1.0, float("nan"), 3.0])
+    torch.save(state, tmp_path / "bad_mean.pt")
+    with pytest.raises(UserError, match="must hold 3 finite BGR values"):
+        build_backbone("zf5", str(tmp_path / "bad_mean.pt"))
