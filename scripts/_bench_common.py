@@ -14,6 +14,7 @@ markdown tables and the machine header.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -22,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from spp_detect.backbones import Backbone, build_backbone, output_hw
 from spp_detect.bbox_reg import BoxRegressors
-from spp_detect.config import SppConfig, TestConfig
+from spp_detect.config import PAPER_SCALES, SppConfig, TestConfig
 from spp_detect.detector import DetectionSettings, Detector
 from spp_detect.features import FeatureSource, PoolGeometry, resolve_device
 from spp_detect.head import Head, init_random
@@ -84,6 +85,31 @@ def base_parser(doc: str, images: int, warmup: int = 1) -> argparse.ArgumentPars
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="random proposals")
     return parser
+
+
+def scale_list(text: str) -> tuple[int, ...]:
+    """Shorter sides (px) from the command line: "480,576,688" → (480, 576, 688)."""
+    return tuple(int(value) for value in text.split(","))
+
+
+def add_scale_options(parser: argparse.ArgumentParser) -> None:
+    """The two pyramid settings timed (default: the paper's 1 scale and 5 scales; smaller ones
+    for a quick dry run), and a JSON file for the key figures (scripts/gpu_check.py reads it)."""
+    parser.add_argument(
+        "--one-scale", type=scale_list, default=ONE_SCALE, help="the 1-scale setting (px)"
+    )
+    parser.add_argument(
+        "--multi-scales", type=scale_list, default=PAPER_SCALES,
+        help="the multi-scale setting, comma-separated (px)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="also write key figures here")
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    """``payload`` as JSON at ``path`` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -362,6 +388,17 @@ def calibrated_detector(
     return Detector(head, svms, regressors, detection_settings(precision), pooled.device)
 
 
+def compressed(bench: Bench, compression: str) -> Bench:
+    """``bench`` with fc6/fc7 compressed at test time (``test.fc_compression``: svd, int8);
+    the same trunk, head, SVMs and regressors."""
+    detector = bench.detector
+    svms = SvmModel(detector.svm_weight.T.cpu().numpy().copy(), detector.svm_bias.cpu().numpy())
+    settings = replace(detector.settings, fc_compression=compression)
+    return replace(
+        bench, detector=Detector(detector.head, svms, detector.regressors, settings, bench.device)
+    )
+
+
 def calibrate(bench: Bench, item: BenchImage, scales: Sequence[int], pass_fraction: float):
     """Set the random SVMs and regressors from one image's features (untimed)."""
     detector = bench.detector
@@ -393,11 +430,11 @@ def timed_window_features(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``Detector.window_features``: pool5 (U, D), fc7 (U, F), each window's row (R,).
 
-    Parts: "pooling" (its ``FeatureSource.pool`` call), "fc6/fc7" (its ``Head.features``
-    calls) and the rest, "projection + dedup" (scale choice, conv5 window keys, distinct
-    windows).
+    Parts: "pooling" (its ``FeatureSource.pool`` call), "fc6/fc7" (its ``fc7_features``
+    calls, compressed or not) and the rest, "projection + dedup" (scale choice, conv5 window
+    keys, distinct windows).
     """
-    targets = ((source, "pool", "pooling"), (detector.head, "features", "fc6/fc7"))
+    targets = ((source, "pool", "pooling"), (detector, "fc7_features", "fc6/fc7"))
     with timed_calls(watch, *targets), watch.part("projection + dedup"):
         return detector.window_features(source, record, boxes)
 

@@ -12,12 +12,16 @@ set at ../shared/datasets/raccoon):
      the next image's maps prefetched in the background (``FeatureSource.prefetch``);
   6. peak resident memory after each phase (ru_maxrss, monotonic).
 
+Steps 1, 2, 4 and 5 run on ``--device`` (default cuda when available), timed with the device
+synchronised; the cache files are written and read on the CPU.
+
 Example: python scripts/bench_extract.py --images 10 --windows 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
@@ -28,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench_common import add_scale_options, scale_list, write_json
 
 from spp_detect.artifacts import save_npz
 from spp_detect.backbones import build_backbone
-from spp_detect.config import PAPER_SCALES
 from spp_detect.features import (
     FeatureSource,
     PoolGeometry,
@@ -47,7 +51,6 @@ from spp_detect.testing import random_boxes, reference_pool
 
 REPO = Path(__file__).resolve().parents[1]
 
-ONE_SCALE = (688,)
 LEVELS = (6, 3, 2, 1)
 OFFSET = 6.5  # docs/method.md#projection
 MIN_SIDE = 20  # px, of the random proposal-like windows (propose.min_size)
@@ -74,7 +77,7 @@ def bench_conv(backbone, images, scales, device) -> tuple[float, list[list[torch
         started = time.perf_counter()
         for image in images:
             maps = compute_maps(backbone, image, scales)
-            all_maps.append([m.cpu() for m in maps])
+            all_maps.append([m.cpu() for m in maps])  # the extract stage copies them out too
         if device.type == "cuda":
             torch.cuda.synchronize()
     return (time.perf_counter() - started) / len(images), all_maps
@@ -132,7 +135,7 @@ def bench_cache(all_maps, scales, image_hws) -> dict[str, float]:
     return result
 
 
-def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: int) -> dict:
+def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: int, device) -> dict:
     """Seconds per image of a test-like loop over cached images (read the maps, pool
     ``windows`` random windows), in turn or with ``FeatureSource.prefetch``, with the cache
     files in the page cache ("warm") and evicted from it before each loop ("cold": a VOC cache
@@ -150,14 +153,14 @@ def bench_prefetch(all_maps, scales, records, backbone, windows: int, repeats: i
                 if cache == "cold":
                     evict_from_page_cache(paths)
                 source = FeatureSource(
-                    scales, geometry, backbone.channels, "cpu",
+                    scales, geometry, backbone.channels, device,
                     cache_path=lambda image_id: Path(folder) / f"{image_id}.npz",
                 )  # fmt: skip
                 loop = prefetching(source, records) if mode == "prefetch" else records
-                started = time.perf_counter()
+                started = _synchronized(device)
                 for record, image_boxes in zip(loop, boxes, strict=True):
                     source.pool(record, image_boxes, keep_order=False)
-                seconds = (time.perf_counter() - started) / len(records)
+                seconds = (_synchronized(device) - started) / len(records)
                 times.setdefault((cache, mode), []).append(seconds)
     return {key: min(values) for key, values in times.items()}
 
@@ -166,10 +169,16 @@ def evict_from_page_cache(paths) -> None:
     for path in paths:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            # a sandboxed kernel (gVisor, on some GPU machines) may refuse the advice: "cold"
+            # then reads from the page cache too
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, reference_windows):
+    """Seconds to pool ``windows`` random windows from ``maps`` (on the device they are on)
+    with the package, torchvision's ``roi_pool`` and the slow reference, all checked equal."""
+    device = maps[0].device
     rng = np.random.default_rng(0)
     boxes = random_boxes(rng, windows, image_hw, min_side=MIN_SIDE)
     index = select_scale(boxes, image_hw, scales)
@@ -177,15 +186,15 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     pooled, _ = pool_windows(maps, *args)  # warm-up
     times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = _synchronized(device)
         pooled, _ = pool_windows(maps, *args)
-        times.append(time.perf_counter() - started)
+        times.append(_synchronized(device) - started)
     half_maps = [m.half() for m in maps]  # as read from the float16 cache
     half_times = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = _synchronized(device)
         from_half, _ = pool_windows(half_maps, *args, out_dtype=torch.float32)
-        half_times.append(time.perf_counter() - started)
+        half_times.append(_synchronized(device) - started)
     assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args)[0])
     result = {
         "float16_maps_s": min(half_times),
@@ -200,12 +209,12 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     subset = slice(0, reference_windows)
     started = time.perf_counter()
     expected = np.concatenate([
-        reference_pool(maps[k].numpy(), cells[subset][index[subset] == k].tolist(), LEVELS)
+        reference_pool(maps[k].cpu().numpy(), cells[subset][index[subset] == k].tolist(), LEVELS)
         for k in range(len(scales))
     ])  # fmt: skip
     reference_s = time.perf_counter() - started
     order = torch.cat([torch.nonzero(index[subset] == k).flatten() for k in range(len(scales))])
-    assert torch.equal(pooled[subset][order], torch.from_numpy(expected)), "reference differs"
+    assert torch.equal(pooled[subset][order].cpu(), torch.from_numpy(expected)), "reference differs"
     result["reference_windows"] = reference_windows
     result["reference_s"] = reference_s
     result["reference_s_per_2000"] = reference_s * 2000 / reference_windows
@@ -215,16 +224,17 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
 def time_roi_pool(maps, cells, index, pooled) -> float:
     from torchvision.ops import roi_pool
 
-    started = time.perf_counter()
+    device = pooled.device
+    started = _synchronized(device)
     out = torch.empty_like(pooled)
     for k, fmap in enumerate(maps):
         rows = torch.nonzero(index == k).flatten()
         if len(rows) == 0:
             continue
-        rois = torch.cat([torch.zeros(len(rows), 1), cells[rows].float()], dim=1)
+        rois = torch.cat([torch.zeros(len(rows), 1), cells[rows].float()], dim=1).to(device)
         parts = [roi_pool(fmap[None], rois, (n, n), 1.0).reshape(len(rows), -1) for n in LEVELS]
-        out[rows] = torch.cat(parts, dim=1)
-    seconds = time.perf_counter() - started
+        out[rows.to(device)] = torch.cat(parts, dim=1)
+    seconds = _synchronized(device) - started
     assert torch.equal(out, pooled), "roi_pool differs"
     return seconds
 
@@ -239,7 +249,12 @@ def main() -> None:
     parser.add_argument("--reference-windows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--batch-sides", type=scale_list, default=(240, 480, 688),
+        help="shorter sides of the batch-of-2 comparison, comma-separated (px)",
+    )  # fmt: skip
+    add_scale_options(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,18 +271,21 @@ def main() -> None:
     print(f"images: {len(images)} from {args.root}, median size {np.median(hws, axis=0).tolist()}")
     print(f"peak RSS after loading: {peak_rss_mib():.0f} MiB")
 
+    settings = {"1 scale": args.one_scale, "5 scales": args.multi_scales}
+    figures = {label: {"scales": list(scales)} for label, scales in settings.items()}
     conv = {}
-    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
+    for label, scales in settings.items():
         seconds, conv[label] = bench_conv(backbone, images, scales, device)
+        figures[label]["conv_s"] = seconds
         print(f"conv pass, {label} {scales}: {seconds:.3f} s/image; RSS {peak_rss_mib():.0f} MiB")
 
-    for side, singles, pair in bench_batching(backbone, (240, 480, 688), device, 3):
+    for side, singles, pair in bench_batching(backbone, args.batch_sides, device, 3):
         print(
             f"conv of two {side}-px images: {singles * 1000:.0f} ms one by one, {pair * 1000:.0f}"
             f" ms as one batch of 2 ({singles / pair:.2f}x)"
         )
 
-    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
+    for label, scales in settings.items():
         c = bench_cache(conv[label], scales, hws)
         print(
             f"cache, {label}: {c['raw_bytes'] / 2**20:.2f} MiB/image uncompressed (write "
@@ -275,17 +293,18 @@ def main() -> None:
             f"{c['zlib_bytes'] / 2**20:.2f} MiB/image zlib (write {c['zlib_write_s']:.3f} s)"
         )
 
-    for label, scales in (("5 scales", PAPER_SCALES), ("1 scale", ONE_SCALE)):
+    for label, scales in settings.items():
         reference_windows = min(args.reference_windows, args.windows)
         p = bench_pool(
-            conv[label][0], hws[0], scales, backbone.stride, backbone.offset0, args.windows,
-            args.repeats, reference_windows,
+            [m.to(device) for m in conv[label][0]], hws[0], scales, backbone.stride,
+            backbone.offset0, args.windows, args.repeats, reference_windows,
         )  # fmt: skip
+        figures[label].update(pool_s=p["vectorised_s"], roi_pool_s=p["roi_pool_s"])
         print(
             f"pool {p['windows']} windows, {label} {p['per_scale']}: vectorised "
-            f"{p['vectorised_s'] * 1000:.0f} ms (median {p['vectorised_median_s'] * 1000:.0f}), "
-            f"from float16 maps {p['float16_maps_s'] * 1000:.0f} ms; "
-            f"torchvision roi_pool {p['roi_pool_s'] * 1000:.0f} ms; slow reference "
+            f"{p['vectorised_s'] * 1000:.1f} ms (median {p['vectorised_median_s'] * 1000:.1f}), "
+            f"from float16 maps {p['float16_maps_s'] * 1000:.1f} ms; "
+            f"torchvision roi_pool {p['roi_pool_s'] * 1000:.1f} ms; slow reference "
             f"{p['reference_s']:.1f} s for {p['reference_windows']} windows; outputs equal"
         )
     no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
@@ -293,8 +312,11 @@ def main() -> None:
         ImageRecord(path.stem, path, *image.shape[:2], *no_boxes)
         for path, image in zip(image_paths(args.root, args.images), images, strict=True)
     ]
-    for label, scales in (("1 scale", ONE_SCALE), ("5 scales", PAPER_SCALES)):
-        t = bench_prefetch(conv[label], scales, records, backbone, args.windows, args.repeats)
+    for label, scales in settings.items():
+        t = bench_prefetch(
+            conv[label], scales, records, backbone, args.windows, args.repeats, device
+        )
+        figures[label]["read_pool_prefetch_s"] = t[("warm", "prefetch")]
         for cache in ("warm", "cold"):
             plain, ahead = t[(cache, "in turn")], t[(cache, "prefetch")]
             print(
@@ -302,6 +324,7 @@ def main() -> None:
                 f"{plain * 1000:.0f} ms/image in turn, {ahead * 1000:.0f} ms/image with the next "
                 f"image's maps prefetched ({plain / ahead:.2f}x)"
             )
+    write_json(args.json, figures)
     print(f"peak RSS at the end: {peak_rss_mib():.0f} MiB")
 
 

@@ -26,12 +26,12 @@ import logging
 import numpy as np
 import torch
 from _bench_common import (
-    ONE_SCALE,
     PREP,
     TEST,
     Bench,
     BenchImage,
     Stopwatch,
+    add_scale_options,
     base_parser,
     build_bench,
     calibrate,
@@ -49,9 +49,9 @@ from _bench_common import (
     spp_conv_gflop,
     spp_test_image,
     timed_runs,
+    write_json,
 )
 
-from spp_detect.config import PAPER_SCALES
 from spp_detect.features import FeatureSource
 from spp_detect.precision import AUTOCAST_DTYPES
 
@@ -189,12 +189,13 @@ def main() -> None:
         "--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES),
         help="autocast dtype of the conv trunk and fc6/fc7 (extract/test.precision)",
     )  # fmt: skip
+    add_scale_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # random weights warn once per build
     device = setup(args)
     images = load_images(args)
     bench = build_bench(args, device, args.precision)
-    calibrate(bench, images[0], PAPER_SCALES, args.pass_fraction)
+    calibrate(bench, images[0], args.multi_scales, args.pass_fraction)
     print(f"## Per-image SPP test time, {args.backbone} (weights {args.weights})\n")
     print(machine_header(device))
     print(describe_images(images, args.warmup))
@@ -203,10 +204,32 @@ def main() -> None:
         f"K = {args.num_classes} SVMs and regressors; test settings {TEST}; "
         f"precision {args.precision}\n"
     )
-    results = [run_setting(bench, images, scales, args) for scales in (ONE_SCALE, PAPER_SCALES)]
+    settings = (args.one_scale, args.multi_scales)
+    results = [run_setting(bench, images, scales, args) for scales in settings]
     print(parts_table(results))
     print()
     print(summary_tables(results, args.fc_dim))
+    write_json(args.json, key_figures(results, args.precision))
+
+
+def key_figures(results: list[dict], precision: str) -> dict:
+    """Per setting: median ms per image, in total and per part group, and U."""
+    return {
+        "precision": precision,
+        "settings": [
+            {
+                "scales": list(r["scales"]),
+                "total_ms": 1000 * r["grouped"]["total"],
+                "conv_ms": 1000 * r["grouped"]["conv"],
+                "fc_ms": 1000 * r["grouped"]["fc"],
+                "other_ms": 1000 * r["grouped"]["other"],
+                "pooling_ms": 1000 * r["parts"]["pooling"],
+                "fc6_fc7_ms": 1000 * r["parts"]["fc6/fc7"],
+                "distinct": r["counts"]["distinct"],
+            }
+            for r in results
+        ],
+    }
 
 
 if __name__ == "__main__":

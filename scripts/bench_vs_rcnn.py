@@ -8,6 +8,8 @@ goes through the classification net's pooling (zf5: the pyramid (6, 3, 2, 1) ove
 K SVMs, NMS, regression, clip + NMS (the package's ``inference.detect_image``). SPP: the
 package's ``Detector.detect`` on a live ``FeatureSource`` (conv once per scale, pooling of the
 distinct windows), timed in parts as in bench_test_time.py, at 1 scale (688) and 5 scales.
+Extra rows ``SPP 1 scale, svd`` / ``int8`` run the same models with fc6/fc7 compressed
+(``test.fc_compression``; their GFLOP columns count the uncompressed layers).
 
 R-CNN's crop/warp, normalisation, conv and pooling are measured on the first ``--rcnn-windows``
 proposals (default 128) of each image and **extrapolated linearly** to all R (default 2,000):
@@ -35,16 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _bench_common import (
-    ONE_SCALE,
     SPP,
     TEST,
     Bench,
     BenchImage,
     Stopwatch,
+    add_scale_options,
     base_parser,
     build_bench,
     calibrate,
     calibrated_detector,
+    compressed,
     conv_gflop,
     describe_images,
     fc_gflop,
@@ -60,10 +63,10 @@ from _bench_common import (
     spp_test_image,
     timed_detections,
     timed_runs,
+    write_json,
 )
 from torch import Tensor, nn
 
-from spp_detect.config import PAPER_SCALES
 from spp_detect.detector import Detector
 from spp_detect.image import image_to_tensor
 from spp_detect.spp import spatial_pyramid_pool
@@ -195,17 +198,12 @@ def main_table(rows: dict[str, dict]) -> str:
     rcnn_conv = rows["R-CNN"]["grouped"]["conv"]
     lines = []
     for label, r in rows.items():
-        g, paper = r["grouped"], PAPER[label]
+        g = r["grouped"]
         speedup = "-" if label == "R-CNN" else f"**{rcnn_total / g['total']:.1f}×**"
         conv_speedup = "-" if label == "R-CNN" else f"{rcnn_conv / g['conv']:.0f}×"
-        paper_conv_speedup = (
-            "-" if label == "R-CNN" else f"{PAPER['R-CNN']['conv'] / paper['conv']:.0f}×"
-        )
         lines.append([
             label, seconds(g["conv"]), seconds(g["fc"]), seconds(g["other"]),
-            seconds(g["total"]), speedup, conv_speedup, paper["conv"],
-            paper["fc"] if paper["fc"] is not None else "-", paper["total"],
-            f"{paper['speedup']}×" if "speedup" in paper else "-", paper_conv_speedup,
+            seconds(g["total"]), speedup, conv_speedup, *paper_cells(label),
         ])  # fmt: skip
     return markdown_table(
         ["method", "conv s", "fc s", "other s", "total s", "speed-up (total)",
@@ -213,6 +211,19 @@ def main_table(rows: dict[str, dict]) -> str:
          "paper speed-up", "paper conv speed-up"],
         lines,
     )  # fmt: skip
+
+
+def paper_cells(label: str) -> list:
+    """The paper's conv, fc and total seconds, speed-up and conv speed-up for ``label``; "-"
+    where the paper has no such figure (or row: the compressed settings)."""
+    paper = PAPER.get(label)
+    if paper is None:
+        return ["-"] * 5
+    conv_speedup = "-" if label == "R-CNN" else f"{PAPER['R-CNN']['conv'] / paper['conv']:.0f}×"
+    return [
+        paper["conv"], paper["fc"] if paper["fc"] is not None else "-", paper["total"],
+        f"{paper['speedup']}×" if "speedup" in paper else "-", conv_speedup,
+    ]  # fmt: skip
 
 
 def parts_table(rows: dict[str, dict]) -> str:
@@ -245,12 +256,18 @@ def main() -> None:
     parser = base_parser(__doc__, images=3)
     parser.add_argument("--rcnn-windows", type=int, default=128, help="R-CNN windows measured")
     parser.add_argument("--rcnn-batch", type=int, default=32, help="warped windows per batch")
+    parser.add_argument(
+        "--compressions", type=lambda text: tuple(filter(None, text.split(","))), default=None,
+        help="extra 1-scale rows with test.fc_compression (default: svd,int8 on the CPU, svd "
+        "on cuda: int8 is CPU-only); empty for none",
+    )  # fmt: skip
+    add_scale_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     device = setup(args)
     images = load_images(args)
     spp = build_bench(args, device)
-    calibrate(spp, images[0], PAPER_SCALES, args.pass_fraction)
+    calibrate(spp, images[0], args.multi_scales, args.pass_fraction)
     pool = classifier_pool(spp)
     check_pyramid(spp, pool)
     rcnn = rcnn_detector(spp, pool, images[0], args)
@@ -274,15 +291,16 @@ def main() -> None:
         spp.backbone.features, (RCNN_INPUT, RCNN_INPUT)
     )
     rows["R-CNN"]["fc_gflop"] = fc_gflop(args.proposals, rcnn.head.in_dim, args.fc_dim)
-    for label, scales in (("SPP 1 scale", ONE_SCALE), ("SPP 5 scales", PAPER_SCALES)):
-        samples = timed_runs(images, args.warmup, partial(spp_test_image, spp, scales=scales))
-        rows[label] = summarise([s[0] for s in samples], [s[1] for s in samples])
-        timed = images[args.warmup :]
-        rows[label]["conv_gflop"] = float(
-            np.median([spp_conv_gflop(spp.backbone, b.record.image_hw, scales) for b in timed])
-        )
+    if args.compressions is None:
+        args.compressions = ("svd", "int8") if device.type == "cpu" else ("svd",)
+    settings = [("SPP 1 scale", spp, args.one_scale), ("SPP 5 scales", spp, args.multi_scales)]
+    settings += [
+        (f"SPP 1 scale, {name}", compressed(spp, name), args.one_scale)
+        for name in args.compressions
+    ]
+    for label, bench, scales in settings:
+        rows[label] = spp_row(bench, images, scales, args)
         distinct = rows[label]["counts"]["distinct"]
-        rows[label]["fc_gflop"] = fc_gflop(int(distinct), spp.feature_dim, args.fc_dim)
         print(f"- {label}: {scales_label(scales)}, median {distinct:.0f} distinct windows")
     print()
     print(main_table(rows))
@@ -290,6 +308,32 @@ def main() -> None:
     print(parts_table(rows))
     print()
     print(flop_table(rows))
+    write_json(args.json, key_figures(rows))
+
+
+def key_figures(rows: dict[str, dict]) -> dict:
+    """Per method: median seconds per image, in total and per column, and the speed-up."""
+    rcnn_total = rows["R-CNN"]["grouped"]["total"]
+    return {
+        label: {
+            **{f"{column}_s": r["grouped"][column] for column in ("conv", "fc", "other", "total")},
+            "speedup": rcnn_total / r["grouped"]["total"],
+        }
+        for label, r in rows.items()
+    }
+
+
+def spp_row(bench: Bench, images: list[BenchImage], scales, args) -> dict:
+    """Median parts, table columns and counts of SPP's test path at ``scales``, with the conv
+    and (uncompressed) fc6/fc7 GFLOP per image."""
+    samples = timed_runs(images, args.warmup, partial(spp_test_image, bench, scales=scales))
+    row = summarise([s[0] for s in samples], [s[1] for s in samples])
+    timed = images[args.warmup :]
+    row["conv_gflop"] = float(
+        np.median([spp_conv_gflop(bench.backbone, b.record.image_hw, scales) for b in timed])
+    )
+    row["fc_gflop"] = fc_gflop(int(row["counts"]["distinct"]), bench.feature_dim, args.fc_dim)
+    return row
 
 
 def summarise(parts: list[dict[str, float]], counts: list[dict[str, int]]) -> dict:

@@ -18,8 +18,9 @@ import torch
 
 from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.boxes import clip_boxes, decode_deltas
+from spp_detect.errors import UserError
 from spp_detect.features import FeatureSource
-from spp_detect.head import Head
+from spp_detect.head import Head, compressed_features
 from spp_detect.inference import detect_image
 from spp_detect.precision import autocast, check_precision
 from spp_detect.spp import dedup_keys, inverse_permutation
@@ -34,7 +35,8 @@ class DetectionSettings:
     per-class SVMs or the head's own ``softmax`` (``scorer``); keep windows scoring above
     ``score_thresh``, per-class NMS at ``nms_thresh`` IoU (before and after regression), at most
     ``max_per_class`` per class and image; fc6/fc7 on ``batch_windows`` windows at a time in
-    ``precision`` (fp32 | bf16 | fp16)."""
+    ``precision`` (fp32 | bf16 | fp16), ``fc_compression`` none | svd (to ``svd_ranks`` of fc6
+    and fc7) | int8 (``head.compressed_features``)."""
 
     score_thresh: float
     nms_thresh: float
@@ -43,6 +45,8 @@ class DetectionSettings:
     precision: str
     scorer: str = "svm"  # svm | softmax
     head_boxes: bool = False  # regress with the head's box branch (the regressors must be None)
+    fc_compression: str = "none"
+    svd_ranks: tuple[int, int] = (1024, 256)  # fc6, fc7 (Fast R-CNN §3.1)
 
 
 class Detector:
@@ -64,6 +68,7 @@ class Detector:
         check_precision(settings.precision, "test.precision")
         self.settings = settings
         self.head = head
+        self._fc = self._fc_layers(head, settings, torch.device(device))
         if (svms is None) != (settings.scorer == "softmax"):
             raise ValueError("give svms exactly when the scorer is svm")
         if settings.head_boxes and (regressors is not None or head.bbox is None):
@@ -74,6 +79,18 @@ class Detector:
             self.svm_bias = torch.as_tensor(svms.bias, device=device)
         self.regressors = regressors
         self._workspace = torch.empty(0)  # pooled rows, reused across images
+
+    @staticmethod
+    def _fc_layers(head: Head, settings: DetectionSettings, device: torch.device):
+        """fc6/fc7 as used at test time: the head's own, or compressed."""
+        compression = settings.fc_compression
+        if compression == "none":
+            return head.features
+        if compression == "int8" and device.type != "cpu":
+            raise UserError(
+                f"test.fc_compression=int8 runs on the CPU only, not {device}; use svd or none"
+            )
+        return compressed_features(head, compression, settings.svd_ranks)
 
     @torch.inference_mode()
     def detect(
@@ -129,9 +146,13 @@ class Detector:
         )
         chunks = pooled.split(self.settings.batch_windows)
         with autocast(pooled.device, self.settings.precision):
-            fc7 = torch.cat([self.head.features(chunk) for chunk in chunks]).float()
+            fc7 = torch.cat([self.fc7_features(chunk) for chunk in chunks]).float()
         row_of = inverse_permutation(rows)  # distinct window -> its pooled row
         return pooled, fc7, row_of[inverse].to(pooled.device)
+
+    def fc7_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """fc7 (R, F) of pooled windows (R, D), through fc6/fc7 as ``fc_compression`` says."""
+        return self._fc(pooled)
 
     def _pooled_workspace(self, rows: int, dim: int) -> torch.Tensor:
         """A float32 buffer (≥ rows, dim) kept across images: a fresh one per image would pay

@@ -96,13 +96,22 @@ def check_extract_settings(
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device; UserError for a malformed name or an absent CUDA device."""
+    """A usable torch device; UserError for a malformed name, a device type other than cpu and
+    cuda, no CUDA device, or a CUDA index beyond the machine's devices."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
         raise UserError(f"--device {device}: not a torch device; use cpu or cuda") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: unsupported device type; use cpu or cuda")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device available; use --device cpu")
+    count = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if resolved.index is not None and resolved.type == "cuda" and resolved.index >= count:
+        raise UserError(
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}; pick one of them or use --device cuda"
+        )
     return resolved
 
 
@@ -274,6 +283,21 @@ class FeatureSource:
         scales = range(len(self.scales))
         future = self._reader.submit(self._read, record, flipped, scales)
         self._prefetched = ((str(record.path), flipped), future)
+
+    def compute_from(self, record: ImageRecord, image: np.ndarray) -> None:
+        """Compute ``record``'s maps (every scale) from its decoded ``image`` uint8 (H, W, 3)
+        RGB instead of its file, for an image that has none (the Python API); the next
+        :meth:`maps` and :meth:`pool` calls on ``record`` use them. Maps computed on the fly
+        only."""
+        if self._backbone is None:
+            raise ValueError("compute_from needs a FeatureSource with a backbone")
+        if tuple(image.shape[:2]) != record.image_hw:
+            raise ValueError(f"image is {image.shape[:2]}, the record says {record.image_hw}")
+        with torch.no_grad():
+            maps = compute_maps(
+                self._backbone, image, self.scales, self.max_long_side, self.precision
+            )
+        self._last_key, self._last_maps = (str(record.path), False), list(maps)
 
     def _maps(
         self, record: ImageRecord, flipped: bool, needed: Sequence[int]

@@ -208,6 +208,29 @@ def test_stale_upstream_fingerprint(stage_env):
     assert result.exit_code == 0 and result.stdout == "probe: 12 images\n"
 
 
+@pytest.mark.parametrize(
+    ("device", "gpus", "names"),
+    [
+        ("cuda", 0, ["--device cuda", "no CUDA device available", "--device cpu"]),
+        ("cuda:7", 1, ["--device cuda:7", "1 CUDA device(s), cuda:0 to cuda:0"]),
+        ("mps", 0, ["--device mps", "use cpu or cuda"]),
+        ("gpu0", 0, ["--device gpu0", "not a torch device"]),
+    ],
+)
+def test_unusable_device_is_one_line_and_writes_nothing(
+    stage_env, monkeypatch, device, gpus, names
+):
+    """Checked before any work, on any machine: the CUDA device count is faked."""
+    import torch
+
+    _, run_dir, base, config_bytes = stage_env
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    result = CliRunner().invoke(local, [*base, "--device", device])
+    assert_one_line_error(result, *names)
+    assert (run_dir / "config.yaml").read_bytes() == config_bytes
+
+
 def test_missing_upstream_names_the_stage_to_run(stage_env):
     _, run_dir, base, _ = stage_env
     result = CliRunner().invoke(local, [*base, "--upstream", "extract"])

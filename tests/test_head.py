@@ -229,3 +229,82 @@ def test_window_loss_regresses_foreground_windows_only():
     box_targets[2:] = 1e6  # background targets never count
     torch.testing.assert_close(window_loss(head, features, labels, generator, box_targets, 2.0)[0],
                                with_boxes)  # fmt: skip
+
+
+# ---------------------------------------------------------------- test-time compression
+
+LOW_RANK = 6  # rank of the synthetic "trained" fc6/fc7 below
+LOW_RANK_NOISE = 1e-3  # relative size of the full-rank rest
+SVD_TOLERANCE = 0.01  # max |fc7 - uncompressed fc7| / max |fc7| at the weights' own rank
+# int8 weights and activations (per tensor): measured 1.5-1.9% of the largest fc7 on random heads
+INT8_TOLERANCE = 0.03
+
+
+def _low_rank_head(in_dim: int = 40, fc_dim: int = 32) -> Head:
+    """A head whose fc6/fc7 weights have rank LOW_RANK plus small noise: the decaying spectrum of
+    trained fc layers, on which truncation loses little (random weights have a flat one)."""
+    gen = torch.Generator().manual_seed(0)
+    head = Head(in_dim, fc_dim, 3).eval()
+    with torch.no_grad():
+        for layer in (head.fc6, head.fc7):
+            out, into = layer.weight.shape
+            left = torch.randn(out, LOW_RANK, generator=gen)
+            low = left @ torch.randn(LOW_RANK, into, generator=gen)
+            noise = torch.randn(out, into, generator=gen)
+            layer.weight.copy_(low + LOW_RANK_NOISE * low.std() * noise)
+            layer.bias.normal_(0.0, 1.0, generator=gen)
+    return head
+
+
+def _relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize(("in_dim", "out_dim"), [(40, 24), (24, 40)])  # W·Wᵀ, Wᵀ·W
+def test_truncated_svd_is_the_best_approximation_of_its_rank(in_dim, out_dim):
+    from spp_detect.head import truncated_svd
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_dim, out_dim)
+    two = truncated_svd(layer, 5)
+    assert two[0].weight.shape == (5, in_dim) and two[1].weight.shape == (out_dim, 5)
+    torch.testing.assert_close(two[1].bias, layer.bias)
+    weight = layer.weight.detach().double()
+    error = torch.linalg.matrix_norm(weight - (two[1].weight @ two[0].weight).double())
+    # Eckart–Young: the Frobenius error of the best rank-5 matrix is the norm of the rest of
+    # the singular values
+    expected = torch.linalg.svdvals(weight)[5:].norm()
+    torch.testing.assert_close(error, expected, rtol=1e-5, atol=1e-6)
+    whole = truncated_svd(layer, 100)  # rank ≥ min(in, out): the layer itself, refactored
+    x = torch.randn(10, in_dim)
+    torch.testing.assert_close(whole(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_features_against_the_uncompressed_head():
+    from spp_detect.head import compressed_features
+
+    head = _low_rank_head()
+    pooled = torch.rand(64, head.in_dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = head.features(pooled)
+        none = compressed_features(head, "none", (1, 1))(pooled)
+        svd = compressed_features(head, "svd", (LOW_RANK, LOW_RANK))(pooled)
+        too_low = compressed_features(head, "svd", (2, 2))(pooled)
+        int8 = compressed_features(head, "int8", (1, 1))(pooled)
+    torch.testing.assert_close(none, expected)
+    assert _relative_error(expected, svd) <= SVD_TOLERANCE
+    assert _relative_error(expected, too_low) > 10 * SVD_TOLERANCE  # below the rank it costs
+    assert _relative_error(expected, int8) <= INT8_TOLERANCE
+    assert head.fc6.weight.shape == (32, 40)  # the head itself is left alone
+
+
+def test_bad_compression_settings_are_refused():
+    from spp_detect.detector import DetectionSettings, Detector
+    from spp_detect.head import compressed_features
+
+    head = _low_rank_head()
+    with pytest.raises(ValueError, match="unknown fc compression 'zip'"):
+        compressed_features(head, "zip", (1, 1))
+    settings = DetectionSettings(0.05, 0.3, 100, 4096, "fp32", "softmax", fc_compression="int8")
+    with pytest.raises(UserError, match="int8 runs on the CPU only"):  # checked before any copy
+        Detector(head, None, None, settings, "cuda")
