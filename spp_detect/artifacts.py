@@ -314,6 +314,5 @@ def _split_option(split: str | None) -> str:
 
 def clear_manifest(stage_dir: str | Path) -> None:
     """Mark a stage as incomplete before it starts writing."""
-    path = Path(stage_dir) / MANIFEST
-    if path.exists():
-        path.unlink()
+    # missing_ok: under torchrun every rank clears it, concurrently
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)

@@ -19,12 +19,14 @@ import click
 
 from spp_detect import __version__
 from spp_detect.artifacts import is_write_error, write_error
-from spp_detect.config import load_config
+from spp_detect.config import EVAL_METRICS, load_config
+from spp_detect.distributed import Dist, RankStopped, from_env, rank_device, start, stop
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import StageContext
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's convention
+STOPPED_EXIT = 143  # 128 + SIGTERM: torchrun stopped this rank because another one failed
 
 
 class _Group(click.Group):
@@ -32,7 +34,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"{_rank_prefix()}error: {exc}", err=True)
             ctx.exit(2)
         except OSError as exc:  # a write outside artifacts.atomic_path (a folder, a log)
             if not is_write_error(exc):
@@ -42,6 +44,18 @@ class _Group(click.Group):
         except KeyboardInterrupt:  # every artefact is written atomically: nothing half-written
             click.echo("interrupted; rerun to resume", err=True)
             ctx.exit(INTERRUPTED_EXIT)
+        except RankStopped as exc:  # under torchrun: files are atomic, a rerun resumes
+            click.echo(f"{_rank_prefix()}stopped: {exc}; rerun to resume", err=True)
+            ctx.exit(STOPPED_EXIT)
+
+
+def _rank_prefix() -> str:
+    """The prefix "rank N: " under torchrun (every rank prints to one terminal), else ""."""
+    try:
+        dist = from_env()
+    except UserError:
+        return ""
+    return f"rank {dist.rank}: " if dist.active else ""
 
 
 class _TqdmHandler(logging.Handler):
@@ -53,12 +67,16 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, dist: Dist) -> None:
+    """Log lines on stderr; under torchrun, prefixed with the rank, and only warnings from the
+    ranks other than 0 (whose INFO lines would repeat rank 0's)."""
     handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    prefix = f"rank {dist.rank}: " if dist.active else ""
+    handler.setFormatter(logging.Formatter(f"{prefix}%(levelname)s: %(message)s"))
     root = logging.getLogger("spp_detect")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet = not dist.is_main and not verbose
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
 
 
@@ -129,8 +147,16 @@ def stage_options(
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
     @functools.wraps(func)
     def wrapper(config_path, run_dir, overrides, device, workers, limit, force, verbose, **kw):
-        _setup_logging(verbose)
+        dist = from_env()  # torchrun's ranks; world 1 otherwise
+        if not dist.is_main:
+            # progress bars on rank 0 only; tqdm reads this when first imported (just below)
+            os.environ["TQDM_DISABLE"] = "1"
+        _setup_logging(verbose, dist)
         require_torchvision()
+        from spp_detect.features import resolve_device
+
+        device = rank_device(dist, device or default_device())
+        resolve_device(device)  # a bad or absent device stops here, before any work
         saved = Path(run_dir or "", "config.yaml")
         if config_path is None:
             config_path = saved if run_dir and saved.is_file() else default_config
@@ -139,14 +165,18 @@ def stage_options(
         ctx = StageContext(
             config=config,
             run_dir=RunDir(root),
-            device=device or default_device(),
-            workers=workers or os.cpu_count() or 1,
+            device=device,
+            # the ranks on one machine share its cores
+            workers=workers or max(1, (os.cpu_count() or 1) // dist.local_world),
             limit=limit,
             force=force,
+            dist=start(dist, device),
         )
         result = func(ctx=ctx, **kw)
         # Saved after the stage succeeds, so a failed call never replaces the last good record.
-        config.dump(ctx.run_dir.config_path)
+        if ctx.dist.is_main:
+            config.dump(ctx.run_dir.config_path)
+        stop(ctx.dist)
         return result
 
     return wrapper
@@ -181,6 +211,28 @@ def make_toy(out: str, num_train: int, num_test: int, seed: int) -> None:
 
     summary = make_toy_dataset(Path(out), num_train=num_train, num_test=num_test, seed=seed)
     click.echo(summary)
+
+
+@cli.command("convert-weights")
+@click.argument("model", type=click.Path(dir_okay=False))
+# backbones.BACKBONES, spelled out: importing it here would load torch for every command
+@click.option("--backbone", required=True, type=click.Choice(["zf5", "alexnet", "vgg16"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write (.pt).")
+@click.option("--mean", default=None, help="B,G,R pixel mean instead of the backbone's usual one.")
+@click.option(
+    "--mean-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A Caffe mean.binaryproto; its per-channel mean is used.",
+)
+def convert_weights(
+    model: str, backbone: str, out: str, mean: str | None, mean_file: str | None
+) -> None:
+    """Convert a Caffe MODEL (.caffemodel) into a weights file for extract.weights."""
+    from spp_detect.caffe import convert_caffemodel
+
+    mean_path = Path(mean_file) if mean_file else None
+    click.echo(convert_caffemodel(Path(model), backbone, Path(out), mean, mean_path))
 
 
 @cli.command("propose")
@@ -263,17 +315,30 @@ def test(ctx: StageContext, split: str | None) -> None:
     default=None,
     help="Another run directory: merge its detections with NMS and evaluate both.",
 )
-def eval_(ctx: StageContext, split: str | None, voc2007: bool, combine: str | None) -> None:
+@click.option(
+    "--metric",
+    type=click.Choice(EVAL_METRICS),
+    default=None,
+    help="coco: also AP@[.5:.95], AP50, AP75, small/medium/large (pycocotools). "
+    "Default: eval.metric.",
+)
+def eval_(
+    ctx: StageContext, split: str | None, voc2007: bool, combine: str | None, metric: str | None
+) -> None:
     """VOC AP (11-point and area) of a split's detections; runs test first when needed."""
+    from spp_detect.coco_eval import require_pycocotools
     from spp_detect.stages.eval import has_detections, run_eval
     from spp_detect.stages.test import run_test
 
+    metric = metric or ctx.config.eval.metric
+    if metric == "coco":
+        require_pycocotools()  # before running test
     split = "test" if voc2007 else split or ctx.config.data.test_split
-    if not has_detections(ctx, split):
+    if not ctx.dist.broadcast(has_detections(ctx, split)):  # under torchrun: rank 0 decides
         click.echo(f"no detections for {split} yet: running test first", err=True)
         click.echo(run_test(ctx, split), err=True)
     use_07 = True if voc2007 else ctx.config.eval.use_07_metric
-    click.echo(run_eval(ctx, split, use_07, Path(combine) if combine else None))
+    click.echo(run_eval(ctx, split, use_07, Path(combine) if combine else None, metric))
 
 
 @cli.command("run")
@@ -308,6 +373,7 @@ def detect(
     """Detect objects in IMAGES with a trained run: one JSON and one drawn PNG per image."""
     from spp_detect.stages.detect import run_detect
 
+    _one_process_only(ctx, "detect")
     out = Path(out_dir) if out_dir else ctx.run_dir.detect_dir
     click.echo(run_detect(ctx, [Path(p) for p in images], out, score_thresh))
 
@@ -318,7 +384,16 @@ def demo(ctx: StageContext) -> None:
     """Build the toy dataset (data/toy) and run the whole pipeline on it; CPU, minutes."""
     from spp_detect.stages.demo import run_demo
 
+    _one_process_only(ctx, "demo")
     click.echo(run_demo(ctx, Path(ctx.config.data.root)))
+
+
+def _one_process_only(ctx: StageContext, verb: str) -> None:
+    if ctx.dist.active:
+        raise UserError(
+            f"{verb}: runs as one process, not under torchrun (which the stage verbs and `run` "
+            f"support); run `spp-detect {verb} ...` directly"
+        )
 
 
 def main() -> None:

@@ -31,7 +31,10 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used
 
 
 SCORERS = ("svm", "softmax")  # test.scorer
+DATA_FORMATS = ("voc", "coco")  # data.format
+EVAL_METRICS = ("voc", "coco")  # eval.metric: coco adds the COCO figures to the VOC ones
 REGRESSORS = ("ridge", "head")  # test.regressor
+FC_COMPRESSIONS = ("none", "svd", "int8")  # test.fc_compression (spp_detect/head.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class DataConfig:
         "trainval"  # ImageSets/Main/<name>.txt used by propose/extract/finetune/svm/bbox
     )
     test_split: str = "test"  # ImageSets/Main/<name>.txt used by test/eval
+    # voc: data.root is a VOC-layout folder | coco: data.root holds the images and each split is
+    # a COCO JSON file; without data.classes, the classes are its categories (docs/coco.md)
+    format: str = "voc"
+    # coco: each split's annotation file, relative to data.root (or absolute); {split} is
+    # replaced by the split name (COCO's own naming: annotations/instances_val2017.json)
+    annotations: str = "annotations/instances_{split}.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,11 @@ class TestConfig:
     # with bbox_reg: ridge (train-bbox's regressors on pool5, paper) | head (the fine-tuned
     # head's box branch, finetune.bbox_loss_weight > 0, Fast R-CNN)
     regressor: str = "ridge"
+    # fc6/fc7 at test time: none (paper) | svd: truncated to the ranks below (Fast R-CNN §3.1,
+    # 1024 and 256) | int8: dynamic quantisation, CPU only (torch.ao.quantization)
+    fc_compression: str = "none"
+    svd_rank_fc6: int = 1024
+    svd_rank_fc7: int = 256
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,8 @@ class EvalConfig:
 
     iou_thresh: float = 0.5  # a detection matches a gt at IoU >= this (VOC devkit)
     use_07_metric: bool = True  # headline AP: VOC07 11-point (True) or area under PR (False)
+    # voc: VOC APs | coco: also AP@[.5:.95], AP50, AP75, small/medium/large (pycocotools)
+    metric: str = "voc"
 
 
 @dataclass(frozen=True)
@@ -232,7 +248,19 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         tree[section][key] = value
     config = _build(tree, name=str(name), origin=str(path) if path else "--set")
     validate(config)
-    return config
+    return _classes_from_annotations(config, given="classes" in (tree.get("data") or {}))
+
+
+def _classes_from_annotations(config: Config, given: bool) -> Config:
+    """With data.format coco and no data.classes in the YAML or --set, the classes are the
+    categories of the training split's file (docs/coco.md#classes)."""
+    if config.data.format != "coco" or given:
+        return config
+    from spp_detect.coco import annotation_path, category_names
+
+    data = config.data
+    path = annotation_path(data.root, data.annotations, data.train_split)
+    return dataclasses.replace(config, data=dataclasses.replace(data, classes=category_names(path)))
 
 
 def bundled_configs() -> dict[str, Path]:
@@ -379,6 +407,8 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("test.max_per_class", lambda v: v >= 1, "at least 1"),
     ("test.batch_windows", lambda v: v >= 1, "at least 1"),
     ("test.softmax_thresh", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    ("test.svd_rank_fc6", lambda v: v >= 1, "at least 1"),
+    ("test.svd_rank_fc7", lambda v: v >= 1, "at least 1"),
     ("finetune.images_per_batch", lambda v: v >= 1, "at least 1"),
     ("finetune.conv_lr_mult", lambda v: v >= 0, "at least 0"),
     ("finetune.bbox_loss_weight", lambda v: v >= 0, "at least 0"),
@@ -416,10 +446,27 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append(
             f"test.scorer must be one of {', '.join(SCORERS)}, got {config.test.scorer!r}"
         )
+    if config.data.format not in DATA_FORMATS:
+        problems.append(
+            f"data.format must be one of {', '.join(DATA_FORMATS)}, got {config.data.format!r}"
+        )
+    if config.data.format == "coco" and "{split}" not in config.data.annotations:
+        problems.append("data.annotations must contain {split}, e.g. annotations/{split}.json")
+    if config.eval.metric not in EVAL_METRICS:
+        problems.append(
+            f"eval.metric must be one of {', '.join(EVAL_METRICS)}, got {config.eval.metric!r}"
+        )
     if config.test.regressor not in REGRESSORS:
         problems.append(
             f"test.regressor must be one of {', '.join(REGRESSORS)}, got {config.test.regressor!r}"
         )
+    if config.test.fc_compression not in FC_COMPRESSIONS:
+        problems.append(
+            f"test.fc_compression must be one of {', '.join(FC_COMPRESSIONS)}, "
+            f"got {config.test.fc_compression!r}"
+        )
+    if config.test.fc_compression == "int8" and config.test.precision != "fp32":
+        problems.append("test.fc_compression=int8 needs test.precision=fp32")
     if finetune.images_per_batch >= 1 and finetune.batch_size % finetune.images_per_batch:
         problems.append("finetune.batch_size must be a multiple of finetune.images_per_batch")
     if config.test.bbox_reg and config.test.regressor == "head" and not finetune.bbox_loss_weight:

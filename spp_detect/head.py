@@ -9,9 +9,11 @@ Class K of the classifier is background; only this head has it
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,19 +74,29 @@ class Head(nn.Module):
         """Foreground classes K (the classifier has K + 1 outputs)."""
         return self.cls.out_features - 1
 
-    def forward(self, pooled: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self,
+        pooled: Tensor,
+        generator: torch.Generator | None = None,
+        rows: BatchRows | None = None,
+    ) -> Tensor:
         """Logits (R, K+1) of pooled features (R, D); dropout in training mode only.
 
         ``generator`` draws the dropout masks, so a resumed run can restore its state.
+        ``rows``: ``pooled`` is these rows of a larger minibatch (one rank's share), whose
+        masks are drawn whole so that they are those of one process.
         """
-        return self.cls(self._hidden(pooled, generator))
+        return self.cls(self._hidden(pooled, generator, rows))
 
     def forward_with_boxes(
-        self, pooled: Tensor, generator: torch.Generator | None = None
+        self,
+        pooled: Tensor,
+        generator: torch.Generator | None = None,
+        rows: BatchRows | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits (R, K+1) and the box branch's normalised deltas (R, K, 4), from the same
         dropout masks (training)."""
-        hidden = self._hidden(pooled, generator)
+        hidden = self._hidden(pooled, generator, rows)
         assert self.bbox is not None, "a head without a box branch"
         return self.cls(hidden), self.bbox(hidden).view(len(hidden), -1, 4)
 
@@ -94,10 +106,12 @@ class Head(nn.Module):
         deltas = self.bbox(fc7).view(len(fc7), -1, 4)
         return deltas[torch.arange(len(fc7), device=fc7.device), labels]
 
-    def _hidden(self, pooled: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _hidden(
+        self, pooled: Tensor, generator: torch.Generator | None, rows: BatchRows | None = None
+    ) -> Tensor:
         hidden = torch.relu(self.fc6(self._normalized(pooled)))
-        hidden = _dropout(hidden, self.dropout, self.training, generator)
-        return _dropout(torch.relu(self.fc7(hidden)), self.dropout, self.training, generator)
+        hidden = _dropout(hidden, self.dropout, self.training, generator, rows)
+        return _dropout(torch.relu(self.fc7(hidden)), self.dropout, self.training, generator, rows)
 
     def features(self, pooled: Tensor) -> Tensor:
         """fc7 after ReLU (R, F), without dropout whatever the mode (input of the SVMs)."""
@@ -114,11 +128,33 @@ class Head(nn.Module):
         return (pooled - self.input_shift) * self.input_scale
 
 
-def _dropout(x: Tensor, p: float, training: bool, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout with an explicit generator (``F.dropout`` takes none)."""
+@dataclass(frozen=True)
+class BatchRows:
+    """Rows ``start`` … ``stop`` − 1 of a minibatch of ``total`` rows: one rank's share of it
+    under data-parallel fine-tuning."""
+
+    start: int
+    stop: int
+    total: int
+
+
+def _dropout(
+    x: Tensor,
+    p: float,
+    training: bool,
+    generator: torch.Generator | None,
+    rows: BatchRows | None = None,
+) -> Tensor:
+    """Inverted dropout with an explicit generator (``F.dropout`` takes none). With ``rows``,
+    ``x`` (stop − start, F) is a share of a minibatch: the mask of the whole (total, F) batch is
+    drawn, as one process draws it, and the share's rows are kept."""
     if not training or p == 0.0:
         return x
-    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    if rows is None:
+        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    else:
+        keep = x.new_empty((rows.total, *x.shape[1:])).bernoulli_(1.0 - p, generator=generator)
+        keep = keep[rows.start : rows.stop]
     return x * keep / (1.0 - p)
 
 
@@ -134,13 +170,25 @@ def input_normalization_for(pooled: Tensor) -> tuple[Tensor, Tensor]:
     diverges or crawls; standardised, He-initialised fc layers start with unit-variance
     activations. Pretrained fc6/fc7 expect their trunk's raw features and get none.
     """
+    return normalization_from_moments(pooled_moments(pooled))
+
+
+def pooled_moments(pooled: Tensor) -> Tensor:
+    """Sums (3, D) float64 of pooled features (R, D): [Σx, Σx², R] (R in every column), which
+    add up across ranks that hold parts of one block."""
     total = torch.zeros(pooled.shape[1], dtype=torch.float64, device=pooled.device)
     total_sq = torch.zeros_like(total)
     for chunk in pooled.split(4096):
         chunk = chunk.double()
         total += chunk.sum(dim=0)
         total_sq += (chunk * chunk).sum(dim=0)
-    count = max(len(pooled), 1)
+    return torch.stack([total, total_sq, torch.full_like(total, len(pooled))])
+
+
+def normalization_from_moments(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """Shift (D,) and scale (D,) of ``input_normalization_for`` from ``pooled_moments``."""
+    total, total_sq = moments[0], moments[1]
+    count = max(int(moments[2, 0]), 1)
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=0).sqrt()
     floor = STD_FLOOR * float(std.mean()) if float(std.mean()) > 0 else 1.0
@@ -257,6 +305,59 @@ def load_head(path: str | Path, device: str | torch.device = "cpu") -> Head:
             f"{path}: inconsistent head shapes ({exc}); rerun finetune --force"
         ) from None
     return head.to(device).eval()
+
+
+def truncated_svd(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """``layer`` (in → out) as two layers through its top ``rank`` singular directions
+    (Fast R-CNN §3.1): W ≈ U_k·(U_kᵀ W) = U_k·(S_k V_kᵀ), rank·(in + out) multiply-adds per row
+    instead of in·out. With rank ≥ min(in, out) it is W itself, refactored.
+
+    The top singular vectors of the smaller side come from the eigenvectors of W·Wᵀ (or Wᵀ·W):
+    one product and a 4,096-square eigendecomposition in float32 (about 2× faster than float64
+    and precise enough for the leading directions), instead of the SVD of a 4,096 × 12,800
+    matrix. It is still slow on a small CPU: fc6 at the paper's width (4,096 × 12,800) took
+    3 minutes in float64 on this project's 2-core VM under load 10 (BENCHMARKS.md)."""
+    weight = layer.weight.detach()  # (out, in)
+    out_dim, in_dim = weight.shape
+    k = min(rank, out_dim, in_dim)
+    left = out_dim <= in_dim
+    gram = weight @ weight.T if left else weight.T @ weight
+    _, vectors = torch.linalg.eigh(gram)  # eigenvalues ascending: the top k are last
+    top = vectors[:, -k:]  # (out, k) or (in, k)
+    inner, outer = (top.T @ weight, top) if left else (top.T, weight @ top)
+    first = nn.Linear(in_dim, k, bias=False).to(weight.device)
+    second = nn.Linear(k, out_dim).to(weight.device)
+    with torch.no_grad():
+        first.weight.copy_(inner)  # (k, in)
+        second.weight.copy_(outer)  # (out, k)
+        second.bias.copy_(layer.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def int8_dynamic(module: nn.Module) -> nn.Module:
+    """``module`` with every Linear's weights in int8 and its activations quantised on the fly,
+    row by row (``torch.ao.quantization.quantize_dynamic``); the CPU only."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch ≥ 2.10 warns that torch.ao moves to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+
+def compressed_features(head: Head, compression: str, svd_ranks: tuple[int, int]) -> nn.Module:
+    """fc6 → ReLU → fc7 → ReLU of a saved head as one module, pooled (R, D) → fc7 (R, F):
+    ``svd`` truncates fc6 and fc7 to ``svd_ranks`` (Fast R-CNN: 1024 and 256), ``int8``
+    quantises them dynamically (the CPU only): fewer multiply-adds or cheaper ones, for a small
+    change of the scores (tests/test_head.py). ``none``: the same layers, uncompressed."""
+    if compression not in ("none", "svd", "int8"):  # config.FC_COMPRESSIONS, checked on load
+        raise ValueError(f"unknown fc compression {compression!r}")
+    if head.input_scale is not None:
+        raise ValueError("compress a saved head (input normalisation folded into fc6)")
+    fc6, fc7 = copy.deepcopy(head.fc6), copy.deepcopy(head.fc7)
+    if compression == "svd":
+        fc6, fc7 = truncated_svd(fc6, svd_ranks[0]), truncated_svd(fc7, svd_ranks[1])
+    module = nn.Sequential(fc6, nn.ReLU(), fc7, nn.ReLU()).eval()
+    return int8_dynamic(module) if compression == "int8" else module
 
 
 BIAS_LR_MULT = 2.0  # biases learn twice as fast as weights (released code: Caffe blobs_lr 1/2)

@@ -116,6 +116,10 @@ class RunDir:
         folder = self.devkit_dir(name)
         return [folder / f"comp4_det_{split}_{class_name}.txt" for class_name in class_names]
 
+    def coco_results_path(self, name: str) -> Path:
+        """The detections as a COCO results JSON (`eval --metric coco`)."""
+        return self.devkit_dir(name) / "coco_results.json"
+
     def pr_curve_path(self, name: str) -> Path:
         return self.eval_dir / f"{name}_pr.png"
 
@@ -131,6 +135,11 @@ class RunDir:
     def lock_path(self, stage: str, split: str) -> Path:
         """The lock file a process holds while it writes ``stage`` of ``split``."""
         return self.root / ".locks" / f"{stage}.{split}.lock"
+
+    def rank_token_path(self, stage: str, split: str) -> Path:
+        """The token rank 0 writes under torchrun for the other ranks to read back (they must
+        share the run directory)."""
+        return self.root / ".locks" / f"{stage}.{split}.token"
 
     # the folder whose manifest.json closes each stage
     def stage_dir(self, stage: str, split: str) -> Path:

@@ -26,15 +26,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from spp_detect.artifacts import load_torch, save_torch
+from spp_detect.distributed import Dist
 from spp_detect.errors import UserError
 from spp_detect.features import FeatureSource
 from spp_detect.head import (
     BOX_DELTA_STDS,
+    BatchRows,
     Head,
     init_from_classifier,
     init_random,
-    input_normalization_for,
     make_optimizer,
+    normalization_from_moments,
+    pooled_moments,
     set_learning_rate,
     step_learning_rate,
 )
@@ -190,35 +193,45 @@ def train(
     checkpoint_path: Path,
     total: int,
     validation: tuple[torch.Tensor, torch.Tensor] | None,
+    dist: Dist | None = None,
 ) -> tuple[float, float]:
     """Fine-tune the head on pooled windows from the trainer's iteration up to ``total``
     (≤ ``schedule.iterations``): a block of I iterations is drawn and pooled every I iterations.
     ``validation``: held-out features (R, D) and labels (R,) whose window accuracy each history
     entry records.
 
+    ``dist`` (under torchrun): data parallel with the global minibatch of one process. Every
+    rank draws the same blocks, pools and steps on its own columns of each minibatch
+    (``RankShare``), and the gradients are summed over the ranks before every step, so each
+    rank holds the model one process would train, up to the order of float sums. Only rank 0
+    writes checkpoints.
+
     Returns the seconds spent pooling blocks and in SGD steps.
     """
     head = trainer.head
+    dist = dist or Dist()
     state: dict = {"index": -1, "seconds": 0.0}
 
     def step(iteration: int) -> tuple[float, int, int]:
         if iteration // windows.block_iterations != state["index"]:
             started = time.perf_counter()
             state["index"] = iteration // windows.block_iterations
-            state["block"], state["features"] = _pool_next_block(
-                trainer, windows, schedule, state["index"]
+            state["block"], state["features"], state["share"] = _pool_next_block(
+                trainer, windows, schedule, state["index"], dist
             )
             state["seconds"] += time.perf_counter() - started
         row = iteration - state["index"] * windows.block_iterations
-        rows = slice(row * schedule.batch_size, (row + 1) * schedule.batch_size)
+        width = state["block"].window_index.shape[1]  # this rank's windows per minibatch
+        rows = slice(row * width, (row + 1) * width)
         window_index = state["block"].window_index[row]
         targets = windows.labels[torch.as_tensor(window_index)]
         box_targets = torch.as_tensor(windows.pool.box_targets[window_index])
         loss, correct = train_step(
             head, trainer.optimizer, state["features"][rows], targets, trainer.generator,
-            box_targets, schedule.box_loss_weight,
+            box_targets, schedule.box_loss_weight, state["share"],
         )  # fmt: skip
-        return loss, correct, len(targets)
+        share = state["share"]
+        return loss, correct, share.rows.total if share else len(targets)
 
     def validate() -> float | None:
         if validation is None:
@@ -227,14 +240,15 @@ def train(
         head.train()
         return accuracy
 
-    seconds = run_sgd(trainer, schedule, checkpoint_path, total, step, validate)
+    checkpoints = checkpoint_path if dist.is_main else None
+    seconds = run_sgd(trainer, schedule, checkpoints, total, step, validate)
     return state["seconds"], seconds - state["seconds"]
 
 
 def run_sgd(
     trainer: Trainer,
     schedule: SgdSchedule,
-    checkpoint_path: Path,
+    checkpoint_path: Path | None,
     total: int,
     step: StepFn,
     validate: Callable[[], float | None] = lambda: None,
@@ -242,7 +256,8 @@ def run_sgd(
     """The SGD loop shared by head-only and end-to-end fine-tuning: from the trainer's
     iteration up to ``total``, set the stepped learning rate, ``step``, log every
     ``log_every`` (with ``validate()``'s accuracy when it gives one), checkpoint every
-    ``checkpoint_every`` to ``checkpoint_path``. Returns the seconds spent in ``step``."""
+    ``checkpoint_every`` to ``checkpoint_path`` (None: no checkpoints, as on the ranks other
+    than 0). Returns the seconds spent in ``step``."""
     progress = trainer.progress
     seconds = 0.0
     trainer.head.train()
@@ -266,25 +281,72 @@ def run_sgd(
                 if accuracy is not None:
                     entry["val_accuracy"] = accuracy
             # the finished run saves its head instead; a checkpoint there would only be deleted
-            if progress.iteration % schedule.checkpoint_every == 0 and not done:
+            due = progress.iteration % schedule.checkpoint_every == 0 and not done
+            if due and checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, trainer)
     return seconds
 
 
 def _pool_next_block(
-    trainer: Trainer, windows: TrainingWindows, schedule: SgdSchedule, block_index: int
-) -> tuple[Block, torch.Tensor]:
-    """Draw and pool block ``block_index`` (shorter at the end of training); the first block
-    of a randomly initialised head also sets its input normalisation."""
+    trainer: Trainer,
+    windows: TrainingWindows,
+    schedule: SgdSchedule,
+    block_index: int,
+    dist: Dist,
+) -> tuple[Block, torch.Tensor, RankShare | None]:
+    """Draw block ``block_index`` (shorter at the end of training) and pool it, or under
+    torchrun this rank's columns of it (then the block returned holds those columns, and the
+    share says which); the first block of a randomly initialised head also sets its input
+    normalisation, from the moments of every rank's windows."""
     block_start = block_index * windows.block_iterations
     block = sample_block(
         windows.pool, block_index, min(windows.block_iterations, schedule.iterations - block_start),
         schedule.batch_size, schedule.fg_fraction, len(windows.source.scales), schedule.seed,
     )  # fmt: skip
+    share = RankShare.of(dist, block.window_index.shape[1])
+    if share is not None:
+        columns = slice(share.rows.start, share.rows.stop)
+        block = Block(block.window_index[:, columns], block.scale_index[:, columns])
     features = pool_block(windows.source, windows.records, windows.pool, block)
     if block_index == 0 and trainer.normalize_inputs:
-        trainer.head.set_input_normalization(*input_normalization_for(features))
-    return block, features
+        moments = dist.all_reduce_sum(pooled_moments(features))
+        trainer.head.set_input_normalization(*normalization_from_moments(moments))
+    return block, features, share
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """This rank's columns of every minibatch (``rows`` of the B windows) under torchrun."""
+
+    rows: BatchRows
+    dist: Dist
+
+    @classmethod
+    def of(cls, dist: Dist, batch: int) -> RankShare | None:
+        """Contiguous columns, their counts within one of each other; None for one process."""
+        if not dist.active:
+            return None
+        start, stop = batch * dist.rank // dist.world, batch * (dist.rank + 1) // dist.world
+        return cls(BatchRows(start, stop, batch), dist)
+
+    def sum_gradients(
+        self, module: torch.nn.Module, loss: float, correct: int
+    ) -> tuple[float, int]:
+        """Make every rank's gradients those of the whole minibatch's mean loss: this rank's
+        gradients of its own mean, weighted by its share of the rows, summed over the ranks
+        (one all-reduce, which also sums the weighted loss and the windows right). Returns the
+        minibatch's loss and windows right."""
+        weight = (self.rows.stop - self.rows.start) / self.rows.total
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]) * weight
+        flat = torch.cat([flat, flat.new_tensor([loss * weight, correct])])
+        self.dist.all_reduce_sum(flat)
+        offset = 0
+        for param in params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+        return float(flat[-2]), round(float(flat[-1]))
 
 
 def _check_loss(loss: float, iteration: int, lr: float) -> None:
@@ -335,18 +397,28 @@ def train_step(
     generator: torch.Generator,
     box_targets: torch.Tensor | None = None,
     box_weight: float = 0.0,
+    share: RankShare | None = None,
 ) -> tuple[float, int]:
     """One SGD step on a minibatch: features (B, D), targets (B,) in 0 … K on the head's
-    device (with a box branch, ``box_targets`` (B, 4) weighted by ``box_weight``).
+    device (with a box branch, ``box_targets`` (B, 4) weighted by ``box_weight``). ``share``
+    (under torchrun): these are this rank's rows of the minibatch, whose gradients are summed
+    with the other ranks' before the step.
 
-    Returns the mean loss and the number of windows classified right (dropout on).
+    Returns the mean loss and the number of windows classified right (dropout on), of the
+    whole minibatch.
     """
-    loss, logits = window_loss(head, features.float(), targets, generator, box_targets, box_weight)
+    rows = share.rows if share is not None else None
+    loss, logits = window_loss(
+        head, features.float(), targets, generator, box_targets, box_weight, rows
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    value = float(loss.detach())
     correct = int((logits.argmax(dim=1) == targets).sum())
-    return float(loss.detach()), correct
+    if share is not None:
+        value, correct = share.sum_gradients(head, value, correct)
+    optimizer.step()
+    return value, correct
 
 
 def window_loss(
@@ -356,14 +428,16 @@ def window_loss(
     generator: torch.Generator,
     box_targets: torch.Tensor | None = None,
     box_weight: float = 0.0,
+    rows: BatchRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fine-tuning loss of a minibatch (B windows) and its logits (B, K+1): softmax cross
     entropy, plus with a box branch ``box_weight`` × the smooth L1 loss of the foreground
-    windows' normalised deltas, summed and divided by B (Fast R-CNN's multi-task loss)."""
+    windows' normalised deltas, summed and divided by B (Fast R-CNN's multi-task loss).
+    ``rows``: the B windows are these rows of a larger minibatch (dropout masks drawn whole)."""
     if head.bbox is None or box_targets is None or box_weight == 0.0:
-        logits = head(features, generator=generator)
+        logits = head(features, generator=generator, rows=rows)
         return F.cross_entropy(logits, targets), logits
-    logits, deltas = head.forward_with_boxes(features, generator=generator)
+    logits, deltas = head.forward_with_boxes(features, generator=generator, rows=rows)
     foreground = torch.nonzero(targets < head.num_classes).squeeze(1)
     predicted = deltas[foreground, targets[foreground]]
     stds = torch.tensor(BOX_DELTA_STDS, device=predicted.device)

@@ -113,11 +113,22 @@ def test_set_typo_names_the_set_not_the_file(tmp_path):
         ("extract.precision=int8", "extract.precision"),
         ("spp.levels=[6, 0]", "spp.levels"),
         ("test.precision=fp8", "test.precision"),
+        ("test.fc_compression=zip", "test.fc_compression must be one of none, svd, int8"),
+        ("test.svd_rank_fc7=0", "test.svd_rank_fc7 must be at least 1"),
     ],
 )
 def test_wrong_type_or_bad_value_names_the_key(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_int8_fc_needs_fp32():
+    overrides = ["test.fc_compression=int8", "test.precision=bf16"]
+    with pytest.raises(
+        UserError, match=re.escape("test.fc_compression=int8 needs test.precision=fp32")
+    ):
+        load_config(None, overrides)
+    assert load_config(None, overrides[:1]).test.fc_compression == "int8"
 
 
 @pytest.mark.parametrize("override", ["svm.C", "svmC=1", "=1"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from spp_detect.artifacts import load_npz
@@ -335,7 +336,7 @@ def test_half_precision_fc_keeps_the_scores_and_the_map(toy_run, precision):
     full, half = build_detector(config, run_dir, "cpu"), build_detector(half_config, run_dir, "cpu")
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
     for record in records:
-        proposals = load_proposals(run_dir, config.data.test_split, record.image_id)
+        proposals = load_proposals(config, run_dir, config.data.test_split, record)
         scores = [_window_scores(d, source, record, proposals) for d in (full, half)]
         assert float((scores[0] - scores[1]).abs().max()) <= SCORE_TOLERANCE
     full_ap = _detector_map(full, source, config, run_dir, records)
@@ -391,7 +392,7 @@ def _detector_map(detector, source, config, run_dir, records) -> float:
 
     per_image = [
         detector.detect(
-            source, record, load_proposals(run_dir, config.data.test_split, record.image_id)
+            source, record, load_proposals(config, run_dir, config.data.test_split, record)
         )
         for record in records
     ]
@@ -404,3 +405,42 @@ def _svms_of(detector):
 
     weight = detector.svm_weight.T.contiguous().numpy()
     return SvmModel(weight, detector.svm_bias.numpy())
+
+
+def test_python_api_detects_as_test_does(toy_root, toy_run):
+    from spp_detect import Detector
+    from spp_detect.image import read_image
+
+    detector = Detector.from_run(toy_run)
+    image_id = sorted((toy_run / "detections/test").glob("*.npz"))[0].stem
+    path = toy_root / "JPEGImages" / f"{image_id}.jpg"
+    proposals = load_npz(toy_run / f"proposals/test/{image_id}.npz")["boxes"]
+    found = detector.detect(path, proposals)
+    expected = load_npz(toy_run / f"detections/test/{image_id}.npz")
+    # test pools float16 cached maps, the API float32 live ones: the same detections, to rounding
+    top = np.argsort(-expected["scores"])[:5]
+    for i in top:
+        j = int(np.argmin(np.abs(found.boxes - expected["boxes"][i]).sum(axis=1)))
+        assert found.labels[j] == expected["labels"][i]
+        assert np.abs(found.boxes[j] - expected["boxes"][i]).max() < 1.0
+        assert abs(found.scores[j] - expected["scores"][i]) < 0.02
+    named = detector(read_image(path), proposals)  # an array works as the file does
+    assert [d.score for d in named] == sorted(found.scores.tolist(), reverse=True)
+    assert {d.label for d in named} <= {"circle", "square", "triangle"}
+
+
+def test_python_api_features_of_boxes(toy_root, toy_run):
+    from spp_detect import Detector
+    from spp_detect.errors import UserError
+
+    detector = Detector.from_run(toy_run)
+    path = sorted((toy_root / "JPEGImages").glob("*.jpg"))[0]
+    boxes = np.array([[0, 0, 40, 40], [10, 20, 90, 70]], np.float32)
+    pool5 = detector.features(path, boxes)
+    fc7 = detector.features(path, boxes, layer="fc7")
+    assert pool5.shape == (2, detector.source.feature_dim) and fc7.shape == (2, 256)
+    with torch.no_grad():
+        again = detector.core.fc7_features(torch.from_numpy(pool5)).numpy()
+    assert np.allclose(fc7, again, atol=1e-5)
+    with pytest.raises(UserError, match="layer='conv5'"):
+        detector.features(path, boxes, layer="conv5")

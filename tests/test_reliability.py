@@ -120,6 +120,26 @@ def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, sma
         source.maps(split_records(config, "trainval", 3)[2])
 
 
+def test_a_weights_file_rewritten_under_its_name_makes_the_maps_stale(toy_root, tmp_path):
+    from spp_detect.backbones import build_backbone, trunk_state
+
+    weights = tmp_path / "zf5.pt"
+    save_torch(weights, trunk_state(build_backbone("zf5", "none")))
+    run, setting = tmp_path / "run", f"extract.weights={weights}"
+    result = CliRunner().invoke(
+        cli, ["extract", "--run-dir", str(run), "--device", "cpu", "--limit", "2",
+              *_sets(toy_root, setting)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = _config(toy_root, setting)
+    record = split_records(config, "trainval", 2)[0]
+    open_feature_source(config, RunDir(run), "trainval", "cpu").maps(record)
+    torch.manual_seed(1)
+    save_torch(weights, trunk_state(build_backbone("zf5", "none")))  # converted again
+    with pytest.raises(UserError, match="other inputs"):
+        open_feature_source(config, RunDir(run), "trainval", "cpu").maps(record)
+
+
 # --- one writer per run directory and stage ---------------------------------------------------
 
 

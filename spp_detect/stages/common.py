@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from spp_detect.artifacts import (
+    atomic_write_text,
     file_digest,
     folder_token,
     load_npz,
@@ -26,6 +28,7 @@ from spp_detect.artifacts import (
     write_manifest,
 )
 from spp_detect.config import Config, ProposeConfig
+from spp_detect.distributed import Dist
 from spp_detect.errors import UserError
 from spp_detect.locks import exclusive
 from spp_detect.run_dir import RunDir
@@ -42,6 +45,8 @@ class StageContext:
     workers: int
     limit: int | None
     force: bool
+    # this process's rank under torchrun (distributed.Dist(): one process, the default)
+    dist: Dist = field(default_factory=Dist)
 
 
 # Config sections each stage's output depends on, its upstream stages' included.
@@ -188,22 +193,106 @@ def require_upstream(config: Config, run_dir: RunDir, stage: str, split: str) ->
     )
 
 
-def locked(stage: str):
+def locked(stage: str, sharded: bool = False):
     """Decorate a stage's ``run_*(ctx, split, ...)``: it runs holding the run directory's lock
     for ``stage`` and ``split`` (``locks.exclusive``), after deleting the temporary files a
-    killed run left in the stage's folder."""
+    killed run left in the stage's folder.
+
+    Under torchrun (``ctx.dist``), rank 0 takes the lock and cleans the folder, then every rank
+    checks that it sees the run directory rank 0 writes to (``check_shared_run_dir``). A
+    ``sharded`` stage runs on every rank, each on its share of the images (``split_todo``);
+    any other runs on rank 0 alone while the others wait. No rank returns before rank 0 has
+    finished (its manifest written), so the next stage starts from the same files everywhere.
+    """
 
     def decorate(func):
         @functools.wraps(func)
         def run(ctx: StageContext, split: str, *args, **kwargs):
             what = f"{stage} (split {split}) in {ctx.run_dir.root}"
+            dist = ctx.dist
             with exclusive(ctx.run_dir.lock_path(stage, split), what):
-                remove_stale_temporaries(ctx.run_dir.stage_dir(stage, split))
-                return func(ctx, split, *args, **kwargs)
+                if dist.is_main:  # another rank's file in the making is not stale
+                    remove_stale_temporaries(ctx.run_dir.stage_dir(stage, split))
+                check_shared_run_dir(dist, ctx.run_dir, stage, split)
+                if sharded or dist.is_main:
+                    result = func(ctx, split, *args, **kwargs)
+                else:
+                    result = f"{stage}: rank {dist.rank} idle, rank 0 runs this stage"
+                dist.wait_for_all()
+                return result
 
         return run
 
     return decorate
+
+
+SHARED_CHECK_TRIES = 5  # reads of rank 0's token, a second apart (NFS may show a file late)
+
+
+def check_shared_run_dir(dist: Dist, run_dir: RunDir, stage: str, split: str) -> None:
+    """Refuse, on every rank, to run when the ranks do not share one run directory: rank 0
+    writes a fresh token into it and every rank must read that token back. (Ranks writing to
+    a local disk each would leave files where rank 0 never merges them.)"""
+    if not dist.active:
+        return
+    path = run_dir.rank_token_path(stage, split)
+    token = secrets.token_hex(8) if dist.is_main else ""
+    if dist.is_main:
+        atomic_write_text(path, token)
+    token = dist.broadcast(token)  # rank 0 sends it after the file is written
+    seen = _sees_token(path, token)
+    blind = [rank for rank, ok in enumerate(dist.all_gather(seen)) if not ok]
+    if blind:
+        raise UserError(
+            f"{path}: rank(s) {blind} do not see the token rank 0 just wrote there, so the ranks "
+            f"do not share the run directory {run_dir.root}; put --run-dir on a file system "
+            "that every node mounts (NFS or the like)"
+        )
+
+
+def _sees_token(path: Path, token: str) -> bool:
+    for attempt in range(SHARED_CHECK_TRIES):
+        try:
+            if path.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if attempt + 1 < SHARED_CHECK_TRIES:
+            time.sleep(1.0)
+    return False
+
+
+def split_todo(
+    dist: Dist,
+    records: Sequence[ImageRecord],
+    todo: Sequence[ImageRecord],
+    sizes: dict[str, float] | None = None,
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The items still to do as rank 0 sees them, and this rank's share of those.
+
+    ``records`` (N,): the split; ``todo``: this rank's ``items_to_do``. Every rank must act on
+    one list, and rank 0 may start writing before another rank has looked at the folder, so
+    rank 0's list (by image id) is the one. The shares are balanced by ``sizes`` (image id →
+    cost; the image area by default). One process: ``todo`` twice.
+    """
+    if not dist.active:
+        return list(todo), list(todo)
+    by_id = {record.image_id: record for record in records}
+    agreed = [by_id[image_id] for image_id in dist.broadcast([r.image_id for r in todo])]
+    costs = [sizes[r.image_id] if sizes else r.height * r.width for r in agreed]
+    return agreed, dist.share(agreed, costs)
+
+
+def wait_for_shares(
+    dist: Dist, done: int, failures: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
+    """After this rank's share of a split: wait for every rank, however long the slowest one
+    works. Returns the items done and the failures ({image id: reason}) of all ranks."""
+    parts = dist.all_gather((done, dict(failures or {})), work=True)
+    merged: dict[str, str] = {}
+    for _, part in parts:
+        merged.update(part)
+    return sum(count for count, _ in parts), merged
 
 
 def split_records(config: Config, split: str, limit: int | None = None) -> list[ImageRecord]:
@@ -358,6 +447,16 @@ def trunk_digest(config: Config, run_dir: RunDir) -> str:
     return str(manifest.get("trunk_digest", ""))
 
 
+def maps_origin(config: Config, run_dir: RunDir) -> str:
+    """What conv5 maps come from besides the extract settings: the fine-tuned trunk's digest,
+    or the size and modification time of a local ``extract.weights`` file (a file converted
+    again under the same name makes the cached maps stale)."""
+    digest = trunk_digest(config, run_dir)
+    if digest:
+        return digest
+    return file_identity(Path(config.extract.weights))
+
+
 def check_trunk(config: Config, run_dir: RunDir, manifest: dict, folder: Path, split: str) -> None:
     """Refuse conv5 maps (the extract ``manifest`` in ``folder``) made with another trunk than
     the one fine-tuned now: after end-to-end fine-tuning, an older cache is stale."""
@@ -398,7 +497,7 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
     if config.extract.cache != "disk":
         return live_feature_source(config, run_dir, device)
     manifest = require_upstream(config, run_dir, "extract", split)
-    digest = trunk_digest(config, run_dir)
+    origin = maps_origin(config, run_dir)
     check_trunk(config, run_dir, manifest, run_dir.features_dir(split), split)
     return FeatureSource(
         config.extract.scales,
@@ -406,7 +505,7 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
         int(manifest["channels"]),
         device,
         cache_path=functools.partial(run_dir.feature_path, split),
-        cache_fingerprint=functools.partial(item_fingerprint, config, "extract", model=digest),
+        cache_fingerprint=functools.partial(item_fingerprint, config, "extract", model=origin),
         max_long_side=config.extract.max_long_side,
     )
 

@@ -41,8 +41,11 @@ from spp_detect.stages.common import (
     format_bytes,
     items_to_do,
     locked,
+    maps_origin,
     split_records,
+    split_todo,
     trunk_digest,
+    wait_for_shares,
 )
 from spp_detect.structures import ImageRecord
 
@@ -52,7 +55,7 @@ MAX_PENDING_WRITES = 2  # cache files being written in the background while the 
 FLOAT16_BYTES = 2
 
 
-@locked("extract")
+@locked("extract", sharded=True)
 def run_extract(ctx: StageContext, split: str) -> str:
     """Cache the conv5 maps of ``split``; returns the one-line summary."""
     config = ctx.config
@@ -69,19 +72,28 @@ def run_extract(ctx: StageContext, split: str) -> str:
     clear_manifest(out_dir)
     path_of = functools.partial(ctx.run_dir.feature_path, split)
     todo_records, fingerprints = items_to_do(
-        config, "extract", records, path_of, ctx.force, model=digest
+        config, "extract", records, path_of, ctx.force, model=maps_origin(config, ctx.run_dir)
     )
     sizes = {
         r.image_id: _cache_bytes(r, backbone, settings.scales, settings.max_long_side, flip)
         for r in records
     }
+    # under torchrun: rank 0's list, and this rank's share balanced by the maps' sizes
+    todo_records, mine = split_todo(ctx.dist, records, todo_records, sizes)
     _check_projected_size(sizes, todo_records, out_dir, ctx.force)
-    todo = [(record, path_of(record.image_id)) for record in todo_records]
+    todo = [(record, path_of(record.image_id)) for record in mine]
     extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
-    bytes_written = _extract_all(extractor, todo, fingerprints, len(records), split)
+    shown = len(records) - len(todo_records) + len(todo)  # the bar counts this rank's images
+    bytes_written = _extract_all(extractor, todo, fingerprints, shown, split)
+    done = len(todo)
+    if ctx.dist.active:  # every rank's maps are written before rank 0 closes the stage
+        done, _ = wait_for_shares(ctx.dist, done)
     seconds = time.perf_counter() - started
-
+    if not ctx.dist.is_main:
+        return f"rank {ctx.dist.rank}: {len(todo)} images, {format_bytes(bytes_written)} written"
+    if ctx.dist.active:  # every rank's files
+        bytes_written = sum(path_of(r.image_id).stat().st_size for r in todo_records)
     close_stage(
         ctx, "extract", split, len(records),
         extra={
@@ -90,10 +102,11 @@ def run_extract(ctx: StageContext, split: str) -> str:
             "trunk_digest": digest,
         },
     )  # fmt: skip
-    per_image = f" ({seconds / len(todo):.3f} s/image)" if todo else ""
+    per_image = f" ({seconds / done:.3f} s/image)" if done else ""
+    ranks = f" on {ctx.dist.world} ranks" if ctx.dist.active else ""
     return (
-        f"extract ({split}): {len(todo)} images in {seconds:.1f} s{per_image}, "
-        f"{format_bytes(bytes_written)} written, {len(records) - len(todo)} already cached"
+        f"extract ({split}): {done} images{ranks} in {seconds:.1f} s{per_image}, "
+        f"{format_bytes(bytes_written)} written, {len(records) - len(todo_records)} already cached"
         + (f", {extractor.cpu_fallbacks} redone on the CPU" if extractor.cpu_fallbacks else "")
     )
 

@@ -51,13 +51,24 @@ from spp_detect.structures import ImageRecord
 logger = logging.getLogger(__name__)
 
 
-@locked("finetune")
+@locked("finetune", sharded=True)
 def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -> str:
     """Fine-tune the head on ``split`` (and the conv layers from ``finetune.conv_from`` on,
     from images); ``stop_after`` (tests) stops after that many iterations as a kill would,
-    leaving only the last regular checkpoint behind."""
+    leaving only the last regular checkpoint behind.
+
+    Under torchrun the head trains data parallel (``training.train``), the global minibatch
+    that of one process; end-to-end fine-tuning runs on rank 0 alone."""
     config, run_dir, settings = ctx.config, ctx.run_dir, ctx.config.finetune
     summary = Summary("finetune")
+    dist = ctx.dist
+    if dist.active and settings.conv_from and not dist.is_main:
+        return f"rank {dist.rank}: idle, rank 0 fine-tunes the conv layers alone"
+    if dist.world > settings.batch_size:
+        raise UserError(
+            f"finetune.batch_size: {settings.batch_size} windows cannot be shared by "
+            f"{dist.world} ranks; use fewer ranks or a larger batch"
+        )
     stage_fingerprint = fingerprint(config, "finetune")
     # 1. Done already?
     if ctx.force:
@@ -78,6 +89,8 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     if trainer.progress.iteration < settings.iterations:
         summary.notes.append(f"stopped at iteration {summary.items} of {settings.iterations}")
         return summary.line()
+    if not dist.is_main:
+        return f"rank {dist.rank}: {summary.items} iterations on its share of each minibatch"
     # 6. Outputs: the last iteration's head (and trunk), the curve, the manifest last.
     summary.bytes_written = _save_outputs(ctx, split, trainer)
     history = trainer.progress.history
@@ -99,7 +112,7 @@ def _train_head(
     flip = bool(manifests["extract"].get("flip")) if "extract" in manifests else config.extract.flip
     windows = _training_windows(config, ctx.run_dir, split, ctx.limit, ctx.device, flip)
     validation = None
-    if settings.val_split:
+    if settings.val_split and ctx.dist.is_main:  # rank 0 alone writes the history
         validation = evaluation_windows(config, ctx.run_dir, settings.val_split, ctx.limit,
                                         ctx.device)  # fmt: skip
     identity = {**identity, "feature_dim": windows.feature_dim,
@@ -109,7 +122,7 @@ def _train_head(
     training.resume(ctx.run_dir.checkpoint_path, trainer)
     start = trainer.progress.iteration
     pool_seconds, step_seconds = training.train(
-        trainer, windows, schedule, ctx.run_dir.checkpoint_path, total, validation
+        trainer, windows, schedule, ctx.run_dir.checkpoint_path, total, validation, ctx.dist
     )
     notes = []
     if step_seconds > 0:

@@ -47,6 +47,8 @@ from spp_detect.stages.common import (
     locked,
     proposal_params,
     split_records,
+    split_todo,
+    wait_for_shares,
 )
 from spp_detect.structures import ImageRecord
 from spp_detect.workers import MP_START_METHOD, run_jobs
@@ -86,7 +88,7 @@ def save_proposals(
     )
 
 
-@locked("propose")
+@locked("propose", sharded=True)
 def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str:
     """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
     config, run_dir = ctx.config, ctx.run_dir
@@ -94,31 +96,44 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     summary = Summary("propose")
     # 1. records and method inputs
     records = split_records(config, split, ctx.limit)
-    if report_only:
-        return _report(config, run_dir, records, split, summary)
+    dist = ctx.dist
+    if report_only:  # reads every image's file: rank 0's job under torchrun
+        return _report(config, run_dir, records, split, summary) if dist.is_main else "idle"
     _check_edge_model_setting(config.propose)
     clear_manifest(out_dir)
     todo, fingerprints = items_to_do(
         config, "propose", records, functools.partial(run_dir.proposal_path, split), ctx.force
     )
+    todo, mine = split_todo(dist, records, todo)  # mine: this rank's share (all of it alone)
     if len(todo) < len(records):
         summary.notes.append(f"{len(records) - len(todo)} already done")
     # 2. proposals per image
-    paths = [run_dir.proposal_path(split, r.image_id) for r in todo]
+    paths = [run_dir.proposal_path(split, r.image_id) for r in mine]
     if config.propose.method == "mat":
-        failures = _import_mat(config.propose, todo, paths, fingerprints)
+        failures = _import_mat(config.propose, mine, paths, fingerprints)
     else:
         params = proposal_params(config.propose)
         jobs = [
             ProposalJob(r.image_id, str(r.path), str(p), params, fingerprints[r.image_id])
-            for r, p in zip(todo, paths, strict=True)
+            for r, p in zip(mine, paths, strict=True)
         ]
         failures = run_jobs(jobs, ctx.workers, compute_proposals, desc=f"propose {split}")
-    summary.items = len(todo) - len(failures)
+    summary.items = len(mine) - len(failures)
     summary.bytes_written = dir_bytes(paths)
+    if dist.active:  # every rank's files are written before rank 0 closes the stage
+        summary.items, failures = wait_for_shares(dist, summary.items, failures)
+        summary.notes.append(f"{dist.world} ranks")
     # 3. failures: no manifest, exit code 2
+    if failures and not dist.is_main:
+        raise UserError(
+            f"propose --split {split}: {len(failures)} images failed; rank 0 names them"
+        )
     if failures:
         _raise_failures(failures, len(records), split)
+    if not dist.is_main:
+        return f"rank {dist.rank}: {len(mine)} images proposed"
+    if dist.active:
+        summary.bytes_written = dir_bytes([run_dir.proposal_path(split, r.image_id) for r in todo])
     # 4. manifest
     close_stage(ctx, "propose", split, len(records))
     # 5. recall report

@@ -49,7 +49,9 @@ def pipeline(ctx: StageContext) -> list[tuple[str, str, Callable[[], str]]]:
 
 
 def is_complete(ctx: StageContext, stage: str, split: str) -> bool:
-    return is_current(ctx.config, ctx.run_dir, stage, split, ctx.limit)
+    """Whether ``stage`` is current; under torchrun rank 0's answer, so that every rank runs or
+    skips it alike."""
+    return ctx.dist.broadcast(is_current(ctx.config, ctx.run_dir, stage, split, ctx.limit))
 
 
 def run_all(ctx: StageContext) -> str:

@@ -35,12 +35,14 @@ from spp_detect.stages.common import (
     locked,
     model_digest,
     open_split,
+    split_todo,
     stage_dir,
+    wait_for_shares,
 )
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 
-@locked("test")
+@locked("test", sharded=True)
 def run_test(ctx: StageContext, split: str) -> str:
     config, run_dir = ctx.config, ctx.run_dir
     summary = Summary("test")
@@ -53,8 +55,9 @@ def run_test(ctx: StageContext, split: str) -> str:
         config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force,
         model=_inputs_of(config, run_dir, split),
     )  # fmt: skip
-    progress = dict(desc=f"test {split}", total=len(todo), unit="img")
-    for record in tqdm(prefetching(source, todo), **progress):
+    _, mine = split_todo(ctx.dist, records, todo)  # this rank's share (all of it alone)
+    progress = dict(desc=f"test {split}", total=len(mine), unit="img")
+    for record in tqdm(prefetching(source, mine), **progress):
         proposals = load_proposals(config, run_dir, split, record)
         found = detector.detect(source, record, proposals)
         save_npz(
@@ -63,6 +66,11 @@ def run_test(ctx: StageContext, split: str) -> str:
             fingerprint=np.str_(fingerprints[record.image_id]),
         )  # fmt: skip
         summary.items += 1
+    if ctx.dist.active:  # every rank's parts are written before rank 0 merges them
+        summary.items, _ = wait_for_shares(ctx.dist, summary.items)
+        summary.notes.append(f"{ctx.dist.world} ranks")
+    if not ctx.dist.is_main:
+        return f"rank {ctx.dist.rank}: {len(mine)} images tested"
     # 3. merge
     detections = _merge(records, run_dir, split, fingerprints)
     save_npz(run_dir.detections_path(split), **detections.to_arrays())

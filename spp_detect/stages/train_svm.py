@@ -12,13 +12,14 @@ Steps (docs/method.md#svm-training):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json
+from spp_detect.distributed import Dist, map_in_order
 from spp_detect.features import FeatureSource, prefetching
 from spp_detect.head import Head
 from spp_detect.spp import dedup_keys
@@ -58,21 +59,30 @@ class WindowFeatures:
         return self.head.features(pooled).float().cpu().numpy()
 
 
-@locked("train-svm")
+@locked("train-svm", sharded=True)
 def run_train_svm(ctx: StageContext, split: str) -> str:
-    config, run_dir = ctx.config, ctx.run_dir
+    """The SVMs of ``split``. Under torchrun every rank computes the fc7 features of its share
+    of the images (``distributed.map_in_order``) and rank 0 mines and solves on them in the
+    image order of one process, so the SVMs are those of one process."""
+    config, run_dir, dist = ctx.config, ctx.run_dir, ctx.dist
     summary = Summary("train-svm")
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     windows = WindowFeatures(ctx, split, source, load_trained_head(config, run_dir, ctx.device))
     clear_manifest(run_dir.svm_dir)
-    # 2. feature scale
-    scale = _estimate_scale(config.svm, records, windows)
+    # 2. feature scale (on rank 0: a sample of svm.norm_images images)
+    scale = _estimate_scale(config.svm, records, windows) if dist.is_main else 1.0
     logger.info("fc7 feature scale %.4f (mean norm -> %g)", scale, config.svm.target_norm)
     # 3.-4. positives, then one mining pass
     num_classes = len(config.data.classes)
-    positives = _positives(records, windows, num_classes)
-    negatives = _negatives(records, windows, num_classes, config.svm.neg_iou, config.spp.offset)
+    positives = _positives(records, windows, num_classes, dist)
+    negatives = _negatives(
+        records, windows, num_classes, config.svm.neg_iou, config.spp.offset, dist
+    )
+    if not dist.is_main:
+        for _ in negatives:  # computes this rank's images and sends them to rank 0
+            pass
+        return f"rank {dist.rank}: fc7 of its share of {len(records)} images"
     model = mine_and_train(positives, negatives, _params(config.svm), feature_scale=scale)
     # 5. outputs
     model.save(run_dir.svm_path)
@@ -108,17 +118,35 @@ def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) ->
     return feature_scale(fc7_of, picks, svm.target_norm)
 
 
-def _positives(records: list[ImageRecord], windows: WindowFeatures, num_classes: int) -> list:
+def _per_image(
+    dist: Dist, records: list[ImageRecord], source: FeatureSource, fn: Callable, **progress
+) -> Iterator:
+    """``fn(record)`` of every record in order: one process reads the next image's maps while
+    this one runs; under torchrun the ranks share the records (``map_in_order``) and only
+    rank 0 gets the results."""
+    progress = {"total": len(records), "unit": "img", **progress}
+    if not dist.active:
+        return (fn(record) for record in tqdm(prefetching(source, records), **progress))
+    return iter(tqdm(map_in_order(dist, records, fn), **progress))
+
+
+def _positives(
+    records: list[ImageRecord], windows: WindowFeatures, num_classes: int, dist: Dist
+) -> list:
     """K arrays (P_k, F): fc7 of every gt box, difficult included
-    (docs/method.md#conventions-and-box-format, docs/method.md#svm-training)."""
+    (docs/method.md#conventions-and-box-format, docs/method.md#svm-training); empty on the
+    ranks other than 0."""
     per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     with_gt = [record for record in records if len(record.gt_boxes)]
-    progress = dict(desc="svm positives", total=len(with_gt), unit="img", leave=False)
-    for record in tqdm(prefetching(windows.source, with_gt), **progress):
+
+    def gt_fc7(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
         gt = record.gt_boxes
-        fc7 = windows.fc7(record, gt, windows.scale_index(record, gt))
+        return windows.fc7(record, gt, windows.scale_index(record, gt)), record.gt_labels
+
+    found = _per_image(dist, with_gt, windows.source, gt_fc7, desc="svm positives", leave=False)
+    for fc7, labels in found:
         for label in range(num_classes):
-            per_class[label].append(fc7[record.gt_labels == label])
+            per_class[label].append(fc7[labels == label])
     dim = windows.head.fc7.out_features
     return [np.concatenate(p) if p else np.zeros((0, dim), np.float32) for p in per_class]
 
@@ -129,11 +157,13 @@ def _negatives(
     num_classes: int,
     neg_iou: float,
     offset: float,
+    dist: Dist,
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-    """Per image, per class: (fc7 (Q_k, F), window keys (Q_k,)) of its candidate negatives."""
+    """Per image, per class: (fc7 (Q_k, F), window keys (Q_k,)) of its candidate negatives
+    (on rank 0 only under torchrun)."""
     geometry = windows.source.geometry
-    progress = dict(desc="hard-negative mining", total=len(records), unit="img")
-    for record in tqdm(prefetching(windows.source, records), **progress):
+
+    def candidates_of(record: ImageRecord) -> list[tuple[np.ndarray, np.ndarray]]:
         boxes, _ = windows.windows(record)
         scale_index = windows.scale_index(record, boxes)
         keys = dedup_keys(
@@ -144,7 +174,9 @@ def _negatives(
             boxes, keys, record.gt_boxes, record.gt_labels, num_classes, neg_iou
         )
         fc7 = windows.fc7(record, boxes[candidates], scale_index[candidates])
-        yield [(fc7[mask], candidates[mask]) for mask in is_negative.T]
+        return [(fc7[mask], candidates[mask]) for mask in is_negative.T]
+
+    return _per_image(dist, records, windows.source, candidates_of, desc="hard-negative mining")
 
 
 def _report(per_class: list[dict], classes: tuple[str, ...], scale: float) -> dict:
