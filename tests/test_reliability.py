@@ -346,3 +346,14 @@ def test_a_training_split_without_any_configured_class_is_an_error(toy_root, tmp
 def test_thresholds_out_of_range_are_refused_at_load(setting):
     with pytest.raises(UserError, match=setting.split("=")[0]):
         load_config(None, [setting])
+
+
+def test_a_write_error_outside_the_atomic_writer_is_one_line(toy_root, run_copy, monkeypatch):
+    from spp_detect.stages import extract
+
+    def read_only(*args, **kwargs):  # e.g. creating a folder on a read-only file system
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(run_copy / "features"))
+
+    monkeypatch.setattr(extract, "_extract_all", read_only)
+    line = _error_line(_invoke("extract", toy_root, run_copy, "--limit", "3", "--force"))
+    assert f"{run_copy / 'features'}: could not write" in line and "read-only" in line
