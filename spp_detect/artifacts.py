@@ -148,11 +148,11 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: file not found") from None
     except Exception as exc:  # numpy/zipfile/zlib/tokenize raise many types for a corrupt file
         raise UserError(
-            f"{path}: unreadable ({_reason(exc)}); delete it and rerun the stage"
+            f"{path}: unreadable ({short_reason(exc)}); delete it and rerun the stage"
         ) from None
 
 
-def _reason(exc: Exception) -> str:
+def short_reason(exc: Exception) -> str:
     """The first sentence of a loader's message: numpy's own advice (to load with pickle
     enabled) is wrong for a damaged artefact."""
     text = str(exc).split(". ")[0].split("\n")[0].strip()
@@ -213,7 +213,9 @@ def save_torch(path: str | Path, obj: Any) -> None:
             raise OSError(code, os.strerror(code)) from None
 
 
-_TORCH_WRITE_FAILURE = re.compile(r"iostream|failed writing|write", re.IGNORECASE)
+# torch's writer: "basic_ios::clear: iostream error", "failed writing file", and a full disk
+# mid-archive: "[enforce fail at inline_container.cc] . unexpected pos N vs M"
+_TORCH_WRITE_FAILURE = re.compile(r"iostream|write|unexpected pos|inline_container", re.IGNORECASE)
 _LOW_SPACE = 1 << 20  # bytes: below this a failed write is taken for a full disk
 
 

@@ -293,6 +293,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; fix or replace it") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     return tree

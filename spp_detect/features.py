@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spp_detect.artifacts import short_reason
 from spp_detect.backbones import Backbone
 from spp_detect.errors import UserError
 from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
@@ -332,7 +333,8 @@ class FeatureSource:
             ) from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise UserError(
-                f"{path}: unreadable cache file ({exc}); delete it and rerun `spp-detect extract`"
+                f"{path}: unreadable cache file ({short_reason(exc)}); delete it and rerun "
+                "`spp-detect extract`"
             ) from None
         # kept float16: pooling (a max) is exact in it and moves half the bytes
         tensors = [torch.from_numpy(array) for array in arrays]

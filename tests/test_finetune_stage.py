@@ -23,7 +23,7 @@ from spp_detect.config import load_config
 from spp_detect.errors import UserError
 from spp_detect.head import load_head
 from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import StageContext, fingerprint, split_records
+from spp_detect.stages.common import StageContext, fingerprint, item_fingerprint, split_records
 from spp_detect.stages.extract import run_extract
 from spp_detect.stages.finetune import evaluation_windows, run_finetune
 from spp_detect.training import majority_rate
@@ -71,7 +71,11 @@ def write_proposals(ctx: StageContext, split: str) -> None:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, record.height)
         keep = (boxes[:, 2] - boxes[:, 0] >= 8) & (boxes[:, 3] - boxes[:, 1] >= 8)
         path = ctx.run_dir.proposal_path(split, record.image_id)
-        save_npz(path, boxes=boxes[keep].astype(np.float32))
+        save_npz(
+            path,
+            boxes=boxes[keep].astype(np.float32),
+            fingerprint=np.str_(item_fingerprint(ctx.config, "propose", record)),
+        )
     write_manifest(
         ctx.run_dir.proposals_dir(split), "propose", split, len(records),
         fingerprint(ctx.config, "propose"),

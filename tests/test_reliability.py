@@ -357,3 +357,31 @@ def test_a_write_error_outside_the_atomic_writer_is_one_line(toy_root, run_copy,
     monkeypatch.setattr(extract, "_extract_all", read_only)
     line = _error_line(_invoke("extract", toy_root, run_copy, "--limit", "3", "--force"))
     assert f"{run_copy / 'features'}: could not write" in line and "read-only" in line
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"name: x\n\x8b\n")
+    with pytest.raises(UserError, match=r"config\.yaml: not a UTF-8 text file"):
+        load_config(path, [])
+
+
+def test_a_garbage_cache_file_message_does_not_advise_unsafe_loading(toy_root, run_copy):
+    config = _config(toy_root)
+    record = split_records(config, "trainval", 3)[0]
+    RunDir(run_copy).feature_path("trainval", record.image_id).write_bytes(b"\x93NUMPY" * 40)
+    with pytest.raises(UserError, match="unreadable cache file") as raised:
+        open_feature_source(config, RunDir(run_copy), "trainval", "cpu").maps(record)
+    assert "allow_pickle" not in str(raised.value)
+
+
+def test_torch_full_disk_mid_archive_is_named(tmp_path, monkeypatch):
+    def failing(obj, path):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 2752 vs 2646"
+        )
+
+    monkeypatch.setattr(torch, "save", failing)
+    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 0)
+    with pytest.raises(UserError, match="disk is full"):
+        save_torch(tmp_path / "checkpoint.pt", {"w": torch.zeros(10)})
