@@ -27,7 +27,7 @@ import numpy as np
 
 from spp_detect.errors import UserError
 from spp_detect.structures import ImageRecord
-from spp_detect.voc import _label_lookup, image_size
+from spp_detect.voc import _label_lookup, image_size, log_split_summary
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +209,9 @@ def read_split(
         _record(root, path, split, image, boxes_of.get(image_id, []), names, label_of, log)
         for image_id, image in images.items()
     ]
-    num_boxes = sum(len(r.gt_boxes) for r in records)
-    num_crowd = sum(int(r.difficult.sum()) for r in records)
-    skipped = ""
-    if log.skipped:
-        counts = ", ".join(f"{name} {count}" for name, count in log.skipped.most_common())
-        skipped = f"; skipped {sum(log.skipped.values())} boxes of other classes ({counts})"
-    logger.info(
-        "%s split %s: %d images, %d boxes (%d crowd)%s",
-        path, split, len(records), num_boxes, num_crowd, skipped,
-    )  # fmt: skip
-    log.emit(f"{path} split {split}")
+    where = f"{path} split {split}"
+    log_split_summary(where, records, log.skipped, "crowd", "boxes", logger)
+    log.emit(where)
     return records
 
 

@@ -225,23 +225,38 @@ class _SplitLog:
             logger.warning("%s: %s in %d file(s): %s", where, problem, len(paths), examples)
 
 
+def log_split_summary(
+    where: str,
+    records: Sequence[ImageRecord],
+    skipped: Counter[str],
+    flagged: str,
+    dropped: str,
+    log: logging.Logger = logger,
+) -> None:
+    """One INFO line on a split read: images, boxes, ``flagged`` ones (difficult, crowd) and the
+    ``dropped`` items of other classes counted in ``skipped`` (shared by the VOC and COCO
+    readers, each on its own ``log``)."""
+    num_boxes = sum(len(r.gt_boxes) for r in records)
+    num_flagged = sum(int(r.difficult.sum()) for r in records)
+    others = ""
+    if skipped:
+        counts = ", ".join(f"{name} {count}" for name, count in skipped.most_common())
+        others = f"; skipped {sum(skipped.values())} {dropped} of other classes ({counts})"
+    log.info(
+        "%s: %d images, %d boxes (%d %s)%s",
+        where, len(records), num_boxes, num_flagged, flagged, others,
+    )  # fmt: skip
+
+
 def read_split(root: Path, split: str, classes: Sequence[str]) -> list[ImageRecord]:
     """The annotated images of ``split``, in split-file order; labels index into ``classes``."""
     root = Path(root)
     ids = read_split_ids(root, split, classes)
     log = _SplitLog()
     records = [_read_record(root, image_id, classes, log) for image_id in ids]
-    num_boxes = sum(len(r.gt_boxes) for r in records)
-    num_difficult = sum(int(r.difficult.sum()) for r in records)
-    skipped = ""
-    if log.skipped:
-        counts = ", ".join(f"{name} {count}" for name, count in log.skipped.most_common())
-        skipped = f"; skipped {sum(log.skipped.values())} objects of other classes ({counts})"
-    logger.info(
-        "%s split %s: %d images, %d boxes (%d difficult)%s",
-        root, split, len(records), num_boxes, num_difficult, skipped,
-    )  # fmt: skip
-    log.emit(f"{root} split {split}")
+    where = f"{root} split {split}"
+    log_split_summary(where, records, log.skipped, flagged="difficult", dropped="objects")
+    log.emit(where)
     return records
 
 
