@@ -7,6 +7,7 @@ so the whole module is marked slow (deselect with ``-m "not slow"``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -199,6 +200,59 @@ def test_unknown_test_precision_is_one_line_and_loses_nothing(toy_run, tmp_path)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "test.precision: must be one of fp32, bf16, fp16" in errors[0]
     assert (copy / "detections/test/manifest.json").is_file()
+
+
+def _replace_keeping_size_and_mtime(path: Path) -> None:
+    """Rewrite a trained file with other numbers of the same shapes and give it back its
+    modification time, as a copy of another run's file (``cp -p``) would look."""
+    stat = path.stat()
+    if path.suffix == ".pt":
+        state = torch.load(path, weights_only=False)
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.add_(1.0)
+        torch.save(state, path)
+    else:
+        arrays = load_npz(path)
+        key = next(k for k, v in arrays.items() if v.dtype.kind == "f")
+        arrays[key] = arrays[key] + 1
+        np.savez(path, **arrays)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    ("rel", "reader", "stage"),
+    [
+        ("finetune/head.pt", "test", "finetune"),
+        ("svm/svms.npz", "test", "train-svm"),
+        ("bbox_reg/regressors.npz", "test", "train-bbox"),
+        ("detections/test.npz", "eval", "test"),
+    ],
+)
+def test_a_trained_file_replaced_since_its_stage_closed_is_refused(
+    toy_run, tmp_path, rel, reader, stage
+):
+    copy = Path(shutil.copytree(toy_run, tmp_path / "copy"))
+    _replace_keeping_size_and_mtime(copy / rel)
+    result = invoke(reader, "--run-dir", copy, "--force")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert str(copy / rel) in errors[0] and f"spp-detect {stage} --split" in errors[0]
+
+
+def test_run_reruns_every_stage_after_the_dataset_is_regenerated_in_place(toy_run, tmp_path):
+    from spp_detect.toy import make_toy_dataset
+
+    root = tmp_path / "toy"
+    make_toy_dataset(root, num_train=12, num_test=6, seed=0)
+    run = tmp_path / "run"
+    assert invoke("run", *toy_args(root, run)).exit_code == 0
+    make_toy_dataset(root, num_train=12, num_test=6, seed=5)  # same ids, other images and boxes
+    result = invoke("run", *toy_args(root, run))
+    assert result.exit_code == 0, result.output
+    assert "done before" not in result.output
+    assert "propose: 12 items" in result.output  # every image's proposals made again
 
 
 def test_changed_config_refuses_stale_artefacts(toy_run):

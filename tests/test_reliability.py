@@ -278,6 +278,51 @@ def test_an_upstream_rerun_makes_the_downstream_stale(toy_root, run_copy):
     assert not is_current(config, run_dir, "finetune", "trainval", limit=3)
 
 
+def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_path, small_run):
+    from spp_detect.toy import make_toy_dataset
+
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    run = Path(shutil.copytree(small_run, tmp_path / "run"))
+    config, run_dir = _config(root), RunDir(run)
+    for verb in ("propose", "extract"):
+        assert _invoke(verb, root, run, "--limit", "3").exit_code == 0
+    assert is_current(config, run_dir, "extract", "trainval", limit=3)
+    make_toy_dataset(root, num_train=12, num_test=6, seed=5)  # same ids, other images and boxes
+    for stage in ("propose", "extract"):
+        assert not is_current(config, run_dir, stage, "trainval", limit=3)
+
+
+def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path, small_run):
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    run = Path(shutil.copytree(small_run, tmp_path / "run"))
+    config, run_dir = _config(root), RunDir(run)
+    assert _invoke("propose", root, run, "--limit", "3").exit_code == 0
+    record = split_records(config, "trainval", 3)[0]
+    annotation = root / "Annotations" / f"{record.image_id}.xml"
+    text = annotation.read_text()
+    box = f"<xmin>{int(record.gt_boxes[0, 0]) + 1}</xmin>"  # VOC's pixel numbers are 1-based
+    assert box in text
+    annotation.write_text(text.replace(box, f"<xmin>{int(record.gt_boxes[0, 0]) + 3}</xmin>", 1))
+    assert not is_current(config, run_dir, "propose", "trainval", limit=3)
+
+
+def test_a_trained_head_replaced_since_finetune_is_refused(toy_root, run_copy):
+    from spp_detect.stages.common import load_trained_head
+
+    tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
+    sets = [part for item in tiny for part in ("--set", item)]
+    assert _invoke("finetune", toy_root, run_copy, "--limit", "3", *sets).exit_code == 0
+    config, run_dir = _config(toy_root, *tiny), RunDir(run_copy)
+    load_trained_head(config, run_dir, "cpu")
+    state = torch.load(run_dir.head_path, weights_only=False)
+    state["fc6.weight"] = state["fc6.weight"] * 2  # another run's head, same shapes
+    stat = run_dir.head_path.stat()
+    torch.save(state, run_dir.head_path)
+    os.utime(run_dir.head_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(UserError, match=r"head.pt: missing, or not the file its finetune"):
+        load_trained_head(config, run_dir, "cpu")
+
+
 def test_a_file_changed_after_its_manifest_makes_the_stage_stale(toy_root, run_copy):
     config, run_dir = _config(toy_root), RunDir(run_copy)
     path = next(run_dir.features_dir("trainval").glob("*.npz"))

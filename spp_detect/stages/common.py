@@ -158,20 +158,52 @@ def close_stage(
     count: int,
     extra: dict | None = None,
     folder: Path | None = None,
+    files: Sequence[Path] = (),
 ) -> None:
     """Write ``stage``'s manifest last, with its config fingerprint, the ``--limit`` it ran
-    with and the tokens of the upstream manifests it read (what `run` compares to decide
-    whether the stage is still current). ``folder``: where it goes, if not
-    ``RunDir.stage_dir``."""
+    with, the digest of the split's data (``data_digest``) and the tokens of the upstream
+    manifests it read (what `run` compares to decide whether the stage is still current).
+    ``files``: the trained files it wrote, whose content digests their readers check
+    (``check_file``). ``folder``: where it goes, if not ``RunDir.stage_dir``."""
     config, run_dir = ctx.config, ctx.run_dir
     upstream = {
         name: manifest.get("token", "")
         for name, manifest in _upstream_manifests(config, run_dir, stage, split).items()
     }
+    extra = {"limit": ctx.limit, "data": data_digest(config, split, ctx.limit), **(extra or {})}
+    if files:
+        extra["digests"] = {path.name: file_digest(path) for path in files}
     write_manifest(
         folder or run_dir.stage_dir(stage, split), stage, split, count, fingerprint(config, stage),
-        upstream=upstream, extra={"limit": ctx.limit, **(extra or {})},
+        upstream=upstream, extra=extra,
     )  # fmt: skip
+
+
+def data_digest(config: Config, split: str, limit: int | None = None) -> str:
+    """A digest of the split's data as the stages read it: the dataset's absolute root, and per
+    image its id, file size and modification time and its ground truth. A dataset regenerated
+    or re-annotated in place changes it, so `run` reruns what was made from the old one."""
+    digest = hashlib.sha256(str(Path(config.data.root).resolve()).encode())
+    for record in split_records(config, split, limit):
+        try:
+            stat = record.path.stat()
+        except OSError:
+            raise UserError(f"{record.path}: image not found; check data.root") from None
+        digest.update(f"|{record.image_id}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        for array in (record.gt_boxes, record.gt_labels, record.difficult):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_file(manifest: dict, path: Path, stage: str, split: str) -> None:
+    """Refuse a trained file whose content is not the one its ``stage`` manifest recorded
+    (corrupted, or replaced by another run's since the stage closed)."""
+    expected = manifest.get("digests", {}).get(path.name)
+    if expected is None or not path.is_file() or file_digest(path) != expected:
+        raise UserError(
+            f"{path}: missing, or not the file its {stage} manifest names (changed or replaced "
+            f"since); rerun `spp-detect {stage} --split {split} --force`"
+        )
 
 
 def _upstream_manifests(config: Config, run_dir: RunDir, stage: str, split: str) -> dict:
@@ -408,9 +440,7 @@ def load_trained_head(config: Config, run_dir: RunDir, device: str):
     """The fine-tuned head (eval mode, on ``device``), checked against the config."""
     from spp_detect.head import load_head
 
-    manifest = require_upstream(config, run_dir, "finetune", config.data.train_split)
-    check_classes(manifest, config.data.classes, run_dir.head_path, "finetune")
-    return load_head(run_dir.head_path, device)
+    return load_head(_trained_file(config, run_dir, "finetune", run_dir.head_path), device)
 
 
 def pool_geometry(config: Config, stride: int, offset0: float):
@@ -480,6 +510,8 @@ def is_current(
         return False
     if manifest.get("limit") != limit:
         return False
+    if manifest.get("data") != data_digest(config, split, limit):
+        return False
     if manifest.get("token") != folder_token(folder, stage_fingerprint):
         return False
     upstream = manifest.get("upstream", {})
@@ -545,15 +577,22 @@ def build_detector(config: Config, run_dir: RunDir, device: str):
     head = load_trained_head(config, run_dir, device)
     svms = None
     if config.test.scorer == "svm":
-        manifest = require_upstream(config, run_dir, "train-svm", config.data.train_split)
-        check_classes(manifest, config.data.classes, run_dir.svm_path, "train-svm")
-        svms = SvmModel.load(run_dir.svm_path)
+        svms = SvmModel.load(_trained_file(config, run_dir, "train-svm", run_dir.svm_path))
     regressors = None
     if config.test.bbox_reg and config.test.regressor == "ridge":
-        manifest = require_upstream(config, run_dir, "train-bbox", config.data.train_split)
-        check_classes(manifest, config.data.classes, run_dir.bbox_path, "train-bbox")
-        regressors = BoxRegressors.load(run_dir.bbox_path)
+        regressors = BoxRegressors.load(
+            _trained_file(config, run_dir, "train-bbox", run_dir.bbox_path)
+        )
     return Detector(head, svms, regressors, detection_settings(config), device)
+
+
+def _trained_file(config: Config, run_dir: RunDir, stage: str, path: Path) -> Path:
+    """``path``, once checked against the manifest of the ``stage`` that trained it."""
+    split = config.data.train_split
+    manifest = require_upstream(config, run_dir, stage, split)
+    check_classes(manifest, config.data.classes, path, stage)
+    check_file(manifest, path, stage, split)
+    return path
 
 
 def model_digest(config: Config, run_dir: RunDir) -> str:

@@ -23,6 +23,7 @@ from spp_detect.stages.common import (
     StageContext,
     Summary,
     check_classes,
+    check_file,
     close_stage,
     locked,
     require_upstream,
@@ -129,6 +130,7 @@ def load_detections(run_dir: RunDir, split: str, classes: tuple[str, ...]) -> De
             f"{run_dir.root}: no detections for split {split!r}; run `spp-detect test` there first"
         )
     check_classes(manifest, classes, run_dir.detections_path(split), "test")
+    check_file(manifest, run_dir.detections_path(split), "test", split)
     arrays = load_npz(run_dir.detections_path(split))
     try:
         return Detections(**arrays)

@@ -215,7 +215,7 @@ def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> i
     # Gone before the manifest, whose token covers the folder's files: a kill in between
     # retrains from the start, to the same weights.
     run_dir.checkpoint_path.unlink(missing_ok=True)
-    close_stage(ctx, "finetune", split, settings.iterations, extra=extra)
+    close_stage(ctx, "finetune", split, settings.iterations, extra=extra, files=written)
     return sum(path.stat().st_size for path in written)
 
 

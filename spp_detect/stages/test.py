@@ -77,6 +77,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     close_stage(
         ctx, "test", split, len(records),
         extra={"classes": list(config.data.classes), "detections": len(detections)},
+        files=[run_dir.detections_path(split)],
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")
     return summary.line()

@@ -67,7 +67,7 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     save_json(run_dir.bbox_report_path, {"feature_scale": scale, "classes": report})
     close_stage(
         ctx, "train-bbox", split, len(records),
-        extra={"classes": list(config.data.classes)},
+        extra={"classes": list(config.data.classes)}, files=[run_dir.bbox_path],
     )  # fmt: skip
     summary.items = len(records)
     summary.notes.append(_iou_note(report))

@@ -90,7 +90,7 @@ def run_train_svm(ctx: StageContext, split: str) -> str:
     save_json(run_dir.svm_report_path, report)
     close_stage(
         ctx, "train-svm", split, len(records),
-        extra={"classes": list(config.data.classes)},
+        extra={"classes": list(config.data.classes)}, files=[run_dir.svm_path],
     )  # fmt: skip
     summary.items = len(records)
     trained = sum(not c["skipped"] for c in report["classes"])
