@@ -203,7 +203,10 @@ def save_torch(path: str | Path, obj: Any) -> None:
     needed = tensor_bytes(obj)
     with atomic_path(path, needed) as tmp:
         try:
-            torch.save(obj, tmp)
+            # through a handle: torch names the archive inside after a path's file name, and
+            # the temporary name is random, so the same tensors would give other bytes
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
         except RuntimeError as exc:
             if not _TORCH_WRITE_FAILURE.search(str(exc)):
                 raise

@@ -142,6 +142,9 @@ class SvmConfig:
     hard_thresh: float = -1.0001  # mine negatives scoring above this
     evict_thresh: float = -1.2  # evict cached negatives scoring below this
     retrain_limit: int = 2000  # retrain after this many new negatives
+    # GiB for all classes' negative caches together, i.e. ⌊cache_gib·2³⁰/(K·F·4)⌋ rows per class
+    # (ours: the original has no cap; .inf = none)
+    cache_gib: float = 4.0
     target_norm: float = 20.0  # fc7 scaled to this mean L2 norm
     norm_images: int = 200  # images sampled to estimate the mean norm
     norm_windows: int = 200  # windows per image for the mean norm
@@ -396,6 +399,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("svm.tol", lambda v: v > 0, "positive"),
     ("svm.neg_iou", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("svm.retrain_limit", lambda v: v >= 1, "at least 1"),
+    ("svm.cache_gib", lambda v: v > 0, "positive"),
     ("svm.target_norm", lambda v: v > 0, "positive"),
     ("svm.norm_images", lambda v: v >= 1, "at least 1"),
     ("svm.norm_windows", lambda v: v >= 1, "at least 1"),

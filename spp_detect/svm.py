@@ -9,11 +9,17 @@ mining loop follows R-CNN/SPP-net ``*_train.m``: a per-class cache of negatives,
 negative of the first image, then with the "hard" negatives of later images; a class is retrained
 when its cache grew by more than ``retrain_limit`` and at the last image, and easy negatives are
 evicted after each retrain. Only the caches and one image's candidates are held in memory.
+
+Ours, not the original's: the caches of all classes together get a memory budget
+(``cache_gib``), i.e. at most :func:`cache_cap` rows per class; a class whose cache outgrows it
+is retrained at once and keeps only its hardest negatives.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +46,10 @@ SKIPPED_CLASS_BIAS = -1000.0
 # liblinear 1.93's iteration cap for the dual solvers (`solve_l2r_l1l2_svc`, max_iter = 1000).
 LIBLINEAR_MAX_ITER = 1000
 
+# A cached negative's key packs (image number, window key) into one int64:
+# image << WINDOW_BITS | window.
+WINDOW_BITS = 32
+
 T = TypeVar("T")
 
 
@@ -55,6 +65,28 @@ class SvmParams:
     evict_thresh: float
     retrain_limit: int
     max_iter: int = LIBLINEAR_MAX_ITER
+    cache_gib: float = 4.0  # the config's svm.cache_gib: all classes' negative caches, GiB
+
+
+def cache_cap(cache_gib: float, num_classes: int, dim: int) -> int:
+    """Rows each class's negative cache may hold: ⌊cache_gib · 2³⁰ / (K · F · 4 B)⌋ for K
+    classes of float32 features (F,); ``sys.maxsize`` (no cap) for an infinite budget."""
+    rows = cache_gib * 2**30 / (num_classes * dim * np.dtype(np.float32).itemsize)
+    return sys.maxsize if rows >= sys.maxsize else math.floor(rows)
+
+
+def pack_keys(image_number: int, windows: np.ndarray) -> np.ndarray:
+    """(Q,) int64 keys of an image's windows (Q,): image_number << 32 | window."""
+    windows = np.asarray(windows, np.int64).reshape(-1)
+    in_range = len(windows) == 0 or (windows.min() >= 0 and windows.max() < 2**WINDOW_BITS)
+    if not (in_range and 0 <= image_number < 2 ** (63 - WINDOW_BITS)):
+        raise ValueError(f"image {image_number} or window keys out of range for packing")
+    return (np.int64(image_number) << WINDOW_BITS) | windows
+
+
+def unpack_keys(packed: np.ndarray) -> np.ndarray:
+    """(Q, 2) (image number, window) rows of packed keys (Q,)."""
+    return np.stack([packed >> WINDOW_BITS, packed & (2**WINDOW_BITS - 1)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -125,7 +157,9 @@ def train_linear_svm(
         raise ValueError(
             f"train_linear_svm needs positives and negatives, got {len(pos)}, {len(neg)}"
         )
-    features = np.concatenate([pos, neg])  # positives first, as the original
+    # positives first, as the original; float64 because liblinear takes doubles (scikit-learn
+    # would copy float32 into float64, keeping both alive during the solve)
+    features = np.concatenate([pos, neg], dtype=np.float64)
     targets = np.concatenate([np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)])
     svc = LinearSVC(
         loss="hinge",
@@ -155,51 +189,78 @@ class _ClassCache:
     weight: np.ndarray  # (F,) float32; zero until the first successful training
     bias: float = 0.0
     chunks: list[np.ndarray] = field(default_factory=list)  # cached negatives, (Q_i, F) each
-    key_chunks: list[np.ndarray] = field(default_factory=list)  # (Q_i, 2) (image, window) keys
-    keys: set[tuple[int, int]] = field(default_factory=set)
+    key_chunks: list[np.ndarray] = field(default_factory=list)  # (Q_i,) their packed keys
+    # every cached key, sorted (Q,) int64: the membership test, 8 B a negative
+    sorted_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     num_added: int = 0  # negatives added since the last retrain
     retrains: int = 0
+    capped: int = 0  # negatives dropped by the cache cap
     objective: float = float("nan")
     seconds: float = 0.0
 
+    @property
+    def size(self) -> int:
+        """Number of cached negatives."""
+        return len(self.sorted_keys)
+
     def negatives(self) -> tuple[np.ndarray, np.ndarray]:
-        """All cached negatives (Q, F) and their keys (Q, 2), merged into one chunk."""
+        """All cached negatives (Q, F) and their packed keys (Q,), merged into one chunk."""
         if len(self.chunks) != 1:
             dim = self.positives.shape[1]
             self.chunks = [
                 np.concatenate(self.chunks) if self.chunks else np.zeros((0, dim), np.float32)
             ]
             self.key_chunks = [
-                np.concatenate(self.key_chunks) if self.key_chunks else np.zeros((0, 2), np.int64)
+                np.concatenate(self.key_chunks) if self.key_chunks else np.zeros(0, np.int64)
             ]
         return self.chunks[0], self.key_chunks[0]
 
     def add(self, features: np.ndarray, keys: np.ndarray) -> None:
-        """Cache negatives (Q, F) with keys (Q, 2) that are not cached yet (first of repeats)."""
-        fresh = []
-        for i, key in enumerate(map(tuple, keys.tolist())):
-            if key not in self.keys:
-                self.keys.add(key)
-                fresh.append(i)
-        if fresh:
-            self.chunks.append(features[fresh])
-            self.key_chunks.append(keys[fresh])
-            self.num_added += len(fresh)
+        """Cache negatives (Q, F) with packed keys (Q,) that are not cached yet (the first of
+        repeats), in their order."""
+        unique, first = np.unique(keys, return_index=True)  # sorted keys, first occurrences
+        if len(self.sorted_keys):
+            at = np.searchsorted(self.sorted_keys, unique)
+            cached = self.sorted_keys[np.minimum(at, len(self.sorted_keys) - 1)] == unique
+            unique, first = unique[~cached], first[~cached]
+        if len(first) == 0:
+            return
+        fresh = np.sort(first)
+        self.chunks.append(features[fresh])
+        self.key_chunks.append(keys[fresh])
+        self.num_added += len(fresh)
+        if len(self.sorted_keys) and unique[0] < self.sorted_keys[-1]:
+            self.sorted_keys = np.sort(np.concatenate([self.sorted_keys, unique]))
+        else:  # the usual case: a new image's keys follow every cached one
+            self.sorted_keys = np.concatenate([self.sorted_keys, unique])
 
-    def retrain(self, params: SvmParams) -> None:
-        """Train on the positives and the cache, then evict the easy negatives
-        (docs/method.md#svm-training)."""
+    def retrain(self, params: SvmParams, cap: int = sys.maxsize) -> int:
+        """Train on the positives and the cache, evict the easy negatives and, if more than
+        ``cap`` are left, keep the hardest ``cap − min(retrain_limit, cap // 2)``
+        (docs/method.md#svm-training). Returns the number dropped by the cap."""
         negatives, keys = self.negatives()
         self.num_added = 0
         if len(negatives) == 0:
-            return  # nothing to train against yet; scores stay 0, so every negative is mined
+            return 0  # nothing to train against yet; scores stay 0, so every negative is mined
         start = time.perf_counter()
         self.weight, self.bias, self.objective = train_linear_svm(self.positives, negatives, params)
         self.seconds += time.perf_counter() - start
         self.retrains += 1
-        keep = negatives @ self.weight + self.bias >= params.evict_thresh
+        scores = negatives @ self.weight + self.bias
+        keep = scores >= params.evict_thresh
+        dropped = 0
+        if keep.sum() > cap:
+            # Room for the next retrain_limit negatives, so that a capped class is not retrained
+            # at every image (each solve takes seconds at F = 4,096).
+            kept = cap - min(params.retrain_limit, cap // 2)
+            hardest = np.argsort(-scores, kind="stable")[:kept]  # ties: the earlier cached
+            dropped = int(keep.sum()) - kept
+            keep = np.zeros(len(scores), bool)
+            keep[hardest] = True
+        self.capped += dropped
         self.chunks, self.key_chunks = [negatives[keep]], [keys[keep]]
-        self.keys = set(map(tuple, keys[keep].tolist()))
+        self.sorted_keys = np.sort(keys[keep])
+        return dropped
 
 
 def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
@@ -223,6 +284,8 @@ class HardNegativeMiner:
     feature_scale: every feature is multiplied by it before training (20 / mean norm,
         docs/method.md#svm-training);
         :meth:`model` folds it in, so the result scores the raw features.
+    Each class's cache holds at most ``cap`` = :func:`cache_cap` rows after a retrain, and at
+    most one image's negatives more between retrains.
     """
 
     def __init__(
@@ -232,6 +295,12 @@ class HardNegativeMiner:
         self.feature_scale = feature_scale
         self.num_images = 0
         dim = positives[0].shape[1]
+        self.cap = cache_cap(params.cache_gib, len(positives), dim)
+        if self.cap < 1:
+            raise UserError(
+                f"svm.cache_gib = {params.cache_gib:g} GiB holds less than one negative per class "
+                f"({len(positives)} classes × {dim} float32 features); raise it"
+            )
         scale = np.float32(feature_scale)
         self.caches = [
             _ClassCache(
@@ -248,25 +317,33 @@ class HardNegativeMiner:
 
         A class is (re)trained after its first image with negatives (the original trains every
         class after the first image), whenever more than ``retrain_limit`` negatives were added
-        since its last retrain, and at the last image.
+        since its last retrain or its cache holds more than ``cap`` (ours), and at the last
+        image.
         """
         if len(negatives) != len(self.caches):
             raise ValueError(f"negatives for {len(negatives)} classes, need {len(self.caches)}")
         scale = np.float32(self.feature_scale)
-        for cache, (features, keys) in zip(self.caches, negatives, strict=True):
+        for label, (cache, (features, keys)) in enumerate(zip(self.caches, negatives, strict=True)):
             if len(cache.positives) == 0:
                 continue
             _mine_image(
                 cache, self.num_images, np.asarray(features, np.float32) * scale, keys, self.params
             )
             untrained = cache.retrains == 0
-            if untrained or is_last or cache.num_added > self.params.retrain_limit:
-                cache.retrain(self.params)
+            grown = cache.num_added > self.params.retrain_limit or cache.size > self.cap
+            if untrained or is_last or grown:
+                first_bite = cache.capped == 0
+                if cache.retrain(self.params, self.cap) and first_bite:
+                    logger.info(
+                        "class %d: negative cache over its cap of %d (svm.cache_gib = %g GiB over "
+                        "%d classes) at image %d; keeping the hardest",
+                        label, self.cap, self.params.cache_gib, len(self.caches), self.num_images,
+                    )  # fmt: skip
         self.num_images += 1
 
     def cached_keys(self, label: int) -> np.ndarray:
         """(image number, window key) rows (Q, 2) of class ``label``'s cached negatives."""
-        return self.caches[label].negatives()[1]
+        return unpack_keys(self.caches[label].negatives()[1])
 
     def model(self) -> SvmModel:
         """The current SVMs with the feature scale folded in, and the per-class report.
@@ -287,6 +364,7 @@ class HardNegativeMiner:
                     "positives": len(cache.positives),
                     "negatives": len(cache.negatives()[0]),
                     "retrains": cache.retrains,
+                    "capped": cache.capped,
                     "objective": None if skipped else cache.objective,
                     "seconds": round(cache.seconds, 3),
                     "skipped": skipped,
@@ -307,9 +385,7 @@ def _mine_image(
     if len(features) == 0:
         return
     hard = features @ cache.weight + cache.bias > params.hard_thresh
-    window = np.asarray(keys, np.int64).reshape(-1)
-    full_keys = np.stack([np.full_like(window, image_number), window], axis=1)
-    cache.add(features[hard], full_keys[hard])
+    cache.add(features[hard], pack_keys(image_number, keys)[hard])
 
 
 def mine_and_train(

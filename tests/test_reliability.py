@@ -233,8 +233,8 @@ def test_each_write_error_names_the_path_and_the_fix(tmp_path, monkeypatch, code
 
 
 def test_torch_iostream_failure_on_a_full_disk_is_named(tmp_path, monkeypatch):
-    def failing(obj, path):
-        Path(path).write_bytes(b"partial")
+    def failing(obj, handle):
+        handle.write(b"partial")
         raise RuntimeError("basic_ios::clear: iostream error")
 
     monkeypatch.setattr(torch, "save", failing)
@@ -421,7 +421,7 @@ def test_a_garbage_cache_file_message_does_not_advise_unsafe_loading(toy_root, r
 
 
 def test_torch_full_disk_mid_archive_is_named(tmp_path, monkeypatch):
-    def failing(obj, path):
+    def failing(obj, handle):
         raise RuntimeError(
             "[enforce fail at inline_container.cc:672] . unexpected pos 2752 vs 2646"
         )
