@@ -4,15 +4,22 @@ import numpy as np
 import pytest
 import torch
 
+from spp_detect.artifacts import folder_token, remove_stale_temporaries
 from spp_detect.bbox_reg import (
     BoxRegressors,
     fit_box_regressor,
     fit_box_regressors,
+    mean_iou_before_after,
+    normal_equations,
+    read_rows,
     ridge_solve,
+    scaled_ridge_solve,
+    solve_in_place,
     whitening,
 )
 from spp_detect.boxes import decode_deltas, encode_deltas
 from spp_detect.errors import UserError
+from spp_detect.spill import ExampleSpill
 
 
 def random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -167,3 +174,149 @@ def test_regression_examples_take_windows_above_the_iou_and_their_best_gt():
     assert rows.tolist() == []
     rows, assigned = regression_examples(boxes, np.zeros((0, 4), np.float32), 0.5)
     assert rows.shape == assigned.shape == (0,)
+
+
+# Chunked solve and spilled examples (issue 17). Both solves build the same normal equations;
+# only the order of the float64 sums differs (within each 7-row chunk, then across chunks), a
+# relative rounding of ~1e-16 per term that the solve amplifies by the condition number of
+# AᵀA + λI (below 30 for these problems; the entries of β differ by ≤ 1e-13 relative, the
+# smallest included): 1e-9 leaves a wide margin for other BLAS builds and still catches a
+# missing or doubled chunk, which moves β by percents.
+CHUNK_TOLERANCE = 1e-9
+CHUNK = 7  # rows per chunk: smaller than R, and R is no multiple of it
+
+
+@pytest.mark.parametrize(("count", "dim"), [(60, 9), (10, 9), (23, 4)])  # R ≥ D + 1, R = D + 1
+def test_chunked_primal_solve_equals_the_in_memory_solve(count, dim):
+    rng = np.random.default_rng(8)
+    features = rng.normal(0, 2, (count, dim))
+    targets = torch.from_numpy(rng.normal(size=(count, 4)))
+    scale = 0.7
+    expected = ridge_solve(torch.from_numpy(features * scale), targets, 3.0)
+    gram, rhs = normal_equations(features, targets, scale, CHUNK)
+    assert gram.dtype == rhs.dtype == torch.float64 and gram.shape == (dim + 1, dim + 1)
+    beta = solve_in_place(gram, rhs, 3.0)
+    torch.testing.assert_close(beta, expected, rtol=CHUNK_TOLERANCE, atol=0)
+    torch.testing.assert_close(
+        scaled_ridge_solve(features, targets, 3.0, scale, CHUNK), expected, rtol=CHUNK_TOLERANCE,
+        atol=0,
+    )  # fmt: skip
+
+
+def spill_of(tmp_path, features, proposals, gt_boxes, labels, num_classes, pieces):
+    """An entered ExampleSpill holding the examples, appended in ``pieces`` image-like parts."""
+    spill = ExampleSpill(tmp_path, num_classes, features.shape[1]).__enter__()
+    for part in np.array_split(np.arange(len(features)), pieces):
+        for label in np.unique(labels[part]):
+            rows = part[labels[part] == label]
+            spill.append(int(label), features[rows], proposals[rows], gt_boxes[rows])
+    return spill
+
+
+@pytest.mark.parametrize(("count", "dim"), [(200, 12), (40, 50)])  # primal (2 classes), dual
+def test_fitting_from_a_spill_equals_fitting_in_memory(tmp_path, count, dim):
+    rng = np.random.default_rng(9)
+    features = rng.normal(0, 3, (count, dim)).astype(np.float16)
+    proposals = random_boxes(rng, count)
+    gt_boxes = proposals + rng.normal(0, 8, (count, 4))
+    labels = rng.integers(0, 2, count) if count > dim else np.zeros(count, int)
+    in_memory = [
+        (features[labels == k], proposals[labels == k], gt_boxes[labels == k]) for k in range(3)
+    ]  # class 2 has no examples
+    expected, expected_report = fit_box_regressors(in_memory, dim, 4000.0, 1e-3, 0.3)
+    spill = spill_of(tmp_path, features, proposals, gt_boxes, labels, 3, pieces=5)
+    try:
+        spilled = spill.examples()
+        assert isinstance(spilled[0][0], np.memmap) and spilled[2][0].shape == (0, dim)
+        fitted, report = fit_box_regressors(spilled, dim, 4000.0, 1e-3, 0.3, chunk_rows=CHUNK)
+        for (features_k, *boxes), (spilled_k, *spilled_boxes) in zip(
+            in_memory, spilled, strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(spilled_k), features_k)  # same order
+            for a, b in zip(boxes, spilled_boxes, strict=True):
+                np.testing.assert_array_equal(a, b)
+        ious = [mean_iou_before_after(fitted, k, *spilled[k], chunk_rows=CHUNK) for k in (0, 1)]
+    finally:
+        spill.__exit__(None, None, None)
+    assert report == expected_report
+    np.testing.assert_allclose(fitted.weight, expected.weight, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fitted.bias, expected.bias, rtol=1e-5, atol=1e-7)
+    assert ious == [mean_iou_before_after(expected, k, *in_memory[k]) for k in (0, 1)]
+    # and both are still the original's procedure, on the scaled features
+    features_0, proposals_0, gt_0 = in_memory[0]
+    reference = reference_fit(features_0.astype(np.float64) * 0.3, proposals_0, gt_0, 4000.0, 1e-3)
+    probe = rng.normal(0, 3, (15, dim))
+    np.testing.assert_allclose(
+        probe @ fitted.weight[0] + fitted.bias[0], reference(probe * 0.3), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_spill_round_trips_and_removes_its_files(tmp_path):
+    rng = np.random.default_rng(10)
+    features = rng.normal(size=(25, 6)).astype(np.float16)
+    boxes = random_boxes(rng, 25).astype(np.float32)
+    labels = np.repeat([0, 2, 0], [10, 8, 7])
+    (tmp_path / "regressors.npz").write_bytes(b"artefact")
+    token = folder_token(tmp_path, "fingerprint")
+    with ExampleSpill(tmp_path, 3, 6) as spill:
+        for rows in (slice(0, 10), slice(10, 18), slice(18, 25)):
+            spill.append(int(labels[rows][0]), features[rows], boxes[rows], boxes[rows] + 1)
+        examples = spill.examples()
+        assert folder_token(tmp_path, "fingerprint") == token  # spill files are no artefact
+        np.testing.assert_array_equal(examples[0][0], features[labels == 0])
+        np.testing.assert_array_equal(examples[0][1], boxes[labels == 0])
+        np.testing.assert_array_equal(examples[2][2], boxes[labels == 2] + 1)
+        assert examples[1][0].shape == (0, 6) and examples[1][1].shape == (0, 4)
+        middle = read_rows(examples[0][0], 3, 12)  # read from the file, not through the map
+        assert type(middle) is np.ndarray and middle.flags.writeable
+        np.testing.assert_array_equal(middle, features[labels == 0][3:12])
+        spill.append(2, features[:2], boxes[:2], boxes[:2])  # more after examples(): appended
+        np.testing.assert_array_equal(spill.examples()[2][0][-2:], features[:2])
+        del examples, middle
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["regressors.npz"]
+
+
+def test_spill_files_go_on_an_error_and_after_a_killed_run(tmp_path):
+    features = np.ones((3, 4), np.float16)
+    boxes = np.zeros((3, 4), np.float32)
+    with pytest.raises(RuntimeError, match="boom"), ExampleSpill(tmp_path, 2, 4) as spill:
+        spill.append(1, features, boxes, boxes)
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # a killed run never reaches __exit__: the next stage start (locked) removes what it left
+    killed = ExampleSpill(tmp_path, 2, 4).__enter__()
+    killed.append(0, features, boxes, boxes)
+    killed.append(1, features, boxes, boxes)
+    killed.examples()  # flushed, as a kill after the fit would leave them
+    assert len(list(tmp_path.iterdir())) == 2
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"need features \(E, 4\)"):
+        ExampleSpill(tmp_path, 2, 4).append(0, np.ones((3, 5)), boxes, boxes)
+
+
+def test_a_full_disk_while_spilling_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from spp_detect import spill as spill_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spill_module, "open", full_disk, raising=False)
+    boxes = np.zeros((2, 4), np.float32)
+    written = r"\.examples\.class001\.f16\.tmp: could not write"
+    with pytest.raises(UserError, match=written), ExampleSpill(tmp_path, 2, 3) as spill:
+        spill.append(1, np.ones((2, 3)), boxes, boxes)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_solve_on_cuda_equals_the_cpu():
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(90, 20)).astype(np.float16)
+    targets = torch.from_numpy(rng.normal(size=(90, 4)))
+    cpu = scaled_ridge_solve(features, targets, 5.0, 0.5, CHUNK)
+    cuda = scaled_ridge_solve(features, targets.cuda(), 5.0, 0.5, CHUNK)
+    assert cuda.is_cuda
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=CHUNK_TOLERANCE, atol=0)

@@ -5,22 +5,33 @@ Steps:
 1. check the upstream stages and open the features;
 2. estimate the pool5 scale that gives mean norm 20;
 3. per image, the windows whose best gt IoU is > 0.5, assigned to that gt and its class; their
-   pool5 features are kept (float16) per class;
-4. fit one whitened ridge regressor per class, folded ready to use;
-5. measure the mean IoU of the training windows before and after, save, write the manifest.
+   pool5 features (float16) are spilled to one file per class (``ExampleSpill``), their boxes
+   kept in RAM;
+4. fit one whitened ridge regressor per class from its spill, read back as a memmap in chunks
+   (bbox_reg.scaled_ridge_solve), folded ready to use;
+5. measure the mean IoU of the training windows before and after, delete the spill, save, write
+   the manifest.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.bbox_reg import fit_box_regressors, mean_iou_before_after, regression_examples
+from spp_detect.bbox_reg import (
+    BoxRegressors,
+    fit_box_regressors,
+    mean_iou_before_after,
+    regression_examples,
+)
+from spp_detect.config import BboxRegConfig
 from spp_detect.features import FeatureSource, prefetching
+from spp_detect.spill import ExampleSpill
 from spp_detect.stages.common import (
     StageContext,
     Summary,
@@ -51,18 +62,14 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
         lambda i, rows: _pool5(source, records[i], windows[i][rows]), picks, cfg.target_norm
     )
     logger.info("pool5 feature scale %.4f (mean norm -> %g)", scale, cfg.target_norm)
-    # 3. examples
-    num_classes = len(config.data.classes)
-    examples = _examples(source, records, windows, num_classes, cfg.min_iou)
-    # 4. fit
-    regressors, report = fit_box_regressors(
-        examples, source.geometry.feature_dim(source.channels), cfg.ridge_lambda,
-        cfg.whiten_eps, feature_scale=scale, device=ctx.device,
-    )  # fmt: skip
-    # 5. report and outputs
-    for entry, example in zip(report, examples, strict=True):
-        entry["class"] = config.data.classes[entry["class_index"]]
-        entry.update(mean_iou_before_after(regressors, entry["class_index"], *example))
+    # 3. examples, spilled to disk: pool5 of every example is ~13 GB float16 at VOC scale
+    dim = source.geometry.feature_dim(source.channels)
+    with ExampleSpill(run_dir.bbox_dir, len(config.data.classes), dim) as spill:
+        _spill_examples(source, records, windows, cfg.min_iou, spill)
+        # 4. fit, 5. report (the spill's memmaps live only in there, and its files go next)
+        regressors, report = _fit(
+            spill.examples(), dim, cfg, scale, ctx.device, config.data.classes
+        )
     regressors.save(run_dir.bbox_path)
     save_json(run_dir.bbox_report_path, {"feature_scale": scale, "classes": report})
     close_stage(
@@ -80,15 +87,14 @@ def _pool5(source: FeatureSource, record: ImageRecord, boxes: np.ndarray) -> tor
     return pooled.float()
 
 
-def _examples(
+def _spill_examples(
     source: FeatureSource,
     records: list[ImageRecord],
     windows: list[np.ndarray],
-    num_classes: int,
     min_iou: float,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per class (pool5 (R_k, D) float16, windows (R_k, 4), assigned gt (R_k, 4))."""
-    parts: list[list[tuple]] = [[] for _ in range(num_classes)]
+    spill: ExampleSpill,
+) -> None:
+    """Append every image's regression examples to ``spill``, under their gt's class."""
     pairs = zip(prefetching(source, records), windows, strict=True)
     for record, boxes in tqdm(pairs, desc="bbox examples", total=len(records), unit="img"):
         keep, assigned = regression_examples(boxes, record.gt_boxes, min_iou)
@@ -99,16 +105,26 @@ def _examples(
         for label in np.unique(labels):
             rows = labels == label
             gt = record.gt_boxes[assigned[rows]]
-            parts[label].append((features[rows], boxes[keep][rows], gt))
-    dim = source.geometry.feature_dim(source.channels)
-    return [_stack(p, dim) for p in parts]
+            spill.append(int(label), features[rows], boxes[keep][rows], gt)
 
 
-def _stack(parts: list[tuple], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not parts:
-        empty = np.zeros((0, 4), np.float32)
-        return np.zeros((0, dim), np.float16), empty, empty
-    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+def _fit(
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    dim: int,
+    cfg: BboxRegConfig,
+    scale: float,
+    device: str,
+    classes: Sequence[str],
+) -> tuple[BoxRegressors, list[dict]]:
+    """The regressors and the per-class report (examples, mean IoU before and after) from
+    ``ExampleSpill.examples``."""
+    regressors, report = fit_box_regressors(
+        examples, dim, cfg.ridge_lambda, cfg.whiten_eps, feature_scale=scale, device=device
+    )
+    for entry, example in zip(report, examples, strict=True):
+        entry["class"] = classes[entry["class_index"]]
+        entry.update(mean_iou_before_after(regressors, entry["class_index"], *example))
+    return regressors, report
 
 
 def _iou_note(report: list[dict]) -> str:
