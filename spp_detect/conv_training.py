@@ -22,14 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from spp_detect.backbones import Backbone
+from spp_detect.distributed import Dist
 from spp_detect.errors import UserError
 from spp_detect.features import PoolGeometry, effective_scales, read_record_image
-from spp_detect.head import BIAS_LR_MULT, input_normalization_for
+from spp_detect.head import BIAS_LR_MULT, BatchRows, input_normalization_for
 from spp_detect.image import flip_image, image_to_tensor, resize_short_side
 from spp_detect.sampling import WindowPool
 from spp_detect.spp import trainable_pyramid_pool, window_cells
 from spp_detect.structures import ImageRecord
-from spp_detect.training import SgdSchedule, StepFn, Trainer, train_step
+from spp_detect.training import RankShare, SgdSchedule, StepFn, Trainer, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -190,28 +191,53 @@ class EndToEnd:
         return trainable_pyramid_pool(fmap, cells, g.levels)
 
 
-def end_to_end_step(trainer: Trainer, model: EndToEnd, schedule: SgdSchedule) -> StepFn:
-    """The SGD step of end-to-end fine-tuning for ``training.run_sgd``."""
+def end_to_end_step(
+    trainer: Trainer, model: EndToEnd, schedule: SgdSchedule, dist: Dist | None = None
+) -> StepFn:
+    """The SGD step of end-to-end fine-tuning for ``training.run_sgd``.
+
+    ``dist`` (under torchrun): every rank draws the whole minibatch (the same entries, windows
+    and scales), runs the trunk on its share of the images (``image_share``) and the head on
+    their windows, and the gradients of the head and the trainable conv layers are summed over
+    the ranks before the step (``training.RankShare``): the model one process trains, up to
+    the order of float sums.
+    """
     windows_per_image = schedule.batch_size // model.sampling.images_per_batch
+    dist = dist or Dist()
 
     def step(iteration: int) -> tuple[float, int, int]:
         rng = np.random.default_rng([schedule.seed, iteration, WINDOW_STREAM])
         entries = model.images.entries(model.sampling.images_per_batch, iteration, schedule.seed)
+        drawn = [
+            model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
+            for entry in entries.tolist()
+        ]
+        mine = image_share(dist, len(drawn))
+        starts = np.cumsum([0] + [len(rows) for rows, _, _ in drawn])
+        share = None
+        if dist.active:
+            rows = BatchRows(int(starts[mine.start]), int(starts[mine.stop]), int(starts[-1]))
+            share = RankShare(rows, dist)
         features, targets, box_targets = [], [], []
-        for entry in entries.tolist():
-            rows, labels, scale = model.draw(rng, entry, windows_per_image, schedule.fg_fraction)
-            features.append(_guarded(model.pooled, entry, rows, scale))
+        for entry, (rows, labels, scale) in zip(entries[mine], drawn[mine], strict=True):
+            features.append(_guarded(model.pooled, int(entry), rows, scale))
             targets.append(torch.as_tensor(labels, device=model.device))
             pool_rows = model.images.entry_start[entry] + rows
             box_targets.append(torch.as_tensor(model.images.pool.box_targets[pool_rows]))
         # training.train_step's backward keeps the activations of both images: OOM-guarded too
         loss, correct = _guarded(
             train_step, trainer.head, trainer.optimizer, torch.cat(features), torch.cat(targets),
-            trainer.generator, torch.cat(box_targets), schedule.box_loss_weight,
+            trainer.generator, torch.cat(box_targets), schedule.box_loss_weight, share,
         )  # fmt: skip
-        return loss, correct, sum(len(t) for t in targets)
+        return loss, correct, int(starts[-1])
 
     return step
+
+
+def image_share(dist: Dist, images: int) -> slice:
+    """This rank's contiguous share of a minibatch's ``images`` (all of them for one process;
+    counts within one of each other). Needs ``images ≥ dist.world``."""
+    return slice(images * dist.rank // dist.world, images * (dist.rank + 1) // dist.world)
 
 
 def _guarded(function, *args):

@@ -330,14 +330,14 @@ class RankShare:
         return cls(BatchRows(start, stop, batch), dist)
 
     def sum_gradients(
-        self, module: torch.nn.Module, loss: float, correct: int
+        self, params: list[torch.nn.Parameter], loss: float, correct: int
     ) -> tuple[float, int]:
-        """Make every rank's gradients those of the whole minibatch's mean loss: this rank's
-        gradients of its own mean, weighted by its share of the rows, summed over the ranks
-        (one all-reduce, which also sums the weighted loss and the windows right). Returns the
-        minibatch's loss and windows right."""
+        """Make every rank's gradients of ``params`` (those the optimizer steps: the head's,
+        and the trunk's trainable layers end to end) those of the whole minibatch's mean loss:
+        this rank's gradients of its own mean, weighted by its share of the rows, summed over
+        the ranks (one all-reduce, which also sums the weighted loss and the windows right).
+        Returns the minibatch's loss and windows right."""
         weight = (self.rows.stop - self.rows.start) / self.rows.total
-        params = [p for p in module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads]) * weight
         flat = torch.cat([flat, flat.new_tensor([loss * weight, correct])])
@@ -416,7 +416,8 @@ def train_step(
     value = float(loss.detach())
     correct = int((logits.argmax(dim=1) == targets).sum())
     if share is not None:
-        value, correct = share.sum_gradients(head, value, correct)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        value, correct = share.sum_gradients(params, value, correct)
     optimizer.step()
     return value, correct
 

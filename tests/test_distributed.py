@@ -346,6 +346,33 @@ def test_data_parallel_finetune_follows_one_process(small_toy, tmp_path):
         _assert_same_training(one, run)
 
 
+@pytest.mark.slow
+def test_data_parallel_end_to_end_finetune_follows_one_process(small_toy, tmp_path):
+    """End-to-end fine-tuning (conv4 on) on 2 ranks, each running the trunk on one of the
+    minibatch's 2 images, gradients of the head and the conv layers summed, against 1 process:
+    the same loss curve within 1e-4 over 20 iterations and the same trunk and head within float
+    tolerance (the sums run in another order). A third rank is refused: 2 images a batch."""
+    overrides = [f"data.root={small_toy}", *OVERRIDES, "finetune.log_every=1",
+                 "finetune.conv_from=conv4", "finetune.conv_lr_mult=0.1",
+                 "finetune.images_per_batch=2", "finetune.batch_size=32",
+                 "finetune.checkpoint_every=10"]  # fmt: skip
+    args = _options(overrides)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _check_run(_cli("propose", "--run-dir", str(one), *args))
+    shutil.copytree(one, two)
+    _check_run(_cli("finetune", "--run-dir", str(one), *args))
+    output = _check_run(_torchrun("finetune", "--run-dir", str(two), *args))
+    assert "rank 1: 20 iterations" in output
+    _assert_same_training(one, two)
+    trunks = [load_torch(r / "finetune/trunk.pt") for r in (one, two)]
+    for key in trunks[0]:
+        torch.testing.assert_close(trunks[0][key], trunks[1][key], rtol=1e-4, atol=1e-5)
+    config = load_config(None, overrides)
+    three = StageContext(config, RunDir(tmp_path / "three"), "cpu", 1, None, False, Dist(0, 3))
+    with pytest.raises(UserError, match=r"images_per_batch: 2 images cannot be shared by 3"):
+        run_finetune.__wrapped__(three, "trainval")
+
+
 def _assert_same_training(one: Path, two: Path) -> None:
     """The loss curves (every iteration) within 1e-4 and the heads within float tolerance."""
     curves = [json.loads((r / "finetune/history.json").read_text())["entries"] for r in (one, two)]
@@ -380,3 +407,21 @@ def test_sharded_mining_gives_the_svms_of_one_process(small_toy, tmp_path):
             k: v for k, v in b.items() if k != "seconds"
         }
     assert sum(c["retrains"] for c in reports[0]["classes"]) > 3  # more than one per class
+
+
+@pytest.mark.slow
+def test_sharded_bbox_examples_give_the_regressors_of_one_process(small_toy, tmp_path):
+    """train-bbox on 2 ranks (each pools the examples of every other image, rank 0 spills and
+    fits them in the image order of one process) against 1 process: the same regressors, bit
+    for bit, since the fit sees the same rows in the same order."""
+    args = ["--set", f"data.root={small_toy}", *SETTINGS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for stage in ("propose", "extract"):
+        _check_run(_cli(stage, "--run-dir", str(one), *args))
+    shutil.copytree(one, two)
+    _check_run(_cli("train-bbox", "--run-dir", str(one), *args))
+    output = _check_run(_torchrun("train-bbox", "--run-dir", str(two), *args))
+    assert "rank 1: pool5 of its share of 4 images" in output
+    assert _assert_same_artefacts(one, two, ["bbox_reg"]) == 1
+    reports = [json.loads((run / "bbox_reg/report.json").read_text()) for run in (one, two)]
+    assert reports[0] == reports[1]

@@ -9,10 +9,10 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,11 +28,14 @@ from spp_detect.artifacts import (
     write_manifest,
 )
 from spp_detect.config import Config, ProposeConfig
-from spp_detect.distributed import Dist
+from spp_detect.distributed import Dist, map_in_order
 from spp_detect.errors import UserError
 from spp_detect.locks import exclusive
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
+
+if TYPE_CHECKING:
+    from spp_detect.features import FeatureSource
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,22 @@ def wait_for_shares(
     for _, part in parts:
         merged.update(part)
     return sum(count for count, _ in parts), merged
+
+
+def per_image(
+    dist: Dist, records: list[ImageRecord], source: FeatureSource, fn: Callable, **progress
+) -> Iterator:
+    """``fn(record)`` of every record in order: one process reads the next image's maps while
+    this one runs; under torchrun the ranks share the records (``map_in_order``) and only
+    rank 0 gets the results."""
+    from tqdm import tqdm
+
+    from spp_detect.features import prefetching
+
+    progress = {"total": len(records), "unit": "img", **progress}
+    if not dist.active:
+        return (fn(record) for record in tqdm(prefetching(source, records), **progress))
+    return iter(tqdm(map_in_order(dist, records, fn), **progress))
 
 
 def split_records(config: Config, split: str, limit: int | None = None) -> list[ImageRecord]:

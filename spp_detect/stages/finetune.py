@@ -57,17 +57,22 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     from images); ``stop_after`` (tests) stops after that many iterations as a kill would,
     leaving only the last regular checkpoint behind.
 
-    Under torchrun the head trains data parallel (``training.train``), the global minibatch
-    that of one process; end-to-end fine-tuning runs on rank 0 alone."""
+    Under torchrun the model trains data parallel (``training.train``,
+    ``conv_training.end_to_end_step``), the global minibatch that of one process: the head's
+    windows, or end to end its images, shared by the ranks."""
     config, run_dir, settings = ctx.config, ctx.run_dir, ctx.config.finetune
     summary = Summary("finetune")
     dist = ctx.dist
-    if dist.active and settings.conv_from and not dist.is_main:
-        return f"rank {dist.rank}: idle, rank 0 fine-tunes the conv layers alone"
     if dist.world > settings.batch_size:
         raise UserError(
             f"finetune.batch_size: {settings.batch_size} windows cannot be shared by "
             f"{dist.world} ranks; use fewer ranks or a larger batch"
+        )
+    if settings.conv_from and dist.world > settings.images_per_batch:
+        raise UserError(
+            f"finetune.images_per_batch: {settings.images_per_batch} images cannot be shared by "
+            f"{dist.world} ranks end to end; set it to at least {dist.world} (each rank runs "
+            "the trunk on its own images)"
         )
     stage_fingerprint = fingerprint(config, "finetune")
     # 1. Done already?
@@ -157,8 +162,9 @@ def _train_end_to_end(
     if trainer.normalize_inputs and trainer.progress.iteration == 0:
         trainer.head.set_input_normalization(*conv_training.input_statistics(model, schedule))
     start = trainer.progress.iteration
-    step = conv_training.end_to_end_step(trainer, model, schedule)
-    seconds = training.run_sgd(trainer, schedule, ctx.run_dir.checkpoint_path, total, step)
+    step = conv_training.end_to_end_step(trainer, model, schedule, ctx.dist)
+    checkpoints = ctx.run_dir.checkpoint_path if ctx.dist.is_main else None
+    seconds = training.run_sgd(trainer, schedule, checkpoints, total, step)
     notes = []
     if seconds > 0:
         notes.append(f"{(trainer.progress.iteration - start) / seconds:.2f} SGD it/s end to end")

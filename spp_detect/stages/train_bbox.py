@@ -15,12 +15,12 @@ Steps:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json
 from spp_detect.bbox_reg import (
@@ -30,7 +30,7 @@ from spp_detect.bbox_reg import (
     regression_examples,
 )
 from spp_detect.config import BboxRegConfig
-from spp_detect.features import FeatureSource, prefetching
+from spp_detect.features import FeatureSource
 from spp_detect.spill import ExampleSpill
 from spp_detect.stages.common import (
     StageContext,
@@ -39,6 +39,7 @@ from spp_detect.stages.common import (
     load_proposals,
     locked,
     open_split,
+    per_image,
     windows_of,
 )
 from spp_detect.structures import ImageRecord
@@ -47,25 +48,35 @@ from spp_detect.window_features import feature_scale, sample_for_norm
 logger = logging.getLogger(__name__)
 
 
-@locked("train-bbox")
+@locked("train-bbox", sharded=True)
 def run_train_bbox(ctx: StageContext, split: str) -> str:
-    config, run_dir = ctx.config, ctx.run_dir
+    """The regressors of ``split``. Under torchrun every rank pools the examples of its share
+    of the images (``per_image``) and rank 0 spills and fits them in the image order of one
+    process, so the regressors are those of one process."""
+    config, run_dir, dist = ctx.config, ctx.run_dir, ctx.dist
     summary = Summary("train-bbox")
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     clear_manifest(run_dir.bbox_dir)
-    windows = [windows_of(r, load_proposals(config, run_dir, split, r))[0] for r in records]
-    # 2. feature scale
+    windows = {
+        record.image_id: windows_of(record, load_proposals(config, run_dir, split, record))[0]
+        for record in records
+    }
+    # 2. feature scale (on rank 0)
     cfg = config.bbox_reg
-    picks = sample_for_norm([len(w) for w in windows], cfg.norm_images, cfg.norm_windows, cfg.seed)
-    scale = feature_scale(
-        lambda i, rows: _pool5(source, records[i], windows[i][rows]), picks, cfg.target_norm
-    )
-    logger.info("pool5 feature scale %.4f (mean norm -> %g)", scale, cfg.target_norm)
+    scale = _estimate_scale(cfg, source, records, windows) if dist.is_main else 1.0
     # 3. examples, spilled to disk: pool5 of every example is ~13 GB float16 at VOC scale
+    examples_of = functools.partial(_examples_of, source, windows, cfg.min_iou)
+    found = per_image(dist, records, source, examples_of, desc="bbox examples")
+    if not dist.is_main:
+        for _ in found:  # pools this rank's images and sends them to rank 0
+            pass
+        return f"rank {dist.rank}: pool5 of its share of {len(records)} images"
     dim = source.geometry.feature_dim(source.channels)
     with ExampleSpill(run_dir.bbox_dir, len(config.data.classes), dim) as spill:
-        _spill_examples(source, records, windows, cfg.min_iou, spill)
+        for parts in found:
+            for part in parts:
+                spill.append(*part)
         # 4. fit, 5. report (the spill's memmaps live only in there, and its files go next)
         regressors, report = _fit(
             spill.examples(), dim, cfg, scale, ctx.device, config.data.classes
@@ -81,31 +92,45 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     return summary.line()
 
 
+def _estimate_scale(
+    cfg: BboxRegConfig, source: FeatureSource, records: list[ImageRecord], windows: dict
+) -> float:
+    """20 / the mean pool5 norm of a sample of windows (docs/method.md#bounding-box-regression)."""
+    counts = [len(windows[r.image_id]) for r in records]
+    picks = sample_for_norm(counts, cfg.norm_images, cfg.norm_windows, cfg.seed)
+
+    def pool5_of(image: int, rows: np.ndarray) -> torch.Tensor:
+        record = records[image]
+        return _pool5(source, record, windows[record.image_id][rows])
+
+    scale = feature_scale(pool5_of, picks, cfg.target_norm)
+    logger.info("pool5 feature scale %.4f (mean norm -> %g)", scale, cfg.target_norm)
+    return scale
+
+
 @torch.inference_mode()
 def _pool5(source: FeatureSource, record: ImageRecord, boxes: np.ndarray) -> torch.Tensor:
     pooled, _ = source.pool(record, boxes)
     return pooled.float()
 
 
-def _spill_examples(
-    source: FeatureSource,
-    records: list[ImageRecord],
-    windows: list[np.ndarray],
-    min_iou: float,
-    spill: ExampleSpill,
-) -> None:
-    """Append every image's regression examples to ``spill``, under their gt's class."""
-    pairs = zip(prefetching(source, records), windows, strict=True)
-    for record, boxes in tqdm(pairs, desc="bbox examples", total=len(records), unit="img"):
-        keep, assigned = regression_examples(boxes, record.gt_boxes, min_iou)
-        if len(keep) == 0:
-            continue
-        features = _pool5(source, record, boxes[keep]).cpu().numpy().astype(np.float16)
-        labels = record.gt_labels[assigned]
-        for label in np.unique(labels):
-            rows = labels == label
-            gt = record.gt_boxes[assigned[rows]]
-            spill.append(int(label), features[rows], boxes[keep][rows], gt)
+def _examples_of(
+    source: FeatureSource, windows: dict[str, np.ndarray], min_iou: float, record: ImageRecord
+) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """One image's regression examples per class present: (label, pool5 (E, D) float16,
+    windows (E, 4), their assigned gt (E, 4))."""
+    boxes = windows[record.image_id]
+    keep, assigned = regression_examples(boxes, record.gt_boxes, min_iou)
+    if len(keep) == 0:
+        return []
+    features = _pool5(source, record, boxes[keep]).cpu().numpy().astype(np.float16)
+    labels = record.gt_labels[assigned]
+    parts = []
+    for label in np.unique(labels):
+        rows = labels == label
+        gt = record.gt_boxes[assigned[rows]]
+        parts.append((int(label), features[rows], boxes[keep][rows], gt))
+    return parts
 
 
 def _fit(

@@ -12,15 +12,14 @@ Steps (docs/method.md#svm-training):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.distributed import Dist, map_in_order
-from spp_detect.features import FeatureSource, prefetching
+from spp_detect.distributed import Dist
+from spp_detect.features import FeatureSource
 from spp_detect.head import Head
 from spp_detect.spp import dedup_keys
 from spp_detect.stages.common import (
@@ -31,6 +30,7 @@ from spp_detect.stages.common import (
     load_trained_head,
     locked,
     open_split,
+    per_image,
     windows_of,
 )
 from spp_detect.structures import ImageRecord
@@ -118,18 +118,6 @@ def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) ->
     return feature_scale(fc7_of, picks, svm.target_norm)
 
 
-def _per_image(
-    dist: Dist, records: list[ImageRecord], source: FeatureSource, fn: Callable, **progress
-) -> Iterator:
-    """``fn(record)`` of every record in order: one process reads the next image's maps while
-    this one runs; under torchrun the ranks share the records (``map_in_order``) and only
-    rank 0 gets the results."""
-    progress = {"total": len(records), "unit": "img", **progress}
-    if not dist.active:
-        return (fn(record) for record in tqdm(prefetching(source, records), **progress))
-    return iter(tqdm(map_in_order(dist, records, fn), **progress))
-
-
 def _positives(
     records: list[ImageRecord], windows: WindowFeatures, num_classes: int, dist: Dist
 ) -> list:
@@ -143,7 +131,7 @@ def _positives(
         gt = record.gt_boxes
         return windows.fc7(record, gt, windows.scale_index(record, gt)), record.gt_labels
 
-    found = _per_image(dist, with_gt, windows.source, gt_fc7, desc="svm positives", leave=False)
+    found = per_image(dist, with_gt, windows.source, gt_fc7, desc="svm positives", leave=False)
     for fc7, labels in found:
         for label in range(num_classes):
             per_class[label].append(fc7[labels == label])
@@ -181,7 +169,7 @@ def _negatives(
             for mask in is_negative.T
         ]
 
-    return _per_image(dist, records, windows.source, candidates_of, desc="hard-negative mining")
+    return per_image(dist, records, windows.source, candidates_of, desc="hard-negative mining")
 
 
 def _report(per_class: list[dict], classes: tuple[str, ...], scale: float) -> dict:
