@@ -1,11 +1,17 @@
-"""Conv trunks (zf5, alexnet, vgg16) with their total stride and receptive-field centre; weights.
+"""Conv trunks (zf5, alexnet, vgg16, caffenet) with their total stride and receptive-field
+centre; weights.
 
 Shapes: N images, C channels of the last conv layer, H'/W' its map size.
 
 Each trunk ends at its last conv layer + ReLU (conv5 features are post-ReLU). Its geometry is
 derived from its own layer list by :func:`receptive_center`, not typed in: ZF-5 → stride 16,
-offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5 (docs/method.md#conv-trunks,
-docs/method.md#projection).
+offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5; CaffeNet → 16, 18
+(docs/method.md#conv-trunks, docs/method.md#projection).
+
+``caffenet`` is BVLC's AlexNet-family Caffe network (bvlc_reference_caffenet, R-CNN's model, and
+bvlc_alexnet): grouped conv2/4/5, across-channel LRN. The two models differ only in the order of
+pool and norm after conv1 and conv2; a converted file records it (``LRN_BEFORE_POOL_KEY``), so
+one name runs both.
 
 Weights are ``none`` (random, seeded, so every stage and process sees the same network), a
 torchvision weights name (``AlexNet_Weights.IMAGENET1K_V1`` or just ``IMAGENET1K_V1``; fetched
@@ -26,25 +32,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spp_detect.caffe import ILSVRC_2012_BGR_MEAN
 from spp_detect.errors import UserError
 from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("zf5", "alexnet", "vgg16")
+BACKBONES = ("zf5", "alexnet", "vgg16", "caffenet")
 RANDOM_INIT_SEED = 0  # random ("none") weights are seeded: extract and later stages must agree
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")  # names that can only be files
-# The pixels each trunk's own weights expect (image.image_to_tensor): ZF-5 is a Caffe model,
-# the others are torchvision's. A weights file holding CAFFE_MEAN_KEY overrides it.
-DEFAULT_NORMALIZATION = {"zf5": "caffe_bgr", "alexnet": "imagenet", "vgg16": "imagenet"}
+# The pixels each trunk's own weights expect (image.image_to_tensor): ZF-5 and CaffeNet are
+# Caffe models (BGR 0–255 minus their release's mean: 128; the ILSVRC 2012 mean image's
+# per-channel means, as float32 like a converted file stores them), the others torchvision's.
+# A weights file holding CAFFE_MEAN_KEY overrides it.
+DEFAULT_NORMALIZATION = {
+    "zf5": "caffe_bgr",
+    "alexnet": "imagenet",
+    "vgg16": "imagenet",
+    "caffenet": caffe_bgr_normalization(
+        torch.tensor(ILSVRC_2012_BGR_MEAN, dtype=torch.float32).tolist()
+    ),
+}
 # (3,) float32 BGR mean in a weights file converted from Caffe: its trunk is fed BGR 0–255
 # pixels minus this mean, as the Caffe model was trained (docs/contracts.md, data/README.md)
 CAFFE_MEAN_KEY = "normalization.caffe_bgr_mean"
+# () bool in a caffenet weights file: True for bvlc_alexnet (norm1 before pool1, norm2 before
+# pool2), False for bvlc_reference_caffenet (pool, then norm). convert-weights reads the order
+# from the model and always writes it; a file without it runs in CaffeNet's order.
+LRN_BEFORE_POOL_KEY = "architecture.lrn_before_pool"
 
 # ZF-5 local response normalisation (docs/method.md#conv-trunks, Zeiler_conv5.prototxt norm1/2).
 ZF5_LRN_SIZE = 3
 ZF5_LRN_ALPHA = 5e-5
 ZF5_LRN_BETA = 0.75
+# CaffeNet / BVLC AlexNet norm1/norm2 (their deploy.prototxt): ACROSS_CHANNELS, k = 1.
+CAFFENET_LRN_SIZE = 5
+CAFFENET_LRN_ALPHA = 1e-4
+CAFFENET_LRN_BETA = 0.75
 
 
 class WithinChannelLRN(nn.Module):
@@ -72,13 +96,44 @@ class WithinChannelLRN(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"
 
 
+class AcrossChannelLRN(nn.Module):
+    """Caffe's ACROSS_CHANNELS LRN: x_c · (k + α/size · Σ_{|c'−c| ≤ (size−1)/2} x_c'²)^(−β).
+
+    Channels outside 0 … C−1 count as zero and the divisor is always ``size`` (BVLC
+    ``lrn_layer.cpp``: ``alpha_over_size`` times the sum over a zero-padded window). This is
+    ``nn.LocalResponseNorm(size, alpha, beta, k)`` for odd sizes (tests/test_backbones.py checks
+    both against a loop), computed in float32 by summing shifted channel slices, about twice
+    as fast on the CPU as torch's 3-d average pooling.
+    """
+
+    def __init__(self, size: int, alpha: float, beta: float, k: float = 1.0) -> None:
+        super().__init__()
+        if size % 2 != 1:
+            raise ValueError(f"across-channel LRN size must be odd, got {size}")
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 under autocast too: x² of conv1 outputs overflows float16
+        x32 = x.float()
+        channels, half = x32.shape[1], (self.size - 1) // 2
+        padded = F.pad(x32 * x32, (0, 0, 0, 0, half, half))
+        total = padded[:, :channels] + padded[:, 1 : channels + 1]
+        for shift in range(2, self.size):
+            total += padded[:, shift : shift + channels]
+        del padded
+        return (x32 * total.mul_(self.alpha / self.size).add_(self.k).pow_(-self.beta)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
 class Backbone(nn.Module):
     """A conv trunk: ``forward`` (N, 3, H, W) normalised images → (N, C, H', W') post-ReLU maps.
 
     Attributes: ``name``; ``stride`` (input pixels per map cell); ``channels`` (C); ``offset0``
     (1-based input pixel at the centre of map cell 1); ``normalization`` ("caffe_bgr" for zf5,
-    "imagenet" for the torchvision trunks, "caffe_bgr:B,G,R" for weights converted from Caffe;
-    see ``image.image_to_tensor``).
+    "imagenet" for the torchvision trunks, "caffe_bgr:B,G,R" for caffenet and for weights
+    converted from Caffe; see ``image.image_to_tensor``).
     """
 
     def __init__(self, name: str, features: nn.Sequential, normalization: str) -> None:
@@ -176,7 +231,34 @@ def _zf5_features() -> nn.Sequential:
     )  # fmt: skip
 
 
-def _init_zf5(features: nn.Sequential) -> None:
+def _caffenet_features(lrn_before_pool: bool = False) -> nn.Sequential:
+    """CaffeNet conv1–conv5 (bvlc_reference_caffenet deploy.prototxt; docs/method.md#conv-trunks):
+    conv2, conv4, conv5 in two groups, across-channel LRN and ceil-mode pooling after conv1 and
+    conv2, pool before norm; ``lrn_before_pool`` puts norm before pool as bvlc_alexnet does.
+    The conv layers sit at the same indices either way, so both load the same state dicts."""
+
+    def lrn_pool() -> list[nn.Module]:
+        lrn = AcrossChannelLRN(CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA)
+        pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        return [lrn, pool] if lrn_before_pool else [pool, lrn]
+
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 11, stride=4, padding=0), nn.ReLU(inplace=True), *lrn_pool(),
+        nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True), *lrn_pool(),
+        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def lrn_before_pool(backbone: Backbone) -> bool:
+    """Whether the trunk's first across-channel LRN comes before its first max-pool
+    (bvlc_alexnet's order); False in CaffeNet's order and for trunks without one."""
+    kinds = [type(m) for m in backbone.features if isinstance(m, AcrossChannelLRN | nn.MaxPool2d)]
+    return bool(kinds) and kinds[0] is AcrossChannelLRN
+
+
+def _init_he(features: nn.Sequential) -> None:
     """He-normal weights, zero bias: activations keep their scale through the five layers."""
     for layer in features:
         if isinstance(layer, nn.Conv2d):
@@ -196,13 +278,24 @@ def _torchvision_features(name: str) -> nn.Sequential:
 
 
 def _random_trunk(name: str) -> Backbone:
+    if name == "caffenet":
+        return _caffenet_trunk(lrn_before_pool=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         if name == "zf5":
             features = _zf5_features()
-            _init_zf5(features)
+            _init_he(features)
             return Backbone(name, features, DEFAULT_NORMALIZATION[name])
         return Backbone(name, _torchvision_features(name), DEFAULT_NORMALIZATION[name])
+
+
+def _caffenet_trunk(lrn_before_pool: bool) -> Backbone:
+    """The caffenet trunk in either order, seeded He-normal weights (the same in both)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        features = _caffenet_features(lrn_before_pool)
+        _init_he(features)
+        return Backbone("caffenet", features, DEFAULT_NORMALIZATION["caffenet"])
 
 
 # The conv layers of each trunk in order, by their usual names (the first trainable one is
@@ -210,6 +303,7 @@ def _random_trunk(name: str) -> Backbone:
 CONV_LAYERS = {
     "zf5": ("conv1", "conv2", "conv3", "conv4", "conv5"),
     "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "caffenet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
     "vgg16": tuple(
         f"conv{block}_{i}"
         for block, count in enumerate((2, 2, 3, 3, 3), start=1)
@@ -272,6 +366,8 @@ def build_backbone(name: str, weights: str) -> Backbone:
         )  # fmt: skip
     else:
         state, source = load_weights_state(name, weights)
+        if name == "caffenet" and _stored_lrn_before_pool(state, source):
+            backbone = _caffenet_trunk(lrn_before_pool=True)
         _load_trunk(backbone, state, source)
         if CAFFE_MEAN_KEY in state:
             backbone.normalization = _caffe_normalization(state[CAFFE_MEAN_KEY], source)
@@ -315,10 +411,10 @@ def _read_state_file(path: Path) -> dict[str, Tensor]:
 
 
 def _torchvision_state(name: str, weights: str) -> tuple[dict[str, Tensor], str]:
-    if name == "zf5":
+    if name in ("zf5", "caffenet"):
         raise UserError(
-            f"extract.weights: {weights!r} is not a file and zf5 has no torchvision weights; "
-            "pass a local zf5 state dict or none"
+            f"extract.weights: {weights!r} is not a file and {name} has no torchvision weights; "
+            f"pass a local {name} state dict or none"
         )
     entry = _torchvision_weights(name, weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
@@ -393,17 +489,34 @@ def _caffe_normalization(mean: Tensor, source: str) -> str:
     return caffe_bgr_normalization(mean.tolist())
 
 
+def _stored_lrn_before_pool(state: Mapping[str, Tensor], source: str) -> bool:
+    """A caffenet weights file's ``LRN_BEFORE_POOL_KEY``; False (CaffeNet's order) without it."""
+    if LRN_BEFORE_POOL_KEY not in state:
+        return False
+    flag = state[LRN_BEFORE_POOL_KEY]
+    if flag.numel() != 1 or float(flag.reshape(())) not in (0.0, 1.0):
+        raise UserError(
+            f"{source}: {LRN_BEFORE_POOL_KEY} must hold one value, 1 (norm before pool, "
+            f"bvlc_alexnet) or 0 (pool before norm, CaffeNet), got shape {tuple(flag.shape)}; "
+            "convert the Caffe model again with spp-detect convert-weights"
+        )
+    return bool(flag.reshape(()))
+
+
 def trunk_state(backbone: Backbone) -> dict[str, Tensor]:
     """The trunk's tensors on the CPU, keyed ``features.<i>.*``: a weights file that
     ``build_backbone`` loads as a local path (a fine-tuned trunk saved ready to use).
 
     A trunk fed other pixels than its default (a converted Caffe model) keeps its mean under
-    ``CAFFE_MEAN_KEY``, so the saved trunk is fed as it was trained.
+    ``CAFFE_MEAN_KEY``, so the saved trunk is fed as it was trained; a caffenet trunk keeps its
+    pool/norm order under ``LRN_BEFORE_POOL_KEY``, so it runs as it was trained.
     """
     state = {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
     mean = caffe_bgr_mean(backbone.normalization)
     if mean is not None and backbone.normalization != DEFAULT_NORMALIZATION[backbone.name]:
         state[CAFFE_MEAN_KEY] = torch.tensor(mean, dtype=torch.float32)
+    if backbone.name == "caffenet":
+        state[LRN_BEFORE_POOL_KEY] = torch.tensor(lrn_before_pool(backbone))
     return state
 
 

@@ -1,6 +1,6 @@
 """Caffe ``.caffemodel`` files → weights files that ``extract.weights`` loads.
 
-``spp-detect convert-weights MODEL.caffemodel --backbone zf5|alexnet|vgg16 --out FILE.pt``.
+``spp-detect convert-weights MODEL.caffemodel --backbone zf5|alexnet|vgg16|caffenet --out FILE.pt``.
 
 A ``.caffemodel`` is a serialised ``caffe.NetParameter`` (BVLC/caffe
 ``src/caffe/proto/caffe.proto``). Its layers are either the current ``layer`` messages
@@ -16,6 +16,12 @@ usable, become ``fc6.*``/``fc7.*`` (what ``backbones.load_classifier_state`` rea
 pixel mean the model was trained with is written under ``backbones.CAFFE_MEAN_KEY``, so
 ``extract`` feeds the trunk BGR 0–255 pixels minus that mean.
 
+``caffenet`` (bvlc_reference_caffenet and bvlc_alexnet) is also checked beyond its conv shapes:
+the LRN and pooling layers between conv1 and conv2 and between conv2 and conv3 must be the
+trunk's (across-channel LRN 5, α 1e-4, β 0.75; max-pool 3×3 stride 2), and their order —
+pool then norm (CaffeNet) or norm then pool (BVLC AlexNet) — is written under
+``backbones.LRN_BEFORE_POOL_KEY``, so the one trunk name runs either model as it was trained.
+
 Shapes: C conv5 channels, F fc width, n side of the pooled map fc6 reads, H/W a mean image.
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,8 +43,9 @@ from spp_detect.image import CAFFE_PIXEL_MEAN
 logger = logging.getLogger(__name__)
 
 # caffe.proto's field numbers for the fields read here (BVLC/caffe src/caffe/proto/caffe.proto).
-# Each field: (name, number, type, repeated); a capitalised type is a scalar
-# (FieldDescriptorProto.TYPE_<type>), any other a message of this schema.
+# Each field: (name, number, type, repeated[, default]); a capitalised type is a scalar
+# (FieldDescriptorProto.TYPE_<type>), any other a message of this schema. Enums are read as
+# INT32 (the same varint on the wire): V1 LayerType, NormRegion, PoolMethod.
 _SCHEMA = (
     ("BlobShape", (("dim", 1, "INT64", True),)),
     (
@@ -52,8 +60,45 @@ _SCHEMA = (
             ("double_data", 8, "DOUBLE", True),
         ),
     ),
-    ("LayerParameter", (("name", 1, "STRING", False), ("blobs", 7, "BlobProto", True))),
-    ("V1LayerParameter", (("name", 4, "STRING", False), ("blobs", 6, "BlobProto", True))),
+    (
+        "LRNParameter",
+        (
+            ("local_size", 1, "UINT32", False, "5"),
+            ("alpha", 2, "FLOAT", False, "1"),
+            ("beta", 3, "FLOAT", False, "0.75"),
+            ("norm_region", 4, "INT32", False, "0"),  # ACROSS_CHANNELS 0, WITHIN_CHANNEL 1
+            ("k", 5, "FLOAT", False, "1"),
+        ),
+    ),
+    (
+        "PoolingParameter",
+        (
+            ("pool", 1, "INT32", False, "0"),  # MAX 0, AVE 1, STOCHASTIC 2
+            ("kernel_size", 2, "UINT32", False),
+            ("stride", 3, "UINT32", False, "1"),
+            ("pad", 4, "UINT32", False, "0"),
+        ),
+    ),
+    (
+        "LayerParameter",
+        (
+            ("name", 1, "STRING", False),
+            ("type", 2, "STRING", False),  # "Convolution", "LRN", "Pooling", …
+            ("blobs", 7, "BlobProto", True),
+            ("lrn_param", 118, "LRNParameter", False),
+            ("pooling_param", 121, "PoolingParameter", False),
+        ),
+    ),
+    (
+        "V1LayerParameter",
+        (
+            ("name", 4, "STRING", False),
+            ("type", 5, "INT32", False),  # enum LayerType: LRN 15, POOLING 17
+            ("blobs", 6, "BlobProto", True),
+            ("lrn_param", 18, "LRNParameter", False),
+            ("pooling_param", 19, "PoolingParameter", False),
+        ),
+    ),
     (
         "NetParameter",
         (
@@ -67,13 +112,34 @@ _SCHEMA = (
 # py-faster-rcnn lib/fast_rcnn/config.py __C.PIXEL_MEANS (B, G, R): the one mean Fast/Faster
 # R-CNN feed all their ImageNet Caffe models (CaffeNet, VGG16) with, from 0–255 pixels.
 FAST_RCNN_PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
+# The per-channel (B, G, R) means of Caffe's ilsvrc_2012_mean.binaryproto (python/caffe/imagenet/
+# ilsvrc_2012_mean.npy averaged over its 256×256 pixels, as Caffe's classification example
+# prints them): the mean image the BVLC AlexNet and CaffeNet models were trained with.
+ILSVRC_2012_BGR_MEAN = (104.0069879317889, 116.66876761696767, 122.6789143406786)
 # The (B, G, R) mean each backbone's released Caffe models expect; --mean/--mean-file override.
 DEFAULT_BGR_MEANS = {
     "zf5": (CAFFE_PIXEL_MEAN,) * 3,  # SPP-net's release subtracts 128 (docs/method.md#image-scales)
     "alexnet": FAST_RCNN_PIXEL_MEANS,
     "vgg16": FAST_RCNN_PIXEL_MEANS,
+    "caffenet": ILSVRC_2012_BGR_MEAN,
 }
 FC_LAYERS = ("fc6", "fc7")
+_V1_LAYER_TYPES = {15: "LRN", 17: "Pooling"}  # V1LayerParameter.LayerType values read here
+_NORM_REGIONS = {0: "ACROSS_CHANNELS", 1: "WITHIN_CHANNEL"}
+_POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}
+
+
+@dataclass(frozen=True)
+class CaffeLayer:
+    """One layer of a ``.caffemodel`` in file order: ``name``, ``kind`` (its type: "LRN",
+    "Pooling", "Convolution", …; a V1 type other than LRN and POOLING as its number),
+    ``lrn`` (local_size, alpha, beta, norm_region, k) of an LRN layer and ``pool`` (method,
+    kernel_size, stride, pad) of a pooling layer, else None."""
+
+    name: str
+    kind: str
+    lrn: tuple[int, float, float, int, float] | None = None
+    pool: tuple[int, int, int, int] | None = None
 
 
 class _Mismatch(Exception):
@@ -98,8 +164,9 @@ def _protobuf() -> SimpleNamespace:
 @cache
 def caffe_messages() -> SimpleNamespace:
     """The message classes of the schema (``.NetParameter``, ``.LayerParameter``,
-    ``.V1LayerParameter``, ``.BlobProto``, ``.BlobShape``), built from ``_SCHEMA`` in a pool of
-    their own (a real ``caffe_pb2`` may be loaded in the same process)."""
+    ``.V1LayerParameter``, ``.BlobProto``, ``.BlobShape``, ``.LRNParameter``,
+    ``.PoolingParameter``), built from ``_SCHEMA`` in a pool of their own (a real ``caffe_pb2``
+    may be loaded in the same process)."""
     protobuf = _protobuf()
     field_type = protobuf.descriptor_pb2.FieldDescriptorProto
     file = protobuf.descriptor_pb2.FileDescriptorProto(
@@ -107,9 +174,11 @@ def caffe_messages() -> SimpleNamespace:
     )
     for message_name, fields in _SCHEMA:
         message = file.message_type.add(name=message_name)
-        for name, number, kind, repeated in fields:
+        for name, number, kind, repeated, *default in fields:
             label = field_type.LABEL_REPEATED if repeated else field_type.LABEL_OPTIONAL
             field = message.field.add(name=name, number=number, label=label)
+            if default:
+                field.default_value = default[0]  # caffe.proto's [default = …]
             if kind.isupper():
                 field.type = getattr(field_type, f"TYPE_{kind}")
                 if repeated:
@@ -141,10 +210,14 @@ def blob_array(blob) -> np.ndarray:
     return array.reshape(shape)
 
 
-def read_caffemodel(path: Path) -> tuple[dict[str, list[np.ndarray]], str]:
+def read_caffemodel(
+    path: Path,
+) -> tuple[dict[str, list[np.ndarray]], str, tuple[CaffeLayer, ...]]:
     """The layers of a ``.caffemodel`` that hold blobs, name → blobs (float32, stored shapes),
-    in file order (a repeated name keeps its first layer), and the layout: "layer" or
-    "V1 layers". UserError for a missing, truncated or damaged file, or one without weights."""
+    in file order (a repeated name keeps its first layer); the layout: "layer" or "V1 layers";
+    and every layer, with or without blobs, in file order (``CaffeLayer``: the pooling and LRN
+    settings that ``caffenet_lrn_before_pool`` checks). UserError for a missing, truncated or
+    damaged file, or one without weights."""
     if not path.is_file():
         raise UserError(f"{path}: Caffe model not found; check the path")
     protobuf, messages = _protobuf(), caffe_messages()
@@ -158,7 +231,9 @@ def read_caffemodel(path: Path) -> tuple[dict[str, list[np.ndarray]], str]:
         ) from None
     layout = "layer" if len(net.layer) else "V1 layers"
     layers: dict[str, list[np.ndarray]] = {}
+    sequence = []
     for layer in net.layer if len(net.layer) else net.layers:
+        sequence.append(_caffe_layer(layer))
         if not len(layer.blobs) or layer.name in layers:
             continue
         try:
@@ -173,7 +248,21 @@ def read_caffemodel(path: Path) -> tuple[dict[str, list[np.ndarray]], str]:
             f"{path}: no layer with weights; pass a binary .caffemodel (one older than 2014, "
             "with V0 layers, must first be upgraded with Caffe's upgrade_net_proto_binary)"
         )
-    return layers, layout
+    return layers, layout, tuple(sequence)
+
+
+def _caffe_layer(layer) -> CaffeLayer:
+    """A ``LayerParameter`` or ``V1LayerParameter`` as a ``CaffeLayer``."""
+    kind = layer.type if isinstance(layer.type, str) else _V1_LAYER_TYPES.get(layer.type)
+    kind = kind if kind is not None else str(layer.type)
+    lrn = pool = None
+    if kind == "LRN":
+        p = layer.lrn_param
+        lrn = (p.local_size, p.alpha, p.beta, p.norm_region, p.k)
+    elif kind == "Pooling":
+        p = layer.pooling_param
+        pool = (p.pool, p.kernel_size, p.stride, p.pad)
+    return CaffeLayer(layer.name, kind, lrn, pool)
 
 
 def _strip_leading_ones(shape: Sequence[int]) -> tuple[int, ...]:
@@ -241,6 +330,60 @@ def classifier_state(
     return state, ""
 
 
+def caffenet_lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path) -> bool:
+    """Whether a caffenet model normalises before it pools (bvlc_alexnet: conv, relu, norm,
+    pool) or after (bvlc_reference_caffenet: conv, relu, pool, norm), read from the layers
+    between conv1 and conv2 and between conv2 and conv3, whose settings must be the trunk's.
+    _Mismatch naming the layer that differs; UserError when the file holds only the layers
+    with weights, so the order cannot be read."""
+    from spp_detect.backbones import CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, CAFFENET_LRN_SIZE
+
+    if not any(layer.kind in ("LRN", "Pooling") for layer in sequence):
+        raise UserError(
+            f"{model}: no LRN or pooling layers, only the layers with weights, so it cannot tell "
+            "CaffeNet (pool, then norm) from BVLC AlexNet (norm, then pool); pass the "
+            ".caffemodel as Caffe saved it"
+        )
+    lrn_setting = (CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, 0, 1.0)
+    pool_setting = (0, 3, 2, 0)
+    names = [layer.name for layer in sequence]
+    orders = []
+    for first, second in (("conv1", "conv2"), ("conv2", "conv3")):
+        between = sequence[names.index(first) + 1 : names.index(second)]
+        lrns = [layer for layer in between if layer.kind == "LRN"]
+        pools = [layer for layer in between if layer.kind == "Pooling"]
+        if len(lrns) != 1 or len(pools) != 1:
+            found = ", ".join(f"{layer.name} ({layer.kind})" for layer in lrns + pools)
+            raise _Mismatch(
+                f"between {first} and {second} the caffenet trunk has one max-pool and one LRN "
+                f"layer, the file has {found or 'neither'}"
+            )
+        lrn, pool = lrns[0], pools[0]
+        if not all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrn.lrn, lrn_setting, strict=True)
+        ):
+            size, alpha, beta, region, k = lrn.lrn
+            raise _Mismatch(
+                f"layer {lrn.name} is LRN {_NORM_REGIONS.get(region, region)} local_size {size}, "
+                f"alpha {alpha:.6g}, beta {beta:.6g}, k {k:.6g}; the caffenet trunk needs "
+                f"ACROSS_CHANNELS local_size {CAFFENET_LRN_SIZE}, alpha {CAFFENET_LRN_ALPHA:g}, "
+                f"beta {CAFFENET_LRN_BETA:g}, k 1"
+            )
+        if pool.pool != pool_setting:
+            method, kernel, stride, pad = pool.pool
+            raise _Mismatch(
+                f"layer {pool.name} pools {_POOL_METHODS.get(method, method)} {kernel}×{kernel} "
+                f"stride {stride} pad {pad}; the caffenet trunk needs MAX 3×3 stride 2 pad 0"
+            )
+        orders.append(between.index(lrn) < between.index(pool))
+    if orders[0] != orders[1]:
+        raise _Mismatch(
+            "norm and pool come in one order after conv1 and in the other after conv2; the "
+            "caffenet trunk (CaffeNet or BVLC AlexNet) has the same order after both"
+        )
+    return orders[0]
+
+
 def parse_bgr_mean(text: str) -> tuple[float, float, float]:
     """``--mean "B,G,R"`` as three finite floats; UserError otherwise."""
     try:
@@ -304,13 +447,13 @@ def _mismatch_error(
                 pass
     if fits:
         advice = f"it fits --backbone {fits[0]}"
+        if fits[0] == "caffenet":
+            advice += (
+                " (BVLC's AlexNet and CaffeNet, grouped conv2/4/5; --backbone alexnet is "
+                "torchvision's AlexNet)"
+            )
     else:
         advice = f"it fits none of {', '.join(BACKBONES)}; pass a model of one of them"
-        if backbone == "alexnet":
-            advice += (
-                " (alexnet is torchvision's AlexNet, 64-192-384-256-256 filters; BVLC's "
-                "AlexNet/CaffeNet with grouped conv2/4/5 has other shapes)"
-            )
     return UserError(f"{model}: does not fit --backbone {backbone}: {why}; {advice}")
 
 
@@ -327,13 +470,19 @@ def convert_caffemodel(
     import torch
 
     from spp_detect.artifacts import save_torch
-    from spp_detect.backbones import CAFFE_MEAN_KEY, check_backbone_name, conv_layout
+    from spp_detect.backbones import (
+        CAFFE_MEAN_KEY,
+        LRN_BEFORE_POOL_KEY,
+        check_backbone_name,
+        conv_layout,
+    )
 
     check_backbone_name(backbone)
     bgr_mean = _bgr_mean(backbone, mean, mean_file)
-    layers, layout = read_caffemodel(model)
+    layers, layout, sequence = read_caffemodel(model)
     try:
         arrays = conv_state(layers, backbone)
+        lrn_first = caffenet_lrn_before_pool(sequence, model) if backbone == "caffenet" else None
         channels = conv_layout(backbone)[-1][2][0]
         classifier, left_out = classifier_state(layers, channels)
     except _Mismatch as exc:
@@ -341,11 +490,19 @@ def convert_caffemodel(
     arrays.update(classifier)
     state = {key: torch.from_numpy(np.ascontiguousarray(a)) for key, a in arrays.items()}
     state[CAFFE_MEAN_KEY] = torch.tensor(bgr_mean, dtype=torch.float32)
+    order = ""
+    if lrn_first is not None:
+        state[LRN_BEFORE_POOL_KEY] = torch.tensor(lrn_first)
+        order = (
+            " (norm before pool: BVLC AlexNet's order)"
+            if lrn_first
+            else " (pool before norm: CaffeNet's order)"
+        )
     save_torch(out, state)
     names = [layer for layer, *_ in conv_layout(backbone)]
     fc = "and fc6, fc7" if classifier else f"(fc6/fc7: {left_out})"
     mean_text = ", ".join(f"{v:g}" for v in bgr_mean)
     return (
-        f"{out}: {backbone} {names[0]}…{names[-1]} {fc} from {model} ({layout}); "
+        f"{out}: {backbone} {names[0]}…{names[-1]}{order} {fc} from {model} ({layout}); "
         f"pixels BGR minus ({mean_text}); use it with --set extract.weights={out}"
     )

@@ -216,7 +216,9 @@ def make_toy(out: str, num_train: int, num_test: int, seed: int) -> None:
 @cli.command("convert-weights")
 @click.argument("model", type=click.Path(dir_okay=False))
 # backbones.BACKBONES, spelled out: importing it here would load torch for every command
-@click.option("--backbone", required=True, type=click.Choice(["zf5", "alexnet", "vgg16"]))
+@click.option(
+    "--backbone", required=True, type=click.Choice(["zf5", "alexnet", "vgg16", "caffenet"])
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write (.pt).")
 @click.option("--mean", default=None, help="B,G,R pixel mean instead of the backbone's usual one.")
 @click.option(

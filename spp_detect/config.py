@@ -82,7 +82,7 @@ class ProposeConfig:
 class ExtractConfig:
     """Image pyramid and conv trunk: docs/method.md#image-scales, #conv-trunks."""
 
-    backbone: str = "zf5"  # zf5 | alexnet | vgg16
+    backbone: str = "zf5"  # zf5 | alexnet | vgg16 | caffenet
     weights: str = "none"  # torchvision weights name, local file, or none (random init)
     scales: tuple[int, ...] = PAPER_SCALES  # shorter image side per pyramid level, px
     max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap

@@ -6,6 +6,7 @@ import re
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,34 @@ from torch import nn
 
 from spp_detect import backbones
 from spp_detect.backbones import (
+    LRN_BEFORE_POOL_KEY,
+    AcrossChannelLRN,
     WithinChannelLRN,
     build_backbone,
+    conv_layer_index,
     load_classifier_state,
+    lrn_before_pool,
     output_hw,
     receptive_center,
+    trunk_state,
 )
+from spp_detect.caffe import ILSVRC_2012_BGR_MEAN
 from spp_detect.errors import UserError
+from spp_detect.image import caffe_bgr_mean, image_to_tensor
+
+# caffenet's default pixels: BGR minus the ILSVRC 2012 mean, as float32 (a converted file's mean)
+CAFFENET_NORMALIZATION = "caffe_bgr:" + ",".join(
+    repr(float(v)) for v in torch.tensor(ILSVRC_2012_BGR_MEAN, dtype=torch.float32)
+)
+
+
+def caffenet_fmap_side(side: int) -> int:
+    """Caffe's size arithmetic for CaffeNet conv1–conv5 (conv ⌊(H + 2p − k)/s⌋ + 1, pooling
+    ⌈(H + 2p − k)/s⌉ + 1): conv1 11/4 pad 0, pool 3/2, conv2 5 pad 2, pool 3/2, conv3–5 3 pad 1."""
+    c1 = (side - 11) // 4 + 1
+    p1 = -(-(c1 - 3) // 2) + 1
+    c2 = (p1 + 2 * 2 - 5) // 1 + 1
+    return -(-(c2 - 3) // 2) + 1
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +61,7 @@ def alexnet() -> backbones.Backbone:
         ("zf5", 16, 21.0, 256, "caffe_bgr"),
         ("alexnet", 16, 16.0, 256, "imagenet"),
         ("vgg16", 16, 8.5, 512, "imagenet"),
+        ("caffenet", 16, 18.0, 256, CAFFENET_NORMALIZATION),
     ],
 )
 def test_geometry_of_each_backbone(name, stride, offset0, channels, normalization):
@@ -77,6 +100,133 @@ def test_alexnet_forward_matches_size_arithmetic(alexnet):
         out = alexnet(torch.randn(1, 3, 224, 301))
     assert out.shape == (1, 256, *alexnet.output_hw((224, 301)))
     assert alexnet.output_hw((224, 224)) == (13, 13)
+
+
+@pytest.fixture(scope="module")
+def caffenet() -> backbones.Backbone:
+    return build_backbone("caffenet", "none")
+
+
+def test_caffenet_default_pixels_are_the_ilsvrc_2012_mean():
+    assert caffe_bgr_mean(CAFFENET_NORMALIZATION) == pytest.approx((104.0, 116.7, 122.7), abs=0.05)
+    assert backbones.DEFAULT_NORMALIZATION["caffenet"] == CAFFENET_NORMALIZATION
+
+
+@pytest.mark.parametrize("side", [11, 67, 150, 224, 227, 301, 480, 576, 688, 864, 1200])
+def test_caffenet_map_sizes_match_caffe_arithmetic(caffenet, side):
+    assert caffenet.output_hw((side, side)) == (caffenet_fmap_side(side),) * 2
+    expected = {227: 13, 224: 13, 480: 29, 688: 42, 1200: 74}  # 227: Caffe's deploy input → 13
+    if side in expected:
+        assert caffenet_fmap_side(side) == expected[side]
+
+
+def test_caffenet_layers_and_ceil_mode_pooling(caffenet):
+    pools = [m for m in caffenet.features if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 2 and all(p.ceil_mode and p.kernel_size == 3 for p in pools)
+    # 55 → ⌈52/2⌉+1 = 27 as in Caffe (the 227 input's conv1 map); 56 → 28, floor would give 27
+    assert output_hw(pools[:1], (55, 56)) == (27, 28)
+    convs = [m for m in caffenet.features if isinstance(m, nn.Conv2d)]
+    assert [c.groups for c in convs] == [1, 2, 1, 2, 2]
+    assert [conv_layer_index(caffenet, f"conv{i}") for i in range(1, 6)] == [0, 4, 8, 10, 12]
+    assert not lrn_before_pool(caffenet)  # CaffeNet's order: pool1, then norm1
+
+
+def test_caffenet_extract_like_forward_with_random_weights(caffenet):
+    """``none`` weights: a uint8 image normalised as extract does gives post-ReLU conv5 maps of
+    Caffe's size."""
+    image = np.random.default_rng(0).integers(0, 256, (150, 227, 3), dtype=np.uint8)
+    pixels = image_to_tensor(image, caffenet.normalization)
+    with torch.no_grad():
+        out = caffenet(pixels[None])
+    assert out.shape == (1, 256, caffenet_fmap_side(150), caffenet_fmap_side(227)) == (
+        1, 256, *caffenet.output_hw((150, 227))
+    )  # fmt: skip
+    assert bool(out.isfinite().all()) and bool((out >= 0).all()) and float(out.max()) > 0
+    again = build_backbone("caffenet", "none")
+    for a, b in zip(caffenet.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_grouped_conv_is_caffes_group():
+    """Caffe's ``group: 2`` convolves input channels 0…C/2−1 into outputs 0…F/2−1 and the rest
+    into the rest; PyTorch's ``groups=2`` with the same (F, C/2, k, k) weight blob does too."""
+    conv = build_backbone("caffenet", "none").features[4]  # conv2: 96 → 256 in two groups
+    x = torch.randn(1, 96, 9, 9)
+    halves = [
+        F.conv2d(x[:, g * 48 : (g + 1) * 48], conv.weight[g * 128 : (g + 1) * 128],
+                 conv.bias[g * 128 : (g + 1) * 128], padding=2)
+        for g in range(2)
+    ]  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(conv(x), torch.cat(halves, dim=1), atol=1e-5)
+
+
+def _across_channel_lrn_by_loops(x, size, alpha, beta, k):
+    """Caffe's ACROSS_CHANNELS LRN (BVLC lrn_layer.cpp CrossChannelForward_cpu), by hand:
+    scale_c = k + alpha/size · Σ x_c'² over c' = c − (size−1)/2 … c + (size−1)/2 inside 0…C−1."""
+    out = torch.empty_like(x)
+    channels, half = x.shape[1], (size - 1) // 2
+    for c in range(channels):
+        window = range(max(0, c - half), min(channels, c + half + 1))
+        total = sum(x[:, c2].double() ** 2 for c2 in window)
+        out[:, c] = (x[:, c].double() * (k + alpha / size * total) ** -beta).float()
+    return out
+
+
+def test_across_channel_lrn_is_caffes_and_torchs():
+    """CaffeNet's norm1/norm2 (size 5, α 1e-4, β 0.75, k 1): our module and torch's
+    nn.LocalResponseNorm both divide α by size, as Caffe does; α unscaled would differ."""
+    x = torch.randn(2, 9, 4, 5) * 300  # Σ x² ≈ 5·9e4: the LRN scale is far from 1
+    expected = _across_channel_lrn_by_loops(x, 5, 1e-4, 0.75, 1.0)
+    assert not torch.allclose(expected, x, rtol=0.1)
+    ours = AcrossChannelLRN(5, 1e-4, 0.75)(x)
+    theirs = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(x)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(theirs, expected, rtol=1e-5, atol=1e-4)
+    unscaled = _across_channel_lrn_by_loops(x, 5, 5e-4, 0.75, 1.0)  # α not divided by size
+    assert not torch.allclose(theirs, unscaled, rtol=1e-2)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(AcrossChannelLRN(5, 1e-4, 0.75)(channels_last), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="odd"):
+        AcrossChannelLRN(4, 1e-4, 0.75)
+
+
+def test_across_channel_lrn_of_float16_does_not_overflow():
+    x = (torch.randn(1, 8, 6, 7) * 500).relu()  # CaffeNet conv1 outputs reach the hundreds
+    lrn = AcrossChannelLRN(5, 1e-4, 0.75)
+    out = lrn(x.half())
+    assert out.dtype == torch.float16 and bool(out.isfinite().all())
+    assert torch.allclose(out.float(), lrn(x), rtol=2e-3, atol=0.5)
+
+
+def test_caffenet_weights_file_sets_the_pool_norm_order(tmp_path, caffenet):
+    """One trunk name, two orders: a file's LRN_BEFORE_POOL_KEY picks bvlc_alexnet's (norm,
+    then pool); without it the trunk runs CaffeNet's. A fine-tuned trunk keeps its order."""
+    generator = torch.Generator().manual_seed(3)
+    state = {
+        k: torch.randn(v.shape, generator=generator) * 0.05
+        for k, v in caffenet.state_dict().items()
+    }
+    torch.save(state, tmp_path / "caffenet.pt")
+    torch.save({**state, LRN_BEFORE_POOL_KEY: torch.tensor(True)}, tmp_path / "alexnet_bvlc.pt")
+    pool_first = build_backbone("caffenet", str(tmp_path / "caffenet.pt"))
+    norm_first = build_backbone("caffenet", str(tmp_path / "alexnet_bvlc.pt"))
+    assert not lrn_before_pool(pool_first) and lrn_before_pool(norm_first)
+    assert [type(m).__name__ for m in norm_first.features][:4] == [
+        "Conv2d", "ReLU", "AcrossChannelLRN", "MaxPool2d"
+    ]  # fmt: skip
+    assert (norm_first.stride, norm_first.offset0) == (pool_first.stride, pool_first.offset0)
+    pixels = torch.randn(1, 3, 131, 99) * 60
+    with torch.no_grad():
+        a, b = pool_first(pixels), norm_first(pixels)
+    assert a.shape == b.shape and not torch.allclose(a, b)  # same weights, other order
+
+    torch.save(trunk_state(norm_first), tmp_path / "trunk.pt")
+    assert lrn_before_pool(build_backbone("caffenet", str(tmp_path / "trunk.pt")))
+    assert torch.load(tmp_path / "trunk.pt", weights_only=True)[LRN_BEFORE_POOL_KEY].item() is True
+    torch.save({**state, LRN_BEFORE_POOL_KEY: torch.tensor([1.0, 0.0])}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"architecture\.lrn_before_pool must hold one value"):
+        build_backbone("caffenet", str(tmp_path / "bad.pt"))
 
 
 def test_random_weights_are_reproducible(zf5):
@@ -223,6 +373,8 @@ def test_weights_names(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match="zf5 has no torchvision weights"):
         build_backbone("zf5", "IMAGENET1K_V1")
+    with pytest.raises(UserError, match="caffenet has no torchvision weights"):
+        build_backbone("caffenet", "IMAGENET1K_V1")
     with pytest.raises(UserError, match=r"AlexNet_Weights\.IMAGENET1K_V1"):
         build_backbone("alexnet", "VGG16_Weights.IMAGENET1K_V1")
     with pytest.raises(UserError, match="not a file nor a weights name"):
@@ -255,7 +407,7 @@ def test_cached_weights_load_without_download(monkeypatch, tmp_path, alexnet):
     assert load_classifier_state("alexnet", "DEFAULT")["fc6.weight"].shape == (64, 9216)
 
 
-@pytest.mark.parametrize("name", ["zf5", "alexnet"])
+@pytest.mark.parametrize("name", ["zf5", "alexnet", "caffenet"])
 def test_offset0_is_the_centre_of_the_gradient_support(name):
     """Independent check of receptive_center: the input pixels that reach conv cell (j, j) are
     centred on offset0 − 1 + stride·j (0-based). Max-pooling is swapped for average pooling of

@@ -14,11 +14,14 @@ from click.testing import CliRunner
 from spp_detect import caffe
 from spp_detect.backbones import (
     CAFFE_MEAN_KEY,
+    DEFAULT_NORMALIZATION,
+    LRN_BEFORE_POOL_KEY,
     build_backbone,
     conv_layout,
     load_classifier_state,
     trunk_state,
 )
+from spp_detect.backbones import lrn_before_pool as lrn_before_pool_of
 from spp_detect.cli import cli
 from spp_detect.errors import UserError
 from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization, image_to_tensor
@@ -46,6 +49,66 @@ def write_caffemodel(path: Path, layers: dict[str, list[np.ndarray]], v1: bool) 
     for name, blobs in layers.items():
         add(name=name, blobs=[_blob(blob, v1) for blob in blobs])
         add(name=f"relu_{name}")  # parameter-free layers sit between, as in real files
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+# Caffe layer types of the CaffeNet-family files written here: (V1 LayerType, current type)
+LAYER_TYPES = {
+    "Data": (5, "Data"), "Convolution": (4, "Convolution"), "ReLU": (18, "ReLU"),
+    "LRN": (15, "LRN"), "Pooling": (17, "Pooling"), "InnerProduct": (14, "InnerProduct"),
+    "Dropout": (6, "Dropout"),
+}  # fmt: skip
+# BVLC's conv shapes (bvlc_reference_caffenet and bvlc_alexnet alike): what caffenet must be
+BVLC_CONV_SHAPES = {
+    "conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
+    "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3),
+}  # fmt: skip
+
+
+def write_caffenet(
+    path: Path,
+    layers: dict[str, list[np.ndarray]],
+    v1: bool,
+    lrn_before_pool: bool,
+    lrn: dict | None = None,
+    pool: dict | None = None,
+) -> Path:
+    """A CaffeNet-family .caffemodel as Caffe saves one: every layer of the train net with its
+    type and settings, blobs from ``layers``; norm before pool (bvlc_alexnet) or pool before
+    norm (bvlc_reference_caffenet). ``lrn``/``pool`` override norm1's/pool1's settings."""
+    net = caffe.caffe_messages().NetParameter(name="CaffeNet")
+    add = net.layers.add if v1 else net.layer.add
+
+    def layer(name: str, kind: str, **settings):
+        added = add(name=name, type=LAYER_TYPES[kind][0 if v1 else 1], **settings)
+        if name in layers:
+            added.blobs.extend(_blob(blob, v1) for blob in layers[name])
+
+    layer("data", "Data")
+    for i in (1, 2, 3, 4, 5):
+        layer(f"conv{i}", "Convolution")
+        layer(f"relu{i}", "ReLU")
+        if i <= 2:
+            norm = {"local_size": 5, "alpha": 1e-4, "beta": 0.75, **((lrn or {}) if i == 1 else {})}
+            max_pool = {
+                "pool": 0,
+                "kernel_size": 3,
+                "stride": 2,
+                **((pool or {}) if i == 1 else {}),
+            }
+            steps = [
+                (f"norm{i}", "LRN", {"lrn_param": norm}),
+                (f"pool{i}", "Pooling", {"pooling_param": max_pool}),
+            ]
+            for name, kind, settings in steps if lrn_before_pool else steps[::-1]:
+                layer(name, kind, **settings)
+    layer("pool5", "Pooling", pooling_param={"pool": 0, "kernel_size": 3, "stride": 2})
+    for name in ("fc6", "fc7"):
+        layer(name, "InnerProduct")
+        layer(f"relu{name[-1]}", "ReLU")
+        layer(f"drop{name[-1]}", "Dropout")
+    layer("fc8", "InnerProduct")
     path.write_bytes(net.SerializeToString())
     return path
 
@@ -135,6 +198,55 @@ def test_alexnet_keeps_the_caffe_pixel_mean(tmp_path):
     assert load_classifier_state("alexnet", str(out))["fc6.weight"].shape == (FC_WIDTH, 256 * 36)
 
 
+def test_caffenet_layout_is_bvlcs():
+    layout = conv_layout("caffenet")
+    assert {layer: weight for layer, _, weight, _ in layout} == BVLC_CONV_SHAPES
+    assert [prefix for _, prefix, *_ in layout] == [f"features.{i}" for i in (0, 4, 8, 10, 12)]
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["V1-layers", "layer"])
+@pytest.mark.parametrize(
+    "lrn_before_pool", [False, True], ids=["caffenet-pool-norm", "bvlc-alexnet-norm-pool"]
+)
+def test_caffenet_round_trip_records_the_order(tmp_path, v1, lrn_before_pool):
+    """bvlc_reference_caffenet (pool, norm) and bvlc_alexnet (norm, pool), in both layouts:
+    conv1–conv5 and fc6 (4096 × 9216 in the real files; narrower here) and fc7 copied exactly,
+    the order read from the file and written, the ILSVRC 2012 mean stored."""
+    layers = known_layers("caffenet", seed=2)
+    model = write_caffenet(tmp_path / "bvlc.caffemodel", layers, v1, lrn_before_pool)
+    out = tmp_path / "caffenet.pt"
+    result = convert([str(model), "--backbone", "caffenet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = result.output
+    order = (
+        "norm before pool: BVLC AlexNet's" if lrn_before_pool else "pool before norm: CaffeNet's"
+    )
+    assert order in summary and "fc6, fc7" in summary, summary
+    assert "pixels BGR minus (104.007, 116.669, 122.679)" in summary
+
+    state = torch.load(out, weights_only=True)
+    assert state[LRN_BEFORE_POOL_KEY].item() is lrn_before_pool
+    trunk = build_backbone("caffenet", str(out))
+    assert lrn_before_pool_of(trunk) is lrn_before_pool
+    for layer, prefix, _, _ in conv_layout("caffenet"):
+        assert torch.equal(
+            trunk.state_dict()[f"{prefix}.weight"], torch.from_numpy(layers[layer][0])
+        )
+        assert torch.equal(trunk.state_dict()[f"{prefix}.bias"], torch.from_numpy(layers[layer][1]))
+    # the converted mean is the trunk's default pixels (float32 ILSVRC 2012 means)
+    assert trunk.normalization == DEFAULT_NORMALIZATION["caffenet"]
+    assert caffe_bgr_mean(trunk.normalization) == tuple(
+        float(np.float32(v)) for v in caffe.ILSVRC_2012_BGR_MEAN
+    )
+    classifier = load_classifier_state("caffenet", str(out))
+    assert classifier["fc6.weight"].shape == (FC_WIDTH, 256 * 6 * 6)  # pool5: 256 × 6 × 6
+    for name in ("fc6", "fc7"):
+        assert torch.equal(classifier[f"{name}.weight"], torch.from_numpy(layers[name][0]))
+        assert torch.equal(classifier[f"{name}.bias"], torch.from_numpy(layers[name][1]))
+    with torch.no_grad():
+        assert trunk(torch.zeros(1, 3, 227, 227)).shape == (1, 256, 13, 13)
+
+
 def test_vgg16_layer_names_and_keys():
     layout = conv_layout("vgg16")
     names = [layer for layer, *_ in layout]
@@ -214,6 +326,80 @@ def test_wrong_backbone_says_which_fits(tmp_path):
     assert_one_line_error(
         result, "does not fit --backbone alexnet: layer conv1", "it fits --backbone zf5"
     )
+    # BVLC's AlexNet/CaffeNet given as torchvision's alexnet: pointed to caffenet
+    bvlc = write_caffenet(tmp_path / "bvlc.caffemodel", known_layers("caffenet"), True, True)
+    result = convert([str(bvlc), "--backbone", "alexnet", "--out", str(tmp_path / "x.pt")])
+    line = assert_one_line_error(
+        result,
+        "does not fit --backbone alexnet: layer conv1 has weight (96, 3, 11, 11)",
+        "it fits --backbone caffenet (BVLC's AlexNet and CaffeNet",
+    )
+    assert "64-192-384-256-256" not in line
+
+
+def _caffenet_error(model: Path, out: Path) -> str:
+    """The one-line UserError of converting ``model`` with --backbone caffenet."""
+    with pytest.raises(UserError) as caught:
+        caffe.convert_caffemodel(model, "caffenet", out)
+    assert "\n" not in str(caught.value) and not out.exists()
+    return str(caught.value)
+
+
+def test_wrong_model_for_caffenet_names_the_first_layer(tmp_path):
+    out = tmp_path / "x.pt"
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=True)
+    message = _caffenet_error(model, out)
+    assert "does not fit --backbone caffenet: layer conv1 has weight (96, 3, 7, 7)" in message
+    assert "the caffenet trunk needs (96, 3, 11, 11) and (96,); it fits --backbone zf5" in message
+
+    layers = known_layers("caffenet")
+    layers["conv4"][0] = layers["conv4"][0][:, :96]  # conv4 in four groups, not two
+    model = write_caffenet(tmp_path / "c.caffemodel", layers, v1=False, lrn_before_pool=False)
+    message = _caffenet_error(model, out)
+    assert "layer conv4 has weight (384, 96, 3, 3)" in message and "fits none of" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"lrn": {"local_size": 3}}, "layer norm1 is LRN ACROSS_CHANNELS local_size 3, alpha "),
+        ({"lrn": {"norm_region": 1}}, "layer norm1 is LRN WITHIN_CHANNEL local_size 5"),
+        ({"lrn": {"alpha": 5e-5}}, "alpha 5e-05, beta 0.75, k 1; the caffenet trunk needs"),
+        ({"pool": {"pool": 1}}, "layer pool1 pools AVE 3×3 stride 2 pad 0; the caffenet trunk"),
+        ({"pool": {"kernel_size": 2}}, "layer pool1 pools MAX 2×2 stride 2 pad 0"),
+    ],
+    ids=["lrn-size", "lrn-region", "lrn-alpha", "pool-average", "pool-kernel"],
+)
+def test_caffenet_other_lrn_or_pooling_names_the_layer(tmp_path, change, fragment):
+    model = write_caffenet(
+        tmp_path / "c.caffemodel", known_layers("caffenet"), True, False, **change
+    )
+    message = _caffenet_error(model, tmp_path / "x.pt")
+    assert "does not fit --backbone caffenet: " in message and fragment in message, message
+
+
+def test_caffenet_order_must_be_one_for_both_stages():
+    def stage(i: int, lrn_first: bool) -> list[caffe.CaffeLayer]:
+        norm = caffe.CaffeLayer(f"norm{i}", "LRN", lrn=(5, 1e-4, 0.75, 0, 1.0))
+        pool = caffe.CaffeLayer(f"pool{i}", "Pooling", pool=(0, 3, 2, 0))
+        return [
+            caffe.CaffeLayer(f"conv{i}", "Convolution"),
+            *([norm, pool][:: 1 if lrn_first else -1]),
+        ]
+
+    conv3 = [caffe.CaffeLayer("conv3", "Convolution")]
+    for lrn_first in (False, True):
+        sequence = [*stage(1, lrn_first), *stage(2, lrn_first), *conv3]
+        assert caffe.caffenet_lrn_before_pool(sequence, Path("m")) is lrn_first
+    with pytest.raises(caffe._Mismatch, match="one order after conv1 and in the other"):
+        caffe.caffenet_lrn_before_pool([*stage(1, True), *stage(2, False), *conv3], Path("m"))
+
+
+def test_caffenet_order_needs_the_layers_without_weights(tmp_path):
+    """A file holding only the layers with weights cannot tell CaffeNet from BVLC AlexNet."""
+    model = write_caffemodel(tmp_path / "c.caffemodel", known_layers("caffenet"), v1=False)
+    message = _caffenet_error(model, tmp_path / "x.pt")
+    assert "cannot tell CaffeNet (pool, then norm) from BVLC AlexNet (norm, then pool)" in message
 
 
 def test_first_mismatching_layer_is_named(tmp_path):
