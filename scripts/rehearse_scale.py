@@ -63,6 +63,11 @@ JITTERED_PER_OBJECT = 40  # windows jittered around each object (selective searc
 JITTER = 0.15  # of the box side: most jittered windows overlap their object by IoU > 0.5
 PROPOSAL_MIN_SIDE = 20  # px, as propose.min_size
 WINDOWS = 2000  # proposals per image (the paper's "about 2,000")
+# one colour (BGR) per class: hues around the colour wheel, two brightnesses
+CLASS_COLOURS = [
+    cv2.cvtColor(np.uint8([[[9 * k, 220, 120 + 100 * (k % 2)]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    for k in range(len(VOC07_INSTANCES))
+]
 STAGES = ("propose", "extract", "finetune", "train-svm", "train-bbox", "test", "eval")
 SPLITS = ("trainval", "test")
 SYNTHETIC = "synthetic"
@@ -102,7 +107,7 @@ def make_dataset(root: Path, settings: Settings) -> dict[str, tuple[int, int, np
             num = max(1, rng.poisson(OBJECTS_PER_IMAGE - 1) + 1)
             boxes = random_boxes(rng, height, width, num)
             labels = rng.choice(len(classes), size=num, p=shares)
-            _write_image(root / "JPEGImages" / f"{image_id}.jpg", height, width, rng)
+            _write_image(root / "JPEGImages" / f"{image_id}.jpg", boxes, labels, height, width)
             xml = _annotation(image_id, height, width, boxes, [classes[k] for k in labels])
             (root / "Annotations" / f"{image_id}.xml").write_text(xml)
             images[image_id] = (height, width, boxes)
@@ -121,9 +126,14 @@ def random_boxes(rng: np.random.Generator, height: int, width: int, count: int) 
     return np.round(np.stack([x1, y1, x1 + w, y1 + h], axis=1)).astype(np.int64)
 
 
-def _write_image(path: Path, height: int, width: int, rng: np.random.Generator) -> None:
-    image = np.empty((height, width, 3), np.uint8)
-    image[:] = rng.integers(40, 220, size=3)
+def _write_image(path: Path, boxes: np.ndarray, labels: np.ndarray, height: int, width: int):
+    """A grey image with each object a rectangle of its class's colour: flat, so it costs
+    little to decode, and the objects differ from the background and from each other, so the
+    SVMs learn and evict negatives as they do on real data (a blank image would make every
+    window a hard negative)."""
+    image = np.full((height, width, 3), 128, np.uint8)
+    for (x1, y1, x2, y2), label in zip(boxes, labels, strict=True):
+        image[y1 - 1 : y2, x1 - 1 : x2] = CLASS_COLOURS[label]
     cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 80])
 
 
