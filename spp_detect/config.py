@@ -89,6 +89,9 @@ class ExtractConfig:
     flip: bool = False  # also cache horizontally flipped maps of training splits
     cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly
     precision: str = "fp32"  # conv trunk: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
+    # images of the same size run through the trunk together, up to this many a pass (for GPUs;
+    # 1: one image a pass, as before)
+    batch_images: int = 1
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("propose.max_side", lambda v: v >= 0, "at least 0 (0 = never downscale)"),
     ("propose.edge_max_boxes", lambda v: v >= 1, "at least 1"),
     ("extract.max_long_side", lambda v: v >= 0, "0 (no cap) or positive"),
+    ("extract.batch_images", lambda v: v >= 1, "at least 1"),
     ("spp.target_size", lambda v: v > 0, "positive"),
     ("finetune.fc_dim", lambda v: v >= 1, "at least 1"),
     ("finetune.batch_size", lambda v: v >= 1, "at least 1"),

@@ -32,6 +32,9 @@ from spp_detect.structures import ImageRecord
 
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
 CACHE_MODES = ("disk", "none")
+# a RuntimeError raised by the CUDA device (kernel, cuBLAS, cuDNN) says one of these
+CUDA_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error")
+REASON_CHARS = 160  # a device error's reason is cut to this length in the one-line message
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,52 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+@dataclass(frozen=True)
+class DeviceFailure:
+    """An error raised by the CUDA device while a stage worked on one image: ``out_of_memory``,
+    and ``reason``, the error's first sentence (without "CUDA error: ", cut to REASON_CHARS)."""
+
+    out_of_memory: bool
+    reason: str
+
+    def message(self, where: str, doing: str, done: int, lower_memory: str) -> str:
+        """The one line of a stage stopped by this error at ``where`` (the image) while
+        ``doing`` ("extracting"), with ``done`` images of the split kept; ``lower_memory`` names
+        the settings that lower memory."""
+        kept = {0: "no image done yet", 1: "the 1 image done is kept"}.get(
+            done, f"the {done} images done are kept"
+        )
+        if self.out_of_memory:
+            what = f"out of GPU memory while {doing}; lower it with {lower_memory}"
+        else:
+            what = f"CUDA error while {doing} ({self.reason})"
+        return f"{where}: {what}; {kept}; rerun to resume"
+
+
+def device_failure(exc: BaseException) -> DeviceFailure | None:
+    """What ``exc`` says about the CUDA device; None when the device did not raise it.
+
+    The device's errors: ``torch.cuda.OutOfMemoryError``, ``torch.AcceleratorError`` (in the
+    torch versions that have it: a failed CUDA call), and a RuntimeError whose text holds one of
+    CUDA_ERROR_MARKERS (older torch, cuBLAS, cuDNN). After an error other than out of memory
+    the CUDA context is usually unusable, so a stage stops instead of carrying on."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    text = str(exc)
+    raised_by_device = (
+        isinstance(exc, torch.cuda.OutOfMemoryError)
+        or (accelerator_error is not None and isinstance(exc, accelerator_error))
+        or (isinstance(exc, RuntimeError) and any(m in text for m in CUDA_ERROR_MARKERS))
+    )
+    if not raised_by_device:
+        return None
+    first = text.strip().split("\n")[0].split(". ")[0].strip().rstrip(".")
+    reason = first.removeprefix("CUDA error: ") or type(exc).__name__
+    if len(reason) > REASON_CHARS:
+        reason = reason[: REASON_CHARS - 1] + "…"
+    out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in first
+    return DeviceFailure(out_of_memory, reason)
+
+
 def effective_scales(
     image_hw: tuple[int, int], scales: Sequence[int], max_long_side: int = 0
 ) -> list[int]:
@@ -153,6 +202,42 @@ def compute_maps(
         with autocast(device, precision):
             maps.append(backbone(pixels[None])[0].float())
     return maps
+
+
+def compute_maps_batch(
+    backbone: Backbone,
+    images: Sequence[np.ndarray],
+    scales: Sequence[int],
+    max_long_side: int = 0,
+    precision: str = "fp32",
+) -> list[list[Tensor]]:
+    """:func:`compute_maps` of several images of the same size at every scale (same
+    ``pyramid_hw``), one forward pass of them all per scale: per image, S maps. Equal to
+    ``compute_maps`` of each image up to the order in which conv kernels sum (another batch size
+    may pick another algorithm), not bit for bit. Call under ``torch.inference_mode``."""
+    device = next(backbone.parameters()).device
+    per_image: list[list[Tensor]] = [[] for _ in images]
+    for scale in scales:
+        pixels = torch.stack(
+            [
+                image_to_tensor(resize_short_side(image, scale, max_long_side),
+                                backbone.normalization, device)
+                for image in images
+            ]
+        )  # fmt: skip
+        with autocast(device, precision):
+            batch = backbone(pixels).float()
+        for maps, fmap in zip(per_image, batch, strict=True):
+            maps.append(fmap)
+    return per_image
+
+
+def pyramid_hw(
+    image_hw: tuple[int, int], scales: Sequence[int], max_long_side: int = 0
+) -> tuple[tuple[int, int], ...]:
+    """The resized (H, W) of an image at every scale: images with the same one can share the
+    trunk's forward passes (:func:`compute_maps_batch`)."""
+    return tuple(resized_hw(image_hw, scale, max_long_side) for scale in scales)
 
 
 def to_float16(fmap: Tensor) -> np.ndarray:
@@ -282,7 +367,10 @@ class FeatureSource:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-prefetch")
         scales = range(len(self.scales))
-        future = self._reader.submit(self._read, record, flipped, scales)
+        # the copies to the device go on the caller's current stream, which then reads them: a
+        # thread's own current stream is the default one, which the caller may not be using
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        future = self._reader.submit(self._read_on, stream, record, flipped, scales)
         self._prefetched = ((str(record.path), flipped), future)
 
     def compute_from(self, record: ImageRecord, image: np.ndarray) -> None:
@@ -318,7 +406,25 @@ class FeatureSource:
                 self._last_maps[k] = fmap
         return list(self._last_maps)
 
+    def _read_on(
+        self,
+        stream: torch.cuda.Stream | None,
+        record: ImageRecord,
+        flipped: bool,
+        needed: Sequence[int],
+    ) -> list[Tensor]:
+        """:meth:`_read` with its copies to the device ordered on ``stream`` (and its device)."""
+        if stream is None:
+            return self._read(record, flipped, needed)
+        with torch.cuda.stream(stream):
+            return self._read(record, flipped, needed)
+
     def _read(self, record: ImageRecord, flipped: bool, needed: Sequence[int]) -> list[Tensor]:
+        """The cached float16 maps of the ``needed`` scale indices, on the device. On CUDA each
+        map is copied to page-locked memory and from there to the device with
+        ``non_blocking=True``, queued on the current stream: work queued after it on that
+        stream sees the copied map, and torch keeps the page-locked block until the copy is
+        done. On the CPU the maps stay the arrays read (pinning would be a wasted copy)."""
         assert self._cache_path is not None
         path = self._cache_path(record.image_id)
         prefix = "flip_fmap" if flipped else "fmap"
@@ -338,7 +444,7 @@ class FeatureSource:
             ) from None
         # kept float16: pooling (a max) is exact in it and moves half the bytes
         tensors = [torch.from_numpy(array) for array in arrays]
-        if self.device.type == "cuda":  # from page-locked memory the copies run asynchronously
+        if self.device.type == "cuda":
             return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
         return tensors
 

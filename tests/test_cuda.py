@@ -1,5 +1,6 @@
 """The CUDA path (issue 13): every stage on the toy set on cuda, CPU against GPU, the
-out-of-memory fallback of extract, and bf16 autocast.
+out-of-memory fallback of extract, bf16 autocast, cached maps read through pinned memory, and
+same-size image batching in extract.
 
 Marked ``cuda`` and skipped without a CUDA device: ``pytest -m cuda`` runs them, and
 ``scripts/gpu_check.sh`` runs that on a machine lent a GPU. Proposals come from a ``.mat`` of
@@ -33,8 +34,15 @@ from test_pipeline import (  # the toy run's settings, helpers and bf16 toleranc
 )
 
 from spp_detect.artifacts import load_npz
+from spp_detect.features import compute_maps, compute_maps_batch, prefetching, read_record_image
 from spp_detect.spp import inverse_permutation, pool_windows
-from spp_detect.stages.common import build_detector, live_feature_source, load_proposals
+from spp_detect.stages.common import (
+    build_detector,
+    build_trunk,
+    live_feature_source,
+    load_proposals,
+    open_feature_source,
+)
 from spp_detect.testing import write_proposal_mat
 from spp_detect.toy import TOY_CLASSES
 from spp_detect.voc import read_split
@@ -188,3 +196,66 @@ def test_bf16_fc_on_cuda_keeps_the_scores_and_the_map(gpu_run):
     full_ap = _detector_map(full, source, config, run_dir, records)
     half_ap = _detector_map(half, source, config, run_dir, records)
     assert abs(full_ap - half_ap) <= MAP_TOLERANCE
+
+
+def test_pooled_windows_from_the_cache_on_cuda_equal_the_cpu(gpu_run, monkeypatch):
+    """Cached maps go to the GPU from pinned memory with non_blocking copies, the next image's
+    read in a background thread; the windows pooled from them equal the CPU's (pooling is a max,
+    exact in float16), also when the caller works on a stream of its own, which the background
+    copies must then be queued on."""
+    config, run_dir, records = _test_split(gpu_run[0])
+    split = config.data.test_split
+    cpu = open_feature_source(config, run_dir, split, "cpu")
+    pin, pinned = torch.Tensor.pin_memory, []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(1) or pin(t, *a))
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        gpu = open_feature_source(config, run_dir, split, "cuda")  # nothing read yet
+        with torch.cuda.stream(stream):
+            for record in prefetching(gpu, records):
+                proposals = load_proposals(config, run_dir, split, record)
+                pooled, _ = gpu.pool(record, proposals)
+                expected, _ = cpu.pool(record, proposals)
+                assert pooled.is_cuda and torch.equal(pooled.cpu(), expected), record.image_id
+    # every map read, both times (the first image's, read when pooled, may skip a scale unused)
+    assert len(pinned) >= 2 * (len(records) - 1) * len(config.extract.scales)
+
+
+BATCH_TOLERANCE = CONV_TOLERANCE  # another batch size may pick another cuDNN algorithm
+
+
+def test_batched_maps_on_cuda_equal_one_image_at_a_time(gpu_run, without_tf32):
+    """compute_maps_batch on the GPU against compute_maps, on test images cropped to one size."""
+    config, run_dir, records = _test_split(gpu_run[0])
+    backbone = build_trunk(config, run_dir).cuda().eval()
+    images = [read_record_image(record)[:230, :260] for record in records[:4]]
+    scales, cap = config.extract.scales, config.extract.max_long_side
+    with torch.inference_mode():
+        batched = compute_maps_batch(backbone, images, scales, cap)
+        for image, maps in zip(images, batched, strict=True):
+            for single, fmap in zip(compute_maps(backbone, image, scales, cap), maps, strict=True):
+                assert fmap.is_cuda and fmap.shape == single.shape
+                assert max_relative_error(single, fmap) <= BATCH_TOLERANCE
+
+
+def test_batch_images_on_cuda_caches_maps_like_one_image_at_a_time(toy_root, tmp_path):
+    """extract --device cuda with extract.batch_images=4 on toy images cropped to one size (and
+    mirrored): each image's file, with maps like those of batch_images=1."""
+    from test_extract_stage import _same_size_set
+
+    root = _same_size_set(toy_root, tmp_path / "toy")
+    runs = {}
+    for size in (1, 4):
+        runs[size] = tmp_path / f"batch{size}"
+        sets = [f"data.root={root}", "extract.flip=true", f"extract.batch_images={size}"]
+        sets_args = [part for item in sets for part in ("--set", item)]
+        args = ["-c", "toy", "--run-dir", str(runs[size]), "--device", "cuda", *sets_args]
+        result = invoke("extract", *args, "--limit", "7")
+        assert result.exit_code == 0, result.output
+    files = sorted((runs[1] / "features" / "trainval").glob("*.npz"))
+    assert len(files) == 7
+    for path in files:
+        expected = load_npz(path)
+        actual = load_npz(runs[4] / "features" / "trainval" / path.name)
+        for key in (k for k in expected if "fmap_" in k):
+            one, four = (torch.from_numpy(np.asarray(a[key])) for a in (expected, actual))
+            assert max_relative_error(one, four) <= BATCH_TOLERANCE, (path.name, key)

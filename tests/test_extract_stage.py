@@ -18,7 +18,14 @@ from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import ExtractConfig, load_config
 from spp_detect.errors import UserError
-from spp_detect.features import FeatureSource, PoolGeometry, compute_maps, read_record_image
+from spp_detect.features import (
+    FeatureSource,
+    PoolGeometry,
+    compute_maps,
+    compute_maps_batch,
+    device_failure,
+    read_record_image,
+)
 from spp_detect.image import resized_hw
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import open_feature_source, split_records
@@ -212,6 +219,7 @@ def test_cache_none_writes_nothing(toy_root, tmp_path):
         ("extract.cache=ram", "extract.cache"),
         ("extract.precision=int8", "extract.precision: must be one of fp32, bf16, fp16"),
         ("extract.scales=[20,96]", "extract.scales: 20 px is too small for zf5; use at least"),
+        ("extract.batch_images=0", "extract.batch_images must be at least 1, got 0"),
     ],
 )
 def test_bad_settings_give_one_line_and_exit_2(toy_root, tmp_path, setting, message):
@@ -269,3 +277,262 @@ def test_out_of_gpu_memory_is_redone_on_the_cpu(toy_root, monkeypatch, caplog):
     arrays = extractor.arrays(record, read_record_image(record), "fingerprint")
     assert extractor.cpu_fallbacks == 1 and arrays["fmap_0"].shape[0] == 256
     assert "out of GPU memory; redoing this image on the CPU" in caplog.text
+
+
+ILLEGAL_ACCESS = (
+    "CUDA error: an illegal memory access was encountered\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call, so the "
+    "stacktrace below might be incorrect.\n"
+    "For debugging consider passing CUDA_LAUNCH_BLOCKING=1"
+)
+
+
+def _accelerator_errors() -> list[BaseException]:
+    """torch.AcceleratorError, in the torch versions that have it (the GPU machine's 2.11 may
+    not)."""
+    if not hasattr(torch, "AcceleratorError"):
+        return []
+    try:
+        return [torch.AcceleratorError("CUDA error: unspecified launch failure")]
+    except TypeError:  # a constructor that wants more than a message: not built by hand
+        return []
+
+
+def test_device_failure_tells_the_devices_errors_from_the_others():
+    illegal = device_failure(RuntimeError(ILLEGAL_ACCESS))
+    assert illegal is not None and not illegal.out_of_memory
+    assert illegal.reason == "an illegal memory access was encountered"
+    oom = device_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert oom is not None and oom.out_of_memory and oom.reason == "CUDA out of memory"
+    assert device_failure(RuntimeError("CUDA error: out of memory")).out_of_memory
+    cublas = device_failure(
+        RuntimeError(
+            "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle)`"
+        )
+    )
+    assert cublas.reason == "CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle)`"
+    assert device_failure(RuntimeError("cuDNN error: CUDNN_STATUS_MAPPING_ERROR")).reason == (
+        "cuDNN error: CUDNN_STATUS_MAPPING_ERROR"
+    )
+    long = device_failure(RuntimeError("CUDA error: " + "x" * 500))
+    assert len(long.reason) == 160 and long.reason.endswith("…")
+    for error in _accelerator_errors():
+        assert device_failure(error).reason == "unspecified launch failure"
+    # not raised by the device: left alone
+    for other in [
+        RuntimeError("shape '[2, 3]' is invalid for input of size 5"),
+        ValueError("CUDA error: an illegal memory access was encountered"),
+        KeyError("fmap_0"),
+        MemoryError(),
+    ]:
+        assert device_failure(other) is None, other
+    message = illegal.message("a.jpg", "extracting", 2, "x")
+    assert message == (
+        "a.jpg: CUDA error while extracting (an illegal memory access was encountered); "
+        "the 2 images done are kept; rerun to resume"
+    )
+    assert "the 1 image done is kept" in illegal.message("a.jpg", "testing", 1, "x")
+    assert oom.message("a.jpg", "testing", 0, "test.batch_windows=1").startswith(
+        "a.jpg: out of GPU memory while testing; lower it with test.batch_windows=1; "
+        "no image done yet"
+    )
+
+
+def _fail_on_call(monkeypatch, module, name: str, failing: int, error: BaseException) -> list:
+    """Make ``module.name`` raise ``error`` on its ``failing``-th call (1-based); returns the
+    list of calls made."""
+    original, calls = getattr(module, name), []
+
+    def faulty(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == failing:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, faulty)
+    return calls
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_a_cuda_error_mid_extract_is_one_line_and_keeps_the_images_done(
+    toy_root, tmp_path, monkeypatch
+):
+    """A CUDA error while extracting the 3rd image (injected: no GPU needed) stops the stage
+    with one line naming it; the first two files stay, and a rerun resumes after them."""
+    from spp_detect.stages import extract as stage
+
+    run = tmp_path / "run"
+    records = read_split(toy_root, "test", ("circle", "square", "triangle"))[:4]
+    with monkeypatch.context() as patch:
+        _fail_on_call(patch, stage, "compute_maps", 3, RuntimeError(ILLEGAL_ACCESS))
+        result = CliRunner().invoke(cli, _args(toy_root, run, "--split", "test", "--limit", "4"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    assert _error_lines(result) == [
+        f"error: {records[2].path}: CUDA error while extracting (an illegal memory access was "
+        "encountered); the 2 images done are kept; rerun to resume"
+    ]
+    out = run / "features" / "test"
+    done = [out / f"{r.image_id}.npz" for r in records[:2]]
+    assert all(path.is_file() for path in done)
+    assert (
+        not (out / f"{records[2].image_id}.npz").exists() and not (out / "manifest.json").exists()
+    )
+    stamps = [path.stat().st_mtime_ns for path in done]
+    result = CliRunner().invoke(cli, _args(toy_root, run, "--split", "test", "--limit", "4"))
+    assert result.exit_code == 0, result.output
+    assert "extract (test): 2 images" in result.output and "2 already cached" in result.output
+    assert [path.stat().st_mtime_ns for path in done] == stamps
+
+
+def test_any_other_error_mid_extract_is_not_taken_for_a_device_error(
+    toy_root, tmp_path, monkeypatch
+):
+    from spp_detect.stages import extract as stage
+
+    _fail_on_call(monkeypatch, stage, "compute_maps", 1, RuntimeError("a bug, not the device"))
+    result = CliRunner().invoke(cli, _args(toy_root, tmp_path / "run", "--limit", "2"))
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def _same_size_set(toy_root: Path, folder: Path, height: int = 236, width: int = 239) -> Path:
+    """The toy trainval images cropped to one size, but the 2nd kept whole: a set where
+    batching has same-size images to group, and one image of another size."""
+    import cv2
+
+    root = Path(shutil.copytree(toy_root, folder))
+    ids = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    for image_id in ids[:1] + ids[2:]:
+        path = root / "JPEGImages" / f"{image_id}.jpg"
+        cv2.imwrite(str(path), cv2.imread(str(path))[:height, :width])
+    return root
+
+
+@pytest.fixture(scope="module")
+def same_size_root(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _same_size_set(toy_root, tmp_path_factory.mktemp("same") / "toy")
+
+
+# batched against one image a pass, float32 maps: within this relative to each value, plus this
+# times the map's largest value (a value near 0 is a sum that cancels: its own relative error
+# is not bounded)
+BATCH_RTOL = 1e-5
+
+
+def test_batched_maps_equal_one_image_at_a_time(same_size_root):
+    """compute_maps_batch against compute_maps, float32: within BATCH_RTOL, not bit for bit, as
+    a conv may sum in another order for another batch size (oneDNN and cuDNN choose their
+    algorithm and blocking by the input's shape)."""
+    backbone = build_backbone("zf5", "none").eval()
+    records = split_records(_config(same_size_root), "trainval", 4)
+    images = [read_record_image(records[i]) for i in (0, 2, 3)]  # the 2nd has another size
+    with torch.inference_mode():
+        batched = compute_maps_batch(backbone, images, SCALES)
+        for image, maps in zip(images, batched, strict=True):
+            for single, fmap in zip(compute_maps(backbone, image, SCALES), maps, strict=True):
+                atol = BATCH_RTOL * float(single.abs().max())
+                torch.testing.assert_close(fmap, single, rtol=BATCH_RTOL, atol=atol)
+
+
+@pytest.mark.slow  # three extract runs
+def test_batch_images_groups_same_size_images_and_writes_each_file(
+    same_size_root, tmp_path, monkeypatch
+):
+    """extract.batch_images=4 on 7 images: the 6 same-size ones in passes of 4 and 2 per scale
+    (and as many for their mirrored images), the other one alone; the cached maps equal those of
+    batch_images=1 up to one float16 step plus BATCH_RTOL of the map's largest value (the float32
+    maps differ in their last bits, which can round to the neighbouring float16); a rerun skips
+    every file."""
+    from spp_detect.stages import extract as stage
+
+    flip = ("--set", "extract.flip=true", "--limit", "7")
+    one = tmp_path / "one"
+    assert CliRunner().invoke(cli, _args(same_size_root, one, *flip)).exit_code == 0
+    batch_sizes: list[int] = []
+    batched = stage.compute_maps_batch
+
+    def counted(backbone, images, *args, **kwargs):
+        batch_sizes.append(len(images))
+        return batched(backbone, images, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "compute_maps_batch", counted)
+    four = tmp_path / "four"
+    batch = ("--set", "extract.batch_images=4")
+    result = CliRunner().invoke(cli, _args(same_size_root, four, *flip, *batch))
+    assert result.exit_code == 0, result.output
+    assert batch_sizes == [4, 4, 2, 2]  # each batch, then its mirrored images
+    files = sorted((one / "features" / "trainval").glob("*.npz"))
+    assert len(files) == 7
+    for path in files:
+        with (
+            np.load(path, allow_pickle=False) as expected,
+            np.load(four / "features" / "trainval" / path.name, allow_pickle=False) as actual,
+        ):
+            keys = [k for k in expected.files if "fmap_" in k]
+            assert sorted(keys) == sorted(k for k in actual.files if "fmap_" in k) and keys
+            for key in keys:
+                assert actual[key].dtype == np.float16
+                wanted = expected[key].astype(np.float32)
+                # float16 has 10 mantissa bits: one step is at most 2⁻¹⁰ relative
+                np.testing.assert_allclose(
+                    actual[key].astype(np.float32), wanted,
+                    rtol=2**-10, atol=BATCH_RTOL * float(np.abs(wanted).max()),
+                )  # fmt: skip
+    result = CliRunner().invoke(cli, _args(same_size_root, four, *flip, *batch))
+    assert "7 already cached" in result.output and "extract (trainval): 0 images" in result.output
+
+
+def test_batches_keep_the_order_with_one_image_a_batch(toy_root):
+    from spp_detect.stages import extract as stage
+
+    records = split_records(_config(toy_root), "trainval", 5)
+    todo = [(record, Path(f"{record.image_id}.npz")) for record in records]
+    assert stage._batches(todo, ExtractConfig(scales=SCALES)) == [[item] for item in todo]
+    same = [(r, p) for r, p in todo]
+    same[3] = (records[1], Path("again.npz"))  # the size of the 2nd image again
+    batches = stage._batches(same, ExtractConfig(scales=SCALES, batch_images=4))
+    assert batches == [[same[0]], [same[1], same[3]], [same[2]], [same[4]]]
+
+
+def test_a_batch_out_of_gpu_memory_is_redone_one_image_at_a_time(
+    same_size_root, monkeypatch, caplog
+):
+    from spp_detect.stages import extract as stage
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(stage, "compute_maps_batch", out_of_memory)
+    monkeypatch.setattr(logging.getLogger("spp_detect"), "propagate", True)  # the CLI turns it off
+    settings = ExtractConfig(scales=(64,), batch_images=2)
+    backbone = build_backbone("zf5", "none")
+    extractor = stage._Extractor(backbone, torch.device("cpu"), settings, False)
+    records = split_records(_config(same_size_root), "trainval", 3)[::2]  # the 2nd: other size
+    images = [read_record_image(record) for record in records]
+    arrays = extractor.batch_arrays(records, images, ["a", "b"])
+    assert "and 1 more: out of GPU memory in one batch; redoing them one at a time" in caplog.text
+    assert extractor.cpu_fallbacks == 0  # redone on the device, one image a pass
+    with torch.inference_mode():
+        for image, image_arrays in zip(images, arrays, strict=True):
+            (expected,) = compute_maps(backbone, image, (64,))
+            assert np.array_equal(image_arrays["fmap_0"], expected.numpy().astype(np.float16))
+    assert [str(a["fingerprint"]) for a in arrays] == ["a", "b"]
+
+
+def test_cached_maps_are_not_pinned_on_the_cpu(toy_root, extracted, monkeypatch):
+    """Page-locked memory only pays for copies to a GPU."""
+    run, _ = extracted
+    config = _config(toy_root, "extract.flip=true")
+    first, second = split_records(config, "trainval", 2)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("pinned on the CPU path")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    source = open_feature_source(config, RunDir(run), "trainval", "cpu")
+    source.maps(first)
+    source.prefetch(second)
+    assert all(fmap.device.type == "cpu" for fmap in source.maps(second))

@@ -1,6 +1,12 @@
-import numpy as np
-import torch
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spp_detect.cli import cli
 from spp_detect.inference import (
     combine_detections,
     detect_image,
@@ -117,3 +123,105 @@ def test_combine_detections_pools_two_runs_then_nms():
     assert combined.labels.tolist() == [0, 0, 1, 0, 0]
     np.testing.assert_allclose(combined.scores, [0.9, 0.2, 0.3, 0.4, 0.1])
     np.testing.assert_array_equal(combined.boxes[0], [1, 0, 11, 10])
+
+
+# --- `spp-detect test`: a CUDA error on one image (injected, so no GPU is needed) -------------
+
+TRAINED_SETTINGS = [
+    "data.classes=[circle,square,triangle]",
+    "extract.scales=[96]",
+    "propose.method=mat",
+    "finetune.fc_dim=16",
+    "finetune.iterations=2",
+    "finetune.lr_steps=[1]",
+    "finetune.batch_size=16",
+    "test.scorer=softmax",  # no train-svm
+    "test.bbox_reg=false",  # no train-bbox
+]
+ILLEGAL_ACCESS = (
+    "CUDA error: an illegal memory access was encountered\n"
+    "CUDA kernel errors might be asynchronously reported at some other API call"
+)
+
+
+def _trained_args(root, run, mat) -> list[str]:
+    sets = [f"data.root={root}", f"propose.mat_file={mat}", *TRAINED_SETTINGS]
+    options = ["--run-dir", str(run), "--device", "cpu", "--workers", "1"]
+    return options + [part for item in sets for part in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(toy_root, tmp_path_factory):
+    """The smallest trained toy run that `test` accepts (.mat proposals, a 2-iteration head,
+    the softmax scorer, no box regression), with the test split's proposals and maps: the run
+    folder and its CLI arguments."""
+    from spp_detect.testing import write_proposal_mat
+    from spp_detect.toy import TOY_CLASSES
+    from spp_detect.voc import read_split
+
+    folder = tmp_path_factory.mktemp("trained")
+    records = [r for s in ("trainval", "test") for r in read_split(toy_root, s, TOY_CLASSES)]
+    mat = write_proposal_mat(folder / "proposals.mat", records, 50)
+    run = folder / "run"
+    args = _trained_args(toy_root, run, mat)
+    train = ["--limit", "3"]  # enough for a head that runs
+    for command in (["propose", *train], ["extract", *train], ["finetune", *train],
+                    ["propose", "--split", "test"], ["extract", "--split", "test"]):  # fmt: skip
+        result = CliRunner().invoke(cli, [*command, *args])
+        assert result.exit_code == 0, result.output
+    return run, args
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            RuntimeError(ILLEGAL_ACCESS),
+            "CUDA error while testing (an illegal memory access was encountered); the 2 images "
+            "done are kept; rerun to resume",
+        ),
+        (
+            torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "out of GPU memory while testing; lower it with a smaller test.batch_windows (e.g. "
+            "1024) or test.precision=bf16; the 2 images done are kept; rerun to resume",
+        ),
+    ],
+    ids=["illegal access", "out of memory"],
+)
+def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
+    trained_run, toy_root, tmp_path, monkeypatch, error, line
+):
+    """The 3rd image of the test split fails: one line naming it, exit 2, the first two
+    images' detection files kept and skipped by the rerun, which completes."""
+    from spp_detect.detector import Detector
+    from spp_detect.run_dir import RunDir
+    from spp_detect.toy import TOY_CLASSES
+    from spp_detect.voc import read_split
+
+    run = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+    args = [str(run) if a == str(trained_run[0]) else a for a in trained_run[1]]
+    records = read_split(toy_root, "test", TOY_CLASSES)
+    detect, calls = Detector.detect, []
+
+    def faulty(self, source, record, proposals):
+        calls.append(record.image_id)
+        if len(calls) == 3:
+            raise error
+        return detect(self, source, record, proposals)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Detector, "detect", faulty)
+        result = CliRunner().invoke(cli, ["test", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [text for text in result.output.splitlines() if text.startswith("error:")]
+    assert errors == [f"error: {records[2].path}: {line}"]
+    parts = [RunDir(run).detection_part_path("test", r.image_id) for r in records]
+    assert [path.is_file() for path in parts[:3]] == [True, True, False]
+    assert not RunDir(run).detections_path("test").exists()
+    stamps = [path.stat().st_mtime_ns for path in parts[:2]]
+    result = CliRunner().invoke(cli, ["test", *args])
+    assert result.exit_code == 0, result.output
+    assert f"test: {len(records) - 2} items" in result.output
+    assert [path.stat().st_mtime_ns for path in parts[:2]] == stamps
+    assert RunDir(run).detections_path("test").is_file()

@@ -4,7 +4,10 @@ Steps: 1. check the settings and build the backbone; 2. log the projected cache 
 when what is left to write does not fit the free space (unless --force); 3. per
 image, skip a file already made with the same settings (unless --force), else one forward pass
 per scale (plus the mirrored image on training splits with ``extract.flip``) and an atomic write;
-an image that runs out of GPU memory is redone on the CPU; 4. the manifest, last.
+with ``extract.batch_images`` > 1, images of the same size at every scale share their forward
+passes (still one file each); an image that runs out of GPU memory is redone on the CPU (a batch
+first one image at a time), and any other CUDA error stops the stage with one line naming the
+image, the files written so far kept; 4. the manifest, last.
 Cache layout: ``spp_detect.features`` (module docstring) and docs/contracts.md#artefacts.
 """
 
@@ -26,10 +29,15 @@ from tqdm import tqdm
 from spp_detect.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
 from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
+from spp_detect.errors import UserError
 from spp_detect.features import (
+    DeviceFailure,
     cache_arrays,
     check_scales_fit,
     compute_maps,
+    compute_maps_batch,
+    device_failure,
+    pyramid_hw,
     read_record_image,
     resolve_device,
 )
@@ -51,8 +59,12 @@ from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
-MAX_PENDING_WRITES = 2  # cache files being written in the background while the next image runs
+MAX_PENDING_WRITES = 2  # cache files (per image of a batch) written in the background meanwhile
 FLOAT16_BYTES = 2
+LOWER_MEMORY = (
+    "extract.batch_images=1, smaller extract.scales, extract.max_long_side (e.g. 1000) or "
+    "extract.precision=bf16"
+)
 
 
 @locked("extract", sharded=True)
@@ -85,7 +97,8 @@ def run_extract(ctx: StageContext, split: str) -> str:
     extractor = _Extractor(backbone, device, settings, flip)
     started = time.perf_counter()
     shown = len(records) - len(todo_records) + len(todo)  # the bar counts this rank's images
-    bytes_written = _extract_all(extractor, todo, fingerprints, shown, split)
+    batches = _batches(todo, settings)
+    bytes_written = _extract_all(extractor, batches, fingerprints, shown, split)
     done = len(todo)
     if ctx.dist.active:  # every rank's maps are written before rank 0 closes the stage
         done, _ = wait_for_shares(ctx.dist, done)
@@ -112,7 +125,8 @@ def run_extract(ctx: StageContext, split: str) -> str:
 
 
 class _Extractor:
-    """Forward passes for one image on the device, redone on the CPU after a CUDA OOM."""
+    """Forward passes for one image, or a batch of same-size images, on the device; an image
+    that runs out of GPU memory is redone on the CPU, a batch first redone one image at a time."""
 
     def __init__(
         self,
@@ -138,6 +152,36 @@ class _Extractor:
             self.cpu_fallbacks += 1
             return self._arrays(self.cpu_backbone, image, file_fp)
 
+    def batch_arrays(
+        self, records: Sequence[ImageRecord], images: Sequence[np.ndarray], file_fps: Sequence[str]
+    ) -> list[dict[str, np.ndarray]]:
+        """The cache arrays of each image of a batch (images of the same ``pyramid_hw``); one
+        image goes through :meth:`arrays` exactly as without batching."""
+        if len(records) == 1:
+            return [self.arrays(records[0], images[0], file_fps[0])]
+        try:
+            with torch.inference_mode():
+                settings = (self.scales, self.max_long_side, self.precision)
+                maps = compute_maps_batch(self.backbone, images, *settings)
+                flipped = (
+                    compute_maps_batch(self.backbone, [flip_image(i) for i in images], *settings)
+                    if self.flip
+                    else [None] * len(images)
+                )
+                return [
+                    cache_arrays(m, f, self.scales, image.shape[:2], fp)
+                    for m, f, image, fp in zip(maps, flipped, images, file_fps, strict=True)
+                ]
+        except torch.cuda.OutOfMemoryError:
+            logger.warning(
+                "%s and %d more: out of GPU memory in one batch; redoing them one at a time",
+                records[0].path, len(records) - 1,
+            )  # fmt: skip
+        # out of the except block: the failed batch's tensors are freed before the retries
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [self.arrays(*item) for item in zip(records, images, file_fps, strict=True)]
+
     def _arrays(self, backbone: Backbone, image: np.ndarray, file_fp: str) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             settings = (self.scales, self.max_long_side, self.precision)
@@ -146,41 +190,85 @@ class _Extractor:
             return cache_arrays(maps, flipped, self.scales, image.shape[:2], file_fp)
 
 
+Item = tuple[ImageRecord, Path]  # an image to extract and its cache file
+
+
+def _batches(todo: Sequence[Item], settings: ExtractConfig) -> list[list[Item]]:
+    """``todo`` in batches of at most ``extract.batch_images`` images of the same resized size
+    at every scale. One image a batch in ``todo``'s order when batch_images is 1; else the
+    images of each size together, in the order each size first appears."""
+    size = settings.batch_images
+    if size == 1:
+        return [[item] for item in todo]
+    groups: dict[tuple[tuple[int, int], ...], list[Item]] = {}
+    for item in todo:
+        key = pyramid_hw(item[0].image_hw, settings.scales, settings.max_long_side)
+        groups.setdefault(key, []).append(item)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
 def _extract_all(
     extractor: _Extractor,
-    todo: Sequence[tuple[ImageRecord, Path]],
+    batches: Sequence[Sequence[Item]],
     fingerprints: Mapping[str, str],
     total: int,
     split: str,
 ) -> int:
-    """Run the images in ``todo``: decode ahead and write behind in threads. Returns bytes."""
+    """Run the images in ``batches``: decode ahead and write behind in threads. Returns bytes.
+    A CUDA error ends it with a UserError naming the image, once the files of the images done
+    are written."""
     written = 0
+    count = sum(len(batch) for batch in batches)
+    done = total - count  # images of the split already cached (this rank's share under torchrun)
+    most_pending = MAX_PENDING_WRITES * max((len(batch) for batch in batches), default=1)
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: deque[Future[int]] = deque()
-        bar = tqdm(total=total, initial=total - len(todo), desc=f"extract {split}", unit="img")
+        bar = tqdm(total=total, initial=done, desc=f"extract {split}", unit="img")
         with bar:
-            for (record, path), image in _decoded_ahead(pool, todo):
-                arrays = extractor.arrays(record, image, fingerprints[record.image_id])
-                pending.append(pool.submit(_save, path, arrays))
-                while len(pending) > MAX_PENDING_WRITES:
+            for batch, images in _decoded_ahead(pool, batches):
+                records = [record for record, _ in batch]
+                file_fps = [fingerprints[record.image_id] for record in records]
+                try:
+                    arrays = extractor.batch_arrays(records, images, file_fps)
+                except RuntimeError as exc:  # the device's errors; any other is re-raised
+                    failure = device_failure(exc)
+                    if failure is None:
+                        raise
+                    while pending:  # the images before this one are kept
+                        written += pending.popleft().result()
+                    raise _device_error(failure, records, done) from None
+                for (_, path), image_arrays in zip(batch, arrays, strict=True):
+                    pending.append(pool.submit(_save, path, image_arrays))
+                while len(pending) > most_pending:
                     written += pending.popleft().result()
-                bar.update()
+                done += len(batch)
+                bar.update(len(batch))
             while pending:
                 written += pending.popleft().result()
     return written
 
 
+def _device_error(failure: DeviceFailure, records: Sequence[ImageRecord], done: int) -> UserError:
+    """One line naming the image (the batch's first) that a CUDA error stopped."""
+    where = str(records[0].path)
+    if len(records) > 1:
+        where += f" (in a batch with {len(records) - 1} more)"
+    return UserError(failure.message(where, "extracting", done, LOWER_MEMORY))
+
+
 def _decoded_ahead(
-    pool: ThreadPoolExecutor, todo: Sequence[tuple[ImageRecord, Path]]
-) -> Iterator[tuple[tuple[ImageRecord, Path], np.ndarray]]:
-    """Each item with its decoded image; the next image decodes while this one runs."""
-    upcoming = pool.submit(read_record_image, todo[0][0]) if todo else None
-    for position, item in enumerate(todo):
+    pool: ThreadPoolExecutor, batches: Sequence[Sequence[Item]]
+) -> Iterator[tuple[Sequence[Item], list[np.ndarray]]]:
+    """Each batch with its decoded images; the next batch decodes while this one runs."""
+
+    def decode(batch: Sequence[Item]) -> list[Future[np.ndarray]]:
+        return [pool.submit(read_record_image, record) for record, _ in batch]
+
+    upcoming = decode(batches[0]) if batches else []
+    for position, batch in enumerate(batches):
         current = upcoming
-        following = position + 1 < len(todo)
-        upcoming = pool.submit(read_record_image, todo[position + 1][0]) if following else None
-        assert current is not None
-        yield item, current.result()
+        upcoming = decode(batches[position + 1]) if position + 1 < len(batches) else []
+        yield batch, [future.result() for future in current]
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:

@@ -3,7 +3,8 @@
 Steps:
 1. check the upstream stages; build the ``detector.Detector`` from the trained run;
 2. per image: ``Detector.detect``, written as `detections/<split>/<id>.npz`, so a killed run
-   resumes. The next image's cached maps are read in a background thread meanwhile;
+   resumes. The next image's cached maps are read in a background thread meanwhile. A CUDA
+   error stops the stage with one line naming the image, the files written so far kept;
 3. merge them into `detections/<split>.npz` and write the manifest.
 """
 
@@ -21,7 +22,8 @@ from spp_detect.artifacts import (
     save_npz,
 )
 from spp_detect.config import Config
-from spp_detect.features import prefetching
+from spp_detect.errors import UserError
+from spp_detect.features import device_failure, prefetching
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
@@ -57,9 +59,18 @@ def run_test(ctx: StageContext, split: str) -> str:
     )  # fmt: skip
     _, mine = split_todo(ctx.dist, records, todo)  # this rank's share (all of it alone)
     progress = dict(desc=f"test {split}", total=len(mine), unit="img")
+    done_before = len(records) - len(todo)
     for record in tqdm(prefetching(source, mine), **progress):
         proposals = load_proposals(config, run_dir, split, record)
-        found = detector.detect(source, record, proposals)
+        try:
+            found = detector.detect(source, record, proposals)
+        except RuntimeError as exc:  # the device's errors; any other is re-raised
+            failure = device_failure(exc)
+            if failure is None:
+                raise
+            done = done_before + summary.items
+            message = failure.message(str(record.path), "testing", done, _lower_memory(config))
+            raise UserError(message) from None
         save_npz(
             run_dir.detection_part_path(split, record.image_id),
             boxes=found.boxes, scores=found.scores, labels=found.labels,
@@ -81,6 +92,16 @@ def run_test(ctx: StageContext, split: str) -> str:
     )  # fmt: skip
     summary.notes.append(f"{len(detections)} detections on {len(records)} images")
     return summary.line()
+
+
+def _lower_memory(config: Config) -> str:
+    """The settings that lower the GPU memory of ``test``, for its out-of-memory line."""
+    if config.extract.cache == "none":  # the trunk runs here too
+        return (
+            "a smaller test.batch_windows (e.g. 1024), test.precision=bf16, smaller "
+            "extract.scales or extract.max_long_side (e.g. 1000)"
+        )
+    return "a smaller test.batch_windows (e.g. 1024) or test.precision=bf16"
 
 
 def _inputs_of(config: Config, run_dir: RunDir, split: str) -> Callable[[ImageRecord], str]:
