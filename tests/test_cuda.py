@@ -25,10 +25,9 @@ import torch
 from test_pipeline import (  # the toy run's settings, helpers and bf16 tolerances
     FMAP_TOLERANCE,
     MAP_TOLERANCE,
-    SCORE_TOLERANCE,
     _detector_map,
     _test_split,
-    _window_scores,
+    assert_fc_precision_keeps_scores_and_map,
     invoke,
     toy_args,
 )
@@ -185,17 +184,8 @@ def test_bf16_trunk_on_cuda_keeps_the_maps_and_the_map(gpu_run):
 
 def test_bf16_fc_on_cuda_keeps_the_scores_and_the_map(gpu_run):
     config, run_dir, records = _test_split(gpu_run[0])
-    half_config = replace(config, test=replace(config.test, precision="bf16"))
-    full = build_detector(config, run_dir, "cuda")
-    half = build_detector(half_config, run_dir, "cuda")
     source = live_feature_source(config, run_dir, "cuda")
-    for record in records:
-        proposals = load_proposals(config, run_dir, config.data.test_split, record)
-        scores = [_window_scores(d, source, record, proposals) for d in (full, half)]
-        assert float((scores[0] - scores[1]).abs().max()) <= SCORE_TOLERANCE
-    full_ap = _detector_map(full, source, config, run_dir, records)
-    half_ap = _detector_map(half, source, config, run_dir, records)
-    assert abs(full_ap - half_ap) <= MAP_TOLERANCE
+    assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, "bf16", "cuda")
 
 
 def test_pooled_windows_from_the_cache_on_cuda_equal_the_cpu(gpu_run, monkeypatch):

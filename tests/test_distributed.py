@@ -394,11 +394,9 @@ def test_sharded_mining_gives_the_svms_of_one_process(small_toy, tmp_path):
     examples in the same order (svm.retrain_limit 50: retrains inside the pass)."""
     args = ["--set", f"data.root={small_toy}", *SETTINGS, "--set", "svm.retrain_limit=50"]
     one, two = tmp_path / "one", tmp_path / "two"
-    for stage in ("propose", "extract", "finetune"):
-        _check_run(_cli(stage, "--run-dir", str(one), *args))
-    shutil.copytree(one, two)
-    _check_run(_cli("train-svm", "--run-dir", str(one), *args))
-    output = _check_run(_torchrun("train-svm", "--run-dir", str(two), *args))
+    output = _one_process_and_two_ranks(
+        "train-svm", ["propose", "extract", "finetune"], args, one, two
+    )
     assert "rank 1: fc7 of its share of 4 images" in output
     assert _assert_same_artefacts(one, two, ["svm"]) == 1
     reports = [json.loads((run / "svm/report.json").read_text()) for run in (one, two)]
@@ -416,12 +414,20 @@ def test_sharded_bbox_examples_give_the_regressors_of_one_process(small_toy, tmp
     for bit, since the fit sees the same rows in the same order."""
     args = ["--set", f"data.root={small_toy}", *SETTINGS]
     one, two = tmp_path / "one", tmp_path / "two"
-    for stage in ("propose", "extract"):
-        _check_run(_cli(stage, "--run-dir", str(one), *args))
-    shutil.copytree(one, two)
-    _check_run(_cli("train-bbox", "--run-dir", str(one), *args))
-    output = _check_run(_torchrun("train-bbox", "--run-dir", str(two), *args))
+    output = _one_process_and_two_ranks("train-bbox", ["propose", "extract"], args, one, two)
     assert "rank 1: pool5 of its share of 4 images" in output
     assert _assert_same_artefacts(one, two, ["bbox_reg"]) == 1
     reports = [json.loads((run / "bbox_reg/report.json").read_text()) for run in (one, two)]
     assert reports[0] == reports[1]
+
+
+def _one_process_and_two_ranks(
+    stage: str, upstream: list[str], args: list[str], one: Path, two: Path
+) -> str:
+    """``upstream`` stages in ``one``, copied to ``two``; then ``stage`` as one process in
+    ``one`` and on 2 ranks in ``two``. Returns the 2-rank run's output."""
+    for name in upstream:
+        _check_run(_cli(name, "--run-dir", str(one), *args))
+    shutil.copytree(one, two)
+    _check_run(_cli(stage, "--run-dir", str(one), *args))
+    return _check_run(_torchrun(stage, "--run-dir", str(two), *args))

@@ -381,14 +381,24 @@ MAP_TOLERANCE = 0.005  # mAP, as for the other optimisations (issue 8)
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_fc_keeps_the_scores_and_the_map(toy_run, precision):
-    from dataclasses import replace
-
-    from spp_detect.stages.common import build_detector, load_proposals, open_feature_source
+    from spp_detect.stages.common import open_feature_source
 
     config, run_dir, records = _test_split(toy_run)
-    half_config = replace(config, test=replace(config.test, precision=precision))
-    full, half = build_detector(config, run_dir, "cpu"), build_detector(half_config, run_dir, "cpu")
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
+    assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, precision, "cpu")
+
+
+def assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, precision, device):
+    """fc6/fc7 in ``precision`` against fp32 on ``device``, conv5 maps from ``source``: every
+    window's scores within SCORE_TOLERANCE and the mAP within MAP_TOLERANCE (also used by
+    tests/test_cuda.py)."""
+    from dataclasses import replace
+
+    from spp_detect.stages.common import build_detector, load_proposals
+
+    half_config = replace(config, test=replace(config.test, precision=precision))
+    full = build_detector(config, run_dir, device)
+    half = build_detector(half_config, run_dir, device)
     for record in records:
         proposals = load_proposals(config, run_dir, config.data.test_split, record)
         scores = [_window_scores(d, source, record, proposals) for d in (full, half)]
