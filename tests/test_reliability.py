@@ -306,6 +306,23 @@ def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path
     assert not is_current(config, run_dir, "propose", "trainval", limit=3)
 
 
+def test_finetune_trains_again_when_its_data_changed_in_place(toy_root, tmp_path, small_run):
+    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    run = Path(shutil.copytree(small_run, tmp_path / "run"))
+    tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
+    sets = [part for item in tiny for part in ("--set", item)]
+    for verb in ("propose", "extract", "finetune"):
+        assert _invoke(verb, root, run, "--limit", "3", *sets).exit_code == 0
+    again = _invoke("finetune", root, run, "--limit", "3", *sets)
+    assert "already complete" in again.output
+    record = split_records(_config(root), "trainval", 3)[0]
+    annotation = root / "Annotations" / f"{record.image_id}.xml"
+    annotation.write_text(annotation.read_text().replace("<difficult>0", "<difficult>1", 1))
+    retrained = _invoke("finetune", root, run, "--limit", "3", *sets)
+    assert retrained.exit_code == 0, retrained.output
+    assert "already complete" not in retrained.output
+
+
 def test_a_trained_head_replaced_since_finetune_is_refused(toy_root, run_copy):
     from spp_detect.stages.common import load_trained_head
 

@@ -38,6 +38,7 @@ from spp_detect.stages.common import (
     check_classes,
     close_stage,
     fingerprint,
+    is_current,
     load_proposals,
     locked,
     open_feature_source,
@@ -78,7 +79,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     # 1. Done already?
     if ctx.force:
         run_dir.checkpoint_path.unlink(missing_ok=True)
-    elif _is_complete(run_dir, split, stage_fingerprint):
+    elif _is_complete(ctx, split):
         summary.notes.append(f"already complete in {run_dir.finetune_dir} (use --force to redo)")
         return summary.line()
     clear_manifest(run_dir.finetune_dir)
@@ -255,12 +256,15 @@ def evaluation_windows(
     )
 
 
-def _is_complete(run_dir: RunDir, split: str, stage_fingerprint: str) -> bool:
+def _is_complete(ctx: StageContext, split: str) -> bool:
+    """Whether the head (and trunk) of ``split`` are there and current (``is_current``: this
+    config and ``--limit``, the same data, the upstream outputs it was trained from)."""
+    run_dir = ctx.run_dir
     manifest = read_manifest(run_dir.finetune_dir)
     return (
         manifest is not None
-        and manifest.get("fingerprint") == stage_fingerprint
         and manifest.get("split") == split
+        and is_current(ctx.config, run_dir, "finetune", split, ctx.limit)
         and run_dir.head_path.is_file()
         and (not manifest.get("trunk_digest") or run_dir.trunk_path.is_file())
     )
