@@ -147,7 +147,7 @@ class SvmConfig:
     retrain_limit: int = 2000  # retrain after this many new negatives
     # GiB for all classes' negative caches together, i.e. ⌊cache_gib·2³⁰/(K·F·4)⌋ rows per class
     # (ours: the original has no cap; .inf = none)
-    cache_gib: float = 4.0
+    cache_gib: float = 3.0
     target_norm: float = 20.0  # fc7 scaled to this mean L2 norm
     norm_images: int = 200  # images sampled to estimate the mean norm
     norm_windows: int = 200  # windows per image for the mean norm

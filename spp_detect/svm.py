@@ -65,7 +65,7 @@ class SvmParams:
     evict_thresh: float
     retrain_limit: int
     max_iter: int = LIBLINEAR_MAX_ITER
-    cache_gib: float = 4.0  # the config's svm.cache_gib: all classes' negative caches, GiB
+    cache_gib: float = 3.0  # the config's svm.cache_gib: all classes' negative caches, GiB
 
 
 def cache_cap(cache_gib: float, num_classes: int, dim: int) -> int:

@@ -268,7 +268,8 @@ def uncapped_reference(positives, images, params):
 
 
 def test_cache_cap_splits_the_budget_over_classes_in_float32_rows():
-    assert cache_cap(4.0, 20, 4096) == 13_107  # the default at VOC: ⌊4·2³⁰ / (20·4096·4)⌋
+    assert cache_cap(3.0, 20, 4096) == 9_830  # the default at VOC: ⌊3·2³⁰ / (20·4096·4)⌋
+    assert cache_cap(4.0, 20, 4096) == 13_107
     assert cache_cap(1.0, 1, 4096) == 65_536
     assert cache_cap(4.0, 3, 4096) == 87_381  # floor of 87,381.3
     assert cache_cap(gib_for(12, 2, 6), 2, 6) == 12
@@ -289,7 +290,7 @@ def test_packed_keys_round_trip_and_refuse_what_does_not_fit():
 def test_a_huge_cap_gives_the_uncapped_results_bit_for_bit():
     positives, images = overlapping_problem(4)
     reference = uncapped_reference(positives, images, CAP_PARAMS)
-    for cache_gib in (4.0, float("inf")):  # the default cap does not bite on this problem
+    for cache_gib in (3.0, float("inf")):  # the default cap does not bite on this problem
         params = SvmParams(**{**CAP_PARAMS.__dict__, "cache_gib": cache_gib})
         miner = HardNegativeMiner(positives, params)
         for number, image in enumerate(images):
@@ -362,5 +363,5 @@ def test_non_positive_cache_budget_is_one_config_line(value):
 def test_the_stage_passes_the_cache_budget():
     from spp_detect.stages.train_svm import _params
 
-    assert load_config().svm.cache_gib == 4.0
+    assert load_config().svm.cache_gib == 3.0
     assert _params(load_config(None, ["svm.cache_gib=0.5"]).svm).cache_gib == 0.5
