@@ -821,7 +821,11 @@ class Suite:
             proc.signal_group(signal.SIGINT)
             outcome = proc.wait(timeout=120)
             problems = ["finished before the signal"] if finished_first else []
-            if outcome.rc != 130 or outcome.last_line != INTERRUPTED:
+            # a signal that comes once the stage has ended (its summary line printed) is ignored
+            ended = outcome.rc == 0 and any(
+                line.startswith(name) for line in outcome.stdout.splitlines()
+            )
+            if not ended and (outcome.rc != 130 or outcome.last_line != INTERRUPTED):
                 problems.append(f"got {outcome.summary()}")
             if "Traceback" in outcome.stderr:
                 problems.append("traceback")
@@ -830,7 +834,8 @@ class Suite:
             problems += [f"rerun {rerun.summary()}"] if rerun.rc else []
             problems += self.differences(work, stage.outputs[0]) if not rerun.rc else []
             detail = f"{name}: SIGINT after {outcome.seconds:.1f} s: {outcome.summary()}"
-            group.record(not problems, "interrupted" if not problems else "failed",
+            label = ("ended first" if ended else "interrupted") if not problems else "failed"
+            group.record(not problems, label,
                          f"{detail}; {'; '.join(problems[:3])}".rstrip("; "))  # fmt: skip
             shutil.rmtree(work, ignore_errors=True)
         return group

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -399,4 +400,10 @@ def _one_process_only(ctx: StageContext, verb: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="spp-detect")
+    try:
+        cli(prog_name="spp-detect")
+    finally:
+        # The command is over, its files written or its error shown. A Ctrl-C during the
+        # interpreter's shutdown (joining the reader and writer threads) would end it killed by
+        # the signal, as if it had failed; ignore it from here on.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

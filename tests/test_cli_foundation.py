@@ -68,6 +68,25 @@ def test_help_and_version():
     assert result.exit_code == 0 and "--num-train" in result.output and "--seed" in result.output
 
 
+def test_a_ctrl_c_after_the_command_is_ignored(monkeypatch):
+    """Once a command is over, SIGINT is ignored: a Ctrl-C while the interpreter shuts down
+    (joining reader and writer threads) must not turn a finished command into a death by
+    signal (exit -2, found by scripts/fault_suite.py)."""
+    import signal
+
+    from spp_detect.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["spp-detect", "--version"])
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            main()
+        assert ended.value.code == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_make_toy(tmp_path):
     out = tmp_path / "toy"
     args = ["make-toy", str(out), "--num-train", "4", "--num-test", "3", "--seed", "5"]
