@@ -5,9 +5,9 @@ set at ../shared/datasets/raccoon):
   1. seconds per image for the conv pass at 1 scale (688) and at the paper's 5 scales;
   2. the trunk on two same-size images one by one against one batch of 2;
   3. cache bytes per image at 1 and 5 scales (float16 .npz, uncompressed and zlib) and write time;
-  4. time to pool N windows (default 2,000) spread over the 5 scales: the vectorised
-     ``pool_windows`` against the slow reference ``spp_detect.testing.reference_pool`` (Python
-     loops) and torchvision's ``roi_pool`` (one call per level), all checked equal;
+  4. time to pool N windows (default 2,000) spread over the 5 scales: ``pool_windows`` with
+     each engine (block-max, and torchvision's ``roi_pool`` on the exact levels) against the
+     slow reference ``spp_detect.testing.reference_pool`` (Python loops), all checked equal;
   5. a test-like loop over cached images (read the maps, pool the windows), with and without
      the next image's maps prefetched in the background (``FeatureSource.prefetch``);
   6. peak resident memory after each phase (ru_maxrss, monotonic).
@@ -176,36 +176,31 @@ def evict_from_page_cache(paths) -> None:
 
 
 def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, reference_windows):
-    """Seconds to pool ``windows`` random windows from ``maps`` (on the device they are on)
-    with the package, torchvision's ``roi_pool`` and the slow reference, all checked equal."""
-    device = maps[0].device
+    """Seconds to pool ``windows`` random windows from ``maps`` (on the device they are on) with
+    each engine of ``spp.pool_windows`` (auto, block-max, roi_pool), from float32 and float16
+    maps, and with the slow reference, all checked equal."""
     rng = np.random.default_rng(0)
     boxes = random_boxes(rng, windows, image_hw, min_side=MIN_SIDE)
     index = select_scale(boxes, image_hw, scales)
     args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
-    pooled, _ = pool_windows(maps, *args)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = _synchronized(device)
-        pooled, _ = pool_windows(maps, *args)
-        times.append(_synchronized(device) - started)
-    half_maps = [m.half() for m in maps]  # as read from the float16 cache
-    half_times = []
-    for _ in range(repeats):
-        started = _synchronized(device)
-        from_half, _ = pool_windows(half_maps, *args, out_dtype=torch.float32)
-        half_times.append(_synchronized(device) - started)
-    assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args)[0])
+    times, pooled = time_pool(maps, args, repeats)
     result = {
-        "float16_maps_s": min(half_times),
+        "engine": "roi_pool" if maps[0].is_cuda else "blockmax",  # what "auto" takes here
         "windows": windows,
         "per_scale": np.bincount(index.numpy(), minlength=len(scales)).tolist(),
         "vectorised_s": min(times),
         "vectorised_median_s": float(np.median(times)),
     }
+    for engine in ("blockmax", "roi_pool"):
+        engine_times, engine_pooled = time_pool(maps, args, repeats, engine=engine)
+        assert torch.equal(engine_pooled, pooled), f"{engine} differs"
+        result[f"{engine}_s"] = min(engine_times)
+    half_maps = [m.half() for m in maps]  # as read from the float16 cache
+    half_times, from_half = time_pool(half_maps, args, repeats, out_dtype=torch.float32)
+    assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args)[0])
+    result["float16_maps_s"] = min(half_times)
     cells = window_cells(boxes, image_hw, scales, index, [m.shape[1:] for m in maps], stride,
                          offset0, OFFSET)  # fmt: skip
-    result["roi_pool_s"] = time_roi_pool(maps, cells, index, pooled)
     subset = slice(0, reference_windows)
     started = time.perf_counter()
     expected = np.concatenate([
@@ -221,22 +216,17 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     return result
 
 
-def time_roi_pool(maps, cells, index, pooled) -> float:
-    from torchvision.ops import roi_pool
-
-    device = pooled.device
-    started = _synchronized(device)
-    out = torch.empty_like(pooled)
-    for k, fmap in enumerate(maps):
-        rows = torch.nonzero(index == k).flatten()
-        if len(rows) == 0:
-            continue
-        rois = torch.cat([torch.zeros(len(rows), 1), cells[rows].float()], dim=1).to(device)
-        parts = [roi_pool(fmap[None], rois, (n, n), 1.0).reshape(len(rows), -1) for n in LEVELS]
-        out[rows.to(device)] = torch.cat(parts, dim=1)
-    seconds = _synchronized(device) - started
-    assert torch.equal(out, pooled), "roi_pool differs"
-    return seconds
+def time_pool(maps, args, repeats, **options) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each of ``repeats`` ``pool_windows(maps, *args, **options)`` calls after a
+    warm-up, the device synchronised, and the pooled windows."""
+    device = maps[0].device
+    pooled, _ = pool_windows(maps, *args, **options)
+    times = []
+    for _ in range(repeats):
+        started = _synchronized(device)
+        pooled, _ = pool_windows(maps, *args, **options)
+        times.append(_synchronized(device) - started)
+    return times, pooled
 
 
 def main() -> None:
@@ -299,13 +289,16 @@ def main() -> None:
             [m.to(device) for m in conv[label][0]], hws[0], scales, backbone.stride,
             backbone.offset0, args.windows, args.repeats, reference_windows,
         )  # fmt: skip
-        figures[label].update(pool_s=p["vectorised_s"], roi_pool_s=p["roi_pool_s"])
+        figures[label].update(
+            pool_s=p["vectorised_s"], blockmax_s=p["blockmax_s"], roi_pool_s=p["roi_pool_s"]
+        )
         print(
-            f"pool {p['windows']} windows, {label} {p['per_scale']}: vectorised "
+            f"pool {p['windows']} windows, {label} {p['per_scale']}: {p['engine']} (auto) "
             f"{p['vectorised_s'] * 1000:.1f} ms (median {p['vectorised_median_s'] * 1000:.1f}), "
-            f"from float16 maps {p['float16_maps_s'] * 1000:.1f} ms; "
-            f"torchvision roi_pool {p['roi_pool_s'] * 1000:.1f} ms; slow reference "
-            f"{p['reference_s']:.1f} s for {p['reference_windows']} windows; outputs equal"
+            f"from float16 maps {p['float16_maps_s'] * 1000:.1f} ms; engines: block-max "
+            f"{p['blockmax_s'] * 1000:.1f} ms, roi_pool {p['roi_pool_s'] * 1000:.1f} ms; "
+            f"slow reference {p['reference_s']:.1f} s for {p['reference_windows']} windows; "
+            "outputs equal"
         )
     no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
     records = [

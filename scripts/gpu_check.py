@@ -214,8 +214,9 @@ def rcnn_rows(path: Path) -> list[tuple[str, str]]:
 def extract_rows(path: Path) -> list[tuple[str, str]]:
     return [
         (scales_text(r["scales"]),
-         f"conv {r['conv_s'] * 1000:.1f} ms/image; pooling {r['pool_s'] * 1000:.1f} ms "
-         f"(roi_pool {r['roi_pool_s'] * 1000:.1f}); cached read + pool, prefetched "
+         f"conv {r['conv_s'] * 1000:.1f} ms/image; pooling by engine: block-max "
+         f"{r['blockmax_s'] * 1000:.1f} ms, roi_pool {r['roi_pool_s'] * 1000:.1f} ms; cached "
+         f"read + pool, prefetched "
          f"{r['read_pool_prefetch_s'] * 1000:.1f} ms/image")
         for r in json.loads(path.read_text()).values()
     ]  # fmt: skip

@@ -9,6 +9,9 @@ sparse table): a bin is covered by ⌈h/2^a⌉ × ⌈w/2^b⌉ blocks, so with un
 look-ups suffice; the largest block size is chosen per map to balance building tables against
 look-ups. Look-ups are vectorised gathers over all windows of a map (no Python loop over
 windows); windows are sorted by the look-ups they need, so look-up rank k runs over a prefix.
+The plan (which tables, which cells, the window order) is made on the CPU from the CPU cells and
+copied to the map's device in one queued copy, so the map's device is never read back
+(docs/method.md#gpu-path).
 A level that divides a finer one (3, 2, 1 of 6) is the max over groups of the finer level's
 bins, exactly: the union of bins j·r … j·r+r−1 of level n·r is bin j of level n. On the CPU the
 windows go in chunks whose bins fit in the L2 cache (BENCHMARKS.md).
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["pool_into"]
+from spp_detect.transfer import to_device
+
+__all__ = ["check_cells", "pool_into"]
 
 
 def bin_edges(start: Tensor, length: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -86,13 +91,14 @@ class _BlockTables:
     def __init__(self, fmap_hwc: Tensor, codes: Sequence[int]) -> None:
         height, width, channels = fmap_hwc.shape
         self.height, self.width = height, width
+        # on the CPU, as the look-up plans made from it
         table_id = torch.full((CODE_BASE * CODE_BASE,), -1, dtype=torch.long)
         self.tables = fmap_hwc.new_empty((len(codes), height, width, channels))
         wanted: dict[int, dict[int, int]] = {}
         for position, code in enumerate(codes):
             wanted.setdefault(code // CODE_BASE, {})[code % CODE_BASE] = position
             table_id[code] = position
-        self.table_id = table_id.to(fmap_hwc.device)
+        self.table_id = table_id
         rows = fmap_hwc
         for a in range(max(wanted, default=-1) + 1):
             row_slot = wanted.get(a, {}).pop(0, None)
@@ -120,7 +126,8 @@ class _BlockTables:
 
     def plan(self, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor, limit: int) -> dict[str, Tensor]:
         """Look-up parameters of every bin (R, n, n) for rows [y0, y1) × columns [x0, x1),
-        and ``window_lookups`` (R,): the most look-ups any bin of the window needs."""
+        and ``window_lookups`` (R,): the most look-ups any bin of the window needs. On the CPU,
+        as the bin edges."""
         shape = (y0.shape[0], y0.shape[1], y0.shape[1])
         a, rows_needed = _block_plan(y1 - y0, limit)
         b, cols_needed = _block_plan(x1 - x0, limit)
@@ -138,7 +145,8 @@ class _BlockTables:
         return plan
 
     def query(self, plan: dict[str, Tensor]) -> Tensor:
-        """Range maxima (R, n, n, C) of a :meth:`plan` (its windows in any order).
+        """Range maxima (R, n, n, C) of a :meth:`plan` (its windows in any order), its per-bin
+        parameters on the tables' device and ``window_lookups`` on the CPU.
 
         Look-up rank k runs for every window whose ``window_lookups`` exceed k, at once; with
         windows sorted by need (descending) those are a prefix. A bin needing fewer look-ups than
@@ -222,8 +230,9 @@ def _prepare(
     fmap: Tensor, cells: Tensor, level_plan: dict[int, int | None]
 ) -> tuple[_BlockTables, dict[int, dict[str, Tensor]], Tensor | None]:
     """The block tables of ``fmap`` and the look-up plan of every directly pooled level of
-    ``level_plan`` (:func:`level_plan`), windows in the returned order (indices into ``cells``;
-    None: their own order)."""
+    ``level_plan`` (:func:`level_plan`), windows in the returned order (indices (R,) into the CPU
+    ``cells``, on the CPU; None: their own order). The plans' per-bin parameters are moved to
+    ``fmap``'s device in one copy; ``window_lookups`` stays on the CPU."""
     left, top, right, bottom = cells.unbind(dim=1)
     ranges = {}
     for n in (n for n, source in level_plan.items() if source is None):
@@ -242,7 +251,20 @@ def _prepare(
         lookup_plans = {
             n: {key: value[order] for key, value in p.items()} for n, p in lookup_plans.items()
         }
-    return table, lookup_plans, order
+    return table, _plans_to(lookup_plans, fmap.device), order
+
+
+def _plans_to(
+    lookup_plans: dict[int, dict[str, Tensor]], device: torch.device
+) -> dict[int, dict[str, Tensor]]:
+    """The look-up plans with their per-bin parameters on ``device`` (one queued copy);
+    ``window_lookups`` stays on the CPU, where :meth:`_BlockTables.query` reads it."""
+    keys = [(n, key) for n, p in lookup_plans.items() for key in p if key != "window_lookups"]
+    moved = to_device([lookup_plans[n][key] for n, key in keys], device)
+    result = {n: {"window_lookups": p["window_lookups"]} for n, p in lookup_plans.items()}
+    for (n, key), value in zip(keys, moved, strict=True):
+        result[n][key] = value
+    return result
 
 
 def _pool_chunk(
@@ -262,7 +284,8 @@ def _pool_chunk(
     return pooled
 
 
-def _check_cells(cells: Tensor, fmap_hw: tuple[int, int]) -> None:
+def check_cells(cells: Tensor, fmap_hw: tuple[int, int]) -> None:
+    """ValueError unless every cell window (R, 4) is non-empty and inside the (H, W) map."""
     height, width = fmap_hw
     left, top, right, bottom = cells.unbind(dim=1)
     valid = (left >= 0) & (top >= 0) & (left <= right) & (top <= bottom)
@@ -272,10 +295,11 @@ def _check_cells(cells: Tensor, fmap_hw: tuple[int, int]) -> None:
 
 
 def pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor | None:
-    """Write the pooled windows ``cells`` (R, 4) of ``fmap`` (C, H, W) into the rows of ``out``
-    (R, D), in the returned order: row i of ``out`` is window ``order[i]`` (``order`` (R,) int64
-    on ``fmap``'s device; None: their own order). Levels in the given order, each channel-major
-    [C][n][n]. ValueError for cells outside the map.
+    """Write the pooled windows ``cells`` (R, 4) int64 on the CPU of ``fmap`` (C, H, W) into the
+    rows of ``out`` (R, D, on ``fmap``'s device), in the returned order: row i of ``out`` is
+    window ``order[i]`` (``order`` (R,) int64 on the CPU; None: their own order). Levels in the
+    given order, each channel-major [C][n][n]. ValueError for cells outside the map. Nothing is
+    read back from ``fmap``'s device.
 
     On the CPU the windows go in chunks whose bins fit in the L2 cache, so every look-up, the
     coarser levels and the final copy read them there instead of from memory (BENCHMARKS.md); a
@@ -284,7 +308,7 @@ def pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     channels, height, width = fmap.shape
     if len(cells) == 0:
         return None
-    _check_cells(cells, (height, width))
+    check_cells(cells, (height, width))
     plan = level_plan(levels)
     table, lookup_plans, order = _prepare(fmap, cells, plan)
     chunk = len(cells)

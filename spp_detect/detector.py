@@ -26,6 +26,7 @@ from spp_detect.precision import autocast, check_precision
 from spp_detect.spp import dedup_keys, inverse_permutation
 from spp_detect.structures import ImageDetections, ImageRecord
 from spp_detect.svm import SvmModel
+from spp_detect.transfer import to_device
 from spp_detect.window_features import distinct_windows
 
 
@@ -132,6 +133,8 @@ class Detector:
         Windows with the same conv5 cells at the same scale have the same features
         (docs/method.md#deduplication-of-windows), so each distinct window is pooled and passed
         through fc6/fc7 once. pool5 lives in a workspace that the next call overwrites.
+        Everything is planned on the CPU and queued to the device, which is never waited for
+        (docs/method.md#gpu-path).
         """
         scale_index = source.scale_index(record, proposals)
         g = source.geometry
@@ -148,7 +151,8 @@ class Detector:
         with autocast(pooled.device, self.settings.precision):
             fc7 = torch.cat([self.fc7_features(chunk) for chunk in chunks]).float()
         row_of = inverse_permutation(rows)  # distinct window -> its pooled row
-        return pooled, fc7, row_of[inverse].to(pooled.device)
+        (window_rows,) = to_device([row_of[inverse]], pooled.device)
+        return pooled, fc7, window_rows
 
     def fc7_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc7 (R, F) of pooled windows (R, D), through fc6/fc7 as ``fc_compression`` says."""

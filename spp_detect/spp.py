@@ -15,22 +15,30 @@ bin is the plain max over its cells; the original's accumulator starts at 0, whi
 for post-ReLU conv5 maps.
 torchvision's ``roi_pool`` gives the same bins for levels 1, 2, 3 and 6 but computes their
 edges in float32, which is off by a cell for some window sizes at other levels (e.g. 7).
-The exact block-max engine that computes the bins is private: ``spp_detect._blockmax``.
+
+Two engines compute the same values (``engine``): the exact block-max engine
+(``spp_detect._blockmax``, private), the CPU's; and ``roi_pool`` on float32 maps at the levels
+where its bins are the integer rule's (:func:`roi_pool_bins_exact`), the coarser levels reduced
+from a finer one, the block-max engine otherwise. ``auto`` takes ``roi_pool`` on CUDA: one
+kernel per map and almost no planning on the host (docs/method.md#gpu-path). Either way the
+windows are planned on the CPU and nothing is read back from the map's device.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from spp_detect._blockmax import bin_edges, level_plan, pool_into
+from spp_detect._blockmax import bin_edges, check_cells, level_plan, pool_into
+from spp_detect.transfer import to_device
 
 BoxesLike = Tensor | np.ndarray
+POOL_ENGINES = ("auto", "blockmax", "roi_pool")
 
 
 def pyramid_dim(channels: int, levels: Sequence[int]) -> int:
@@ -168,19 +176,78 @@ def dedup_keys(
 
 
 def spatial_pyramid_pool(
-    fmap: Tensor, cells: Tensor, levels: Sequence[int], out_dtype: torch.dtype | None = None
+    fmap: Tensor,
+    cells: Tensor,
+    levels: Sequence[int],
+    out_dtype: torch.dtype | None = None,
+    engine: str = "auto",
 ) -> Tensor:
     """Pooled features (R, C·Σn²) of the windows ``cells`` (R, 4) on ``fmap`` (C, H, W).
 
     Levels in the given order; each level channel-major [C][n][n] (index c·n² + i·n + j, i the
     bin row); bins as in the module docstring (docs/method.md#spatial-pyramid-pooling). On
     ``fmap``'s device, in ``out_dtype`` (default ``fmap``'s; a max is exact in any dtype, so
-    float16 maps may give float32 output).
+    float16 maps may give float32 output). ``engine``: one of POOL_ENGINES (module docstring).
     """
-    cells = torch.as_tensor(cells, dtype=torch.long).to(fmap.device).reshape(-1, 4)
+    cells = torch.as_tensor(cells, dtype=torch.long).to("cpu").reshape(-1, 4)
     out = fmap.new_empty((len(cells), pyramid_dim(fmap.shape[0], levels)), dtype=out_dtype)
-    order = pool_into(out, fmap, cells, levels)
-    return out if order is None else out.index_select(0, inverse_permutation(order))
+    order = pool_map(out, fmap, cells, levels, engine)
+    if order is None:
+        return out
+    (inverse,) = to_device([inverse_permutation(order)], out.device)
+    return out.index_select(0, inverse)
+
+
+def pool_map(
+    out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int], engine: str = "auto"
+) -> Tensor | None:
+    """Write the pooled windows ``cells`` (R, 4) int64 on the CPU of ``fmap`` (C, H, W) into
+    ``out`` (R, D) on its device, by ``engine`` (module docstring). Returns the rows' order as
+    ``_blockmax.pool_into`` does: row i is window ``order[i]`` (``order`` (R,) on the CPU), or
+    None for their own order."""
+    if engine not in POOL_ENGINES:
+        raise ValueError(f"engine must be one of {POOL_ENGINES}, got {engine!r}")
+    if engine == "auto":
+        engine = "roi_pool" if fmap.device.type == "cuda" else "blockmax"
+    largest = max(int(fmap.shape[1]), int(fmap.shape[2]))
+    direct = [n for n, source in level_plan(levels).items() if source is None]
+    if engine == "blockmax" or not all(roi_pool_bins_exact(n, largest) for n in direct):
+        return pool_into(out, fmap, cells, levels)
+    if len(cells) == 0:
+        return None
+    check_cells(cells, tuple(fmap.shape[1:]))
+    (rois,) = to_device([_rois(cells, torch.float32)], fmap.device)
+    # roi_pool computes its bin edges in the map's dtype: they are the exact ones in float32
+    fmap32 = fmap.float()
+    pooled = _reduced_levels(lambda n: roi_pool(fmap32[None], rois, (n, n), 1.0), levels)
+    column = 0
+    for n in levels:
+        width = fmap.shape[0] * n * n
+        out[:, column : column + width].copy_(pooled[n].reshape(len(cells), -1))
+        column += width
+    return None
+
+
+def _rois(cells: Tensor, dtype: torch.dtype) -> Tensor:
+    """roi_pool's boxes (R, 5) in the map's ``dtype``: (image 0, x1, y1, x2, y2) in cells, its
+    width x2 − x1 + 1 as ours."""
+    return torch.cat([cells.new_zeros((len(cells), 1)), cells], dim=1).to(dtype)
+
+
+def _reduced_levels(
+    pool_level: Callable[[int], Tensor], levels: Sequence[int]
+) -> dict[int, Tensor]:
+    """Bins (R, C, n, n) of every level: ``pool_level(n)`` for a level pooled directly, or, for
+    a level dividing a finer one, the max over groups of the finer level's bins (exact:
+    docs/method.md#spatial-pyramid-pooling)."""
+    pooled: dict[int, Tensor] = {}
+    for n, source in level_plan(levels).items():  # finest first: a source is always ready
+        if source is None:
+            pooled[n] = pool_level(n)
+        else:
+            count, channels, ratio = *pooled[source].shape[:2], source // n
+            pooled[n] = pooled[source].view(count, channels, n, ratio, n, ratio).amax((3, 5))
+    return pooled
 
 
 def trainable_pyramid_pool(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
@@ -192,24 +259,21 @@ def trainable_pyramid_pool(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     block-max engine). A directly pooled level uses torchvision's ``roi_pool`` (compiled forward
     and backward) when its float32 bin edges equal the exact integer rule for every window size
     the map allows (:func:`roi_pool_bins_exact`: levels 1–6 and 8, not 7), else a gather over
-    padded bins, exact but about 10× slower (BENCHMARKS.md).
+    padded bins, exact but about 10× slower (BENCHMARKS.md). ``fmap`` in float32.
     """
-    cells = torch.as_tensor(cells, dtype=torch.long).to(fmap.device).reshape(-1, 4)
+    cells = torch.as_tensor(cells, dtype=torch.long).to("cpu").reshape(-1, 4)
     count, channels = len(cells), int(fmap.shape[0])
     if count == 0:
         return fmap.new_zeros((0, pyramid_dim(channels, levels)))
     largest = max(int(fmap.shape[1]), int(fmap.shape[2]))
-    # roi_pool boxes: (image, x1, y1, x2, y2) in cells, its width x2 − x1 + 1 as ours
-    rois = torch.cat([cells.new_zeros((count, 1)), cells], dim=1).to(fmap.dtype)
-    pooled: dict[int, Tensor] = {}
-    for n, source in level_plan(levels).items():  # finest first: a source is always ready
-        if source is not None:
-            ratio = source // n
-            pooled[n] = pooled[source].view(count, channels, n, ratio, n, ratio).amax((3, 5))
-        elif roi_pool_bins_exact(n, largest):
-            pooled[n] = roi_pool(fmap[None], rois, (n, n), 1.0)
-        else:
-            pooled[n] = _gathered_level(fmap, cells, n)
+    (rois,) = to_device([_rois(cells, fmap.dtype)], fmap.device)
+
+    def pool_level(n: int) -> Tensor:
+        if roi_pool_bins_exact(n, largest):
+            return roi_pool(fmap[None], rois, (n, n), 1.0)
+        return _gathered_level(fmap, cells, n)
+
+    pooled = _reduced_levels(pool_level, levels)
     return torch.cat([pooled[n].reshape(count, -1) for n in levels], dim=1)
 
 
@@ -226,8 +290,9 @@ def roi_pool_bins_exact(n: int, largest: int) -> bool:
 
 
 def _gathered_level(fmap: Tensor, cells: Tensor, n: int) -> Tensor:
-    """(R, C, n, n) maxima of one level: every bin padded to the largest bin by repeating its
-    last row and column (a repeat leaves a max unchanged), gathered, and reduced."""
+    """(R, C, n, n) maxima of one level of the CPU ``cells``: every bin padded to the largest
+    bin by repeating its last row and column (a repeat leaves a max unchanged), gathered, and
+    reduced."""
     channels, _, width = fmap.shape
     left, top, right, bottom = cells.unbind(dim=1)
     y0, y1 = bin_edges(top, bottom - top + 1, n)  # (R, n) each
@@ -235,7 +300,8 @@ def _gathered_level(fmap: Tensor, cells: Tensor, n: int) -> Tensor:
     rows = _padded(y0, y1)  # (R, n, h)
     cols = _padded(x0, x1)  # (R, n, w)
     flat = rows[:, :, None, :, None] * width + cols[:, None, :, None, :]  # (R, n, n, h, w)
-    values = fmap.reshape(channels, -1)[:, flat.reshape(-1)]
+    (flat,) = to_device([flat.reshape(-1)], fmap.device)
+    values = fmap.reshape(channels, -1)[:, flat]
     values = values.view(channels, len(cells), n, n, -1).amax(dim=-1)
     return values.permute(1, 0, 2, 3)
 
@@ -283,6 +349,7 @@ def pool_windows(
     out_dtype: torch.dtype | None = None,
     out: Tensor | None = None,
     keep_order: bool = True,
+    engine: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Pooled features of R windows spread over S scales: pooled (R, D) and rows (R,) int64 on
     the CPU, row i of pooled being window ``rows[i]`` (``docs/method.md``, "Projection" and
@@ -293,7 +360,8 @@ def pool_windows(
     ``out_dtype`` as in :func:`spatial_pyramid_pool`.
 
     ``keep_order``: True gives pooled in input order and rows = arange(R); False skips that final
-    reorder (one gather of the whole output) and gives the rows in pooling order.
+    reorder (one gather of the whole output) and gives the rows in pooling order. ``engine``:
+    one of POOL_ENGINES (module docstring).
 
     ``out``: a buffer (≥ R, D) kept across calls, which saves the page faults of a fresh output
     (BENCHMARKS.md); ``out_dtype`` is then its dtype and pooled is its first R rows, in either
@@ -329,13 +397,13 @@ def pool_windows(
         rows = torch.arange(len(index)) if k is None else (index == k).nonzero().squeeze(1)
         block = buffer[start : start + len(rows)]
         fmap = reference if k is None else fmaps[k]
-        order = pool_into(block, fmap, cells[rows].to(buffer.device), levels)
-        source_rows.append(rows if order is None else rows[order.cpu()])
+        order = pool_map(block, fmap, cells[rows], levels, engine)
+        source_rows.append(rows if order is None else rows[order])
         start += len(rows)
     rows = torch.cat(source_rows)
     if not keep_order:
         return buffer, rows
-    inverse = inverse_permutation(rows).to(buffer.device)
+    (inverse,) = to_device([inverse_permutation(rows)], buffer.device)
     if target is None:
         return buffer.index_select(0, inverse), torch.arange(len(index))
     torch.index_select(buffer, 0, inverse, out=target)

@@ -109,8 +109,9 @@ def test_conv5_maps_match_the_cpu(gpu_run, without_tf32):
             assert max_relative_error(cpu_map, gpu_map) <= CONV_TOLERANCE, record.image_id
 
 
+@pytest.mark.parametrize("engine", ["auto", "blockmax"])  # roi_pool on CUDA, and the CPU's
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # computed, and as cached
-def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype):
+def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
     config, run_dir, records = _test_split(gpu_run[0])
     source = live_feature_source(config, run_dir, "cpu")
     g = source.geometry
@@ -121,12 +122,34 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype):
         scales = source.image_scales(record)
         args = (proposals, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels)
         cpu_pooled, _ = pool_windows(maps, *args)
-        gpu_pooled, _ = pool_windows([fmap.cuda() for fmap in maps], *args)
+        gpu_pooled, _ = pool_windows([fmap.cuda() for fmap in maps], *args, engine=engine)
         assert gpu_pooled.is_cuda and torch.equal(gpu_pooled.cpu(), cpu_pooled)
         # the test path's order (pooling order, no final reorder) may differ; the rows may not
-        pooled, rows = pool_windows([fmap.cuda() for fmap in maps], *args, keep_order=False)
+        gpu_maps = [fmap.cuda() for fmap in maps]
+        pooled, rows = pool_windows(gpu_maps, *args, keep_order=False, engine=engine)
         in_order = pooled[inverse_permutation(rows).to(pooled.device)]
         assert torch.equal(in_order.cpu(), cpu_pooled)
+
+
+def test_pooling_and_fc7_queue_without_waiting_for_the_device(gpu_run):
+    """Detector.window_features (cached maps read, pooled, fc6/fc7) makes no host-device
+    synchronisation, so the CPU plans the next image while the GPU works
+    (docs/method.md#gpu-path)."""
+    config, run_dir, records = _test_split(gpu_run[0])
+    split = config.data.test_split
+    detector = build_detector(config, run_dir, "cuda")
+    source = open_feature_source(config, run_dir, split, "cuda")
+    proposals = [load_proposals(config, run_dir, split, record) for record in records]
+    with torch.inference_mode():
+        detector.window_features(source, records[0], proposals[0])  # warm-up: allocations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for record, boxes in zip(records[1:], proposals[1:], strict=True):
+                pooled, fc7, rows = detector.window_features(source, record, boxes)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert pooled.is_cuda and fc7.is_cuda and rows.is_cuda and len(rows) == len(proposals[-1])
 
 
 def test_toy_map_matches_the_cpu(gpu_run, without_tf32):

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from spp_detect.cli import cli
 from spp_detect.inference import (
+    _by_class,
     combine_detections,
     detect_image,
     finalize_detections,
@@ -60,6 +61,25 @@ def test_top_k_per_class():
     assert labels.tolist() == [0, 0, 1, 1]
     assert windows.tolist() == [5, 4, 0, 1]
     torch.testing.assert_close(kept, torch.tensor([0.5, 0.4, 1.0, 0.9]))
+
+
+def reference_by_class(labels, scores, max_per_class):
+    """Per class in ascending order, its indices by descending score, ties by index; top k."""
+    kept = []
+    for label in sorted(set(labels.tolist())):
+        rows = [i for i in range(len(labels)) if labels[i] == label]
+        kept += sorted(rows, key=lambda i: (-float(scores[i]), i))[:max_per_class]
+    return kept
+
+
+@pytest.mark.parametrize("max_per_class", [None, 1, 3])
+def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_class):
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 5, 200))
+    scores = torch.from_numpy(rng.integers(0, 8, 200).astype(np.float32))  # many ties
+    expected = reference_by_class(labels, scores, max_per_class)
+    assert _by_class(labels, scores, max_per_class).tolist() == expected
+    assert _by_class(labels[:0], scores[:0], max_per_class).tolist() == []
 
 
 def test_empty_input():

@@ -376,3 +376,56 @@ def test_float16_maps_pool_exactly_into_float32():
     pooled, _ = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)
     expected, _ = pool_windows([m.float() for m in maps], *args, levels=LEVELS, **ZF5)
     assert pooled.dtype == torch.float32 and torch.equal(pooled, expected)
+
+
+# ---------------------------------------------------------------- engines and devices
+
+
+@pytest.mark.parametrize("levels", [LEVELS, (7, 3, 2, 1), (4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_roi_pool_engine_pools_what_the_block_max_engine_pools(levels, dtype):
+    """roi_pool where its bins are exact (6, 4, 3, 2, 1), the block-max engine for 7: both equal
+    the reference, also on float16 maps (roi_pool runs on their float32 copy)."""
+    rng = np.random.default_rng(sum(levels))
+    fmap = relu_map(rng, 16, 23, 37).to(dtype)
+    cells = torch.from_numpy(random_cells(rng, 300, 23, 37))
+    expected = torch.from_numpy(reference_pool(fmap.float().numpy(), cells.numpy(), levels))
+    for engine in ("blockmax", "roi_pool", "auto"):
+        pooled = spatial_pyramid_pool(fmap, cells, levels, torch.float32, engine=engine)
+        assert torch.equal(pooled, expected), engine
+    args = pool_windows_case(21, count=60)
+    blockmax, _ = pool_windows(*args, levels=levels, engine="blockmax", **ZF5)
+    assert torch.equal(pool_windows(*args, levels=levels, engine="roi_pool", **ZF5)[0], blockmax)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        spatial_pyramid_pool(fmap, cells, levels, engine="fast")
+
+
+def test_only_level_7_leaves_roi_pool_for_the_block_max_engine(monkeypatch):
+    """The engine taken per map: roi_pool unless a directly pooled level's bins differ."""
+    calls = []
+    monkeypatch.setattr(spp, "pool_into", lambda *args: calls.append(args[3]))
+    fmap, cells = torch.rand(4, 60, 60), torch.tensor([[0, 0, 59, 59]])
+    for levels in (LEVELS, (8, 4, 2, 1), (7, 3, 2, 1)):
+        spatial_pyramid_pool(fmap, cells, levels, engine="roi_pool")
+    assert calls == [(7, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("engine", ["blockmax", "roi_pool"])
+def test_pooling_never_reads_back_from_the_map_device(engine):
+    """The plan is made on the CPU and queued to the maps' device: with maps on the ``meta``
+    device, where any read back (``int()``, ``bool()``, ``.cpu()``) raises, pooling still
+    runs. On CUDA that means no host synchronisation per image (tests/test_cuda.py checks it
+    with torch.cuda.set_sync_debug_mode)."""
+    maps, boxes, image_hw, scales, index = pool_windows_case(22, count=80)
+    meta_maps = [m.to("meta") for m in maps]
+    with pytest.raises(RuntimeError, match="meta"):
+        int(meta_maps[0].max())  # what the check relies on
+    for keep_order in (True, False):
+        pooled, rows = pool_windows(
+            meta_maps, boxes, image_hw, scales, index, levels=LEVELS,
+            keep_order=keep_order, engine=engine, **ZF5,
+        )  # fmt: skip
+        assert pooled.device.type == "meta" and pooled.shape == (80, 200)
+        assert rows.device.type == "cpu" and sorted(rows.tolist()) == list(range(80))
+    cells = torch.from_numpy(random_cells(np.random.default_rng(1), 50, 7, 9))
+    assert spatial_pyramid_pool(meta_maps[1], cells, LEVELS, engine=engine).shape == (50, 200)
