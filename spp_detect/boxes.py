@@ -50,6 +50,11 @@ def clip_boxes(boxes: Array, image_hw: tuple[int, int]) -> Array:
     return _like(torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1), boxes)
 
 
+def has_area(boxes: Array) -> Array:
+    """(R,) bool: the boxes (R, 4) with positive width and height."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def paired_iou(first: Array, second: Array) -> Array:
     """IoU (R,) of each box first[r] with second[r], both (R, 4).
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from spp_detect.boxes import clip_boxes, has_area
 from spp_detect.errors import UserError
 from spp_detect.structures import ImageRecord
 from spp_detect.voc import _label_lookup, image_size, log_split_summary
@@ -336,13 +337,12 @@ def _clip(
     boxes: np.ndarray, height: int, width: int, image_id: str, log: _SplitLog
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (G, 4) clipped to the image, and a (G,) mask of those with a positive area."""
-    limits = np.array([width, height, width, height], dtype=np.float32)
-    clipped = np.clip(boxes, 0, limits)
+    clipped = clip_boxes(boxes, (height, width))
     changed = int((clipped != boxes).any(axis=1).sum())
     if changed:
         log.num_clipped += changed
         log.clipped.append(image_id)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    keep = has_area(clipped)
     log.dropped += int((~keep).sum())
     return clipped, keep
 

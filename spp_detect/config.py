@@ -270,10 +270,15 @@ def _classes_from_annotations(config: Config, given: bool) -> Config:
 
 
 def bundled_configs() -> dict[str, Path]:
-    """The configs shipped with the package (the repo's configs/), by name."""
+    """The configs shipped with the package (the repo's configs/), by name. Run from the source
+    tree without installing (``PYTHONPATH=.``, as scripts/gpu_check.sh does), they are read from
+    the repo's configs/ itself, which only an install maps to ``spp_detect.configs``."""
     from importlib.resources import files
 
-    folder = files("spp_detect.configs")
+    try:
+        folder = files("spp_detect.configs")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[1] / "configs"
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 

@@ -11,6 +11,7 @@ it, so a resumed run never keeps a stale file).
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -163,6 +164,24 @@ def device_failure(exc: BaseException) -> DeviceFailure | None:
         reason = reason[: REASON_CHARS - 1] + "…"
     out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in first
     return DeviceFailure(out_of_memory, reason)
+
+
+@contextlib.contextmanager
+def device_errors(
+    where: str, doing: str, done: int, lower_memory: str, before: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """An error of the CUDA device inside becomes a UserError with the one line of
+    :meth:`DeviceFailure.message`; ``before()`` runs first (to finish writing the images done).
+    Any other error passes through."""
+    try:
+        yield
+    except RuntimeError as exc:
+        failure = device_failure(exc)
+        if failure is None:
+            raise
+        if before is not None:
+            before()
+        raise UserError(failure.message(where, doing, done, lower_memory)) from None
 
 
 def effective_scales(

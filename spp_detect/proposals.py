@@ -36,6 +36,19 @@ def check_method(method: str, mode: str) -> None:
         raise UserError(f"propose.mode: unknown {mode!r}; use fast or quality")
 
 
+def require_ximgproc(method: str) -> None:
+    """UserError when ``method`` needs OpenCV's contrib module ximgproc and this OpenCV lacks it:
+    opencv-python(-headless) alone, or installed beside opencv-contrib-python-headless, whose
+    ``cv2`` it then shadows."""
+    if method in ("selective_search", "edge_boxes") and not hasattr(cv2, "ximgproc"):
+        raise UserError(
+            f"propose.method={method}: this OpenCV ({cv2.__version__}) lacks the contrib module "
+            "cv2.ximgproc; pip uninstall -y opencv-python opencv-python-headless "
+            "opencv-contrib-python-headless, then pip install opencv-contrib-python-headless; "
+            "or give proposals made elsewhere with propose.method=mat"
+        )
+
+
 # OpenCV ranks selective-search regions with C rand() (selectivesearchsegmentation.cpp,
 # hierarchicalGrouping); seeding it before each image makes the order reproducible. 1 is the
 # state of a fresh process (glibc treats srand(0) as srand(1)).
@@ -310,6 +323,7 @@ def propose_image(
     step only; boxes come back in original pixels. ``min_size`` applies in original pixels.
     Returns float32 (R, 4).
     """
+    require_ximgproc(method)
     image_hw = image_rgb.shape[:2]
     factor = downscale_factor(image_hw, max_side)
     small = image_rgb

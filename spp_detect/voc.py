@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from spp_detect.boxes import clip_boxes, has_area
 from spp_detect.errors import UserError
 from spp_detect.structures import ImageRecord
 
@@ -293,11 +294,10 @@ def _clip(
     boxes: np.ndarray, height: int, width: int, xml_path: Path, log: _SplitLog
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (G, 4) clipped to the image, and a (G,) mask of those with a positive area."""
-    limits = np.array([width, height, width, height], dtype=np.float32)
-    clipped = np.clip(boxes, 0, limits)
+    clipped = clip_boxes(boxes, (height, width))
     if not np.array_equal(clipped, boxes):
         log.note("boxes outside the image (clipped)", xml_path)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    keep = has_area(clipped)
     if not keep.all():
         log.note("boxes with no area (dropped)", xml_path)
     return clipped, keep

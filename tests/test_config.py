@@ -4,6 +4,10 @@ fingerprints, round trips."""
 from __future__ import annotations
 
 import re
+import site
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -182,6 +186,22 @@ def test_config_is_frozen():
     config = load_config()
     with pytest.raises(AttributeError):
         config.svm.C = 1.0  # type: ignore[misc]
+
+
+def test_bundled_configs_load_from_a_source_tree_that_is_not_installed():
+    """scripts/gpu_check.sh runs the package from the source tree (PYTHONPATH=., nothing
+    installed), where no install maps configs/ to spp_detect.configs; ``-c toy`` still works.
+    ``python -S`` skips the .pth files, so the editable install's import hooks are not there."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        f"import sys; sys.path[:0] = [{str(root)!r}]; sys.path += {site.getsitepackages()!r}; "
+        "import importlib.util as u; assert u.find_spec('spp_detect.configs') is None; "
+        "from spp_detect.config import load_config; print(load_config('toy').name)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert found.returncode == 0 and found.stdout.strip() == "toy", found.stderr[-2000:]
 
 
 def test_every_bundled_config_loads_and_passes_the_value_checks():

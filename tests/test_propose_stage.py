@@ -295,3 +295,25 @@ def test_another_dataset_with_the_same_ids_is_proposed_again(tmp_path, monkeypat
     make_toy_dataset(second, num_train=3, num_test=1, seed=7)
     text = run_propose(_context(second, run, workers=1), "trainval")
     assert "propose: 3 items" in text and "already done" not in text
+
+
+@pytest.mark.parametrize("method", ["selective_search", "edge_boxes"])
+def test_opencv_without_contrib_is_one_line_naming_the_fix(toy_root, tmp_path, monkeypatch, method):
+    """opencv-python beside opencv-contrib-python-headless shadows its cv2: propose stops before
+    any image with the reinstall to do, instead of failing every image; .mat proposals still
+    work, and so does the Python API's propose_image with a UserError."""
+    import types
+
+    from spp_detect import proposals
+
+    without_contrib = types.SimpleNamespace(__version__="4.10.0")
+    monkeypatch.setattr(proposals, "cv2", without_contrib)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, _cli_args(toy_root, run, "--set", f"propose.method={method}"))
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert f"propose.method={method}: this OpenCV (4.10.0) lacks" in line
+    assert "pip install opencv-contrib-python-headless" in line and "propose.method=mat" in line
+    assert not list(RunDir(run).proposals_dir("trainval").glob("*"))
+    with pytest.raises(UserError, match="lacks the contrib module"):
+        proposals.propose_image(np.zeros((20, 20, 3), np.uint8), method)

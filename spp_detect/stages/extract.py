@@ -29,14 +29,12 @@ from tqdm import tqdm
 from spp_detect.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
 from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
-from spp_detect.errors import UserError
 from spp_detect.features import (
-    DeviceFailure,
     cache_arrays,
     check_scales_fit,
     compute_maps,
     compute_maps_batch,
-    device_failure,
+    device_errors,
     pyramid_hw,
     read_record_image,
     resolve_device,
@@ -218,42 +216,38 @@ def _extract_all(
     A CUDA error ends it with a UserError naming the image, once the files of the images done
     are written."""
     written = 0
-    count = sum(len(batch) for batch in batches)
-    done = total - count  # images of the split already cached (this rank's share under torchrun)
+    done = total - sum(len(batch) for batch in batches)  # already cached (this rank's share)
     most_pending = MAX_PENDING_WRITES * max((len(batch) for batch in batches), default=1)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending: deque[Future[int]] = deque()
-        bar = tqdm(total=total, initial=done, desc=f"extract {split}", unit="img")
-        with bar:
-            for batch, images in _decoded_ahead(pool, batches):
-                records = [record for record, _ in batch]
-                file_fps = [fingerprints[record.image_id] for record in records]
-                try:
-                    arrays = extractor.batch_arrays(records, images, file_fps)
-                except RuntimeError as exc:  # the device's errors; any other is re-raised
-                    failure = device_failure(exc)
-                    if failure is None:
-                        raise
-                    while pending:  # the images before this one are kept
-                        written += pending.popleft().result()
-                    raise _device_error(failure, records, done) from None
-                for (_, path), image_arrays in zip(batch, arrays, strict=True):
-                    pending.append(pool.submit(_save, path, image_arrays))
-                while len(pending) > most_pending:
-                    written += pending.popleft().result()
-                done += len(batch)
-                bar.update(len(batch))
-            while pending:
-                written += pending.popleft().result()
+    pending: deque[Future[int]] = deque()
+
+    def settle(keep: int) -> None:
+        nonlocal written
+        while len(pending) > keep:
+            written += pending.popleft().result()
+
+    bar = tqdm(total=total, initial=done, desc=f"extract {split}", unit="img")
+    with ThreadPoolExecutor(max_workers=2) as pool, bar:
+        for batch, images in _decoded_ahead(pool, batches):
+            records = [record for record, _ in batch]
+            file_fps = [fingerprints[record.image_id] for record in records]
+            where = _where(records)
+            with device_errors(where, "extracting", done, LOWER_MEMORY, lambda: settle(0)):
+                arrays = extractor.batch_arrays(records, images, file_fps)
+            for (_, path), image_arrays in zip(batch, arrays, strict=True):
+                pending.append(pool.submit(_save, path, image_arrays))
+            settle(most_pending)
+            done += len(batch)
+            bar.update(len(batch))
+        settle(0)
     return written
 
 
-def _device_error(failure: DeviceFailure, records: Sequence[ImageRecord], done: int) -> UserError:
-    """One line naming the image (the batch's first) that a CUDA error stopped."""
+def _where(records: Sequence[ImageRecord]) -> str:
+    """The image a CUDA error is reported at: the batch's first."""
     where = str(records[0].path)
     if len(records) > 1:
         where += f" (in a batch with {len(records) - 1} more)"
-    return UserError(failure.message(where, "extracting", done, LOWER_MEMORY))
+    return where
 
 
 def _decoded_ahead(

@@ -99,6 +99,7 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     dist = ctx.dist
     if report_only:  # reads every image's file: rank 0's job under torchrun
         return _report(config, run_dir, records, split, summary) if dist.is_main else "idle"
+    proposals.require_ximgproc(config.propose.method)
     _check_edge_model_setting(config.propose)
     clear_manifest(out_dir)
     todo, fingerprints = items_to_do(

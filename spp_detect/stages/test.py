@@ -22,8 +22,7 @@ from spp_detect.artifacts import (
     save_npz,
 )
 from spp_detect.config import Config
-from spp_detect.errors import UserError
-from spp_detect.features import device_failure, prefetching
+from spp_detect.features import device_errors, prefetching
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
@@ -62,15 +61,9 @@ def run_test(ctx: StageContext, split: str) -> str:
     done_before = len(records) - len(todo)
     for record in tqdm(prefetching(source, mine), **progress):
         proposals = load_proposals(config, run_dir, split, record)
-        try:
+        done = done_before + summary.items
+        with device_errors(str(record.path), "testing", done, _lower_memory(config)):
             found = detector.detect(source, record, proposals)
-        except RuntimeError as exc:  # the device's errors; any other is re-raised
-            failure = device_failure(exc)
-            if failure is None:
-                raise
-            done = done_before + summary.items
-            message = failure.message(str(record.path), "testing", done, _lower_memory(config))
-            raise UserError(message) from None
         save_npz(
             run_dir.detection_part_path(split, record.image_id),
             boxes=found.boxes, scores=found.scores, labels=found.labels,
