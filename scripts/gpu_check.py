@@ -17,8 +17,10 @@ Steps, each under its own time limit, together sized to finish in under 6 minute
 
 The benchmarks run on a toy set made here (``spp-detect make-toy``) with random proposals, so
 nothing needs OpenCV's contrib modules, and they time with the device synchronised. Without CUDA,
-or with ``--dry-run``, every step runs on the CPU at tiny sizes (the CUDA tests then skip), so
-that the script cannot rot unnoticed: tests/test_gpu_check.py runs it so. Exit code 0 when every
+or with ``--dry-run``, every step runs on the CPU at tiny sizes, so that the script cannot rot
+unnoticed: tests/test_gpu_check.py runs it so. The CUDA tests then run with the CPU standing in
+for the device (``SPP_CUDA_TESTS_ON_CPU=1``; those of CUDA-only APIs skip), so that a mistake in
+their own code shows before a GPU is lent. Exit code 0 when every
 step passed, 1 otherwise.
 """
 
@@ -287,6 +289,7 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         if not gpu:
             env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path, even on a GPU host
+            env["SPP_CUDA_TESTS_ON_CPU"] = "1"  # the CUDA tests' code runs, the CPU as device
         rows = []
         for step in steps(sizes, root, work, "cuda" if gpu else "cpu", gpu):
             rows += run_step(step, log_dir, env)

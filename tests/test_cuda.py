@@ -3,9 +3,12 @@ out-of-memory fallback of extract, bf16 autocast, cached maps read through pinne
 same-size image batching in extract.
 
 Marked ``cuda`` and skipped without a CUDA device: ``pytest -m cuda`` runs them, and
-``scripts/gpu_check.sh`` runs that on a machine lent a GPU. Proposals come from a ``.mat`` of
-jittered ground truth and random boxes (``testing.write_proposal_mat``), so nothing needs
-OpenCV's contrib modules, which the GPU machine lacks.
+``scripts/gpu_check.sh`` runs that on a machine lent a GPU. Without CUDA,
+``SPP_CUDA_TESTS_ON_CPU=1`` runs them with the CPU standing in for the device (the GPU check's
+dry run does), so that their own code is exercised before a GPU is lent; the few that use
+CUDA-only APIs (streams, the sync debug mode, the out-of-memory retry) still skip. Proposals
+come from a ``.mat`` of jittered ground truth and random boxes (``testing.write_proposal_mat``),
+so nothing needs OpenCV's contrib modules, which the GPU machine lacks.
 
 CPU against GPU: the conv5 maps within 1e-3 of their largest value with TF32 off; pooling exact
 (a max) given the same maps; the toy mAP of the same trained models within half a point. The
@@ -16,6 +19,7 @@ which is not what is tested here.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,10 +50,14 @@ from spp_detect.testing import write_proposal_mat
 from spp_detect.toy import TOY_CLASSES
 from spp_detect.voc import read_split
 
+HAS_CUDA = torch.cuda.is_available()
+ON_CPU = not HAS_CUDA and os.environ.get("SPP_CUDA_TESTS_ON_CPU") == "1"
+DEVICE = "cuda" if HAS_CUDA else "cpu"  # the device under test
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not (HAS_CUDA or ON_CPU), reason="needs a CUDA device"),
 ]
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="uses CUDA-only APIs")
 
 PROPOSALS_PER_IMAGE = 300
 MAP_FLOOR = 0.3  # as the CPU toy run (tests/test_pipeline.py): far above chance
@@ -64,7 +72,7 @@ def gpu_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     mat = write_proposal_mat(folder / "proposals.mat", records, PROPOSALS_PER_IMAGE)
     run_dir = folder / "run"
     args = toy_args(toy_root, run_dir, "propose.method=mat", f"propose.mat_file={mat}")
-    result = invoke("run", *args, "--device", "cuda")
+    result = invoke("run", *args, "--device", DEVICE)
     assert result.exit_code == 0, result.output
     return run_dir, result.output
 
@@ -76,6 +84,10 @@ def without_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on_device(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == DEVICE
 
 
 def max_relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
@@ -102,10 +114,10 @@ def test_every_stage_runs_on_cuda(gpu_run):
 def test_conv5_maps_match_the_cpu(gpu_run, without_tf32):
     config, run_dir, records = _test_split(gpu_run[0])
     cpu = live_feature_source(config, run_dir, "cpu")
-    gpu = live_feature_source(config, run_dir, "cuda")
+    gpu = live_feature_source(config, run_dir, DEVICE)
     for record in records:
         for cpu_map, gpu_map in zip(cpu.maps(record), gpu.maps(record), strict=True):
-            assert gpu_map.is_cuda
+            assert on_device(gpu_map)
             assert max_relative_error(cpu_map, gpu_map) <= CONV_TOLERANCE, record.image_id
 
 
@@ -122,23 +134,24 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         scales = source.image_scales(record)
         args = (proposals, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels)
         cpu_pooled, _ = pool_windows(maps, *args)
-        gpu_pooled, _ = pool_windows([fmap.cuda() for fmap in maps], *args, engine=engine)
-        assert gpu_pooled.is_cuda and torch.equal(gpu_pooled.cpu(), cpu_pooled)
+        gpu_pooled, _ = pool_windows([fmap.to(DEVICE) for fmap in maps], *args, engine=engine)
+        assert on_device(gpu_pooled) and torch.equal(gpu_pooled.cpu(), cpu_pooled)
         # the test path's order (pooling order, no final reorder) may differ; the rows may not
-        gpu_maps = [fmap.cuda() for fmap in maps]
+        gpu_maps = [fmap.to(DEVICE) for fmap in maps]
         pooled, rows = pool_windows(gpu_maps, *args, keep_order=False, engine=engine)
         in_order = pooled[inverse_permutation(rows).to(pooled.device)]
         assert torch.equal(in_order.cpu(), cpu_pooled)
 
 
+@needs_cuda
 def test_pooling_and_fc7_queue_without_waiting_for_the_device(gpu_run):
     """Detector.window_features (cached maps read, pooled, fc6/fc7) makes no host-device
     synchronisation, so the CPU plans the next image while the GPU works
     (docs/method.md#gpu-path)."""
     config, run_dir, records = _test_split(gpu_run[0])
     split = config.data.test_split
-    detector = build_detector(config, run_dir, "cuda")
-    source = open_feature_source(config, run_dir, split, "cuda")
+    detector = build_detector(config, run_dir, DEVICE)
+    source = open_feature_source(config, run_dir, split, DEVICE)
     proposals = [load_proposals(config, run_dir, split, record) for record in records]
     with torch.inference_mode():
         detector.window_features(source, records[0], proposals[0])  # warm-up: allocations
@@ -149,19 +162,20 @@ def test_pooling_and_fc7_queue_without_waiting_for_the_device(gpu_run):
                 pooled, fc7, rows = detector.window_features(source, record, boxes)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert pooled.is_cuda and fc7.is_cuda and rows.is_cuda and len(rows) == len(proposals[-1])
+    assert all(on_device(t) for t in (pooled, fc7, rows)) and len(rows) == len(proposals[-1])
 
 
 def test_toy_map_matches_the_cpu(gpu_run, without_tf32):
     config, run_dir, records = _test_split(gpu_run[0])
     maps = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", DEVICE):
         detector = build_detector(config, run_dir, device)
         source = live_feature_source(config, run_dir, device)
         maps[device] = _detector_map(detector, source, config, run_dir, records)
-    assert abs(maps["cuda"] - maps["cpu"]) <= MAP_TOLERANCE, maps
+    assert abs(maps[DEVICE] - maps["cpu"]) <= MAP_TOLERANCE, maps
 
 
+@needs_cuda
 def test_out_of_gpu_memory_redoes_the_image_on_the_cpu(gpu_run, toy_root, tmp_path, monkeypatch):
     """An injected CUDA OOM on the first image: extract redoes it with its CPU copy of the
     trunk, carries on with the GPU for the others, and caches maps like the GPU's."""
@@ -178,7 +192,7 @@ def test_out_of_gpu_memory_redoes_the_image_on_the_cpu(gpu_run, toy_root, tmp_pa
     monkeypatch.setattr(stage, "compute_maps", out_of_memory_once)
     run_dir = tmp_path / "run"
     args = toy_args(toy_root, run_dir)
-    result = invoke("extract", *args, "--split", "test", "--device", "cuda")
+    result = invoke("extract", *args, "--split", "test", "--device", DEVICE)
     assert result.exit_code == 0, result.output
     assert "1 redone on the CPU" in result.output
     assert devices[:3] == ["cuda", "cpu", "cuda"]  # the retry ran on the CPU copy, then back
@@ -193,13 +207,13 @@ def test_out_of_gpu_memory_redoes_the_image_on_the_cpu(gpu_run, toy_root, tmp_pa
 def test_bf16_trunk_on_cuda_keeps_the_maps_and_the_map(gpu_run):
     config, run_dir, records = _test_split(gpu_run[0])
     half_config = replace(config, extract=replace(config.extract, precision="bf16"))
-    full = live_feature_source(config, run_dir, "cuda")
-    half = live_feature_source(half_config, run_dir, "cuda")
+    full = live_feature_source(config, run_dir, DEVICE)
+    half = live_feature_source(half_config, run_dir, DEVICE)
     for record in records:
         for full_map, half_map in zip(full.maps(record), half.maps(record), strict=True):
             assert half_map.dtype == torch.float32
             assert max_relative_error(full_map, half_map) <= FMAP_TOLERANCE
-    detector = build_detector(config, run_dir, "cuda")
+    detector = build_detector(config, run_dir, DEVICE)
     full_ap = _detector_map(detector, full, config, run_dir, records)
     half_ap = _detector_map(detector, half, config, run_dir, records)
     assert abs(full_ap - half_ap) <= MAP_TOLERANCE
@@ -207,10 +221,11 @@ def test_bf16_trunk_on_cuda_keeps_the_maps_and_the_map(gpu_run):
 
 def test_bf16_fc_on_cuda_keeps_the_scores_and_the_map(gpu_run):
     config, run_dir, records = _test_split(gpu_run[0])
-    source = live_feature_source(config, run_dir, "cuda")
-    assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, "bf16", "cuda")
+    source = live_feature_source(config, run_dir, DEVICE)
+    assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, "bf16", DEVICE)
 
 
+@needs_cuda
 def test_pooled_windows_from_the_cache_on_cuda_equal_the_cpu(gpu_run, monkeypatch):
     """Cached maps go to the GPU from pinned memory with non_blocking copies, the next image's
     read in a background thread; the windows pooled from them equal the CPU's (pooling is a max,
@@ -222,13 +237,13 @@ def test_pooled_windows_from_the_cache_on_cuda_equal_the_cpu(gpu_run, monkeypatc
     pin, pinned = torch.Tensor.pin_memory, []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(1) or pin(t, *a))
     for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
-        gpu = open_feature_source(config, run_dir, split, "cuda")  # nothing read yet
+        gpu = open_feature_source(config, run_dir, split, DEVICE)  # nothing read yet
         with torch.cuda.stream(stream):
             for record in prefetching(gpu, records):
                 proposals = load_proposals(config, run_dir, split, record)
                 pooled, _ = gpu.pool(record, proposals)
                 expected, _ = cpu.pool(record, proposals)
-                assert pooled.is_cuda and torch.equal(pooled.cpu(), expected), record.image_id
+                assert on_device(pooled) and torch.equal(pooled.cpu(), expected), record.image_id
     # every map read, both times (the first image's, read when pooled, may skip a scale unused)
     assert len(pinned) >= 2 * (len(records) - 1) * len(config.extract.scales)
 
@@ -239,14 +254,14 @@ BATCH_TOLERANCE = CONV_TOLERANCE  # another batch size may pick another cuDNN al
 def test_batched_maps_on_cuda_equal_one_image_at_a_time(gpu_run, without_tf32):
     """compute_maps_batch on the GPU against compute_maps, on test images cropped to one size."""
     config, run_dir, records = _test_split(gpu_run[0])
-    backbone = build_trunk(config, run_dir).cuda().eval()
+    backbone = build_trunk(config, run_dir).to(DEVICE).eval()
     images = [read_record_image(record)[:230, :260] for record in records[:4]]
     scales, cap = config.extract.scales, config.extract.max_long_side
     with torch.inference_mode():
         batched = compute_maps_batch(backbone, images, scales, cap)
         for image, maps in zip(images, batched, strict=True):
             for single, fmap in zip(compute_maps(backbone, image, scales, cap), maps, strict=True):
-                assert fmap.is_cuda and fmap.shape == single.shape
+                assert on_device(fmap) and fmap.shape == single.shape
                 assert max_relative_error(single, fmap) <= BATCH_TOLERANCE
 
 
@@ -261,7 +276,7 @@ def test_batch_images_on_cuda_caches_maps_like_one_image_at_a_time(toy_root, tmp
         runs[size] = tmp_path / f"batch{size}"
         sets = [f"data.root={root}", "extract.flip=true", f"extract.batch_images={size}"]
         sets_args = [part for item in sets for part in ("--set", item)]
-        args = ["-c", "toy", "--run-dir", str(runs[size]), "--device", "cuda", *sets_args]
+        args = ["-c", "toy", "--run-dir", str(runs[size]), "--device", DEVICE, *sets_args]
         result = invoke("extract", *args, "--limit", "7")
         assert result.exit_code == 0, result.output
     files = sorted((runs[1] / "features" / "trainval").glob("*.npz"))

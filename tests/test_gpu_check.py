@@ -45,7 +45,9 @@ def test_dry_run_writes_one_table(tmp_path):
     counts = {step: sum(row[0] == step for row in rows) for step in EXPECTED_ROWS}
     assert counts == EXPECTED_ROWS, rows
     assert all(row[4] == "ok" for row in rows), rows
-    assert "0 failed" in rows[0][2] and "skipped" in rows[0][2]  # no CUDA here
+    # no CUDA here: the CUDA tests ran with the CPU as their device, but those of CUDA-only APIs
+    passed, failed, skipped = (int(part.split()[0]) for part in rows[0][2].split(", "))
+    assert passed >= 8 and failed == 0 and skipped >= 1, rows[0]
     assert all("ms/image" in row[2] for row in rows[1:]), rows
     assert len(list((tmp_path / "gpu_check_logs").glob("*.log"))) == 5
 
