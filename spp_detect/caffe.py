@@ -16,17 +16,20 @@ usable, become ``fc6.*``/``fc7.*`` (what ``backbones.load_classifier_state`` rea
 pixel mean the model was trained with is written under ``backbones.CAFFE_MEAN_KEY``, so
 ``extract`` feeds the trunk BGR 0–255 pixels minus that mean.
 
-``caffenet`` (bvlc_reference_caffenet and bvlc_alexnet) is also checked beyond its conv shapes:
-the LRN and pooling layers between conv1 and conv2 and between conv2 and conv3 must be the
-trunk's (across-channel LRN 5, α 1e-4, β 0.75; max-pool 3×3 stride 2), and their order —
-pool then norm (CaffeNet) or norm then pool (BVLC AlexNet) — is written under
-``backbones.LRN_BEFORE_POOL_KEY``, so the one trunk name runs either model as it was trained.
+``zf5`` and ``caffenet`` are also checked beyond their conv shapes: the LRN and pooling layers
+between conv1 and conv2 and between conv2 and conv3 must be the trunk's (max-pool 3×3 stride 2
+pad 0 for both; zf5: within-channel LRN 3, α 5e-5, β 0.75, norm then pool; caffenet:
+across-channel LRN 5, α 1e-4, β 0.75). caffenet's order — pool then norm (CaffeNet) or norm
+then pool (BVLC AlexNet) — is read from the file and written under
+``backbones.LRN_BEFORE_POOL_KEY``, so the one trunk name runs either model as it was trained;
+a caffenet file without its LRN and pooling layers is refused, a zf5 one converts unchecked.
 
 Shapes: C conv5 channels, F fc width, n side of the pooled map fc6 reads, H/W a mean image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -124,9 +127,14 @@ DEFAULT_BGR_MEANS = {
     "caffenet": ILSVRC_2012_BGR_MEAN,
 }
 FC_LAYERS = ("fc6", "fc7")
+# the backbones whose LRN and pooling layers after conv1 and conv2 are checked (trunk_lrn_pool)
+LRN_POOL_CHECKED = ("zf5", "caffenet")
 _V1_LAYER_TYPES = {15: "LRN", 17: "Pooling"}  # V1LayerParameter.LayerType values read here
-_NORM_REGIONS = {0: "ACROSS_CHANNELS", 1: "WITHIN_CHANNEL"}
-_POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}
+_ACROSS_CHANNELS, _WITHIN_CHANNEL = 0, 1  # LRNParameter.NormRegion
+_NORM_REGIONS = {_ACROSS_CHANNELS: "ACROSS_CHANNELS", _WITHIN_CHANNEL: "WITHIN_CHANNEL"}
+_POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}  # PoolingParameter.PoolMethod
+# PoolingParameter (pool, kernel_size, stride, pad) after conv1 and conv2 of zf5 and caffenet
+_MAX_POOL_3X3_STRIDE_2 = (0, 3, 2, 0)
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,7 @@ def read_caffemodel(
     """The layers of a ``.caffemodel`` that hold blobs, name → blobs (float32, stored shapes),
     in file order (a repeated name keeps its first layer); the layout: "layer" or "V1 layers";
     and every layer, with or without blobs, in file order (``CaffeLayer``: the pooling and LRN
-    settings that ``caffenet_lrn_before_pool`` checks). UserError for a missing, truncated or
+    settings that ``lrn_before_pool`` checks). UserError for a missing, truncated or
     damaged file, or one without weights."""
     if not path.is_file():
         raise UserError(f"{path}: Caffe model not found; check the path")
@@ -330,22 +338,42 @@ def classifier_state(
     return state, ""
 
 
-def caffenet_lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path) -> bool:
-    """Whether a caffenet model normalises before it pools (bvlc_alexnet: conv, relu, norm,
-    pool) or after (bvlc_reference_caffenet: conv, relu, pool, norm), read from the layers
-    between conv1 and conv2 and between conv2 and conv3, whose settings must be the trunk's.
-    _Mismatch naming the layer that differs; UserError when the file holds only the layers
-    with weights, so the order cannot be read."""
-    from spp_detect.backbones import CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, CAFFENET_LRN_SIZE
+def trunk_lrn_pool(backbone: str) -> tuple[tuple, tuple, bool | None]:
+    """The LRN (local_size, alpha, beta, norm_region, k) and pooling (method, kernel_size,
+    stride, pad) settings that ``backbone``'s trunk has after conv1 and after conv2, and whether
+    it normalises before it pools: True for zf5, None for caffenet (either, read from the file)."""
+    from spp_detect.backbones import (
+        CAFFENET_LRN_ALPHA,
+        CAFFENET_LRN_BETA,
+        CAFFENET_LRN_SIZE,
+        ZF5_LRN_ALPHA,
+        ZF5_LRN_BETA,
+        ZF5_LRN_SIZE,
+    )
 
+    if backbone == "zf5":
+        lrn = (ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA, _WITHIN_CHANNEL, 1.0)
+        return lrn, _MAX_POOL_3X3_STRIDE_2, True
+    lrn = (CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, _ACROSS_CHANNELS, 1.0)
+    return lrn, _MAX_POOL_3X3_STRIDE_2, None  # caffenet
+
+
+def lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path, backbone: str) -> bool | None:
+    """Whether the model normalises before it pools (zf5 and bvlc_alexnet: conv, relu, norm,
+    pool) or after (bvlc_reference_caffenet: conv, relu, pool, norm), read from the layers
+    between conv1 and conv2 and between conv2 and conv3, whose settings and, for zf5, order
+    must be the trunk's (``trunk_lrn_pool``). _Mismatch naming the layer that differs. A file
+    holding only the layers with weights cannot be checked: None for zf5 (its order is fixed),
+    UserError for caffenet (the order cannot be read)."""
+    lrn_setting, pool_setting, fixed_order = trunk_lrn_pool(backbone)
     if not any(layer.kind in ("LRN", "Pooling") for layer in sequence):
+        if fixed_order is not None:
+            return None
         raise UserError(
             f"{model}: no LRN or pooling layers, only the layers with weights, so it cannot tell "
             "CaffeNet (pool, then norm) from BVLC AlexNet (norm, then pool); pass the "
             ".caffemodel as Caffe saved it"
         )
-    lrn_setting = (CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, 0, 1.0)
-    pool_setting = (0, 3, 2, 0)
     names = [layer.name for layer in sequence]
     orders = []
     for first, second in (("conv1", "conv2"), ("conv2", "conv3")):
@@ -355,33 +383,47 @@ def caffenet_lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path) -> boo
         if len(lrns) != 1 or len(pools) != 1:
             found = ", ".join(f"{layer.name} ({layer.kind})" for layer in lrns + pools)
             raise _Mismatch(
-                f"between {first} and {second} the caffenet trunk has one max-pool and one LRN "
+                f"between {first} and {second} the {backbone} trunk has one max-pool and one LRN "
                 f"layer, the file has {found or 'neither'}"
             )
         lrn, pool = lrns[0], pools[0]
         if not all(
             math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrn.lrn, lrn_setting, strict=True)
         ):
-            size, alpha, beta, region, k = lrn.lrn
             raise _Mismatch(
-                f"layer {lrn.name} is LRN {_NORM_REGIONS.get(region, region)} local_size {size}, "
-                f"alpha {alpha:.6g}, beta {beta:.6g}, k {k:.6g}; the caffenet trunk needs "
-                f"ACROSS_CHANNELS local_size {CAFFENET_LRN_SIZE}, alpha {CAFFENET_LRN_ALPHA:g}, "
-                f"beta {CAFFENET_LRN_BETA:g}, k 1"
+                f"layer {lrn.name} is LRN {_lrn_text(lrn.lrn, '.6g')}; the {backbone} trunk "
+                f"needs {_lrn_text(lrn_setting, 'g')}"
             )
         if pool.pool != pool_setting:
-            method, kernel, stride, pad = pool.pool
             raise _Mismatch(
-                f"layer {pool.name} pools {_POOL_METHODS.get(method, method)} {kernel}×{kernel} "
-                f"stride {stride} pad {pad}; the caffenet trunk needs MAX 3×3 stride 2 pad 0"
+                f"layer {pool.name} pools {_pool_text(pool.pool)}; the {backbone} trunk needs "
+                f"{_pool_text(pool_setting)}"
             )
         orders.append(between.index(lrn) < between.index(pool))
+        if fixed_order is not None and orders[-1] != fixed_order:
+            raise _Mismatch(
+                f"layer {pool.name} comes before {lrn.name}; the {backbone} trunk has norm, "
+                f"then pool, after {first}"
+            )
     if orders[0] != orders[1]:
         raise _Mismatch(
             "norm and pool come in one order after conv1 and in the other after conv2; the "
             "caffenet trunk (CaffeNet or BVLC AlexNet) has the same order after both"
         )
     return orders[0]
+
+
+def _lrn_text(setting: tuple, spec: str) -> str:
+    size, alpha, beta, region, k = setting
+    return (
+        f"{_NORM_REGIONS.get(region, region)} local_size {size}, alpha {alpha:{spec}}, "
+        f"beta {beta:{spec}}, k {k:{spec}}"
+    )
+
+
+def _pool_text(setting: tuple) -> str:
+    method, kernel, stride, pad = setting
+    return f"{_POOL_METHODS.get(method, method)} {kernel}×{kernel} stride {stride} pad {pad}"
 
 
 def parse_bgr_mean(text: str) -> tuple[float, float, float]:
@@ -437,6 +479,12 @@ def _mismatch_error(
     """One line naming the first mismatching layer and which --backbone, if any, fits."""
     from spp_detect.backbones import BACKBONES
 
+    with contextlib.suppress(_Mismatch):
+        conv_state(layers, backbone)
+        return UserError(  # its weights fit; its LRN or pooling layers do not
+            f"{model}: does not fit --backbone {backbone}: {why}; its conv weights fit, but the "
+            f"{backbone} trunk would not run it as it was trained"
+        )
     fits = []
     for other in BACKBONES:
         if other != backbone:
@@ -482,7 +530,8 @@ def convert_caffemodel(
     layers, layout, sequence = read_caffemodel(model)
     try:
         arrays = conv_state(layers, backbone)
-        lrn_first = caffenet_lrn_before_pool(sequence, model) if backbone == "caffenet" else None
+        checked = backbone in LRN_POOL_CHECKED
+        lrn_first = lrn_before_pool(sequence, model, backbone) if checked else None
         channels = conv_layout(backbone)[-1][2][0]
         classifier, left_out = classifier_state(layers, channels)
     except _Mismatch as exc:
@@ -491,13 +540,15 @@ def convert_caffemodel(
     state = {key: torch.from_numpy(np.ascontiguousarray(a)) for key, a in arrays.items()}
     state[CAFFE_MEAN_KEY] = torch.tensor(bgr_mean, dtype=torch.float32)
     order = ""
-    if lrn_first is not None:
+    if backbone == "caffenet":
         state[LRN_BEFORE_POOL_KEY] = torch.tensor(lrn_first)
         order = (
             " (norm before pool: BVLC AlexNet's order)"
             if lrn_first
             else " (pool before norm: CaffeNet's order)"
         )
+    elif checked and lrn_first is None:
+        order = " (LRN and pooling settings not in the file, not checked)"
     save_torch(out, state)
     names = [layer for layer, *_ in conv_layout(backbone)]
     fc = "and fc6, fc7" if classifier else f"(fc6/fc7: {left_out})"

@@ -16,6 +16,9 @@ from spp_detect.backbones import (
     CAFFE_MEAN_KEY,
     DEFAULT_NORMALIZATION,
     LRN_BEFORE_POOL_KEY,
+    ZF5_LRN_ALPHA,
+    ZF5_LRN_BETA,
+    ZF5_LRN_SIZE,
     build_backbone,
     conv_layout,
     load_classifier_state,
@@ -66,6 +69,13 @@ BVLC_CONV_SHAPES = {
 }  # fmt: skip
 
 
+# the LRN settings of norm1/norm2 in the files written here (caffe.proto LRNParameter fields)
+CAFFENET_NORM = {"local_size": 5, "alpha": 1e-4, "beta": 0.75}
+ZF5_NORM = {  # Zeiler_conv5's norm1/norm2: WITHIN_CHANNEL (1)
+    "local_size": ZF5_LRN_SIZE, "alpha": ZF5_LRN_ALPHA, "beta": ZF5_LRN_BETA, "norm_region": 1,
+}  # fmt: skip
+
+
 def write_caffenet(
     path: Path,
     layers: dict[str, list[np.ndarray]],
@@ -73,11 +83,14 @@ def write_caffenet(
     lrn_before_pool: bool,
     lrn: dict | None = None,
     pool: dict | None = None,
+    norm: dict = CAFFENET_NORM,
+    name: str = "CaffeNet",
 ) -> Path:
     """A CaffeNet-family .caffemodel as Caffe saves one: every layer of the train net with its
     type and settings, blobs from ``layers``; norm before pool (bvlc_alexnet) or pool before
-    norm (bvlc_reference_caffenet). ``lrn``/``pool`` override norm1's/pool1's settings."""
-    net = caffe.caffe_messages().NetParameter(name="CaffeNet")
+    norm (bvlc_reference_caffenet). ``norm`` is the LRN settings of norm1 and norm2 (ZF5_NORM
+    for a ZF-5 model); ``lrn``/``pool`` override norm1's/pool1's settings."""
+    net = caffe.caffe_messages().NetParameter(name=name)
     add = net.layers.add if v1 else net.layer.add
 
     def layer(name: str, kind: str, **settings):
@@ -90,7 +103,7 @@ def write_caffenet(
         layer(f"conv{i}", "Convolution")
         layer(f"relu{i}", "ReLU")
         if i <= 2:
-            norm = {"local_size": 5, "alpha": 1e-4, "beta": 0.75, **((lrn or {}) if i == 1 else {})}
+            lrn_param = {**norm, **((lrn or {}) if i == 1 else {})}
             max_pool = {
                 "pool": 0,
                 "kernel_size": 3,
@@ -98,7 +111,7 @@ def write_caffenet(
                 **((pool or {}) if i == 1 else {}),
             }
             steps = [
-                (f"norm{i}", "LRN", {"lrn_param": norm}),
+                (f"norm{i}", "LRN", {"lrn_param": lrn_param}),
                 (f"pool{i}", "Pooling", {"pooling_param": max_pool}),
             ]
             for name, kind, settings in steps if lrn_before_pool else steps[::-1]:
@@ -111,6 +124,14 @@ def write_caffenet(
     layer("fc8", "InnerProduct")
     path.write_bytes(net.SerializeToString())
     return path
+
+
+def write_zf5(path: Path, layers: dict[str, list[np.ndarray]], v1: bool, **change) -> Path:
+    """SPP-net's ZF-5 as Caffe saves it (Zeiler_conv5: conv, relu, norm, pool after conv1 and
+    conv2, within-channel LRN); ``change``: write_caffenet's lrn, pool or lrn_before_pool."""
+    return write_caffenet(
+        path, layers, v1, change.pop("lrn_before_pool", True), norm=ZF5_NORM, name="ZF5", **change
+    )
 
 
 def known_layers(backbone: str, fc_cells: int = 36, seed: int = 0) -> dict[str, list]:
@@ -245,6 +266,35 @@ def test_caffenet_round_trip_records_the_order(tmp_path, v1, lrn_before_pool):
         assert torch.equal(classifier[f"{name}.bias"], torch.from_numpy(layers[name][1]))
     with torch.no_grad():
         assert trunk(torch.zeros(1, 3, 227, 227)).shape == (1, 256, 13, 13)
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["V1-layers", "layer"])
+def test_zf5_with_its_lrn_and_pooling_converts(tmp_path, v1):
+    """Zeiler_conv5 as Caffe saves it: its norm1/pool1 and norm2/pool2 are the zf5 trunk's."""
+    layers = known_layers("zf5", seed=3)
+    model = write_zf5(tmp_path / "zf5.caffemodel", layers, v1)
+    out = tmp_path / "zf5.pt"
+    result = convert([str(model), "--backbone", "zf5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "zf5 conv1…conv5 and fc6, fc7 from" in result.output, result.output
+    assert "not checked" not in result.output
+    assert LRN_BEFORE_POOL_KEY not in torch.load(out, weights_only=True)
+    trunk = build_backbone("zf5", str(out))
+    for layer, prefix, _, _ in conv_layout("zf5"):
+        assert torch.equal(
+            trunk.state_dict()[f"{prefix}.weight"], torch.from_numpy(layers[layer][0])
+        )
+
+
+def test_zf5_without_lrn_and_pooling_layers_is_not_checked(tmp_path):
+    """A file holding only the layers with weights: zf5's order is fixed, so it converts, and
+    the summary says the LRN and pooling settings were not checked."""
+    model = write_caffemodel(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=True)
+    out = tmp_path / "zf5.pt"
+    summary = caffe.convert_caffemodel(model, "zf5", out)
+    note = "zf5 conv1…conv5 (LRN and pooling settings not in the file, not checked) and fc6, fc7"
+    assert note in summary, summary
+    build_backbone("zf5", str(out))
 
 
 def test_vgg16_layer_names_and_keys():
@@ -390,9 +440,9 @@ def test_caffenet_order_must_be_one_for_both_stages():
     conv3 = [caffe.CaffeLayer("conv3", "Convolution")]
     for lrn_first in (False, True):
         sequence = [*stage(1, lrn_first), *stage(2, lrn_first), *conv3]
-        assert caffe.caffenet_lrn_before_pool(sequence, Path("m")) is lrn_first
+        assert caffe.lrn_before_pool(sequence, Path("m"), "caffenet") is lrn_first
     with pytest.raises(caffe._Mismatch, match="one order after conv1 and in the other"):
-        caffe.caffenet_lrn_before_pool([*stage(1, True), *stage(2, False), *conv3], Path("m"))
+        caffe.lrn_before_pool([*stage(1, True), *stage(2, False), *conv3], Path("m"), "caffenet")
 
 
 def test_caffenet_order_needs_the_layers_without_weights(tmp_path):
@@ -400,6 +450,59 @@ def test_caffenet_order_needs_the_layers_without_weights(tmp_path):
     model = write_caffemodel(tmp_path / "c.caffemodel", known_layers("caffenet"), v1=False)
     message = _caffenet_error(model, tmp_path / "x.pt")
     assert "cannot tell CaffeNet (pool, then norm) from BVLC AlexNet (norm, then pool)" in message
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["V1-layers", "layer"])
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (
+            {"lrn": {"local_size": 5}},
+            "layer norm1 is LRN WITHIN_CHANNEL local_size 5, alpha 5e-05, beta 0.75, k 1; the "
+            "zf5 trunk needs WITHIN_CHANNEL local_size 3, alpha 5e-05, beta 0.75, k 1",
+        ),
+        ({"lrn": {"alpha": 1e-4}}, "layer norm1 is LRN WITHIN_CHANNEL local_size 3, alpha 0.0001"),
+        ({"lrn": {"norm_region": 0}}, "layer norm1 is LRN ACROSS_CHANNELS local_size 3"),
+        (
+            {"pool": {"kernel_size": 2}},
+            "layer pool1 pools MAX 2×2 stride 2 pad 0; the zf5 trunk needs MAX 3×3 stride 2 pad 0",
+        ),
+        ({"pool": {"stride": 1}}, "layer pool1 pools MAX 3×3 stride 1 pad 0; the zf5 trunk"),
+        ({"pool": {"pool": 1}}, "layer pool1 pools AVE 3×3 stride 2 pad 0; the zf5 trunk"),
+        (
+            {"lrn_before_pool": False},
+            "layer pool1 comes before norm1; the zf5 trunk has norm, then pool, after conv1",
+        ),
+    ],
+    ids=[
+        "lrn-size", "lrn-alpha", "lrn-region", "pool-kernel", "pool-stride", "pool-average",
+        "pool-before-norm",
+    ],
+)  # fmt: skip
+def test_zf5_other_lrn_or_pooling_names_the_layer(tmp_path, v1, change, fragment):
+    model = write_zf5(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1, **change)
+    out = tmp_path / "x.pt"
+    result = convert([str(model), "--backbone", "zf5", "--out", str(out)])
+    assert_one_line_error(result, f"{model}: does not fit --backbone zf5: {fragment}")
+    assert "; its conv weights fit, but the zf5 trunk would not run it as it was trained" in (
+        result.output
+    )
+    assert not out.exists()
+
+
+def test_zf5_second_stage_is_checked_too(tmp_path):
+    sequence = caffe.read_caffemodel(
+        write_zf5(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=False)
+    )[2]
+    assert caffe.lrn_before_pool(sequence, Path("m"), "zf5") is True
+    norm2 = next(i for i, layer in enumerate(sequence) if layer.name == "norm2")
+    other = list(sequence)
+    other[norm2] = caffe.CaffeLayer("norm2", "LRN", lrn=(3, 5e-5, 0.75, 1, 2.0))  # k 2
+    with pytest.raises(caffe._Mismatch, match=r"layer norm2 is LRN WITHIN_CHANNEL .* k 2; the zf5"):
+        caffe.lrn_before_pool(other, Path("m"), "zf5")
+    del other[norm2]
+    with pytest.raises(caffe._Mismatch, match=r"between conv2 and conv3 .* the file has pool2 "):
+        caffe.lrn_before_pool(other, Path("m"), "zf5")
 
 
 def test_first_mismatching_layer_is_named(tmp_path):
