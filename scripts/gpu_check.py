@@ -21,12 +21,13 @@ or with ``--dry-run``, every step runs on the CPU at tiny sizes, so that the scr
 unnoticed: tests/test_gpu_check.py runs it so. The CUDA tests then run with the CPU standing in
 for the device (``SPP_CUDA_TESTS_ON_CPU=1``; those of CUDA-only APIs skip), so that a mistake in
 their own code shows before a GPU is lent. Exit code 0 when every
-step passed, 1 otherwise.
+step passed, 1 otherwise, 2 when a module it needs is missing (named before any step runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -44,6 +45,10 @@ SCRIPTS = REPO / "scripts"
 TOY_CLASSES = "circle,square,triangle"
 GOAL_MS = 15.0  # issue 13: ≤ 15 ms per image at 5 scales on a GPU, proposals excluded
 LOG_TAIL_LINES = 3  # lines of a failed step's log shown in the table and on stderr
+# what the package, its tests and the benchmarks import (cv2 with or without contrib)
+REQUIRED_MODULES = (
+    "torch", "torchvision", "cv2", "numpy", "sklearn", "scipy", "click", "tqdm", "yaml", "pytest",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,14 @@ def main() -> int:
         help="write gpu_check.md and the step logs here (default: $OUT when set)",
     )  # fmt: skip
     args = parser.parse_args()
+    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"gpu_check: Python modules missing here: {', '.join(missing)}; carry their wheels "
+            "(unpacked) on PYTHONPATH and rerun",
+            file=sys.stderr,
+        )
+        return 2
 
     import torch
 

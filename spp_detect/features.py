@@ -36,6 +36,7 @@ CACHE_MODES = ("disk", "none")
 # a RuntimeError raised by the CUDA device (kernel, cuBLAS, cuDNN) says one of these
 CUDA_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error")
 REASON_CHARS = 160  # a device error's reason is cut to this length in the one-line message
+PREFETCHED_IMAGES = 2  # pending background reads kept: the image in hand's and the next one's
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ class FeatureSource:
         self._last_key: tuple[str, bool] | None = None
         self._last_maps: list[Tensor | None] = []
         self._reader: ThreadPoolExecutor | None = None  # one background thread, for prefetch
-        self._prefetched: tuple[tuple[str, bool], Future[list[Tensor]]] | None = None
+        self._prefetched: dict[tuple[str, bool], Future[list[Tensor]]] = {}  # oldest first
 
     @property
     def feature_dim(self) -> int:
@@ -379,9 +380,12 @@ class FeatureSource:
     def prefetch(self, record: ImageRecord, flipped: bool = False) -> None:
         """Start reading ``record``'s cached maps (every scale) in a background thread, so the
         disk read and the copy to the device overlap the work on the current image; the next
-        :meth:`maps` or :meth:`pool` call for it takes them. No-op for maps computed on the fly.
+        :meth:`maps` or :meth:`pool` call for it takes them. The last PREFETCHED_IMAGES reads
+        asked for are kept until used (``prefetching`` asks for the next image while the current
+        one's read may still be pending). No-op for maps computed on the fly.
         """
-        if self._cache_path is None:
+        key = (str(record.path), flipped)
+        if self._cache_path is None or key in self._prefetched:
             return
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-prefetch")
@@ -389,8 +393,9 @@ class FeatureSource:
         # the copies to the device go on the caller's current stream, which then reads them: a
         # thread's own current stream is the default one, which the caller may not be using
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        future = self._reader.submit(self._read_on, stream, record, flipped, scales)
-        self._prefetched = ((str(record.path), flipped), future)
+        while len(self._prefetched) >= PREFETCHED_IMAGES:  # a read nobody asked for since
+            del self._prefetched[next(iter(self._prefetched))]
+        self._prefetched[key] = self._reader.submit(self._read_on, stream, record, flipped, scales)
 
     def compute_from(self, record: ImageRecord, image: np.ndarray) -> None:
         """Compute ``record``'s maps (every scale) from its decoded ``image`` uint8 (H, W, 3)
@@ -415,8 +420,8 @@ class FeatureSource:
         key = (str(record.path), flipped)
         if self._last_key != key:
             self._last_key, self._last_maps = key, [None] * len(self.scales)
-            if self._prefetched is not None and self._prefetched[0] == key:
-                future, self._prefetched = self._prefetched[1], None
+            future = self._prefetched.pop(key, None)
+            if future is not None:
                 self._last_maps = list(future.result())
         missing = [k for k in needed if self._last_maps[k] is None]
         if missing:

@@ -442,7 +442,7 @@ def window_loss(
     foreground = torch.nonzero(targets < head.num_classes).squeeze(1)
     predicted = deltas[foreground, targets[foreground]]
     stds = torch.tensor(BOX_DELTA_STDS, device=predicted.device)
-    wanted = box_targets[foreground].to(predicted.device) / stds
+    wanted = box_targets.to(predicted.device)[foreground] / stds  # built on the CPU
     box_loss = F.smooth_l1_loss(predicted, wanted, reduction="sum", beta=1.0) / len(targets)
     return F.cross_entropy(logits, targets) + box_weight * box_loss, logits
 

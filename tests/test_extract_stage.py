@@ -24,6 +24,7 @@ from spp_detect.features import (
     compute_maps,
     compute_maps_batch,
     device_failure,
+    prefetching,
     read_record_image,
 )
 from spp_detect.image import resized_hw
@@ -163,6 +164,29 @@ def test_prefetched_maps_are_read_once_in_the_background(toy_root, extracted, mo
     source.prefetch(first, flipped=True)  # the mirrored maps are not the ones asked for next
     unflipped = open_feature_source(config, RunDir(run), "trainval", "cpu").maps(first)
     assert all(torch.equal(a, b) for a, b in zip(source.maps(first), unflipped, strict=True))
+
+
+def test_prefetching_reads_every_image_once_all_but_the_first_in_the_background(
+    toy_root, extracted, monkeypatch
+):
+    """``prefetching`` asks for image p + 1 before the caller uses image p, whose read may still
+    be pending: both reads are kept, so no image is read twice."""
+    run, _ = extracted
+    config = _config(toy_root, "extract.flip=true")
+    records = split_records(config, "trainval", 3)
+    source = open_feature_source(config, RunDir(run), "trainval", "cpu")
+    reads, read = [], source._read
+    monkeypatch.setattr(
+        source, "_read",
+        lambda record, *args: reads.append((record.image_id, threading.current_thread().name))
+        or read(record, *args),
+    )  # fmt: skip
+    for record in prefetching(source, records):
+        source.pool(record, np.array([[0.0, 0.0, 50.0, 50.0]], np.float32))
+    in_main = [image for image, thread in reads if thread == "MainThread"]
+    in_background = sorted(image for image, thread in reads if thread.startswith("spp-prefetch"))
+    assert in_main == [records[0].image_id] and len(reads) == len(records)
+    assert in_background == sorted(r.image_id for r in records[1:])
 
 
 def test_a_prefetched_broken_cache_fails_when_used(toy_root, extracted, tmp_path):

@@ -87,3 +87,26 @@ def test_proposal_mat_covers_every_object(toy_root, tmp_path):
         overlaps = box_iou(torch.from_numpy(np.asarray(record.gt_boxes)), found)
         assert bool((overlaps.max(dim=1).values >= 0.7).all())  # positives for every object
         assert bool((overlaps.max(dim=0).values < 0.3).any())  # and background windows
+
+
+def test_a_missing_module_is_named_before_any_step(tmp_path):
+    """On a bare GPU machine, a module the check needs and that was not carried is one line."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(  # the interpreter imports it first: sklearn "missing"
+        "import importlib.util\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'sklearn' else "
+        "real(name, *a)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/gpu_check.py"), "--dry-run"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "gpu_check: Python modules missing here: sklearn; carry their wheels (unpacked) on "
+        "PYTHONPATH and rerun"
+    ]
+    assert "GPU check" not in done.stdout

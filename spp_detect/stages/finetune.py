@@ -87,7 +87,11 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     manifests = _check_upstream(config, run_dir, split)
     # 3.-5. Windows, a new or resumed trainer, SGD up to `total`.
     total = settings.iterations if stop_after is None else min(stop_after, settings.iterations)
-    identity = {"fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0}
+    identity = {
+        "fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0,
+        # a CUDA generator's dropout state does not load into a CPU one, nor the other way
+        "device": torch.device(ctx.device).type,
+    }  # fmt: skip
     train = _train_end_to_end if settings.conv_from else _train_head
     trainer, notes = train(ctx, split, manifests, identity, total)
     summary.items = trainer.progress.iteration
