@@ -40,7 +40,7 @@ from test_pipeline import (  # the toy run's settings, helpers and bf16 toleranc
 from spp_detect.artifacts import load_npz
 from spp_detect.features import compute_maps, compute_maps_batch, prefetching, read_record_image
 from spp_detect.head import load_head
-from spp_detect.spp import inverse_permutation, pool_windows
+from spp_detect.spp import inverse_permutation, pool_windows, spatial_pyramid_pool
 from spp_detect.stages.common import (
     build_detector,
     build_trunk,
@@ -143,6 +143,27 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         pooled, rows = pool_windows(gpu_maps, *args, keep_order=False, engine=engine)
         in_order = pooled[inverse_permutation(rows).to(pooled.device)]
         assert torch.equal(in_order.cpu(), cpu_pooled)
+
+
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (8, 4, 2, 1)])
+def test_roi_pool_engine_on_the_device_is_exact_for_every_window_size(levels):
+    """Every window of 1…130 × 1…130 cells, pooled by the roi_pool engine on the device against
+    the block-max engine on the CPU: channel 0 rises to the bottom-right, so each bin's max sits
+    on its last row and column, and channel 1 falls, so it sits on its first; an edge computed
+    one cell off by the device's arithmetic changes a value."""
+    side = 130
+    ramp = torch.arange(side, dtype=torch.float32)
+    rising = ramp[:, None] * side + ramp[None, :]
+    fmap = torch.stack([rising, rising.max() - rising])  # (2, H, W)
+    heights, widths = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    offsets = (heights * 7 + widths * 3) % (side - torch.maximum(heights, widths))
+    cells = torch.stack(
+        [offsets.flatten(), offsets.flatten(), (offsets + widths).flatten(),
+         (offsets + heights).flatten()], dim=1,
+    )  # fmt: skip
+    expected = spatial_pyramid_pool(fmap, cells, levels, engine="blockmax")
+    pooled = spatial_pyramid_pool(fmap.to(DEVICE), cells, levels, engine="roi_pool")
+    assert on_device(pooled) and torch.equal(pooled.cpu(), expected)
 
 
 @needs_cuda
