@@ -45,7 +45,7 @@ from spp_detect.features import (
     resolve_device,
 )
 from spp_detect.image import read_image
-from spp_detect.spp import pool_windows, select_scale, window_cells
+from spp_detect.spp import pool_engine, pool_windows, select_scale, window_cells
 from spp_detect.structures import ImageRecord
 from spp_detect.testing import random_boxes, reference_pool
 
@@ -185,7 +185,7 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
     times, pooled = time_pool(maps, args, repeats)
     result = {
-        "engine": "roi_pool" if maps[0].is_cuda else "blockmax",  # what "auto" takes here
+        "engine": pool_engine(maps[0], LEVELS),  # what "auto" takes here
         "windows": windows,
         "per_scale": np.bincount(index.numpy(), minlength=len(scales)).tolist(),
         "vectorised_s": min(times),

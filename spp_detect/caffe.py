@@ -351,11 +351,15 @@ def trunk_lrn_pool(backbone: str) -> tuple[tuple, tuple, bool | None]:
         ZF5_LRN_SIZE,
     )
 
-    if backbone == "zf5":
-        lrn = (ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA, _WITHIN_CHANNEL, 1.0)
-        return lrn, _MAX_POOL_3X3_STRIDE_2, True
-    lrn = (CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, _ACROSS_CHANNELS, 1.0)
-    return lrn, _MAX_POOL_3X3_STRIDE_2, None  # caffenet
+    trunks = {
+        "zf5": ((ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA, _WITHIN_CHANNEL, 1.0), True),
+        "caffenet": (
+            (CAFFENET_LRN_SIZE, CAFFENET_LRN_ALPHA, CAFFENET_LRN_BETA, _ACROSS_CHANNELS, 1.0),
+            None,
+        ),
+    }
+    lrn, lrn_first = trunks[backbone]  # KeyError: a backbone not in LRN_POOL_CHECKED
+    return lrn, _MAX_POOL_3X3_STRIDE_2, lrn_first
 
 
 def lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path, backbone: str) -> bool | None:
@@ -481,7 +485,7 @@ def _mismatch_error(
 
     with contextlib.suppress(_Mismatch):
         conv_state(layers, backbone)
-        return UserError(  # its weights fit; its LRN or pooling layers do not
+        return UserError(  # the conv weights fit: another layer named in `why` does not
             f"{model}: does not fit --backbone {backbone}: {why}; its conv weights fit, but the "
             f"{backbone} trunk would not run it as it was trained"
         )

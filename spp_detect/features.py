@@ -394,7 +394,7 @@ class FeatureSource:
         # thread's own current stream is the default one, which the caller may not be using
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         while len(self._prefetched) >= PREFETCHED_IMAGES:  # a read nobody asked for since
-            del self._prefetched[next(iter(self._prefetched))]
+            self._prefetched.pop(next(iter(self._prefetched))).cancel()  # if not started yet
         self._prefetched[key] = self._reader.submit(self._read_on, stream, record, flipped, scales)
 
     def compute_from(self, record: ImageRecord, image: np.ndarray) -> None:

@@ -33,7 +33,7 @@ def _by_class(
 ) -> torch.Tensor:
     """Indices (M',) ordered by class, then by descending score (ties by index); at most
     ``max_per_class`` each. Two stable sorts instead of a loop over classes, so the device is
-    waited for once, not twice per class."""
+    waited for once here, not once per class."""
     order = torch.argsort(scores, descending=True, stable=True)
     order = order[torch.argsort(labels[order], stable=True)]
     if max_per_class is None:

@@ -13,15 +13,17 @@ Pooling (docs/method.md#spatial-pyramid-pooling): bin j of a w-cell window at an
 spans cells [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) (never empty), computed in exact integer arithmetic. Each
 bin is the plain max over its cells; the original's accumulator starts at 0, which is the same
 for post-ReLU conv5 maps.
-torchvision's ``roi_pool`` gives the same bins for levels 1, 2, 3 and 6 but computes their
-edges in float32, which is off by a cell for some window sizes at other levels (e.g. 7).
+torchvision's ``roi_pool`` computes the edges in float32: they are the same at levels 1–6, 8,
+9, 10 and 12 for windows of up to 400 cells, but off by a cell for some windows of 57 cells or
+more at level 7 (29 at level 11): :func:`roi_pool_bins_exact` checks a level on a map.
 
-Two engines compute the same values (``engine``): the exact block-max engine
-(``spp_detect._blockmax``, private), the CPU's; and ``roi_pool`` on float32 maps at the levels
-where its bins are the integer rule's (:func:`roi_pool_bins_exact`), the coarser levels reduced
-from a finer one, the block-max engine otherwise. ``auto`` takes ``roi_pool`` on CUDA: one
-kernel per map and almost no planning on the host (docs/method.md#gpu-path). Either way the
-windows are planned on the CPU and nothing is read back from the map's device.
+Two engines compute the same values (``engine``, :func:`pool_engine`): the exact block-max
+engine (``spp_detect._blockmax``, private), the CPU's; and ``roi_pool`` on a float32 copy of a
+float32, float16 or bfloat16 map when every directly pooled level is exact on it, the coarser
+levels reduced from a finer one. ``auto`` takes ``roi_pool`` on CUDA: one kernel per map and
+almost no planning on the host (docs/method.md#gpu-path). Either way the windows are planned on
+the CPU and nothing is read back from the map's device. For finite maps only: ``roi_pool``
+skips NaN cells where the block-max engine passes them on.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from spp_detect.transfer import to_device
 
 BoxesLike = Tensor | np.ndarray
 POOL_ENGINES = ("auto", "blockmax", "roi_pool")
+# maps whose values a float32 copy keeps exactly, for roi_pool (its edges are exact in float32)
+ROI_POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def pyramid_dim(channels: int, levels: Sequence[int]) -> int:
@@ -198,20 +202,29 @@ def spatial_pyramid_pool(
     return out.index_select(0, inverse)
 
 
-def pool_map(
-    out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int], engine: str = "auto"
-) -> Tensor | None:
-    """Write the pooled windows ``cells`` (R, 4) int64 on the CPU of ``fmap`` (C, H, W) into
-    ``out`` (R, D) on its device, by ``engine`` (module docstring). Returns the rows' order as
-    ``_blockmax.pool_into`` does: row i is window ``order[i]`` (``order`` (R,) on the CPU), or
-    None for their own order."""
+def pool_engine(fmap: Tensor, levels: Sequence[int], engine: str = "auto") -> str:
+    """The engine that pools ``levels`` from ``fmap`` (C, H, W) when ``engine`` is asked for:
+    "blockmax" or "roi_pool" (module docstring)."""
     if engine not in POOL_ENGINES:
         raise ValueError(f"engine must be one of {POOL_ENGINES}, got {engine!r}")
     if engine == "auto":
         engine = "roi_pool" if fmap.device.type == "cuda" else "blockmax"
+    if engine == "blockmax" or fmap.dtype not in ROI_POOL_DTYPES:
+        return "blockmax"
     largest = max(int(fmap.shape[1]), int(fmap.shape[2]))
     direct = [n for n, source in level_plan(levels).items() if source is None]
-    if engine == "blockmax" or not all(roi_pool_bins_exact(n, largest) for n in direct):
+    return "roi_pool" if all(roi_pool_bins_exact(n, largest) for n in direct) else "blockmax"
+
+
+def pool_map(
+    out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int], engine: str = "auto"
+) -> Tensor | None:
+    """Write the pooled windows ``cells`` (R, 4) int64 of ``fmap`` (C, H, W) into ``out``
+    (R, D) on its device, by ``engine`` (module docstring). Returns the rows' order as
+    ``_blockmax.pool_into`` does: row i is window ``order[i]`` (``order`` (R,) on the CPU), or
+    None for their own order. Cells elsewhere than on the CPU are fetched first (a wait)."""
+    cells = cells.cpu()
+    if pool_engine(fmap, levels, engine) == "blockmax":
         return pool_into(out, fmap, cells, levels)
     if len(cells) == 0:
         return None

@@ -16,7 +16,8 @@ from torch import Tensor
 
 
 def to_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    """CPU ``tensors`` (all one dtype) on ``device``, in one queued copy on CUDA.
+    """CPU ``tensors`` (all one dtype; ValueError otherwise) on ``device``, in one queued copy
+    on CUDA.
 
     On CUDA they are packed into one page-locked buffer, so one copy serves them all; the
     results are views of one device buffer. On the CPU they are returned as they are; on any
@@ -24,9 +25,13 @@ def to_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     """
     if device.type == "cpu" or not tensors:
         return list(tensors)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if device.type == "cuda":
-        flat = flat.pin_memory()
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        raise ValueError(f"to_device packs tensors of one dtype, got {dtypes}")
+    on_cuda = device.type == "cuda"
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=on_cuda)
+    torch.cat([t.reshape(-1) for t in tensors], out=flat)
     flat = flat.to(device, non_blocking=True)
     parts = flat.split([t.numel() for t in tensors])
     return [part.view(t.shape) for part, t in zip(parts, tensors, strict=True)]

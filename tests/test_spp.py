@@ -384,11 +384,13 @@ def test_float16_maps_pool_exactly_into_float32():
 @pytest.mark.parametrize("levels", [LEVELS, (7, 3, 2, 1), (4, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_roi_pool_engine_pools_what_the_block_max_engine_pools(levels, dtype):
-    """roi_pool where its bins are exact (6, 4, 3, 2, 1), the block-max engine for 7: both equal
-    the reference, also on float16 maps (roi_pool runs on their float32 copy)."""
+    """roi_pool where its bins are exact (6, 4, 3, 2, 1), the block-max engine for 7 on a map 61
+    cells wide (roi_pool is off from 57): both equal the reference, also on float16 maps
+    (roi_pool runs on their float32 copy)."""
     rng = np.random.default_rng(sum(levels))
-    fmap = relu_map(rng, 16, 23, 37).to(dtype)
-    cells = torch.from_numpy(random_cells(rng, 300, 23, 37))
+    fmap = relu_map(rng, 16, 23, 61).to(dtype)
+    cells = torch.from_numpy(random_cells(rng, 300, 23, 61))
+    assert spp.pool_engine(fmap, levels, "roi_pool") == ("blockmax" if 7 in levels else "roi_pool")
     expected = torch.from_numpy(reference_pool(fmap.float().numpy(), cells.numpy(), levels))
     for engine in ("blockmax", "roi_pool", "auto"):
         pooled = spatial_pyramid_pool(fmap, cells, levels, torch.float32, engine=engine)
@@ -398,6 +400,7 @@ def test_the_roi_pool_engine_pools_what_the_block_max_engine_pools(levels, dtype
     assert torch.equal(pool_windows(*args, levels=levels, engine="roi_pool", **ZF5)[0], blockmax)
     with pytest.raises(ValueError, match="engine must be one of"):
         spatial_pyramid_pool(fmap, cells, levels, engine="fast")
+    assert spp.pool_engine(fmap.double(), levels, "roi_pool") == "blockmax"  # float32 would round
 
 
 def test_only_level_7_leaves_roi_pool_for_the_block_max_engine(monkeypatch):
