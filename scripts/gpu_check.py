@@ -201,8 +201,11 @@ def time_rows(gpu: bool) -> Callable[[Path], list[tuple[str, str]]]:
                 f"{s['total_ms'] - s['conv_ms'] - s['pooling_ms'] - s['fc6_fc7_ms']:.1f}; "
                 f"U = {s['distinct']:.0f}"
             )
+            if s.get("detect_ms") is not None:
+                result += f"; Detector.detect end to end **{s['detect_ms']:.1f} ms**"
             if index == 1 and gpu:
-                met = "met" if s["total_ms"] <= GOAL_MS else "NOT met"
+                best = s.get("detect_ms") or s["total_ms"]
+                met = "met" if best <= GOAL_MS else "NOT met"
                 result += f"; goal ≤ {GOAL_MS:.0f} ms {met}"
             found.append((f"{scales_text(s['scales'])}, {figures['precision']}", result))
         return found
