@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from spp_detect import training
-from spp_detect.artifacts import load_json, read_manifest, save_npz, write_manifest
+from spp_detect.artifacts import load_json, read_manifest, save_npz, save_torch, write_manifest
 from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import load_config
@@ -146,6 +146,26 @@ def _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after: int) -> t
     assert f"stopped at iteration {stop_after} of" in line
     assert RunDir(killed).checkpoint_path.is_file() and not RunDir(killed).head_path.exists()
     return whole, killed
+
+
+@pytest.mark.slow  # uses the upstream fixture (propose + extract)
+def test_a_checkpoint_from_another_device_type_starts_over(toy_root, upstream, tmp_path, caplog):
+    """A CUDA generator's dropout state does not load into a CPU one, so the checkpoint records
+    its device type: one made on CUDA is set aside with a warning on the CPU (and the run equals
+    an uninterrupted one), not refused as unusable."""
+    extra = (*FAST, "finetune.iterations=6", "finetune.checkpoint_every=3")
+    whole, killed = _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after=4)
+    path = RunDir(killed).checkpoint_path
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["identity"]["device"] == "cpu"
+    checkpoint["identity"]["device"] = "cuda"
+    checkpoint["dropout_rng"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    save_torch(path, checkpoint)
+    with caplog.at_level("WARNING"):
+        run_finetune(_ctx(toy_root, killed, *extra), "trainval")
+    assert "made with other settings; starting over" in caplog.text
+    expected, got = _head_tensors(whole), _head_tensors(killed)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
 @pytest.mark.slow
