@@ -136,10 +136,10 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         scales = source.image_scales(record)
         args = (proposals, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels)
         cpu_pooled, _ = pool_windows(maps, *args)
-        gpu_pooled, _ = pool_windows([fmap.to(DEVICE) for fmap in maps], *args, engine=engine)
+        gpu_maps = [fmap.to(DEVICE) for fmap in maps]
+        gpu_pooled, _ = pool_windows(gpu_maps, *args, engine=engine)
         assert on_device(gpu_pooled) and torch.equal(gpu_pooled.cpu(), cpu_pooled)
         # the test path's order (pooling order, no final reorder) may differ; the rows may not
-        gpu_maps = [fmap.to(DEVICE) for fmap in maps]
         pooled, rows = pool_windows(gpu_maps, *args, keep_order=False, engine=engine)
         in_order = pooled[inverse_permutation(rows).to(pooled.device)]
         assert torch.equal(in_order.cpu(), cpu_pooled)
