@@ -1,19 +1,23 @@
-"""Conv trunks (zf5, alexnet, vgg16, caffenet) with their total stride and receptive-field
-centre; weights.
+"""Conv trunks (efficientnet_lite0/1/2, zf5, alexnet, vgg16, caffenet) with their total stride
+and receptive-field centre; weights.
 
 Shapes: N images, C channels of the last conv layer, H'/W' its map size.
 
 Each trunk ends at its last conv layer + ReLU (conv5 features are post-ReLU). Its geometry is
 derived from its own layer list by :func:`receptive_center`, not typed in: ZF-5 → stride 16,
 offset0 21; torchvision AlexNet → 16, 16; VGG16 → 16, 8.5; CaffeNet → 16, 18
-(docs/method.md#conv-trunks, docs/method.md#projection).
+(docs/method.md#conv-trunks, docs/method.md#projection). The EfficientNet-Lite trunks
+(``spp_detect.models.efficientnet_lite``) end at stride 16 (the end of the 112-channel stage,
+the analogue of conv5) or, with ``extract.last_stage``, at another stage; their geometry comes
+from the same walk, through the blocks.
 
 ``caffenet`` is BVLC's AlexNet-family Caffe network (bvlc_reference_caffenet, R-CNN's model, and
 bvlc_alexnet): grouped conv2/4/5, across-channel LRN. The two models differ only in the order of
 pool and norm after conv1 and conv2; a converted file records it (``LRN_BEFORE_POOL_KEY``), so
 one name runs both.
 
-Weights are ``none`` (random, seeded, so every stage and process sees the same network), a
+Weights are ``imagenet`` (an EfficientNet-Lite trunk's packaged ImageNet weights, sha256
+checked), ``none`` (random, seeded, so every stage and process sees the same network), a
 torchvision weights name (``AlexNet_Weights.IMAGENET1K_V1`` or just ``IMAGENET1K_V1``; fetched
 into the torch hub cache when online) or a local file loaded with ``weights_only=True``: the
 trunk's own state dict or a full torchvision classification state dict (``features.*`` keys).
@@ -24,7 +28,7 @@ A file converted from Caffe (``spp_detect.caffe``) also holds its pixel mean
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -35,10 +39,17 @@ from torch import Tensor, nn
 from spp_detect.caffe import ILSVRC_2012_BGR_MEAN
 from spp_detect.errors import UserError
 from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization
+from spp_detect.models import efficientnet_lite as lite
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("zf5", "alexnet", "vgg16", "caffenet")
+CONVERTIBLE = ("zf5", "alexnet", "vgg16", "caffenet")  # the trunks a Caffe model converts to
+BACKBONES = (*lite.VARIANTS, *CONVERTIBLE)
+# extract.weights of a Lite trunk: the ImageNet file that its package ships
+PACKAGED_WEIGHTS = "imagenet"
+# Where a Lite trunk ends by default: stage 5 (112 channels, stride 16), SPP-net's conv5 analogue;
+# stage 7 (320 channels, stride 32) measured worse on raccoon (BENCHMARKS.md)
+LITE_LAST_STAGE = "stage5"
 RANDOM_INIT_SEED = 0  # random ("none") weights are seeded: extract and later stages must agree
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")  # names that can only be files
 # The pixels each trunk's own weights expect (image.image_to_tensor): ZF-5 and CaffeNet are
@@ -52,6 +63,8 @@ DEFAULT_NORMALIZATION = {
     "caffenet": caffe_bgr_normalization(
         torch.tensor(ILSVRC_2012_BGR_MEAN, dtype=torch.float32).tolist()
     ),
+    # TensorFlow's EfficientNet-Lite preprocessing; checked on photos (docs/method.md#conv-trunks)
+    **dict.fromkeys(lite.VARIANTS, "rgb127"),
 }
 # (3,) float32 BGR mean in a weights file converted from Caffe: its trunk is fed BGR 0–255
 # pixels minus this mean, as the Caffe model was trained (docs/contracts.md, data/README.md)
@@ -131,20 +144,25 @@ class Backbone(nn.Module):
     """A conv trunk: ``forward`` (N, 3, H, W) normalised images → (N, C, H', W') post-ReLU maps.
 
     Attributes: ``name``; ``stride`` (input pixels per map cell); ``channels`` (C); ``offset0``
-    (1-based input pixel at the centre of map cell 1); ``normalization`` ("caffe_bgr" for zf5,
-    "imagenet" for the torchvision trunks, "caffe_bgr:B,G,R" for caffenet and for weights
-    converted from Caffe; see ``image.image_to_tensor``).
+    (1-based input pixel at the centre of map cell 1); ``normalization`` ("rgb127" for the
+    EfficientNet-Lite trunks, "caffe_bgr" for zf5, "imagenet" for the torchvision trunks,
+    "caffe_bgr:B,G,R" for caffenet and for weights converted from Caffe; see
+    ``image.image_to_tensor``); ``layers``: the index in ``features`` where each named layer or
+    stage starts (what ``finetune.conv_from`` names), in order.
     """
 
-    def __init__(self, name: str, features: nn.Sequential, normalization: str) -> None:
+    def __init__(
+        self, name: str, features: nn.Sequential, normalization: str, layers: dict[str, int]
+    ) -> None:
         super().__init__()
         self.name = name
         # channels-last: ZF-5's LRN and ceil-mode pooling run faster on the CPU in this layout
         # (BENCHMARKS.md), and pooling reads the maps channel-last anyway
         self.features = features.to(memory_format=torch.channels_last)
         self.normalization = normalization
+        self.layers = layers
         self.stride, self.offset0 = receptive_center(features)
-        self.channels = [m for m in features if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.channels = [m for m in features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
     def forward(self, images: Tensor) -> Tensor:
         return self.features(images.contiguous(memory_format=torch.channels_last))
@@ -171,6 +189,16 @@ def _geometry(layer: nn.Module) -> tuple[int, int, int] | None:
     return None
 
 
+def _grid_layers(layers: Iterable[nn.Module]) -> Iterator[nn.Module]:
+    """The layers that move the grid, in forward order, looking inside blocks (an MBConv's
+    residual keeps its grid: its stride is 1 and its padding symmetric)."""
+    for layer in layers:
+        if _geometry(layer) is not None:
+            yield layer
+        else:
+            yield from _grid_layers(layer.children())
+
+
 def receptive_center(layers: Sequence[nn.Module]) -> tuple[int, float]:
     """(total stride, offset0): offset0 is the 1-based input pixel at the centre of map cell 1.
 
@@ -180,11 +208,8 @@ def receptive_center(layers: Sequence[nn.Module]) -> tuple[int, float]:
     1-based as in docs/method.md#projection (ZF-5: 20 → 21).
     """
     stride, center = 1, 0.0
-    for layer in layers:
-        geometry = _geometry(layer)
-        if geometry is None:
-            continue
-        kernel, layer_stride, padding = geometry
+    for layer in _grid_layers(layers):
+        kernel, layer_stride, padding = _geometry(layer)
         center += ((kernel - 1) / 2 - padding) * stride
         stride *= layer_stride
     return stride, center + 1.0
@@ -193,11 +218,8 @@ def receptive_center(layers: Sequence[nn.Module]) -> tuple[int, float]:
 def output_hw(layers: Sequence[nn.Module], image_hw: tuple[int, int]) -> tuple[int, int]:
     """Map size after ``layers``: floor for conv, ceil or floor for pooling (PyTorch rules)."""
     sides = list(image_hw)
-    for layer in layers:
-        geometry = _geometry(layer)
-        if geometry is None:
-            continue
-        kernel, stride, padding = geometry
+    for layer in _grid_layers(layers):
+        kernel, stride, padding = _geometry(layer)
         ceil_mode = bool(getattr(layer, "ceil_mode", False))
         sides = [_pooled_side(side, kernel, stride, padding, ceil_mode) for side in sides]
     return sides[0], sides[1]
@@ -277,16 +299,21 @@ def _torchvision_features(name: str) -> nn.Sequential:
     return nn.Sequential(*layers[: last_conv + 2])
 
 
-def _random_trunk(name: str) -> Backbone:
+def _random_trunk(name: str, last_stage: str = "") -> Backbone:
+    """The ``name`` trunk with seeded random weights (He-normal for the conv trunks)."""
     if name == "caffenet":
         return _caffenet_trunk(lrn_before_pool=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        if name == "zf5":
-            features = _zf5_features()
+        if name in lite.VARIANTS:
+            stage = lite.STAGE_NAMES.index(last_stage or LITE_LAST_STAGE)
+            features, stages = lite.lite_features(lite.VARIANTS[name], stage)
             _init_he(features)
-            return Backbone(name, features, DEFAULT_NORMALIZATION[name])
-        return Backbone(name, _torchvision_features(name), DEFAULT_NORMALIZATION[name])
+            return Backbone(name, features, DEFAULT_NORMALIZATION[name], stages)
+        features = _zf5_features() if name == "zf5" else _torchvision_features(name)
+        if name == "zf5":
+            _init_he(features)
+        return Backbone(name, features, DEFAULT_NORMALIZATION[name], _conv_starts(name, features))
 
 
 def _caffenet_trunk(lrn_before_pool: bool) -> Backbone:
@@ -295,7 +322,13 @@ def _caffenet_trunk(lrn_before_pool: bool) -> Backbone:
         torch.manual_seed(RANDOM_INIT_SEED)
         features = _caffenet_features(lrn_before_pool)
         _init_he(features)
-        return Backbone("caffenet", features, DEFAULT_NORMALIZATION["caffenet"])
+        starts = _conv_starts("caffenet", features)
+        return Backbone("caffenet", features, DEFAULT_NORMALIZATION["caffenet"], starts)
+
+
+def _conv_starts(name: str, features: nn.Sequential) -> dict[str, int]:
+    convs = [i for i, module in enumerate(features) if isinstance(module, nn.Conv2d)]
+    return dict(zip(CONV_LAYERS[name], convs, strict=True))
 
 
 # The conv layers of each trunk in order, by their usual names (the first trainable one is
@@ -312,12 +345,39 @@ CONV_LAYERS = {
 }
 
 
-def check_conv_layer(backbone_name: str, layer: str) -> None:
-    """UserError naming the valid layers when ``finetune.conv_from`` is not a conv layer."""
-    if layer not in CONV_LAYERS[backbone_name]:
+def trainable_layers(backbone_name: str, last_stage: str = "") -> tuple[str, ...]:
+    """What ``finetune.conv_from`` may name for a trunk: its conv layers, or for a Lite trunk
+    its stem and stages up to where it ends (``extract.last_stage``)."""
+    if backbone_name in lite.VARIANTS:
+        end = lite.STAGE_NAMES.index(last_stage or LITE_LAST_STAGE)
+        return lite.STAGE_NAMES[: end + 1]
+    return CONV_LAYERS[backbone_name]
+
+
+def check_last_stage(backbone_name: str, last_stage: str) -> None:
+    """UserError unless ``extract.last_stage`` is "" or a stage of a Lite trunk."""
+    if not last_stage:
+        return
+    if backbone_name not in lite.VARIANTS:
         raise UserError(
-            f"finetune.conv_from: {backbone_name} has no conv layer {layer!r}; use one of "
-            f'{", ".join(CONV_LAYERS[backbone_name])}, or "" to keep the conv layers frozen'
+            f"extract.last_stage: {backbone_name} always ends at its last conv layer; "
+            'set extract.last_stage: "" (it applies to the efficientnet_lite trunks)'
+        )
+    if last_stage not in lite.STAGE_NAMES[1:]:
+        raise UserError(
+            f"extract.last_stage: {backbone_name} has no stage {last_stage!r}; use one of "
+            f"{', '.join(lite.STAGE_NAMES[1:])} (stage5: stride 16, the default; stage7: 32)"
+        )
+
+
+def check_conv_layer(backbone_name: str, layer: str, last_stage: str = "") -> None:
+    """UserError naming the valid layers when ``finetune.conv_from`` names none of the trunk."""
+    valid = trainable_layers(backbone_name, last_stage)
+    if layer not in valid:
+        kind = "stage" if backbone_name in lite.VARIANTS else "conv layer"
+        raise UserError(
+            f"finetune.conv_from: {backbone_name} has no {kind} {layer!r}; use one of "
+            f'{", ".join(valid)}, or "" to keep the conv layers frozen'
         )
 
 
@@ -337,10 +397,10 @@ def conv_layout(name: str) -> tuple[tuple[str, str, tuple[int, ...], tuple[int, 
 
 
 def conv_layer_index(backbone: Backbone, layer: str) -> int:
-    """Index in ``backbone.features`` of the conv layer named ``layer`` (``CONV_LAYERS``)."""
-    check_conv_layer(backbone.name, layer)
-    convs = [i for i, module in enumerate(backbone.features) if isinstance(module, nn.Conv2d)]
-    return convs[CONV_LAYERS[backbone.name].index(layer)]
+    """Index in ``backbone.features`` where the layer or stage named ``layer`` starts."""
+    if layer not in backbone.layers:
+        check_conv_layer(backbone.name, layer)  # names the valid ones
+    return backbone.layers[layer]
 
 
 def check_backbone_name(name: str) -> None:
@@ -350,24 +410,30 @@ def check_backbone_name(name: str) -> None:
         )
 
 
-def build_backbone(name: str, weights: str) -> Backbone:
-    """The ``name`` trunk with ``weights`` (torchvision name | local file | "none"), eval mode.
+def build_backbone(name: str, weights: str, last_stage: str = "") -> Backbone:
+    """The ``name`` trunk with ``weights`` ("imagenet" for a Lite trunk's packaged weights |
+    torchvision name | local file | "none"), ending at ``last_stage`` (Lite trunks; "" = the
+    default), eval mode.
 
     Raises UserError for an unknown name, a missing or unfit weights file (mismatched keys named),
-    or a torchvision name that is neither cached nor downloadable.
+    a missing or altered weights package, or a torchvision name that is neither cached nor
+    downloadable.
     """
     check_backbone_name(name)
-    backbone = _random_trunk(name)
-    if weights.strip().lower() == "none":
+    check_last_stage(name, last_stage)
+    backbone = _random_trunk(name, last_stage)
+    if is_random(weights):
         logger.warning(
-            "extract.weights is none: the %s conv layers are random (seed %d); "
-            "fine for tests and the toy demo, not for real detection",
-            name, RANDOM_INIT_SEED,
+            "RANDOM CONV WEIGHTS (extract.weights=none): the %s trunk is random (seed %d); "
+            "fine for tests, not for detection: use extract.weights=%s",
+            name, RANDOM_INIT_SEED, default_weights(name),
         )  # fmt: skip
     else:
         state, source = load_weights_state(name, weights)
         if name == "caffenet" and _stored_lrn_before_pool(state, source):
             backbone = _caffenet_trunk(lrn_before_pool=True)
+        if lite.is_package_state(state):
+            state = _lite_trunk_state(name, state, source, backbone)
         _load_trunk(backbone, state, source)
         if CAFFE_MEAN_KEY in state:
             backbone.normalization = _caffe_normalization(state[CAFFE_MEAN_KEY], source)
@@ -375,8 +441,26 @@ def build_backbone(name: str, weights: str) -> Backbone:
     return backbone.eval()
 
 
+def is_random(weights: str) -> bool:
+    """Whether ``extract.weights`` asks for random conv layers."""
+    return weights.strip().lower() == "none"
+
+
+def default_weights(name: str) -> str:
+    """The pretrained weights to suggest for a trunk (what a user most likely wants)."""
+    if name in lite.VARIANTS:
+        return PACKAGED_WEIGHTS
+    if name in ("alexnet", "vgg16"):
+        return "IMAGENET1K_V1"
+    return f"a converted {name} file (spp-detect convert-weights)"
+
+
 def load_weights_state(name: str, weights: str) -> tuple[dict[str, Tensor], str]:
     """The full state dict behind ``weights`` and a description of where it came from."""
+    if name in lite.VARIANTS and weights.strip().lower() == PACKAGED_WEIGHTS:
+        variant = lite.VARIANTS[name]
+        path = lite.package_weights_path(variant)
+        return _read_state_file(path), f"{variant.package} ({path.name})"
     path = Path(weights).expanduser()
     if path.is_file():
         return _read_state_file(path), str(path)
@@ -411,6 +495,11 @@ def _read_state_file(path: Path) -> dict[str, Tensor]:
 
 
 def _torchvision_state(name: str, weights: str) -> tuple[dict[str, Tensor], str]:
+    if name in lite.VARIANTS:
+        raise UserError(
+            f"extract.weights: {weights!r} is not a file; {name} takes {PACKAGED_WEIGHTS} (its "
+            f"ImageNet weights from {lite.VARIANTS[name].package}), a local file or none"
+        )
     if name in ("zf5", "caffenet"):
         raise UserError(
             f"extract.weights: {weights!r} is not a file and {name} has no torchvision weights; "
@@ -452,6 +541,36 @@ def _download(entry, cached: Path) -> None:
         ) from None
 
 
+def _lite_trunk_state(
+    name: str, state: Mapping[str, Tensor], source: str, backbone: Backbone
+) -> dict[str, Tensor]:
+    """A Lite package state dict as the trunk's folded ``features.*`` tensors; UserError
+    naming both when the file is another trunk's."""
+    variant = lite.package_variant(state)
+    if variant is None or variant.name != name:
+        _refuse_other_trunk(source, variant.name if variant else "EfficientNet (unknown)", name)
+    stage = max(int(key[len("stage") :]) for key in backbone.layers if key != "stem")
+    return lite.folded_state(state, variant, stage)
+
+
+def _refuse_other_trunk(source: str, held: str, backbone: str) -> None:
+    raise UserError(
+        f"{source}: holds {held} weights but extract.backbone is {backbone}; "
+        f"set extract.backbone={held} or pass {backbone} weights"
+    )
+
+
+def _weights_trunk(state: Mapping[str, Tensor]) -> str | None:
+    """The trunk whose ``features.*`` shapes a state dict has, when it fits one exactly."""
+    shapes = {k: tuple(v.shape) for k, v in state.items() if k.startswith("features.")}
+    for name in BACKBONES:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in _random_trunk(name).state_dict().items()}
+        if shapes and all(expected.get(k) == shape for k, shape in shapes.items()):
+            return name
+    return None
+
+
 def _load_trunk(backbone: Backbone, state: Mapping[str, Tensor], source: str) -> None:
     """Copy ``features.*`` tensors into the trunk; any key or shape mismatch is one UserError."""
     if not any(key.startswith("features.") for key in state):
@@ -471,6 +590,9 @@ def _load_trunk(backbone: Backbone, state: Mapping[str, Tensor], source: str) ->
             shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
             problems.append(f"{label} {shown}")
     if problems:
+        held = _weights_trunk(trunk)
+        if held is not None and held != backbone.name:
+            _refuse_other_trunk(source, held, backbone.name)
         raise UserError(
             f"{source}: weights do not fit the {backbone.name} trunk ({'; '.join(problems)}); "
             f"pass weights made for extract.backbone={backbone.name}"
@@ -526,11 +648,12 @@ def load_classifier_state(name: str, weights: str) -> dict[str, Tensor] | None:
     Returns ``fc6.weight`` (F, C·n²) in the classifier's own column order (torchvision flattens
     its n×n pooled map channel-major: n = 6 AlexNet, 7 VGG16), ``fc6.bias`` (F,), ``fc7.weight``
     (F, F), ``fc7.bias`` (F,). Source keys: ``fc6.*``/``fc7.*`` directly, or the first two linear
-    layers of ``classifier.*`` (torchvision). None for "none", for files without a classifier and
-    for classifiers holding non-finite values (torchvision ``VGG16_Weights.IMAGENET1K_FEATURES``).
+    layers of ``classifier.*`` (torchvision). None for "none", for the Lite trunks (no fc layers),
+    for files without a classifier and for classifiers holding non-finite values (torchvision
+    ``VGG16_Weights.IMAGENET1K_FEATURES``).
     """
     check_backbone_name(name)
-    if weights.strip().lower() == "none":
+    if is_random(weights) or name in lite.VARIANTS:
         return None
     state, source = load_weights_state(name, weights)
     if all(f"{layer}.{kind}" in state for layer in ("fc6", "fc7") for kind in ("weight", "bias")):

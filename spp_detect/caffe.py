@@ -481,7 +481,7 @@ def _mismatch_error(
     model: Path, backbone: str, layers: Mapping[str, list[np.ndarray]], why: str
 ) -> UserError:
     """One line naming the first mismatching layer and which --backbone, if any, fits."""
-    from spp_detect.backbones import BACKBONES
+    from spp_detect.backbones import CONVERTIBLE
 
     with contextlib.suppress(_Mismatch):
         conv_state(layers, backbone)
@@ -490,7 +490,7 @@ def _mismatch_error(
             f"{backbone} trunk would not run it as it was trained"
         )
     fits = []
-    for other in BACKBONES:
+    for other in CONVERTIBLE:
         if other != backbone:
             try:
                 conv_state(layers, other)
@@ -505,7 +505,7 @@ def _mismatch_error(
                 "torchvision's AlexNet)"
             )
     else:
-        advice = f"it fits none of {', '.join(BACKBONES)}; pass a model of one of them"
+        advice = f"it fits none of {', '.join(CONVERTIBLE)}; pass a model of one of them"
     return UserError(f"{model}: does not fit --backbone {backbone}: {why}; {advice}")
 
 

@@ -28,6 +28,14 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )  # fmt: skip
 PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used 874 for 864
+# finetune.iterations 0 sizes the head's training to the split (sized_finetune): this many SGD
+# iterations per training image, within the bounds below. The paper's 90,000 on VOC 2007
+# trainval are 18 an image for a 4,096-wide head; a 1,024-wide head on a pretrained trunk
+# needs fewer (docs/method.md#where-the-defaults-differ-from-the-paper).
+ITERATIONS_PER_IMAGE = 8
+MIN_SIZED_ITERATIONS = 500
+MAX_SIZED_ITERATIONS = 40000
+LR_STEP_AT = 2 / 3  # sized schedules drop the rate once, two thirds of the way
 
 
 SCORERS = ("svm", "softmax")  # test.scorer
@@ -82,8 +90,15 @@ class ProposeConfig:
 class ExtractConfig:
     """Image pyramid and conv trunk: docs/method.md#image-scales, #conv-trunks."""
 
-    backbone: str = "zf5"  # zf5 | alexnet | vgg16 | caffenet
-    weights: str = "none"  # torchvision weights name, local file, or none (random init)
+    # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | zf5 | alexnet | vgg16 |
+    # caffenet (the paper's trunks are in the voc07_* configs)
+    backbone: str = "efficientnet_lite0"
+    # imagenet (a Lite trunk's ImageNet weights, installed with the package), a torchvision
+    # weights name, a local file, or none (random conv layers: for tests only)
+    weights: str = "imagenet"
+    # Lite trunks: the stage whose output is pooled, "" = stage5 (112 channels, stride 16);
+    # stage7 (320 channels) pools at stride 32
+    last_stage: str = ""
     scales: tuple[int, ...] = PAPER_SCALES  # shorter image side per pyramid level, px
     max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap
     flip: bool = False  # also cache horizontally flipped maps of training splits
@@ -107,16 +122,19 @@ class SppConfig:
 class FinetuneConfig:
     """Fine-tuning the fc head: docs/method.md#fine-tuning-and-sampling."""
 
-    fc_dim: int = 4096  # width of fc6 and fc7 (paper)
+    fc_dim: int = 1024  # width of fc6 and fc7 (paper: 4,096; a quarter of the time on a CPU)
     dropout: float = 0.5  # dropout after fc6 and fc7 (paper)
     batch_size: int = 128  # windows per minibatch (released code)
     fg_fraction: float = 0.25  # foreground share of a minibatch: 32 of 128 (paper)
     fg_thresh: float = 0.5  # IoU >= this is foreground (paper)
     bg_thresh_lo: float = 0.1  # background IoU lower bound, inclusive (paper)
     bg_thresh_hi: float = 0.5  # background IoU upper bound, exclusive (paper)
-    iterations: int = 90000  # SGD iterations; the last one is kept (no test-set selection)
+    # SGD iterations, the last one kept (no test-set selection); 0: sized to the training split
+    # (sized_finetune; the paper's 90,000 are in the voc07_* configs)
+    iterations: int = 0
     lr: float = 1e-3  # base learning rate (released code; paper: 1e-4)
-    lr_steps: tuple[int, ...] = (30000, 60000)  # lr x0.1 at these iterations (released code)
+    # lr x0.1 at these iterations (released code: 30,000 and 60,000); with iterations 0: at 2/3
+    lr_steps: tuple[int, ...] = ()
     momentum: float = 0.9  # SGD momentum (released code)
     weight_decay: float = 5e-4  # L2 weight decay (released code)
     seed: int = 6  # RNG seed (released code: Caffe seed 6)
@@ -236,6 +254,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def sized_finetune(settings: FinetuneConfig, num_images: int) -> FinetuneConfig:
+    """``settings`` with ``iterations`` and ``lr_steps`` sized to ``num_images`` training
+    images when ``iterations`` is 0; unchanged otherwise."""
+    if settings.iterations:
+        return settings
+    iterations = ITERATIONS_PER_IMAGE * num_images
+    iterations = min(max(iterations, MIN_SIZED_ITERATIONS), MAX_SIZED_ITERATIONS)
+    return dataclasses.replace(
+        settings, iterations=iterations, lr_steps=(round(LR_STEP_AT * iterations),)
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -452,6 +482,11 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
     if svm.evict_thresh > svm.hard_thresh:
         problems.append("svm.evict_thresh must not exceed svm.hard_thresh")
+    if finetune.lr_steps and not finetune.iterations:
+        problems.append(
+            "finetune.lr_steps needs finetune.iterations > 0 (iterations 0 sizes both to the "
+            "split); set both or neither"
+        )
     if finetune.conv_from and finetune.val_split:
         problems.append(
             "finetune.val_split is measured on cached features, so it works with frozen conv "
@@ -493,7 +528,7 @@ def _relation_problems(config: Config) -> list[str]:
 
 def _check_choices(config: Config) -> None:
     """Names checked by the library modules that own them (each raises one UserError)."""
-    from spp_detect.backbones import check_backbone_name, check_conv_layer
+    from spp_detect.backbones import check_backbone_name, check_conv_layer, check_last_stage
     from spp_detect.features import check_extract_settings, check_levels
     from spp_detect.precision import check_precision
     from spp_detect.proposals import check_method
@@ -501,8 +536,9 @@ def _check_choices(config: Config) -> None:
     check_method(config.propose.method, config.propose.mode)
     extract = config.extract
     check_backbone_name(extract.backbone)
+    check_last_stage(extract.backbone, extract.last_stage)
     if config.finetune.conv_from:
-        check_conv_layer(extract.backbone, config.finetune.conv_from)
+        check_conv_layer(extract.backbone, config.finetune.conv_from, extract.last_stage)
     check_extract_settings(extract.scales, extract.max_long_side, extract.cache, extract.precision)
     check_levels(config.spp.levels)
     check_precision(config.test.precision, "test.precision")

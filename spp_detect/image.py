@@ -65,7 +65,11 @@ def _warn_partial(path: Path) -> None:
 CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (docs/method.md#image-scales)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB mean of torchvision's ImageNet weights, after /255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB std of torchvision's ImageNet weights, after /255
-NORMALIZATIONS = ("caffe_bgr", "imagenet")  # and "caffe_bgr:B,G,R" (caffe_bgr_normalization)
+# TensorFlow's EfficientNet-Lite preprocessing (efficientnet_lite_builder.py MEAN_RGB, STDDEV_RGB)
+LITE_PIXEL_MEAN = 127.0
+LITE_PIXEL_STD = 128.0
+# and "caffe_bgr:B,G,R" (caffe_bgr_normalization)
+NORMALIZATIONS = ("caffe_bgr", "imagenet", "rgb127")
 _CAFFE_BGR_PREFIX = "caffe_bgr:"
 
 
@@ -127,7 +131,8 @@ def image_to_tensor(
 
     "caffe_bgr": channels reordered to BGR, 0–255 minus 128 (ZF-5). "caffe_bgr:B,G,R": the
     same minus that BGR mean (weights converted from Caffe). "imagenet": /255, then ImageNet
-    mean/std per RGB channel (torchvision weights). See docs/method.md#image-scales.
+    mean/std per RGB channel (torchvision weights). "rgb127": RGB, (x − 127) / 128 (the
+    EfficientNet-Lite weights). See docs/method.md#image-scales.
     """
     import torch
 
@@ -135,6 +140,8 @@ def image_to_tensor(
     bgr_mean = caffe_bgr_mean(normalization)
     if bgr_mean is not None:
         return pixels.flip(0) - torch.tensor(bgr_mean, device=pixels.device).view(3, 1, 1)
+    if normalization == "rgb127":
+        return (pixels - LITE_PIXEL_MEAN) / LITE_PIXEL_STD
     if normalization == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)

@@ -349,13 +349,24 @@ def test_zf5_weights_file_as_documented_loads(tmp_path, layout):
     assert load_classifier_state("zf5", str(path)) is None  # conv layers only: fc6/fc7 at random
 
 
-def test_wrong_architecture_file_names_the_keys(tmp_path, alexnet):
+def test_another_trunks_file_names_both_trunks(tmp_path, alexnet):
     torch.save(alexnet.state_dict(), tmp_path / "alexnet.pt")
     with pytest.raises(UserError) as caught:
         build_backbone("zf5", str(tmp_path / "alexnet.pt"))
     message = str(caught.value)
-    assert "alexnet.pt" in message and "zf5" in message and "\n" not in message
-    assert "features.0.weight (64, 3, 11, 11) vs (96, 3, 7, 7)" in message
+    assert "alexnet.pt" in message and "\n" not in message
+    assert "holds alexnet weights but extract.backbone is zf5" in message
+
+
+def test_wrong_architecture_file_names_the_keys(tmp_path, alexnet):
+    state = alexnet.state_dict()
+    state["features.0.weight"] = state["features.0.weight"][:, :, :7, :7]  # no trunk's shapes
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(UserError) as caught:
+        build_backbone("zf5", str(tmp_path / "odd.pt"))
+    message = str(caught.value)
+    assert "odd.pt" in message and "zf5" in message and "\n" not in message
+    assert "features.0.weight (64, 3, 7, 7) vs (96, 3, 7, 7)" in message
     assert "missing" in message and "unexpected" in message
 
 
@@ -407,23 +418,31 @@ def test_cached_weights_load_without_download(monkeypatch, tmp_path, alexnet):
     assert load_classifier_state("alexnet", "DEFAULT")["fc6.weight"].shape == (64, 9216)
 
 
-@pytest.mark.parametrize("name", ["zf5", "alexnet", "caffenet"])
-def test_offset0_is_the_centre_of_the_gradient_support(name):
+@pytest.mark.parametrize(
+    ("name", "last_stage"),
+    [("zf5", ""), ("alexnet", ""), ("caffenet", ""), ("efficientnet_lite0", ""),
+     ("efficientnet_lite0", "stage7"), ("efficientnet_lite2", "")],
+)  # fmt: skip
+def test_offset0_is_the_centre_of_the_gradient_support(name, last_stage):
     """Independent check of receptive_center: the input pixels that reach conv cell (j, j) are
     centred on offset0 − 1 + stride·j (0-based). Max-pooling is swapped for average pooling of
-    the same geometry and all weights made positive, so every pixel of the field counts."""
-    backbone = build_backbone(name, "none")
+    the same geometry and all weights made positive, so every pixel of the field counts (the
+    Lite trunks' blocks and residuals included)."""
+    backbone = build_backbone(name, "none", last_stage)
     layers = []
     for layer in backbone.features:
         if isinstance(layer, nn.MaxPool2d):
             layer = nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode)
-        elif isinstance(layer, nn.Conv2d):
-            with torch.no_grad():
-                layer.weight.fill_(1.0 / layer.weight[0].numel())
-                layer.bias.zero_()
+        for conv in layer.modules():
+            if isinstance(conv, nn.Conv2d):
+                with torch.no_grad():
+                    conv.weight.fill_(1.0 / conv.weight[0].numel())
+                    conv.bias.zero_()
         layers.append(layer)
-    pixels = torch.rand(1, 3, 300, 300, requires_grad=True)
-    cell = 7
+    # small pixels: the Lite residuals double activations, which must stay below ReLU6's cap
+    side = 300 if name in ("zf5", "alexnet", "caffenet") else 1000  # Lite fields span ~800 px
+    pixels = (torch.rand(1, 3, side, side) * 1e-3).requires_grad_()
+    cell = side // 2 // backbone.stride
     nn.Sequential(*layers)(pixels)[0, 0, cell, cell].backward()
     rows = torch.nonzero(pixels.grad[0].abs().sum(dim=(0, 2))).flatten()
     centre = (float(rows.min()) + float(rows.max())) / 2

@@ -112,13 +112,15 @@ def test_conv_layer_names_match_the_trunks():
     [
         ("finetune.conv_from=conv9", "finetune.conv_from: zf5 has no conv layer 'conv9'; use one"),
         ("finetune.conv_from=conv3_1", "conv1, conv2, conv3, conv4, conv5"),
+        ("finetune.conv_from=conv3", "efficientnet_lite0 has no stage 'conv3'; use one of stem,"),
         ("test.scorer=vote", "test.scorer must be one of svm, softmax"),
         ("finetune.images_per_batch=0", "finetune.images_per_batch must be at least 1"),
     ],
 )
 def test_bad_conv_settings_fail_when_the_config_loads(override, message):
+    trunk = ["extract.backbone=zf5"] if "conv_from=conv9" in override or "3_1" in override else []
     with pytest.raises(UserError, match=message):
-        load_config(None, [override])
+        load_config(None, [*trunk, override])
 
 
 def test_out_of_memory_names_the_settings_that_lower_it():
@@ -138,7 +140,7 @@ def test_out_of_memory_names_the_settings_that_lower_it():
     [
         ([], ["propose", "propose", "extract", "extract", "finetune", "train-svm", "train-bbox"]),
         (
-            ["finetune.conv_from=conv3", "test.scorer=softmax"],
+            ["finetune.conv_from=stage3", "test.scorer=softmax"],
             ["propose", "propose", "finetune", "extract", "extract", "train-bbox"],
         ),
         (

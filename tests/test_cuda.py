@@ -248,7 +248,7 @@ def test_bf16_fc_on_cuda_keeps_the_scores_and_the_map(gpu_run):
     assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, "bf16", DEVICE)
 
 
-@pytest.mark.parametrize("conv_from", ["", "conv5"], ids=["head", "end-to-end"])
+@pytest.mark.parametrize("conv_from", ["", "stage5"], ids=["head", "end-to-end"])
 def test_finetune_with_a_box_branch_on_cuda(gpu_run, toy_root, tmp_path, conv_from):
     """The box branch's loss on the device, with targets built on the CPU (Fast R-CNN's
     multi-task loss, ``finetune.bbox_loss_weight``), for the head alone and end to end."""

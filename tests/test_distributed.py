@@ -351,12 +351,12 @@ def test_data_parallel_finetune_follows_one_process(small_toy, tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_end_to_end_finetune_follows_one_process(small_toy, tmp_path):
-    """End-to-end fine-tuning (conv4 on) on 2 ranks, each running the trunk on one of the
+    """End-to-end fine-tuning (stage 4 on) on 2 ranks, each running the trunk on one of the
     minibatch's 2 images, gradients of the head and the conv layers summed, against 1 process:
     the same loss curve within 1e-4 over 20 iterations and the same trunk and head within float
     tolerance (the sums run in another order). A third rank is refused: 2 images a batch."""
     overrides = [f"data.root={small_toy}", *OVERRIDES, "finetune.log_every=1",
-                 "finetune.conv_from=conv4", "finetune.conv_lr_mult=0.1",
+                 "finetune.conv_from=stage4", "finetune.conv_lr_mult=0.1",
                  "finetune.images_per_batch=2", "finetune.batch_size=32",
                  "finetune.checkpoint_every=10"]  # fmt: skip
     args = _options(overrides)

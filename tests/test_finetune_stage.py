@@ -129,6 +129,7 @@ FAST = (
     "finetune.batch_size=32",
     "finetune.lr=0.01",
     "finetune.lr_steps=[7]",
+    "finetune.iterations=12",  # tests that train set their own
 )
 
 
@@ -302,7 +303,7 @@ def test_cli_bad_input_is_one_line(toy_root, tmp_path):
 CONV = (
     *FAST,
     "extract.scales=[160, 200]",
-    "finetune.conv_from=conv4",
+    "finetune.conv_from=stage4",
     "finetune.conv_lr_mult=0.1",
     "finetune.images_per_batch=2",
 )

@@ -275,7 +275,7 @@ def test_demo_reaches_toy_map(tmp_path, monkeypatch):
 # End-to-end fine-tuning on the demo's toy set, lighter than the demo (2 scales, fc 512): it
 # measured 86.0 mAP with the SVMs and 85.7 with the softmax (BENCHMARKS.md).
 CONV_TOY_SETTINGS = [
-    "finetune.conv_from=conv3",
+    "finetune.conv_from=stage3",
     "finetune.conv_lr_mult=0.1",
     "finetune.lr=0.003",
     "finetune.iterations=400",

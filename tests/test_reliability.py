@@ -125,13 +125,13 @@ def test_a_weights_file_rewritten_under_its_name_makes_the_maps_stale(toy_root, 
 
     weights = tmp_path / "zf5.pt"
     save_torch(weights, trunk_state(build_backbone("zf5", "none")))
-    run, setting = tmp_path / "run", f"extract.weights={weights}"
+    run, settings = tmp_path / "run", (f"extract.weights={weights}", "extract.backbone=zf5")
     result = CliRunner().invoke(
         cli, ["extract", "--run-dir", str(run), "--device", "cpu", "--limit", "2",
-              *_sets(toy_root, setting)],
+              *_sets(toy_root, *settings)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    config = _config(toy_root, setting)
+    config = _config(toy_root, *settings)
     record = split_records(config, "trainval", 2)[0]
     open_feature_source(config, RunDir(run), "trainval", "cpu").maps(record)
     torch.manual_seed(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +28,14 @@ from spp_detect.artifacts import (
     stored_fingerprint,
     write_manifest,
 )
-from spp_detect.config import Config, ProposeConfig
+from spp_detect.config import Config, ExtractConfig, ProposeConfig
 from spp_detect.distributed import Dist, map_in_order
 from spp_detect.errors import UserError
 from spp_detect.locks import exclusive
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import ImageRecord
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from spp_detect.features import FeatureSource
@@ -506,15 +509,16 @@ def build_trunk(config: Config, run_dir: RunDir):
     from spp_detect.backbones import build_backbone
 
     settings = config.extract
+    log_trunk(config)
     if not config.finetune.conv_from:
-        return build_backbone(settings.backbone, settings.weights)
+        return build_backbone(settings.backbone, settings.weights, settings.last_stage)
     expected = trunk_digest(config, run_dir)
     if not run_dir.trunk_path.is_file() or file_digest(run_dir.trunk_path) != expected:
         raise UserError(
             f"{run_dir.trunk_path}: missing or not the trunk its finetune manifest names; rerun "
             "`spp-detect finetune --force`"
         )
-    return build_backbone(settings.backbone, str(run_dir.trunk_path))
+    return build_backbone(settings.backbone, str(run_dir.trunk_path), settings.last_stage)
 
 
 def trunk_digest(config: Config, run_dir: RunDir) -> str:
@@ -528,12 +532,81 @@ def trunk_digest(config: Config, run_dir: RunDir) -> str:
 
 def maps_origin(config: Config, run_dir: RunDir) -> str:
     """What conv5 maps come from besides the extract settings: the fine-tuned trunk's digest,
-    or the size and modification time of a local ``extract.weights`` file (a file converted
-    again under the same name makes the cached maps stale)."""
+    the sha256 of a Lite trunk's packaged weights, or the size and modification time of a local
+    ``extract.weights`` file (a file converted again under the same name makes the cached maps
+    stale)."""
     digest = trunk_digest(config, run_dir)
     if digest:
         return digest
-    return file_identity(Path(config.extract.weights))
+    return packaged_weights_digest(config.extract) or file_identity(Path(config.extract.weights))
+
+
+RANDOM_TRUNK_NOTE = "RANDOM CONV WEIGHTS (extract.weights=none): not a real detector"
+
+
+def trunk_provenance(config: Config) -> dict[str, Any]:
+    """The trunk, its weights and where they came from: ``backbone``, ``last_stage``,
+    ``weights``, ``source`` (words), ``random`` (bool); the run's provenance in
+    ``eval/<split>.json``, the logs and the summaries."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from spp_detect.models.efficientnet_lite import VARIANTS
+
+    extract = config.extract
+    random = extract.weights.strip().lower() == "none"
+    digest = packaged_weights_digest(extract)
+    if random:
+        source = "random, seeded"
+    elif digest:
+        package = VARIANTS[extract.backbone].package
+        try:
+            package += f" {version(package)}"
+        except PackageNotFoundError:
+            package += " (not installed)"
+        source = f"ImageNet, from the {package} package (sha256 {digest[:12]}…)"
+    elif Path(extract.weights).expanduser().is_file():
+        source = f"the file {extract.weights}"
+    else:
+        source = f"torchvision {extract.weights} (torch hub cache)"
+    if config.finetune.conv_from:
+        source += f"; fine-tuned end to end from {config.finetune.conv_from}"
+    return {
+        "backbone": extract.backbone,
+        "last_stage": extract.last_stage,
+        "weights": extract.weights,
+        "source": source,
+        "random": random,
+    }
+
+
+def trunk_line(config: Config) -> str:
+    """One line naming the trunk and its weights' origin (loud when they are random)."""
+    trunk = trunk_provenance(config)
+    name = trunk["backbone"] + (f" to {trunk['last_stage']}" if trunk["last_stage"] else "")
+    if trunk["random"]:
+        return f"trunk {name}: {RANDOM_TRUNK_NOTE}; for real detection use the defaults"
+    return f"trunk {name}, weights: {trunk['source']}"
+
+
+def log_trunk(config: Config) -> None:
+    """Say which trunk a stage uses, once its inputs have passed their checks (a refused
+    input stays one line)."""
+    line = trunk_line(config)
+    if config.extract.weights.strip().lower() == "none":
+        logger.warning(line)
+    else:
+        logger.info(line)
+
+
+def packaged_weights_digest(extract: ExtractConfig) -> str:
+    """The published sha256 of the packaged weights ``extract`` names, else ""."""
+    from spp_detect.backbones import PACKAGED_WEIGHTS
+    from spp_detect.models.efficientnet_lite import VARIANTS
+
+    variant = VARIANTS.get(extract.backbone)
+    if variant is None or extract.weights.strip().lower() != PACKAGED_WEIGHTS:
+        return ""
+    return variant.sha256
 
 
 def check_trunk(config: Config, run_dir: RunDir, manifest: dict, folder: Path, split: str) -> None:
@@ -580,6 +653,7 @@ def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str
     manifest = require_upstream(config, run_dir, "extract", split)
     origin = maps_origin(config, run_dir)
     check_trunk(config, run_dir, manifest, run_dir.features_dir(split), split)
+    log_trunk(config)
     return FeatureSource(
         config.extract.scales,
         pool_geometry(config, int(manifest["stride"]), float(manifest["offset0"])),

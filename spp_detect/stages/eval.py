@@ -20,6 +20,7 @@ from spp_detect.errors import UserError
 from spp_detect.inference import combine_detections
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
+    RANDOM_TRUNK_NOTE,
     StageContext,
     Summary,
     check_classes,
@@ -29,6 +30,7 @@ from spp_detect.stages.common import (
     require_upstream,
     split_records,
     stage_dir,
+    trunk_provenance,
 )
 from spp_detect.structures import Detections
 from spp_detect.voc_eval import (
@@ -71,6 +73,7 @@ def run_eval(
     report = summarize(
         results, config.data.classes, use_07_metric, config.eval.iou_thresh, len(records)
     )
+    report["trunk"] = trunk_provenance(config)
     if combine is not None:
         report["combined_with"] = str(combine)
     if metric == "coco":
@@ -85,6 +88,8 @@ def run_eval(
     close_stage(ctx, "eval", split, len(records), folder=out_dir)
     summary.items = len(records)
     summary.notes.append(f"mAP {100 * report['mAP']:.2f} ({report['metric']})")
+    if report["trunk"]["random"]:
+        summary.notes.append(RANDOM_TRUNK_NOTE)
     notes = [format_ap_table(report), f"wrote {run_dir.eval_path(name)} and {out_dir}/"]
     if "coco" in report:
         notes.insert(1, format_coco_line(report["coco"]))

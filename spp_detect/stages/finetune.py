@@ -27,7 +27,7 @@ from spp_detect.artifacts import (
     tensor_bytes,
 )
 from spp_detect.backbones import trunk_state
-from spp_detect.config import Config, FinetuneConfig
+from spp_detect.config import Config, FinetuneConfig, sized_finetune
 from spp_detect.errors import UserError
 from spp_detect.head import head_state
 from spp_detect.run_dir import RunDir
@@ -41,6 +41,7 @@ from spp_detect.stages.common import (
     is_current,
     load_proposals,
     locked,
+    log_trunk,
     open_feature_source,
     pool_geometry,
     require_upstream,
@@ -86,7 +87,8 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     # 2. Upstream manifests.
     manifests = _check_upstream(config, run_dir, split)
     # 3.-5. Windows, a new or resumed trainer, SGD up to `total`.
-    total = settings.iterations if stop_after is None else min(stop_after, settings.iterations)
+    iterations = sized_settings(ctx, split).iterations
+    total = iterations if stop_after is None else min(stop_after, iterations)
     identity = {
         "fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0,
         # a CUDA generator's dropout state does not load into a CPU one, nor the other way
@@ -96,8 +98,8 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     trainer, notes = train(ctx, split, manifests, identity, total)
     summary.items = trainer.progress.iteration
     summary.notes += notes
-    if trainer.progress.iteration < settings.iterations:
-        summary.notes.append(f"stopped at iteration {summary.items} of {settings.iterations}")
+    if trainer.progress.iteration < iterations:
+        summary.notes.append(f"stopped at iteration {summary.items} of {iterations}")
         return summary.line()
     if not dist.is_main:
         return f"rank {dist.rank}: {summary.items} iterations on its share of each minibatch"
@@ -116,7 +118,7 @@ def _train_head(
     ctx: StageContext, split: str, manifests: dict, identity: dict, total: int
 ) -> tuple[training.Trainer, list[str]]:
     """Head-only fine-tuning (the paper's) on pooled windows of cached or live conv5 maps."""
-    config, settings = ctx.config, ctx.config.finetune
+    config, settings = ctx.config, sized_settings(ctx, split)
     schedule = _schedule(settings)
     # flipped copies when the cache holds them: extract flips only the training split
     flip = bool(manifests["extract"].get("flip")) if "extract" in manifests else config.extract.flip
@@ -148,7 +150,7 @@ def _train_end_to_end(
     (docs/method.md#conv-fine-tuning)."""
     from spp_detect import conv_training
 
-    config, settings = ctx.config, ctx.config.finetune
+    config, settings = ctx.config, sized_settings(ctx, split)
     schedule = _schedule(settings)
     model = _end_to_end_model(ctx, split)
     trainer = _new_trainer(
@@ -190,7 +192,8 @@ def _end_to_end_model(ctx: StageContext, split: str):
         raise _no_windows(ctx.run_dir, split, settings)
     warn_missing_classes(pool, config.data.classes)
     device = resolve_device(ctx.device)
-    trunk = build_backbone(extract.backbone, extract.weights).to(device)
+    log_trunk(config)
+    trunk = build_backbone(extract.backbone, extract.weights, extract.last_stage).to(device)
     check_scales_fit(trunk, extract.scales)
     first = conv_layer_index(trunk, settings.conv_from)
     conv_training.freeze_below(trunk, first)
@@ -208,7 +211,7 @@ def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> i
     """head.pt (and trunk.pt), history.json, the checkpoint removed, then the manifest; returns
     the bytes written."""
     config, run_dir = ctx.config, ctx.run_dir
-    settings = config.finetune
+    settings = sized_settings(ctx, split)
     save_torch(run_dir.head_path, head_state(trainer.head))
     written = [run_dir.head_path]
     extra = {"classes": list(config.data.classes), "feature_dim": trainer.head.in_dim,
@@ -228,6 +231,12 @@ def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> i
     run_dir.checkpoint_path.unlink(missing_ok=True)
     close_stage(ctx, "finetune", split, settings.iterations, extra=extra, files=written)
     return sum(path.stat().st_size for path in written)
+
+
+def sized_settings(ctx: StageContext, split: str) -> FinetuneConfig:
+    """``finetune`` with its iteration count and lr step sized to the split when
+    ``finetune.iterations`` is 0 (``config.sized_finetune``)."""
+    return sized_finetune(ctx.config.finetune, len(split_records(ctx.config, split, ctx.limit)))
 
 
 def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:

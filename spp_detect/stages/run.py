@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from spp_detect.stages.common import StageContext, is_current
+from spp_detect.stages.common import StageContext, is_current, trunk_line
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run_all(ctx: StageContext) -> str:
         rows.append((stage, split, "ran", time.perf_counter() - started))
         logger.info(output.splitlines()[-1])
         last_output = output
-    return f"{last_output}\n\n{format_times(rows)}"
+    return f"{last_output}\n\n{format_times(rows)}\n{trunk_line(ctx.config)}"
 
 
 def format_times(rows: list[tuple[str, str, str, float]]) -> str:

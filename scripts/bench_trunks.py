@@ -1,0 +1,158 @@
+"""The trunks side by side on a VOC-layout set: mAP, wall time per stage and peak memory.
+
+Each cell is one `spp-detect run` with a list of `--set` overrides on the bundled raccoon config,
+run once per seed (`finetune.seed` and `svm.seed`). Cells that differ only in their test
+settings (scorer, regressor) reuse a finished run's folders (hard links) and rerun only
+test and eval; seeds of a cell share its proposals and conv5 cache the same way, so their stage
+times read "done before" there. Peak memory is the largest resident set of the run's process
+tree (``os.wait4``).
+
+    python scripts/bench_trunks.py --root ../shared/datasets/raccoon --out runs/bench_trunks \\
+        --cells ci_zf5_random,ci_lite0_s16,ci_lite0_s32 --seeds 6 7
+
+The table goes to stdout and, with every figure, to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+# The CI setting of tests/test_pipeline.py (RACCOON_SETTINGS): 1 small scale, a short schedule.
+CI = [
+    "propose.max_side=400", "extract.scales=[400]", "finetune.fc_dim=512", "finetune.lr=0.01",
+    "finetune.iterations=300", "finetune.lr_steps=[200]",
+]  # fmt: skip
+# The paper's five scales on raccoon (configs/raccoon.yaml's schedule: fc 512, 1,000 iterations).
+FIVE = [
+    "propose.max_side=500", "extract.scales=[480,576,688,864,1200]", "finetune.fc_dim=512",
+    "finetune.lr=0.003", "finetune.iterations=1000", "finetune.lr_steps=[700]",
+]  # fmt: skip
+ZF5_RANDOM = ["extract.backbone=zf5", "extract.weights=none"]
+LITE0 = ["extract.backbone=efficientnet_lite0", "extract.weights=imagenet"]
+STRIDE32 = ["extract.last_stage=stage7"]
+# End to end from stage 4 (Fast R-CNN trains conv3_1 on of VGG16: the later two thirds)
+CONV = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=1.0"]
+HEAD_BOXES = ["finetune.bbox_loss_weight=1.0"]
+HEAD_REG = ["test.regressor=head"]  # the head's box branch instead of the ridge regressors
+SOFTMAX = ["test.scorer=softmax"]  # the head's classifier instead of the SVMs
+
+# name: (overrides, the cell whose finished run it reuses for all but test and eval, or "")
+CELLS: dict[str, tuple[list[str], str]] = {
+    "ci_zf5_random": ([*CI, *ZF5_RANDOM], ""),
+    "ci_lite0_s16": ([*CI, *LITE0], ""),
+    "ci_lite0_s32": ([*CI, *LITE0, *STRIDE32], ""),
+    "ci_lite0_s16_conv": ([*CI, *LITE0, *CONV], ""),
+    "ci_lite0_s16_box": ([*CI, *LITE0, *HEAD_BOXES], ""),
+    "ci_lite0_s16_box_head": ([*CI, *LITE0, *HEAD_BOXES, *HEAD_REG], "ci_lite0_s16_box"),
+    "ci_lite0_s16_box_softmax": ([*CI, *LITE0, *HEAD_BOXES, *SOFTMAX], "ci_lite0_s16_box"),
+    "ci_lite0_s16_box_softmax_head": (
+        [*CI, *LITE0, *HEAD_BOXES, *SOFTMAX, *HEAD_REG],
+        "ci_lite0_s16_box",
+    ),
+    "5s_zf5_random": ([*FIVE, *ZF5_RANDOM], ""),
+    "5s_lite0_s16": ([*FIVE, *LITE0], ""),
+    "5s_lite0_s32": ([*FIVE, *LITE0, *STRIDE32], ""),
+}  # fmt: skip
+SHARED_STAGES = ("proposals", "features")  # what seeds of one cell share (no seed in them)
+TIME_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(ran|done before)\s+([\d.]+)$")
+
+
+def link_tree(source: Path, target: Path, folders: tuple[str, ...] | None = None) -> None:
+    """Hard-link ``source``'s files (or only ``folders`` of it) into ``target``."""
+    for folder in folders or [p.name for p in source.iterdir()]:
+        path = source / folder
+        if path.is_dir():
+            shutil.copytree(path, target / folder, copy_function=os.link, dirs_exist_ok=True)
+        elif path.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            os.link(path, target / folder)
+
+
+def run_cell(root: Path, run_dir: Path, overrides: list[str], threads: int) -> dict:
+    """One `spp-detect run`; its mAP, stage times (s), wall time (s) and peak RSS (MiB)."""
+    command = [sys.executable, "-m", "spp_detect", "run", "-c", "raccoon"]
+    command += ["--run-dir", str(run_dir), "--workers", str(threads), "--device", "cpu"]
+    for item in [f"data.root={root}", *overrides]:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{run_dir}: spp-detect run failed; see {log.name}\n{output}")
+    stages = {}
+    for line in output.splitlines():
+        match = TIME_ROW.match(line.strip())
+        if match and match.group(3) == "ran":
+            key = f"{match.group(1)} ({match.group(2)})"
+            stages[key] = stages.get(key, 0.0) + float(match.group(4))
+    report = json.loads((run_dir / "eval" / "test.json").read_text())
+    return {"mAP": report["mAP"], "stages": stages, "wall_s": wall,
+            "peak_rss_mib": usage.ru_maxrss / 1024, "trunk": report.get("trunk")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_trunks"))
+    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated cell names")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[6, 7])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for cell in args.cells.split(","):
+        overrides, reuse = CELLS[cell]
+        for index, seed in enumerate(args.seeds):
+            key = f"{cell}/seed{seed}"
+            if key in results:
+                continue
+            run_dir = args.out / cell / f"seed{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if reuse:
+                link_tree(args.out / reuse / f"seed{seed}", run_dir)
+                shutil.rmtree(run_dir / "detections", ignore_errors=True)
+                shutil.rmtree(run_dir / "eval", ignore_errors=True)
+            elif index:
+                link_tree(args.out / cell / f"seed{args.seeds[0]}", run_dir, SHARED_STAGES)
+            seeded = [*overrides, f"finetune.seed={seed}", f"svm.seed={seed}"]
+            results[key] = run_cell(args.root.resolve(), run_dir, seeded, args.threads)
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{key}: mAP {100 * results[key]['mAP']:.2f}", flush=True)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    cells: dict[str, list[dict]] = {}
+    for key, value in results.items():
+        cells.setdefault(key.split("/")[0], []).append(value)
+    print(
+        "| cell | mAP per seed | mean | wall s (first seed) | peak RSS MiB | stage s (first seed) |"
+    )
+    print("| --- | --- | --: | --: | --: | --- |")
+    for cell, runs in cells.items():
+        maps = " / ".join(f"{100 * r['mAP']:.1f}" for r in runs)
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in runs[0]["stages"].items())
+        peak = max(r["peak_rss_mib"] for r in runs)
+        print(
+            f"| {cell} | {maps} | {100 * mean(r['mAP'] for r in runs):.1f} | "
+            f"{runs[0]['wall_s']:.0f} | {peak:.0f} | {stages} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

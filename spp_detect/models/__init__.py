@@ -1,0 +1,1 @@
+"""Trunks, their weights and the trained detector's parts (docs/layout.md)."""
