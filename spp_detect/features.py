@@ -198,8 +198,8 @@ def read_record_image(record: ImageRecord) -> np.ndarray:
     if image.shape[:2] != record.image_hw:
         raise UserError(
             f"{record.path}: decodes to {image.shape[0]}×{image.shape[1]} but its header says "
-            f"{record.height}×{record.width} (EXIF rotation?); save it upright without EXIF "
-            "orientation"
+            f"{record.height}×{record.width} (rewritten since the split was read?); replace the "
+            "file, or drop its id from the split"
         )
     return image
 

@@ -6,12 +6,14 @@ Images are numpy uint8 (H, W, 3) in RGB order everywhere in the package.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from spp_detect.errors import UserError
 
@@ -21,31 +23,104 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: proposal workers 
     import torch
 
 
-# Pixels as stored, like the VOC devkit and the sizes voc.py reads: EXIF rotation is ignored.
+# The pixels are decoded as stored, then turned upright by our own reading of the EXIF
+# Orientation tag (upright_pixels), the one image_header reads the sizes with: photo viewers and
+# annotation tools show the picture upright, and its boxes are drawn on that
+# (docs/method.md#image-scales, "Pixels").
 _DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+EXIF_ORIENTATION_TAG = 0x0112  # TIFF/EXIF tag 274, Orientation
+# Orientations 5-8 turn the stored pixels by 90 degrees (EXIF 2.32, Orientation): W and H swap.
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# Pillow's decompression-bomb error limit (2 x PIL.Image.MAX_IMAGE_PIXELS): more pixels than
+# this are refused, so that a small file cannot make a stage allocate gigabytes.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+DATASET_FIX = "replace the file or drop its id from the split"
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB; grayscale is replicated to 3 channels.
+def read_image(path: str | Path, fix: str = DATASET_FIX) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3) RGB, upright (its EXIF orientation applied);
+    grayscale is replicated to 3 channels.
 
     A file that decodes only partially (a JPEG cut short, common in scraped datasets) is used
     as decoded, as ``cv2.imread`` does, with one WARNING per file; ``cv2.imdecode`` alone
-    refuses it. A file that does not decode at all is a :class:`UserError`.
+    refuses it. A file that does not decode at all is a :class:`UserError` ending in ``fix``.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: image not found; check the path")
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, _DECODE_FLAGS) if data.size else None
-    if image is None and data.size:
+    if not data.size:
+        raise UserError(f"{path}: an empty file (0 bytes), not an image; {fix}")
+    _, orientation = image_header(path, fix, required=False)
+    image = cv2.imdecode(data, _DECODE_FLAGS)
+    if image is None:
         image = cv2.imread(str(path), _DECODE_FLAGS)  # libjpeg's tolerant path
         if image is not None:
             _warn_partial(path)
     if image is None:
-        raise UserError(
-            f"{path}: not a readable image; replace the file or drop its id from the split"
-        )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        raise UserError(f"{path}: not a readable image; {fix}")
+    return upright_pixels(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
+
+
+def image_header(
+    path: Path, fix: str = DATASET_FIX, required: bool = True
+) -> tuple[tuple[int, int], int]:
+    """(H, W) of the picture upright, and its EXIF orientation (1 when it has none), from the
+    file header only (PIL opens lazily; no pixel is decoded).
+
+    More than ``MAX_IMAGE_PIXELS`` is a :class:`UserError`. A header PIL cannot read is one too,
+    unless not ``required`` (``read_image``: OpenCV reads formats PIL does not): ((0, 0), 1).
+    """
+    try:
+        with warnings.catch_warnings():  # our own limit below, not PIL's raw warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                orientation = _orientation(image)
+    except Image.DecompressionBombError:  # PIL's own check, at twice its warning limit
+        raise UserError(_too_many_pixels(path, fix)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        if not required:
+            return (0, 0), 1
+        raise UserError(f"{path}: not a readable image ({type(exc).__name__}); {fix}") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserError(_too_many_pixels(path, fix))
+    if orientation in TRANSPOSING_ORIENTATIONS:
+        return (width, height), orientation
+    return (height, width), orientation
+
+
+def _too_many_pixels(path: Path, fix: str) -> str:
+    return (
+        f"{path}: more than {MAX_IMAGE_PIXELS:,} pixels, the limit against decompression bombs; "
+        f"downscale the image (e.g. to 10,000 px on its longer side) or {fix}"
+    )
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation of an opened image, 1 (as stored) when absent or unusable."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # an eXIf chunk after the pixel data: PIL would decode every pixel to find it
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError):  # a damaged EXIF block: no orientation
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def upright_pixels(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels (H, W, C) turned upright as EXIF ``orientation`` (1-8) says, contiguous;
+    the same transforms as ``PIL.ImageOps.exif_transpose``."""
+    turned = {
+        2: lambda a: a[:, ::-1],  # mirrored left-right
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1],  # mirrored top-bottom
+        5: lambda a: a.transpose(1, 0, 2),  # transposed
+        6: lambda a: np.rot90(a, k=-1),  # rotated 90 clockwise
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # transversed
+        8: lambda a: np.rot90(a, k=1),  # rotated 90 anticlockwise
+    }.get(orientation)
+    return image if turned is None else np.ascontiguousarray(turned(image))
 
 
 _warned_partial: set[Path] = set()

@@ -139,10 +139,17 @@ def test_split_file_columns_blank_lines_duplicates_and_png(tmp_path):
     assert records[0].path.name == "b.png"
 
 
-def test_xml_filename_is_used(tmp_path):
+def test_the_id_decides_the_image_and_another_filename_is_a_warning(tmp_path, caplog):
+    """A <filename> naming another file: the id's own image is used, with a warning; that file
+    only when the id has no image (before, <filename> won over the id)."""
     root = make_voc(tmp_path / "voc", {"a": xml("", filename="other.jpg")})
     image = np.zeros((10, 20, 3), dtype=np.uint8)
     cv2.imwrite(str(root / "JPEGImages" / "other.jpg"), image)
+    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+        (record,) = read_split(root, "trainval", CLASSES)
+    assert record.path.name == "a.jpg" and record.image_hw == (60, 80)
+    assert "<filename> names another file (the id's image is used)" in caplog.text
+    (root / "JPEGImages" / "a.jpg").unlink()
     (record,) = read_split(root, "trainval", CLASSES)
     assert record.path.name == "other.jpg" and record.image_hw == (10, 20)
 
@@ -210,4 +217,107 @@ def test_image_that_does_not_decode(tmp_path):
     root = make_voc(tmp_path / "voc", {"a": xml("")})
     (root / "JPEGImages/a.jpg").write_bytes(b"\x00garbage, not an image" * 10)
     with raises_naming(root / "JPEGImages/a.jpg", "not a readable image"):
+        read_split(root, "trainval", CLASSES)
+
+
+# --- inputs from the wild (issue 27) ---------------------------------------------------------
+
+
+def test_a_filename_naming_another_listed_id_is_refused(tmp_path):
+    """Id b whose XML names a.jpg, the image of id a: one image would be read (and scored)
+    twice; before, b silently read a's image."""
+    root = make_voc(tmp_path / "voc", {"a": xml(""), "b": xml("", filename="a.jpg")})
+    with raises_naming(root / "Annotations/b.xml", "is the image of id 'a', also in the split"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_a_namespaced_xml_keeps_its_objects(tmp_path):
+    """<annotation xmlns="..."> (and prefixed tags) are read as plain VOC; before, every
+    object was lost without a word."""
+    plain = xml(obj("cat", (1, 1, 40, 30)) + obj("dog", (5, 5, 60, 50)))
+    namespaced = plain.replace("<annotation>", '<annotation xmlns="http://example.com/voc">')
+    prefixed = (
+        namespaced.replace('xmlns="', 'xmlns:v="').replace("<", "<v:").replace("<v:/", "</v:")
+    )
+    root = make_voc(tmp_path / "voc", {"plain": plain, "ns": namespaced, "prefixed": prefixed})
+    records = read_split(root, "trainval", CLASSES)
+    for record in records:
+        np.testing.assert_array_equal(record.gt_boxes, records[0].gt_boxes)
+        assert record.gt_labels.tolist() == [0, 1] and record.image_hw == (60, 80)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_coordinate_that_is_not_a_finite_number_is_refused(tmp_path, value):
+    """Before, 'nan' was read as a number and reported as a box outside the image."""
+    root = make_voc(tmp_path / "voc", {"a": xml(obj("cat", (1, value, 30, 40)))})
+    with raises_naming(root / "Annotations/a.xml", f"<ymin> is '{value}', not a finite number"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_a_size_of_inf_is_no_size(tmp_path, caplog):
+    """<size> with inf (OverflowError in int()) was a traceback; it is unusable, like text."""
+    text = xml(obj("cat", (1, 1, 30, 40))).replace("<width>80</width>", "<width>inf</width>")
+    root = make_voc(tmp_path / "voc", {"a": text})
+    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+        (record,) = read_split(root, "trainval", CLASSES)
+    assert record.image_hw == (60, 80) and "no usable <size>" in caplog.text
+
+
+def _exif_photo(path: Path, stored_hw: tuple[int, int], orientation: int) -> None:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.full((*stored_hw, 3), 90, np.uint8)).save(path, exif=exif)
+
+
+def test_an_exif_rotated_photo_is_read_upright_with_its_upright_size(tmp_path, caplog):
+    """A phone photo (orientation 6, stored 60x80 landscape) whose <size> and boxes are for the
+    upright 80x60 portrait: read upright, boxes kept, no size warning (before: the stored
+    size, a "<size> differs" warning and every box on sideways pixels)."""
+    root = make_voc(tmp_path / "voc", {"a": xml(obj("cat", (1, 51, 40, 80)), size=(80, 60))})
+    _exif_photo(root / "JPEGImages/a.jpg", (60, 80), orientation=6)
+    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+        (record,) = read_split(root, "trainval", CLASSES)
+    assert record.image_hw == (80, 60)
+    np.testing.assert_array_equal(record.gt_boxes, [[0, 50, 40, 80]])  # not clipped
+    assert "<size> differs" not in caplog.text
+
+
+def test_a_size_of_the_stored_pixels_of_a_rotated_photo_is_refused(tmp_path):
+    """<size> 80x60 is the stored landscape, but EXIF turns it to a portrait: the boxes were
+    drawn on the sideways pixels, so one line says how to fix the data."""
+    root = make_voc(tmp_path / "voc", {"a": xml(obj("cat", (1, 1, 70, 50)), size=(60, 80))})
+    _exif_photo(root / "JPEGImages/a.jpg", (60, 80), orientation=8)
+    with raises_naming(root / "Annotations/a.xml", "EXIF orientation 8 turns it upright") as info:
+        read_split(root, "trainval", CLASSES)
+    assert "exiftool -Orientation=1 -n" in str(info.value)
+
+
+def test_a_utf8_bom_is_read_and_utf16_or_latin1_named(tmp_path):
+    """A UTF-8 BOM was glued to the first id ('\\ufeffa': "no annotation for id"); UTF-16 and
+    other encodings gave ids of garbage. The BOM is dropped; the others are named."""
+    root = make_voc(tmp_path / "voc", {"a": xml(""), "b": xml("")})
+    split = root / "ImageSets/Main/trainval.txt"
+    split.write_bytes("\ufeffa\r\nb\r\n".encode())
+    assert [r.image_id for r in read_split(root, "trainval", CLASSES)] == ["a", "b"]
+    split.write_bytes("a\r\nb\r\n".encode("utf-16"))
+    with raises_naming(split, "UTF-16 text; save it as UTF-8"):
+        read_split(root, "trainval", CLASSES)
+    split.write_bytes("a\nb\xe9\n".encode("latin-1"))
+    with raises_naming(split, "not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_an_id_with_a_space_is_refused(tmp_path):
+    """'my photo' was cut to the id 'my' without a word; a -1/0/1 flag column is still read."""
+    root = make_voc(tmp_path / "voc", {"a": xml("")}, split_text="a 1\nmy photo\n")
+    with raises_naming(f"{root / 'ImageSets/Main/trainval.txt'}:2", "'my photo' holds a space"):
+        read_split(root, "trainval", CLASSES)
+
+
+def test_an_id_too_long_for_a_file_name_is_refused(tmp_path):
+    """A 300-character line: Annotations/<id>.xml raised ENAMETOOLONG (a traceback)."""
+    root = make_voc(tmp_path / "voc", {"a": xml("")}, split_text="a\n" + "x" * 300 + "\n")
+    with raises_naming(f"{root / 'ImageSets/Main/trainval.txt'}:2", "an id of 300 bytes"):
         read_split(root, "trainval", CLASSES)
