@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,11 +326,34 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (PyYAML would keep the last one silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(
+                    f"line {line}: key {key!r} is given twice (also on line {first_line[key]}), "
+                    "and only the last would count; keep one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass an existing YAML file to -c")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -409,9 +433,19 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
 
 # ------------------------------------------------------------------------------- value checks
 
+# Seeds go to numpy and torch generators; this is the range every one of them accepts (numpy's
+# legacy RandomState: 0 to 2**32 - 1).
+MAX_SEED = 2**32 - 1
+# Float keys for which infinity is a setting ("no cap"), documented with the key; NaN never is.
+INFINITY_ALLOWED = ("svm.cache_gib",)
+
 # (key, holds, requirement): every value a stage cannot work with, checked when the config loads
-# so that a typo fails before any work, not after the proposals load.
+# so that a typo fails before any work, not after the proposals load. Every numeric key is here
+# (tests/test_config.py checks it), but extract.scales and spp.levels (features.check_*).
 _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
+    ("propose.base_k", lambda v: v >= 1, "at least 1"),
+    ("propose.inc_k", lambda v: v >= 0, "at least 0"),
+    ("propose.sigma", lambda v: v >= 0, "at least 0"),
     ("propose.min_size", lambda v: v >= 0, "at least 0"),
     ("propose.max_per_image", lambda v: v >= 0, "at least 0 (0 keeps all)"),
     ("propose.max_side", lambda v: v >= 0, "at least 0 (0 = never downscale)"),
@@ -419,6 +453,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("extract.max_long_side", lambda v: v >= 0, "0 (no cap) or positive"),
     ("extract.batch_images", lambda v: v >= 1, "at least 1"),
     ("spp.target_size", lambda v: v > 0, "positive"),
+    ("spp.offset", lambda v: v >= 0, "at least 0 (px)"),
     ("finetune.fc_dim", lambda v: v >= 1, "at least 1"),
     ("finetune.batch_size", lambda v: v >= 1, "at least 1"),
     ("finetune.checkpoint_every", lambda v: v >= 1, "at least 1"),
@@ -432,6 +467,8 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("finetune.lr", lambda v: v > 0, "positive"),
     ("finetune.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("finetune.weight_decay", lambda v: v >= 0, "at least 0"),
+    ("finetune.lr_steps", lambda v: all(step >= 1 for step in v), "iterations of at least 1"),
+    ("finetune.seed", lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     ("svm.C", lambda v: v > 0, "positive"),
     ("svm.pos_weight", lambda v: v > 0, "positive"),
     ("svm.intercept_scaling", lambda v: v > 0, "positive"),
@@ -442,12 +479,19 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("svm.target_norm", lambda v: v > 0, "positive"),
     ("svm.norm_images", lambda v: v >= 1, "at least 1"),
     ("svm.norm_windows", lambda v: v >= 1, "at least 1"),
-    ("bbox_reg.ridge_lambda", lambda v: v >= 0, "at least 0"),
+    ("svm.seed", lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+    ("svm.hard_thresh", math.isfinite, "a finite score"),
+    ("svm.evict_thresh", math.isfinite, "a finite score"),
+    # positive: a zero penalty leaves the ridge system singular (Cholesky fails)
+    ("bbox_reg.ridge_lambda", lambda v: v > 0, "positive"),
     ("bbox_reg.min_iou", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("bbox_reg.target_norm", lambda v: v > 0, "positive"),
-    ("bbox_reg.whiten_eps", lambda v: v >= 0, "at least 0"),
+    # positive: a target direction without variance would be whitened by 1/0
+    ("bbox_reg.whiten_eps", lambda v: v > 0, "positive"),
     ("bbox_reg.norm_images", lambda v: v >= 1, "at least 1"),
     ("bbox_reg.norm_windows", lambda v: v >= 1, "at least 1"),
+    ("bbox_reg.seed", lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+    ("test.score_thresh", math.isfinite, "a finite score"),
     ("test.nms_thresh", lambda v: 0.0 <= v <= 1.0, "an IoU in [0, 1]"),
     ("test.max_per_class", lambda v: v >= 1, "at least 1"),
     ("test.batch_windows", lambda v: v >= 1, "at least 1"),
@@ -463,11 +507,12 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
 
 def validate(config: Config) -> None:
     """A :class:`UserError` naming every value of ``config`` that no stage can work with."""
-    problems = []
+    non_finite = _non_finite_keys(config)
+    problems = [f"{key} must be a finite number, got {value}" for key, value in non_finite.items()]
     for key, holds, requirement in _RANGES:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if not holds(value):
+        if key not in non_finite and not holds(value):
             problems.append(f"{key} must be {requirement}, got {value}")
     problems += _relation_problems(config)
     if problems:
@@ -475,9 +520,34 @@ def validate(config: Config) -> None:
     _check_choices(config)
 
 
+def _non_finite_keys(config: Config) -> dict[str, float]:
+    """The float keys (or list items) holding NaN or infinity, with that value: they pass no
+    comparison, so a NaN threshold would silently keep nothing (infinity is allowed where
+    INFINITY_ALLOWED says it means "no cap")."""
+    found = {}
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for item in dataclasses.fields(values):
+            key = f"{section}.{item.name}"
+            value = getattr(values, item.name)
+            for number in value if isinstance(value, tuple) else (value,):
+                if not isinstance(number, float) or math.isfinite(number):
+                    continue
+                if not (math.isinf(number) and key in INFINITY_ALLOWED):
+                    found[key] = number
+    return found
+
+
 def _relation_problems(config: Config) -> list[str]:
     finetune, svm = config.finetune, config.svm
     problems = []
+    classes = [name.strip() for name in config.data.classes]
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        problems.append(
+            f"data.classes lists {', '.join(map(repr, repeated))} more than once; list each "
+            "class once (labels and AP rows are one per name)"
+        )
     if not finetune.bg_thresh_lo <= finetune.bg_thresh_hi <= finetune.fg_thresh:
         problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
     if svm.evict_thresh > svm.hard_thresh:

@@ -211,3 +211,87 @@ def test_every_bundled_config_loads_and_passes_the_value_checks():
     assert {"toy", "raccoon", "raccoon_conv", "voc07_zf5_5scale"} <= set(names)
     for name in names:
         assert load_config(name).name == name
+
+
+# --- inputs from the wild (issue 27) ---------------------------------------------------------
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_one_line(tmp_path):
+    """Two `finetune:` sections (or two keys in one): PyYAML kept the last one silently, so
+    the run used the defaults of what the first set."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("finetune:\n  iterations: 30\ndata:\n  root: x\nfinetune:\n  lr: 0.01\n")
+    message = (
+        f"{path}: line 5: key 'finetune' is given twice (also on line 1), and only the last "
+        "would count; keep one"
+    )
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        load_config(path)
+    path.write_text("svm:\n  C: 1\n  seed: 2\n  C: 3\n")
+    with pytest.raises(UserError, match=r"line 4: key 'C' is given twice \(also on line 2\)"):
+        load_config(path)
+
+
+def test_a_class_listed_twice_is_one_line():
+    """[circle, circle, square, triangle]: one AP row overwrote the other (mAP 100 of 75)."""
+    message = "data.classes lists 'circle' more than once; list each class once"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, ["data.classes=[circle, circle, square, 'triangle']"])
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, ["data.classes=[circle, 'circle ', square]"])
+
+
+def _numeric_keys(kind: type) -> list[str]:
+    """Every config key holding numbers of ``kind`` (or a list of them)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        if section.name == "name":
+            continue
+        hints = typing.get_type_hints(type(getattr(Config(), section.name)))
+        for key, hint in hints.items():
+            if hint is kind or typing.get_args(hint)[:1] == (kind,):
+                keys.append(f"{section.name}.{key}")
+    return keys
+
+
+@pytest.mark.parametrize("key", _numeric_keys(float))
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_every_float_key_refuses_numbers_that_are_not_numbers(key, value):
+    """NaN passes no comparison: a NaN test.score_thresh kept no detection, without a word.
+    Infinity is only svm.cache_gib's "no cap"."""
+    if key == "svm.cache_gib" and value == ".inf":
+        assert load_config(None, [f"{key}={value}"]).svm.cache_gib == float("inf")
+        return
+    negative_cap = key == "svm.cache_gib" and value == "-.inf"
+    requirement = "positive" if negative_cap else "a finite number"
+    with pytest.raises(UserError, match=rf"{re.escape(key)} must be {requirement}"):
+        load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key", _numeric_keys(int))
+def test_every_int_key_refuses_minus_one(key):
+    """Every integer key is range-checked when the config loads (seeds were not: svm.seed=-1
+    and finetune.seed=-1 crashed inside the stage)."""
+    value = "[-1]" if key in ("extract.scales", "spp.levels", "finetune.lr_steps") else "-1"
+    with pytest.raises(UserError, match=re.escape(key)):
+        load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("svm.seed=-1", "svm.seed must be in [0, 4294967295], got -1"),
+        ("finetune.seed=4294967296", "finetune.seed must be in [0, 4294967295]"),
+        ("bbox_reg.ridge_lambda=0", "bbox_reg.ridge_lambda must be positive, got 0.0"),
+        ("bbox_reg.whiten_eps=0", "bbox_reg.whiten_eps must be positive, got 0.0"),
+        ("test.score_thresh=nan", "test.score_thresh must be a finite number, got nan"),
+    ],
+)
+def test_seeds_and_ridge_penalties_out_of_range_are_refused(override, message):
+    """svm.seed=-1 and bbox_reg.ridge_lambda=0 passed the range check and crashed the stage
+    (numpy's seed error, a Cholesky error)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])
