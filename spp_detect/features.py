@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -35,6 +36,10 @@ FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it i
 CACHE_MODES = ("disk", "none")
 # a RuntimeError raised by the CUDA device (kernel, cuBLAS, cuDNN) says one of these
 CUDA_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error")
+# How a failed allocation in host memory reads: torch's CPU allocator ("DefaultCPUAllocator:
+# can't allocate memory"), OpenCV ("Insufficient memory", "Failed to allocate"); numpy raises
+# MemoryError.
+HOST_MEMORY_MARKERS = ("can't allocate memory", "Insufficient memory", "Failed to allocate")
 REASON_CHARS = 160  # a device error's reason is cut to this length in the one-line message
 PREFETCHED_IMAGES = 2  # pending background reads kept: the image in hand's and the next one's
 
@@ -124,10 +129,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 @dataclass(frozen=True)
 class DeviceFailure:
     """An error raised by the CUDA device while a stage worked on one image: ``out_of_memory``,
-    and ``reason``, the error's first sentence (without "CUDA error: ", cut to REASON_CHARS)."""
+    and ``reason``, the error's first sentence (without "CUDA error: ", cut to REASON_CHARS);
+    ``on_host``: out of the machine's own memory instead."""
 
     out_of_memory: bool
     reason: str
+    on_host: bool = False
 
     def message(self, where: str, doing: str, done: int, lower_memory: str) -> str:
         """The one line of a stage stopped by this error at ``where`` (the image) while
@@ -136,7 +143,9 @@ class DeviceFailure:
         kept = {0: "no image done yet", 1: "the 1 image done is kept"}.get(
             done, f"the {done} images done are kept"
         )
-        if self.out_of_memory:
+        if self.on_host:
+            what = f"out of memory while {doing} ({self.reason}); lower it with {lower_memory}"
+        elif self.out_of_memory:
             what = f"out of GPU memory while {doing}; lower it with {lower_memory}"
         else:
             what = f"CUDA error while {doing} ({self.reason})"
@@ -159,25 +168,45 @@ def device_failure(exc: BaseException) -> DeviceFailure | None:
     )
     if not raised_by_device:
         return None
-    first = text.strip().split("\n")[0].split(". ")[0].strip().rstrip(".")
+    first = _first_sentence(exc)
     reason = first.removeprefix("CUDA error: ") or type(exc).__name__
-    if len(reason) > REASON_CHARS:
-        reason = reason[: REASON_CHARS - 1] + "…"
     out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in first
-    return DeviceFailure(out_of_memory, reason)
+    return DeviceFailure(out_of_memory, _cut(reason))
+
+
+def host_memory_failure(exc: BaseException) -> DeviceFailure | None:
+    """``exc`` as a failed allocation in the machine's own memory (numpy's MemoryError, or
+    HOST_MEMORY_MARKERS in torch's or OpenCV's error); None for any other error."""
+    text = str(exc)
+    failed = isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError | cv2.error) and any(m in text for m in HOST_MEMORY_MARKERS)
+    )
+    if not failed:
+        return None
+    sentences = text.strip().split("\n")[0].split(". ")  # torch's starts "[enforce fail ...]"
+    reason = next((p for p in sentences if any(m in p for m in HOST_MEMORY_MARKERS)), sentences[0])
+    return DeviceFailure(True, _cut(reason.rstrip(".") or type(exc).__name__), on_host=True)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return str(exc).strip().split("\n")[0].split(". ")[0].strip().rstrip(".")
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 1] + "…"
 
 
 @contextlib.contextmanager
 def device_errors(
     where: str, doing: str, done: int, lower_memory: str, before: Callable[[], None] | None = None
 ) -> Iterator[None]:
-    """An error of the CUDA device inside becomes a UserError with the one line of
-    :meth:`DeviceFailure.message`; ``before()`` runs first (to finish writing the images done).
-    Any other error passes through."""
+    """An error of the CUDA device inside, or out of the machine's memory, becomes a UserError
+    with the one line of :meth:`DeviceFailure.message`; ``before()`` runs first (to finish
+    writing the images done). Any other error passes through."""
     try:
         yield
-    except RuntimeError as exc:
-        failure = device_failure(exc)
+    except (RuntimeError, MemoryError, cv2.error) as exc:
+        failure = device_failure(exc) or host_memory_failure(exc)
         if failure is None:
             raise
         if before is not None:

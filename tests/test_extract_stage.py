@@ -561,3 +561,42 @@ def test_cached_maps_are_not_pinned_on_the_cpu(toy_root, extracted, monkeypatch)
     source.maps(first)
     source.prefetch(second)
     assert all(fmap.device.type == "cpu" for fmap in source.maps(second))
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 92160000000 bytes. Error code 12"
+            ),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 92160000000 bytes",
+        ),
+        (MemoryError("Unable to allocate 86 GiB for an array"), "Unable to allocate 86 GiB"),
+    ],
+    ids=["torch", "numpy"],
+)
+def test_out_of_memory_mid_extract_is_one_line_and_keeps_the_images_done(
+    toy_root, tmp_path, monkeypatch, error, reason
+):
+    """Out of the machine's memory on the 3rd image (a 20,000 px scale under `ulimit -v` was a
+    traceback, issue 27): one line naming the image and the settings that lower it; the first
+    two files stay."""
+    from spp_detect.stages import extract as stage
+
+    run = tmp_path / "run"
+    records = read_split(toy_root, "test", ("circle", "square", "triangle"))[:4]
+    _fail_on_call(monkeypatch, stage, "compute_maps", 3, error)
+    result = CliRunner().invoke(cli, _args(toy_root, run, "--split", "test", "--limit", "4"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (line,) = _error_lines(result)
+    assert line.startswith(f"error: {records[2].path}: out of memory while extracting ({reason}")
+    assert line.endswith(
+        "lower it with extract.batch_images=1, smaller extract.scales, extract.max_long_side "
+        "(e.g. 1000) or extract.precision=bf16; the 2 images done are kept; rerun to resume"
+    )
+    out = run / "features" / "test"
+    assert all((out / f"{r.image_id}.npz").is_file() for r in records[:2])
+    assert not (out / "manifest.json").exists()

@@ -317,3 +317,25 @@ def test_opencv_without_contrib_is_one_line_naming_the_fix(toy_root, tmp_path, m
     assert not list(RunDir(run).proposals_dir("trainval").glob("*"))
     with pytest.raises(UserError, match="lacks the contrib module"):
         proposals.propose_image(np.zeros((20, 20, 3), np.uint8), method)
+
+
+def test_an_image_too_long_to_propose_on_quickly_names_propose_max_side(caplog):
+    """A 30,000 x 200 image made no progress for minutes without a hint (issue 27)."""
+    from spp_detect.structures import ImageRecord
+
+    def record(height: int, width: int) -> ImageRecord:
+        empty = np.zeros((0, 4), np.float32)
+        path = Path(f"/data/{height}x{width}.jpg")
+        return ImageRecord(path.stem, path, height, width, empty, np.zeros(0), np.zeros(0, bool))
+
+    images = [record(375, 500), record(200, 30_000)]
+    with caplog.at_level("WARNING", logger="spp_detect.stages.propose"):
+        propose_stage.hint_max_side(images, max_side=0)
+    assert (
+        "1 image(s) with a side over 4000 px (e.g. /data/200x30000.jpg, 30000x200)" in caplog.text
+    )
+    assert "set propose.max_side (e.g. 1000)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spp_detect.stages.propose"):
+        propose_stage.hint_max_side(images, max_side=1000)  # downscaled: no hint
+    assert not caplog.text

@@ -7,7 +7,8 @@ per scale (plus the mirrored image on training splits with ``extract.flip``) and
 with ``extract.batch_images`` > 1, images of the same size at every scale share their forward
 passes (still one file each); an image that runs out of GPU memory is redone on the CPU (a batch
 first one image at a time), and any other CUDA error stops the stage with one line naming the
-image, the files written so far kept; 4. the manifest, last.
+image, the files written so far kept, as does running out of the machine's memory (a huge image
+or scale); 4. the manifest, last.
 Cache layout: ``spp_detect.features`` (module docstring) and docs/contracts.md#artefacts.
 """
 
@@ -227,11 +228,12 @@ def _extract_all(
 
     bar = tqdm(total=total, initial=done, desc=f"extract {split}", unit="img")
     with ThreadPoolExecutor(max_workers=2) as pool, bar:
-        for batch, images in _decoded_ahead(pool, batches):
+        for batch, decoding in _decoded_ahead(pool, batches):
             records = [record for record, _ in batch]
             file_fps = [fingerprints[record.image_id] for record in records]
             where = _where(records)
             with device_errors(where, "extracting", done, LOWER_MEMORY, lambda: settle(0)):
+                images = [future.result() for future in decoding]  # a huge image may not fit
                 arrays = extractor.batch_arrays(records, images, file_fps)
             for (_, path), image_arrays in zip(batch, arrays, strict=True):
                 pending.append(pool.submit(_save, path, image_arrays))
@@ -252,8 +254,8 @@ def _where(records: Sequence[ImageRecord]) -> str:
 
 def _decoded_ahead(
     pool: ThreadPoolExecutor, batches: Sequence[Sequence[Item]]
-) -> Iterator[tuple[Sequence[Item], list[np.ndarray]]]:
-    """Each batch with its decoded images; the next batch decodes while this one runs."""
+) -> Iterator[tuple[Sequence[Item], list[Future[np.ndarray]]]]:
+    """Each batch with its images being decoded; the next batch decodes while this one runs."""
 
     def decode(batch: Sequence[Item]) -> list[Future[np.ndarray]]:
         return [pool.submit(read_record_image, record) for record, _ in batch]
@@ -262,7 +264,7 @@ def _decoded_ahead(
     for position, batch in enumerate(batches):
         current = upcoming
         upcoming = decode(batches[position + 1]) if position + 1 < len(batches) else []
-        yield batch, [future.result() for future in current]
+        yield batch, current
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import multiprocessing
 import time
 from collections.abc import Mapping
@@ -56,6 +57,9 @@ from spp_detect.workers import MP_START_METHOD, run_jobs
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_FAILURES = 10  # failures named in the error line; all of them are logged
+# Selective search's time grows with the pixels and worse with long thin images (a 30,000 x 200
+# image made no progress in 400 s, issue 27): above this longer side, propose.max_side is hinted.
+LARGE_SIDE_HINT = 4000  # px
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,20 @@ def save_proposals(
     )
 
 
+def hint_max_side(records: list[ImageRecord], max_side: int) -> None:
+    """One WARNING naming the images proposed on with a longer side above LARGE_SIDE_HINT
+    (``propose.max_side`` 0 or above it): proposing on them may take many minutes."""
+    cap = max_side or math.inf  # 0: never downscaled
+    large = [r for r in records if min(max(r.image_hw), cap) > LARGE_SIDE_HINT]
+    if large:
+        first = large[0]
+        logger.warning(
+            "%d image(s) with a side over %d px (e.g. %s, %dx%d): proposals on them may take "
+            "many minutes; set propose.max_side (e.g. 1000) to propose on a downscaled copy",
+            len(large), LARGE_SIDE_HINT, first.path, first.width, first.height,
+        )  # fmt: skip
+
+
 @locked("propose", sharded=True)
 def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str:
     """Proposals for ``split`` (``ctx``: the CLI's StageContext); returns report + summary."""
@@ -113,6 +131,7 @@ def run_propose(ctx: StageContext, split: str, report_only: bool = False) -> str
     if config.propose.method == "mat":
         failures = _import_mat(config.propose, mine, paths, fingerprints)
     else:
+        hint_max_side(mine, config.propose.max_side)
         params = proposal_params(config.propose)
         jobs = [
             ProposalJob(r.image_id, str(r.path), str(p), params, fingerprints[r.image_id])
