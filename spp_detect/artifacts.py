@@ -44,6 +44,11 @@ WRITE_ERRORS = {
     errno.EACCES: "permission denied; fix the folder's permissions or use another --run-dir",
     errno.EPERM: "operation not permitted; fix the folder's permissions or use another --run-dir",
     errno.EIO: "the disk reported an I/O error; check the device, then rerun to resume",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; use another --run-dir or --out",
+    errno.ENAMETOOLONG: (
+        "a name in that path is longer than the file system allows; use a shorter --run-dir or "
+        "--out, or shorter image ids"
+    ),
 }
 
 
@@ -63,11 +68,11 @@ def write_error(path: str | Path, exc: OSError, needed: int | None = None) -> Us
 def free_bytes(folder: Path) -> int | None:
     """Free bytes on the file system of ``folder`` (or its nearest existing parent)."""
     for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            try:
+        try:
+            if candidate.is_dir():
                 return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
+        except OSError:  # a name too long, or no access: no figure
+            return None
     return None
 
 
@@ -98,7 +103,7 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; artefacts get the usual umask mode
@@ -110,6 +115,17 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# The temporary name adds 14 bytes to the file's (".", ".", 8 random characters, ".tmp"): a
+# file name of up to 255 bytes (Linux's NAME_MAX), such as a long image id's <id>.npz, keeps
+# only its first 200 bytes in it.
+TEMPORARY_NAME_BYTES = 200
+
+
+def _temporary_prefix(path: Path) -> str:
+    name = path.name.encode()[:TEMPORARY_NAME_BYTES].decode(errors="ignore")
+    return f".{name}."
 
 
 def remove_stale_temporaries(folder: Path) -> int:

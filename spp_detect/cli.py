@@ -103,15 +103,20 @@ def default_device() -> str:
 
 
 def stage_options(
-    func: Callable[..., Any] | None = None, *, default_config: str | None = None
+    func: Callable[..., Any] | None = None,
+    *,
+    default_config: str | None = None,
+    reads_run: bool = False,
 ) -> Callable[..., Any]:
     """The options every stage shares (docs/contracts.md#cli); passes a ``ctx: StageContext``.
 
     Without -c, the config is the run directory's saved `config.yaml` when there is one (so
     `--run-dir DIR` alone picks up that run), else ``default_config`` or the code defaults.
+    A command that ``reads_run`` (detect, eval) leaves the run's saved config as it is: its
+    ``--set`` values are for this call, and the run may be read-only.
     """
     if func is None:
-        return functools.partial(stage_options, default_config=default_config)
+        return functools.partial(stage_options, default_config=default_config, reads_run=reads_run)
 
     @click.option(
         "-c",
@@ -158,6 +163,8 @@ def stage_options(
 
         device = rank_device(dist, device or default_device())
         resolve_device(device)  # a bad or absent device stops here, before any work
+        if run_dir:
+            check_folder_option(Path(run_dir), "--run-dir")
         saved = Path(run_dir or "", "config.yaml")
         if config_path is None:
             config_path = saved if run_dir and saved.is_file() else default_config
@@ -175,12 +182,32 @@ def stage_options(
         )
         result = func(ctx=ctx, **kw)
         # Saved after the stage succeeds, so a failed call never replaces the last good record.
-        if ctx.dist.is_main:
+        if ctx.dist.is_main and not reads_run:
             config.dump(ctx.run_dir.config_path)
         stop(ctx.dist)
         return result
 
     return wrapper
+
+
+# Linux's NAME_MAX: the longest name of one file or folder, in bytes.
+NAME_MAX_BYTES = 255
+
+
+def check_folder_option(folder: Path, option: str) -> None:
+    """Refuse a folder option that no file can be written under, before any work: a part of it
+    is an existing file (ENOTDIR), or a name in it is too long (ENAMETOOLONG)."""
+    for part in folder.parts:
+        if len(part.encode()) > NAME_MAX_BYTES:
+            raise UserError(
+                f"{option} {folder}: the name {part[:40]}... is {len(part.encode())} bytes, "
+                f"longer than the {NAME_MAX_BYTES} a file system allows; use a shorter {option}"
+            )
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(
+                f"{option} {folder}: {parent} is a file, not a folder; use another {option}"
+            )
 
 
 def split_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -305,7 +332,7 @@ def test(ctx: StageContext, split: str | None) -> None:
 
 
 @cli.command("eval")
-@stage_options
+@stage_options(reads_run=True)
 @split_option
 @click.option(
     "--voc2007",
@@ -340,6 +367,8 @@ def eval_(
     if not ctx.dist.broadcast(has_detections(ctx, split)):  # under torchrun: rank 0 decides
         click.echo(f"no detections for {split} yet: running test first", err=True)
         click.echo(run_test(ctx, split), err=True)
+        if ctx.dist.is_main:  # test wrote to the run: its config is the run's record
+            ctx.config.dump(ctx.run_dir.config_path)
     use_07 = True if voc2007 else ctx.config.eval.use_07_metric
     click.echo(run_eval(ctx, split, use_07, Path(combine) if combine else None, metric))
 
@@ -354,7 +383,7 @@ def run(ctx: StageContext) -> None:
 
 
 @cli.command("detect")
-@stage_options
+@stage_options(reads_run=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--out",
@@ -378,6 +407,7 @@ def detect(
 
     _one_process_only(ctx, "detect")
     out = Path(out_dir) if out_dir else ctx.run_dir.detect_dir
+    check_folder_option(out, "--out")
     click.echo(run_detect(ctx, [Path(p) for p in images], out, score_thresh))
 
 

@@ -153,3 +153,12 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_file_named_by_a_long_id_is_written(tmp_path):
+    """<id>.npz of a 240-character id (250 bytes in UTF-8): the temporary name, 14 bytes
+    longer, went past the file system's 255 and the write failed (issue 27)."""
+    target = tmp_path / ("é" * 5 + "x" * 235 + ".npz")
+    save_npz(target, boxes=np.zeros((1, 4), np.float32))
+    assert load_npz(target)["boxes"].shape == (1, 4)
+    assert os.listdir(tmp_path) == [target.name]

@@ -7,6 +7,7 @@ at scale is `scripts/fault_suite.py` (its CI slice: tests/test_fault_suite.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +221,13 @@ def test_finetune_refuses_to_start_without_room_for_its_checkpoints(
 
 @pytest.mark.parametrize(
     ("code", "fix"),
-    [(errno.EROFS, "read-only"), (errno.EACCES, "permission"), (errno.EIO, "I/O error")],
+    [
+        (errno.EROFS, "read-only"),
+        (errno.EACCES, "permission"),
+        (errno.EIO, "I/O error"),
+        (errno.ENOTDIR, "is a file, not a folder"),
+        (errno.ENAMETOOLONG, "longer than the file system allows"),
+    ],
 )
 def test_each_write_error_names_the_path_and_the_fix(tmp_path, monkeypatch, code, fix):
     def failing(*args, **kwargs):
@@ -447,3 +455,192 @@ def test_torch_full_disk_mid_archive_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 0)
     with pytest.raises(UserError, match="disk is full"):
         save_torch(tmp_path / "checkpoint.pt", {"w": torch.zeros(10)})
+
+
+# --- inputs from the wild (issue 27) ---------------------------------------------------------
+
+TRAINED = ["finetune.fc_dim=16", "finetune.iterations=2", "finetune.lr_steps=[1]",
+           "finetune.batch_size=16", "test.bbox_reg=false"]  # fmt: skip
+
+
+def _run_verb(verb: str, root: Path, run: Path, *args: str, extra: tuple[str, ...] = ()):
+    """``verb`` on ``run`` with the TOY and TRAINED settings (and ``extra`` ones)."""
+    command = [verb, "--run-dir", str(run), "--device", "cpu", "--workers", "1", *args]
+    return CliRunner().invoke(cli, command + _sets(root, *TRAINED, *extra))
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the toy set (tests that change it put it back) and the smallest run on it that
+    `test` takes: a head and SVMs trained on 3 training images, and the detections of the first
+    2 test images."""
+    folder = tmp_path_factory.mktemp("trained")
+    root = Path(shutil.copytree(toy_root, folder / "toy"))
+    run = folder / "run"
+    train, test = ("--limit", "3"), ("--split", "test", "--limit", "2")
+    for verb, args in [("propose", train), ("extract", train), ("finetune", train),
+                       ("train-svm", train), ("propose", test), ("extract", test),
+                       ("test", test)]:  # fmt: skip
+        result = _run_verb(verb, root, run, *args)
+        assert result.exit_code == 0, result.output
+    return root, run
+
+
+@contextlib.contextmanager
+def _changed_for_a_while(path: Path, change: Callable[[Path], None]):
+    """``change(path)``, put back as it was (bytes and times) afterwards."""
+    data, stat = path.read_bytes(), path.stat()
+    try:
+        change(path)
+        yield
+    finally:
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_test_refuses_svms_trained_on_another_split(trained, tmp_path):
+    """`train-svm --split test`, then `test --force`: models trained on the test set scored it
+    without a word (`run` noticed, `test` did not)."""
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    assert _run_verb("train-svm", root, run, "--split", "test", "--limit", "2").exit_code == 0
+    line = _error_line(_run_verb("test", root, run, "--split", "test", "--limit", "2", "--force"))
+    assert line == (
+        f"error: {run / 'svm/svms.npz'}: trained on split 'test', but data.train_split is "
+        "'trainval'; rerun `spp-detect train-svm --split trainval --force`"
+    )
+
+
+def test_test_refuses_svms_trained_on_a_head_fine_tuned_since(trained, tmp_path):
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    assert _run_verb("finetune", root, run, "--limit", "3", "--force").exit_code == 0
+    line = _error_line(_run_verb("test", root, run, "--split", "test", "--limit", "2", "--force"))
+    assert f"{run / 'svm/svms.npz'}: trained with another finetune output than the one" in line
+    assert line.endswith("rerun `spp-detect train-svm --split trainval --force`")
+
+
+def test_test_refuses_models_trained_before_the_training_data_changed(trained, tmp_path):
+    """A training image re-annotated in place since the models were trained."""
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    first = split_records(_config(root), "trainval")[0].image_id
+    xml = root / "Annotations" / f"{first}.xml"
+
+    def reannotate(path: Path) -> None:
+        path.write_text(re.sub(r"<xmin>\d+", "<xmin>2", path.read_text()))
+
+    with _changed_for_a_while(xml, reannotate):
+        test = _run_verb("test", root, run, "--split", "test", "--limit", "2", "--force")
+    line = _error_line(test)
+    assert f"{run / 'finetune/head.pt'}: made from other data than split 'trainval'" in line
+
+
+def test_eval_refuses_detections_of_test_images_changed_since(trained, tmp_path):
+    """A test image rewritten in place after `test`: eval scored the old detections against
+    the new image's boxes."""
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    image = split_records(_config(root), "test")[0].path
+    with _changed_for_a_while(image, lambda p: os.utime(p, ns=(1, 1))):
+        line = _error_line(_run_verb("eval", root, run, "--split", "test", "--limit", "2"))
+    assert f"{run / 'detections/test.npz'}: made from other data than split 'test'" in line
+    assert line.endswith("rerun `spp-detect test --split test --force`")
+
+
+def test_detect_and_eval_leave_the_runs_saved_config_as_it_is(trained, tmp_path, monkeypatch):
+    """`detect --set ...` rewrote the run's config.yaml (then `eval --run-dir` refused the
+    run), and on a read-only run directory it wrote its results and exited 2."""
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    saved = (run / "config.yaml").read_bytes()
+    image = split_records(_config(root), "test")[0].path
+    detect = ["detect", "--run-dir", str(run), str(image), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*detect, "--set", "test.nms_thresh=0.4"])
+    assert result.exit_code == 0, result.output
+    assert (run / "config.yaml").read_bytes() == saved
+    monkeypatch.setattr(  # a read-only run directory: its config cannot be written
+        "spp_detect.config.Config.dump",
+        lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
+    )
+    assert CliRunner().invoke(cli, detect).exit_code == 0
+    monkeypatch.undo()
+    evaluate = ["eval", "--run-dir", str(run), "--split", "test", "--limit", "2"]
+    result = CliRunner().invoke(cli, [*evaluate, "--set", "eval.iou_thresh=0.6"])
+    assert result.exit_code == 0, result.output
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_a_bad_seed_on_a_finished_run_is_refused_before_the_stage_touches_it(trained, tmp_path):
+    """`finetune --set finetune.seed=-1` crashed after putting the finished head aside."""
+    root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
+    before = {p: p.read_bytes() for p in (run / "finetune").iterdir()}
+    line = _error_line(
+        _run_verb("finetune", root, run, "--limit", "3", extra=("finetune.seed=-1",))
+    )
+    assert "finetune.seed must be in [0, 4294967295], got -1" in line
+    assert {p: p.read_bytes() for p in (run / "finetune").iterdir()} == before
+
+
+def _images(folder: Path, *names: str) -> list[Path]:
+    import cv2
+
+    paths = []
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.full((40, 60, 3), 100, np.uint8))
+        paths.append(path)
+    return paths
+
+
+def _detect(run: Path, images: list[Path], *args: str):
+    command = ["detect", "-c", "toy", "--run-dir", str(run), *map(str, images), *args]
+    return CliRunner().invoke(cli, command)
+
+
+def test_detect_never_lets_two_inputs_share_an_output_name(tmp_path):
+    """a/img.jpg and b/img.jpg (or img.jpg and img.png) wrote the same <stem>.json and .png:
+    the summary counted both, one JSON was left. Refused before any work."""
+    out = tmp_path / "out"
+    for names in (("a/img.jpg", "b/img.jpg"), ("c/img.jpg", "c/img.png")):
+        first, second = _images(tmp_path, *names)
+        line = _error_line(_detect(tmp_path / "run", [first, second], "--out", str(out)))
+        assert line == (
+            f"error: {first} and {second}: both would write {out / 'img'}.json and .png; "
+            "rename one, or run them with different --out"
+        )
+    assert not out.exists()
+
+
+def test_detect_never_overwrites_its_input(tmp_path):
+    """--out set to the input's folder: a 16-bit PNG input became an 8-bit drawing."""
+    (image,) = _images(tmp_path / "photos", "img.png")
+    data = image.read_bytes()
+    line = _error_line(_detect(tmp_path / "run", [image], "--out", str(image.parent)))
+    assert line == (
+        f"error: {image}: exists and is not an output of detect (e.g. an input image); it would "
+        "be overwritten, so pass another --out"
+    )
+    assert image.read_bytes() == data
+
+
+def test_detect_on_an_empty_file_gives_no_dataset_advice(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    line = _error_line(_detect(tmp_path / "run", [empty]))
+    assert line == f"error: {empty}: an empty file (0 bytes), not an image; " + (
+        "pass an image file (JPEG, PNG, ...)"
+    )
+
+
+def test_a_run_dir_or_out_below_a_file_or_too_long_is_one_line(tmp_path):
+    """ENOTDIR and ENAMETOOLONG were tracebacks."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["propose", "-c", "toy", "--run-dir", str(blocker / "run")])
+    assert _error_line(result) == (
+        f"error: --run-dir {blocker / 'run'}: {blocker} is a file, not a folder; use another "
+        "--run-dir"
+    )
+    (image,) = _images(tmp_path, "img.jpg")
+    line = _error_line(_detect(tmp_path / "run", [image], "--out", str(blocker / "out")))
+    assert line.startswith(f"error: --out {blocker / 'out'}: {blocker} is a file, not a folder")
+    long = tmp_path / ("x" * 300)
+    line = _error_line(CliRunner().invoke(cli, ["propose", "-c", "toy", "--run-dir", str(long)]))
+    assert "is 300 bytes, longer than the 255 a file system allows; use a shorter --run-dir" in line

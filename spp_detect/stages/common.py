@@ -488,11 +488,13 @@ def check_classes(manifest: dict, classes: tuple[str, ...], path: Path, stage: s
         )
 
 
-def load_trained_head(config: Config, run_dir: RunDir, device: str):
-    """The fine-tuned head (eval mode, on ``device``), checked against the config."""
+def load_trained_head(config: Config, run_dir: RunDir, device: str, check_data: bool = True):
+    """The fine-tuned head (eval mode, on ``device``), checked against the config and, with
+    ``check_data``, against the training split's data now (``check_trained_on``)."""
     from spp_detect.head import load_head
 
-    return load_head(_trained_file(config, run_dir, "finetune", run_dir.head_path), device)
+    path = _trained_file(config, run_dir, "finetune", run_dir.head_path, check_data)
+    return load_head(path, device)
 
 
 def pool_geometry(config: Config, stride: int, offset0: float):
@@ -690,32 +692,79 @@ def live_feature_source(config: Config, run_dir: RunDir, device: str):
     )
 
 
-def build_detector(config: Config, run_dir: RunDir, device: str):
+def build_detector(config: Config, run_dir: RunDir, device: str, check_data: bool = True):
     """The run's trained head, SVMs and (when ``test.bbox_reg``) regressors as a
-    ``detector.Detector`` with the config's test settings."""
+    ``detector.Detector`` with the config's test settings, each checked to be trained on
+    ``data.train_split`` with the others (and, with ``check_data``, on its data as it is now:
+    ``check_trained_on``)."""
     from spp_detect.bbox_reg import BoxRegressors
     from spp_detect.detector import Detector
     from spp_detect.svm import SvmModel
 
-    head = load_trained_head(config, run_dir, device)
+    head = load_trained_head(config, run_dir, device, check_data)
     svms = None
     if config.test.scorer == "svm":
-        svms = SvmModel.load(_trained_file(config, run_dir, "train-svm", run_dir.svm_path))
+        path = _trained_file(config, run_dir, "train-svm", run_dir.svm_path, check_data)
+        svms = SvmModel.load(path)
     regressors = None
     if config.test.bbox_reg and config.test.regressor == "ridge":
-        regressors = BoxRegressors.load(
-            _trained_file(config, run_dir, "train-bbox", run_dir.bbox_path)
-        )
+        path = _trained_file(config, run_dir, "train-bbox", run_dir.bbox_path, check_data)
+        regressors = BoxRegressors.load(path)
     return Detector(head, svms, regressors, detection_settings(config), device)
 
 
-def _trained_file(config: Config, run_dir: RunDir, stage: str, path: Path) -> Path:
+def _trained_file(
+    config: Config, run_dir: RunDir, stage: str, path: Path, check_data: bool
+) -> Path:
     """``path``, once checked against the manifest of the ``stage`` that trained it."""
     split = config.data.train_split
     manifest = require_upstream(config, run_dir, stage, split)
     check_classes(manifest, config.data.classes, path, stage)
     check_file(manifest, path, stage, split)
+    check_trained_on(config, run_dir, stage, manifest, path, check_data)
     return path
+
+
+TRAINED_STAGES = ("finetune", "train-svm", "train-bbox")  # the stages that write trained models
+
+
+def check_trained_on(
+    config: Config, run_dir: RunDir, stage: str, manifest: dict, path: Path, check_data: bool
+) -> None:
+    """Refuse a trained model (``path``, closed by ``stage``'s ``manifest``) that `run` would
+    train again (``is_current``): trained on another split than ``data.train_split`` (e.g.
+    ``train-svm --split test``), on another trained model than the run holds now (SVMs of a
+    head fine-tuned again since) or, with ``check_data``, on the split's data before a change
+    (images or annotations rewritten in place). `detect` and the Python API leave the data out:
+    a trained run may travel without its dataset."""
+    split = config.data.train_split
+    rerun = f"rerun `spp-detect {stage} --split {split} --force`"
+    if manifest.get("split") != split:
+        raise UserError(
+            f"{path}: trained on split {manifest.get('split')!r}, but data.train_split is "
+            f"{split!r}; {rerun}"
+        )
+    for name, token in manifest.get("upstream", {}).items():
+        current = read_manifest(run_dir.stage_dir(name, split)) or {}
+        if name in TRAINED_STAGES and current.get("token") != token:
+            raise UserError(
+                f"{path}: trained with another {name} output than the one in {run_dir.root} now "
+                f"(rerun since); {rerun}"
+            )
+    check_data_of(config, manifest, path, stage, split, check_data)
+
+
+def check_data_of(
+    config: Config, manifest: dict, path: Path, stage: str, split: str, check: bool = True
+) -> None:
+    """Refuse an output (``path``, closed by ``stage``'s ``manifest``) made from ``split``'s data
+    as it was before a change: its images or annotations rewritten in place, as `run` finds
+    with ``data_digest``."""
+    if check and manifest.get("data") != data_digest(config, split, manifest.get("limit")):
+        raise UserError(
+            f"{path}: made from other data than split {split!r} holds now (images or annotations "
+            f"changed since); rerun `spp-detect {stage} --split {split} --force`"
+        )
 
 
 def model_digest(config: Config, run_dir: RunDir) -> str:

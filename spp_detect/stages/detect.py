@@ -1,6 +1,8 @@
 """`spp-detect detect`: a trained run applied to any image files → JSON + drawn PNG per image.
 
-Every image is decoded first (a bad file stops the command before any work); then, per image,
+Every image is decoded first, and its output names checked (a bad file, two inputs of one stem,
+or an output that would replace an input or a file detect did not write stops the command
+before any work); then, per image,
 the Python API's ``api.Detector``: windows proposed with the run's settings, conv5 maps
 computed on the fly, scored, regressed and NMS'd exactly as `test` does; the detections scoring
 at least ``score_thresh`` go to `<stem>.json` and `<stem>.png`.
@@ -8,6 +10,7 @@ at least ``score_thresh`` go to `<stem>.json` and `<stem>.png`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +32,12 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
         raise UserError("propose.method: 'mat' cannot propose for new images; "
                         "pass --set propose.method=selective_search")  # fmt: skip
     for path in images:  # every file checked before any work (decoded again below, one at a time)
-        read_image(path)
+        read_image(path, fix=INPUT_FIX)
+    check_output_names(images, out_dir)
     detector = Detector.from_config(config, ctx.run_dir, ctx.device)
     total = 0
     for path in tqdm(images, desc="detect", unit="img"):
-        image = read_image(path)
+        image = read_image(path, fix=INPUT_FIX)
         found = detector.detect(image)
         found = found.select(found.scores >= score_thresh)
         stem = out_dir / path.stem
@@ -47,6 +51,43 @@ def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thres
     return summary.line()
 
 
+INPUT_FIX = "pass an image file (JPEG, PNG, ...)"
+OUTPUT_SUFFIXES = (".json", ".png")  # <out>/<stem>.json and <stem>.png per input
+BOX_FORMAT = "xyxy continuous pixels, x2/y2 exclusive"  # the JSON's box_format, which marks it
+
+
+def check_output_names(images: list[Path], out_dir: Path) -> None:
+    """Refuse, before any work, inputs whose outputs ``<out_dir>/<stem>.json`` and ``.png``
+    would overwrite one another (``a/img.jpg`` and ``b/img.jpg``, ``img.jpg`` and ``img.png``),
+    an input (``--out`` set to the images' folder), or a file that detect did not write."""
+    inputs: dict[str, Path] = {}
+    for path in images:
+        first = inputs.setdefault(path.stem, path)
+        if first != path:
+            raise UserError(
+                f"{first} and {path}: both would write {out_dir / path.stem}.json and .png; "
+                "rename one, or run them with different --out"
+            )
+        for output in (out_dir / f"{path.stem}{suffix}" for suffix in OUTPUT_SUFFIXES):
+            if output.exists() and not _written_by_detect(output):
+                raise UserError(
+                    f"{output}: exists and is not an output of detect (e.g. an input image); "
+                    "it would be overwritten, so pass another --out"
+                )
+
+
+def _written_by_detect(output: Path) -> bool:
+    """Whether ``output`` is a result of an earlier detect call: its JSON (by its box_format),
+    or a PNG beside such a JSON of the same image."""
+    try:
+        found = json.loads(output.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(found, dict) or found.get("box_format") != BOX_FORMAT:
+        return False
+    return output.suffix == ".json" or Path(found.get("image", "")).resolve() != output.resolve()
+
+
 def _as_json(record: ImageRecord, found: ImageDetections, classes: tuple[str, ...]) -> dict:
     """Boxes as continuous pixel XYXY (x2, y2 exclusive), best first."""
     order = np.argsort(-found.scores, kind="stable")
@@ -54,7 +95,7 @@ def _as_json(record: ImageRecord, found: ImageDetections, classes: tuple[str, ..
         "image": str(record.path),
         "height": record.height,
         "width": record.width,
-        "box_format": "xyxy continuous pixels, x2/y2 exclusive",
+        "box_format": BOX_FORMAT,
         "detections": [
             {
                 "class": classes[int(found.labels[i])],

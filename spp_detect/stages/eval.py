@@ -24,6 +24,7 @@ from spp_detect.stages.common import (
     StageContext,
     Summary,
     check_classes,
+    check_data_of,
     check_file,
     close_stage,
     locked,
@@ -118,7 +119,8 @@ def _coco_figures(
 def _own_detections(ctx: StageContext, split: str) -> Detections:
     """This run's detections of ``split``, made with the current config."""
     config, run_dir = ctx.config, ctx.run_dir
-    require_upstream(config, run_dir, "test", split)
+    manifest = require_upstream(config, run_dir, "test", split)
+    check_data_of(config, manifest, run_dir.detections_path(split), "test", split)
     return load_detections(run_dir, split, config.data.classes)
 
 
