@@ -522,18 +522,18 @@ def validate(config: Config) -> None:
 
 def _non_finite_keys(config: Config) -> dict[str, float]:
     """The float keys (or list items) holding NaN or infinity, with that value: they pass no
-    comparison, so a NaN threshold would silently keep nothing (infinity is allowed where
-    INFINITY_ALLOWED says it means "no cap")."""
+    comparison, so a NaN threshold would silently keep nothing. The INFINITY_ALLOWED keys are
+    left to their range check, which refuses NaN and allows infinity ("no cap")."""
     found = {}
     for section in SECTIONS:
         values = getattr(config, section)
         for item in dataclasses.fields(values):
             key = f"{section}.{item.name}"
+            if key in INFINITY_ALLOWED:
+                continue
             value = getattr(values, item.name)
             for number in value if isinstance(value, tuple) else (value,):
-                if not isinstance(number, float) or math.isfinite(number):
-                    continue
-                if not (math.isinf(number) and key in INFINITY_ALLOWED):
+                if isinstance(number, float) and not math.isfinite(number):
                     found[key] = number
     return found
 
