@@ -232,7 +232,8 @@ def cli() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--num-train", type=click.IntRange(min=1), default=60, show_default=True)
 @click.option("--num-test", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+# the toy's numpy generators take seeds 0 to 2**32 - 1 (config.MAX_SEED)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def make_toy(out: str, num_train: int, num_test: int, seed: int) -> None:
     """Write the deterministic toy dataset (VOC layout) to OUT."""
     from spp_detect.toy import make_toy_dataset

@@ -98,6 +98,14 @@ def test_make_toy(tmp_path):
     assert len(list((out / "JPEGImages").glob("*.jpg"))) == 7
 
 
+def test_make_toy_refuses_a_negative_seed(tmp_path):
+    """--seed -1 was numpy's ValueError, a traceback (issue 27); click's range check now."""
+    result = CliRunner().invoke(cli, ["make-toy", str(tmp_path / "toy"), "--seed", "-1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'--seed': -1 is not in the range 0<=x<=4294967295" in result.output
+    assert not (tmp_path / "toy").exists()
+
+
 def test_make_toy_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

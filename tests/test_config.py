@@ -287,10 +287,15 @@ def test_every_int_key_refuses_minus_one(key):
         ("bbox_reg.ridge_lambda=0", "bbox_reg.ridge_lambda must be positive, got 0.0"),
         ("bbox_reg.whiten_eps=0", "bbox_reg.whiten_eps must be positive, got 0.0"),
         ("test.score_thresh=nan", "test.score_thresh must be a finite number, got nan"),
+        ("propose.base_k=0", "propose.base_k must be at least 1, got 0"),
+        ("propose.inc_k=-1", "propose.inc_k must be at least 0, got -1"),
+        ("propose.sigma=-0.5", "propose.sigma must be at least 0, got -0.5"),
+        ("spp.offset=-1", "spp.offset must be at least 0 (px), got -1.0"),
+        ("finetune.lr_steps=[0]", "finetune.lr_steps must be iterations of at least 1"),
     ],
 )
-def test_seeds_and_ridge_penalties_out_of_range_are_refused(override, message):
+def test_values_without_a_range_before_are_refused(override, message):
     """svm.seed=-1 and bbox_reg.ridge_lambda=0 passed the range check and crashed the stage
-    (numpy's seed error, a Cholesky error)."""
+    (numpy's seed error, a Cholesky error); the other keys here had no range check."""
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])

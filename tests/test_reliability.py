@@ -620,6 +620,13 @@ def test_detect_never_overwrites_its_input(tmp_path):
     assert image.read_bytes() == data
 
 
+def test_detect_refuses_a_score_threshold_that_is_not_a_number(tmp_path):
+    """--score-thresh nan kept no detection, without a word."""
+    (image,) = _images(tmp_path, "img.jpg")
+    line = _error_line(_detect(tmp_path / "run", [image], "--score-thresh", "nan"))
+    assert line == "error: --score-thresh nan: give a finite score, e.g. 0"
+
+
 def test_detect_on_an_empty_file_gives_no_dataset_advice(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")

@@ -11,6 +11,7 @@ at least ``score_thresh`` go to `<stem>.json` and `<stem>.png`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from spp_detect.visualize import draw_detections, save_png
 def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thresh: float) -> str:
     config = ctx.config
     summary = Summary("detect")
+    if not math.isfinite(score_thresh):  # NaN would keep no detection, without a word
+        raise UserError(f"--score-thresh {score_thresh}: give a finite score, e.g. 0")
     if config.propose.method == "mat":
         raise UserError("propose.method: 'mat' cannot propose for new images; "
                         "pass --set propose.method=selective_search")  # fmt: skip
