@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.backbones import Backbone, build_backbone, output_hw
+from spp_detect.backbones import BACKBONES, Backbone, build_backbone, output_hw
 from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.config import PAPER_SCALES, SppConfig, TestConfig
 from spp_detect.detector import DetectionSettings, Detector
@@ -68,9 +68,7 @@ def base_parser(doc: str, images: int, warmup: int = 1) -> argparse.ArgumentPars
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="VOC-layout dataset")
     parser.add_argument("--split", default="test")
     parser.add_argument("--classes", default="raccoon", help="comma-separated, to read the split")
-    parser.add_argument(
-        "--backbone", default="zf5", choices=("zf5", "alexnet", "vgg16", "caffenet")
-    )
+    parser.add_argument("--backbone", default="zf5", choices=BACKBONES)
     parser.add_argument("--weights", default="none", help="trunk weights (none = random)")
     parser.add_argument("--images", type=int, default=images, help="timed images (median)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed images first")

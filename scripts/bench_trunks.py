@@ -45,6 +45,9 @@ HEAD_BOXES = ["finetune.bbox_loss_weight=1.0"]
 HEAD_REG = ["test.regressor=head"]  # the head's box branch instead of the ridge regressors
 SOFTMAX = ["test.scorer=softmax"]  # the head's classifier instead of the SVMs
 
+# What a config naming only data.root and data.classes gets (no -c): the code defaults
+OWN = ["data.classes=[raccoon]"]
+
 # name: (overrides, the cell whose finished run it reuses for all but test and eval, or "")
 CELLS: dict[str, tuple[list[str], str]] = {
     "ci_zf5_random": ([*CI, *ZF5_RANDOM], ""),
@@ -61,6 +64,8 @@ CELLS: dict[str, tuple[list[str], str]] = {
     "5s_zf5_random": ([*FIVE, *ZF5_RANDOM], ""),
     "5s_lite0_s16": ([*FIVE, *LITE0], ""),
     "5s_lite0_s32": ([*FIVE, *LITE0, *STRIDE32], ""),
+    "own_defaults": (OWN, ""),
+    "own_1scale_688": ([*OWN, "extract.scales=[688]"], ""),
 }  # fmt: skip
 SHARED_STAGES = ("proposals", "features")  # what seeds of one cell share (no seed in them)
 TIME_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(ran|done before)\s+([\d.]+)$")
@@ -79,7 +84,8 @@ def link_tree(source: Path, target: Path, folders: tuple[str, ...] | None = None
 
 def run_cell(root: Path, run_dir: Path, overrides: list[str], threads: int) -> dict:
     """One `spp-detect run`; its mAP, stage times (s), wall time (s) and peak RSS (MiB)."""
-    command = [sys.executable, "-m", "spp_detect", "run", "-c", "raccoon"]
+    own = overrides[: len(OWN)] == OWN
+    command = [sys.executable, "-m", "spp_detect", "run", *([] if own else ["-c", "raccoon"])]
     command += ["--run-dir", str(run_dir), "--workers", str(threads), "--device", "cpu"]
     for item in [f"data.root={root}", *overrides]:
         command += ["--set", item]

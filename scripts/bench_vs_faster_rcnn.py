@@ -15,7 +15,8 @@ spp-detect side:
     (``SPP_CI_SETTINGS``: 1 scale of 400 px, selective search on images shrunk to 400 px,
     fc6/fc7 of 512, 300 fine-tuning iterations, trunk frozen). A run dir that already has
     ``eval/test.json`` is reused as it is; the wall time this script measured for it is kept in
-    ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``.
+    ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``. A run dir left
+    half-done is resumed by `run`, so its measured time is only the rest: use a fresh one.
   * mAP: ``RUN_DIR/eval/test.json`` ("mAP_07", else "mAP"), over the whole test split.
   * seconds per test image: ``spp_detect.api.Detector.from_run`` on CPU (conv5 maps computed
     on the fly in float32), per image: read, selective search with the run's settings,
@@ -37,8 +38,9 @@ Faster R-CNN peer (torchvision ``FasterRCNN``):
     start). The model's own ``GeneralizedRCNNTransform`` gets the same min/max size, so its
     resize is the identity.
   * training: SGD, momentum 0.9, weight decay 1e-4, batch of 2 images, horizontal flips
-    (p = 0.5), lr ``--lr`` (0.01) after a linear warm-up of 100 iterations from lr/1000,
-    then constant, ×0.1 once 2/3 of the wall-time budget has passed; difficult gt left out.
+    (p = 0.5), lr ``--lr`` (0.01) after a linear warm-up from lr/1000 over 100 iterations or
+    a tenth of the budget (whichever ends first), then constant, ×0.1 once 2/3 of the
+    wall-time budget has passed; difficult gt left out.
     The budget clock starts before the training images are read (model building and image
     loading count) and no iteration starts that would, at the last iteration's pace, end past
     it. Its test is not in the budget (neither is spp-detect's re-timing by the API).
@@ -111,9 +113,10 @@ IMAGE_MEAN = [LITE_PIXEL_MEAN / 255.0] * 3
 IMAGE_STD = [LITE_PIXEL_STD / 255.0] * 3
 NO_CAP = 1_000_000  # a max_size that never binds (spp-detect's extract.max_long_side = 0)
 # SGD recipe of torchvision's references/detection (momentum, weight decay, linear warm-up from
-# lr × WARMUP_FACTOR; 100 iterations here, as the budget is minutes)
+# lr × WARMUP_FACTOR; 100 iterations here, as the budget is minutes, and at most a tenth of it:
+# at ~1-2 s an iteration on 2 CPU cores, 100 iterations would be most of a few-minute budget)
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
-WARMUP_ITERS, WARMUP_FACTOR = 100, 1e-3
+WARMUP_ITERS, WARMUP_FACTOR, WARMUP_MAX_SHARE = 100, 1e-3, 0.1
 LR_DROP_AT, LR_DROP = 2 / 3, 0.1  # one 10× step at 2/3 of the budget (time-based)
 BATCH = 2  # images per iteration (torchvision's reference: 2 per GPU)
 FLIP_PROB = 0.5
@@ -354,13 +357,12 @@ def model_input(image: TrainImage, flip: bool) -> tuple[Tensor, dict[str, Tensor
 
 
 def learning_rate(base: float, iteration: int, elapsed: float, budget: float) -> float:
-    """Linear warm-up over ``WARMUP_ITERS``, then ``base``, ×``LR_DROP`` after
-    ``LR_DROP_AT`` of the budget."""
+    """Linear warm-up from ``base × WARMUP_FACTOR`` over ``WARMUP_ITERS`` iterations or
+    ``WARMUP_MAX_SHARE`` of the budget, whichever ends first; then ``base``; ×``LR_DROP``
+    after ``LR_DROP_AT`` of the budget (``elapsed`` seconds of it spent)."""
     lr = base * (LR_DROP if elapsed >= LR_DROP_AT * budget else 1.0)
-    if iteration < WARMUP_ITERS:
-        alpha = iteration / WARMUP_ITERS
-        lr *= WARMUP_FACTOR * (1 - alpha) + alpha
-    return lr
+    alpha = min(1.0, max(iteration / WARMUP_ITERS, elapsed / (WARMUP_MAX_SHARE * budget)))
+    return lr * (WARMUP_FACTOR * (1 - alpha) + alpha)
 
 
 def batch_inputs(
@@ -534,7 +536,8 @@ def settings_lines(args, spp: dict[str, Any], frcnn: dict[str, Any], tested: int
         f"(all test images); API mAP on the {tested} timed images "
         f"{100 * spp['api_mAP']:.1f}",
         f"- Faster R-CNN: budget {frcnn['budget_seconds']:.0f} s, {frcnn['iterations']} "
-        f"iterations of {BATCH} images, lr {args.lr} (warm-up {WARMUP_ITERS} it, ×{LR_DROP} "
+        f"iterations of {BATCH} images, lr {args.lr} (warm-up {WARMUP_ITERS} it or "
+        f"{WARMUP_MAX_SHARE:.0%} of the budget, ×{LR_DROP} "
         f"at {LR_DROP_AT:.0%} of the budget), trunk trainable from {args.train_from}, "
         f"shorter side {args.min_size}, max side {args.max_size or 'uncapped'}; loss "
         f"{trend['first']:.3f} → {trend['last']:.3f} (first / last {trend['window']} it)",

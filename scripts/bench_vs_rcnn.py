@@ -2,9 +2,10 @@
 
 R-CNN (this script only, not in the package): every proposal is cropped from the image, warped
 to 224×224 (the trunk's classification input; ``cv2.resize`` bilinear, no context padding),
-normalised and run through the conv trunk in batches; its conv5 map (13×13 for zf5 and alexnet)
-goes through the classification net's pooling (zf5: the pyramid (6, 3, 2, 1) over the whole map,
-12,800 dims; alexnet: torchvision's 3×3/2 max-pool + 6×6 average pool, 9,216 dims), then fc6/fc7,
+normalised and run through the conv trunk in batches; its conv5 map (13×13 for zf5 and alexnet,
+14×14 for efficientnet_lite0) goes through the classification net's pooling (zf5 and the Lite
+trunks: the pyramid (6, 3, 2, 1) over the whole map, 12,800 and 5,600 dims; alexnet:
+torchvision's 3×3/2 max-pool + 6×6 average pool, 9,216 dims), then fc6/fc7,
 K SVMs, NMS, regression, clip + NMS (the package's ``inference.detect_image``). SPP: the
 package's ``Detector.detect`` on a live ``FeatureSource`` (conv once per scale, pooling of the
 distinct windows), timed in parts as in bench_test_time.py, at 1 scale (688) and 5 scales.
@@ -23,6 +24,7 @@ Example (the figures in notes/bench_perf.md):
 
     python scripts/bench_vs_rcnn.py                       # zf5, 1 + 3 images, 2,000 proposals
     python scripts/bench_vs_rcnn.py --backbone alexnet
+    python scripts/bench_vs_rcnn.py --backbone efficientnet_lite0
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ PAPER = {
     "SPP 5 scales": {"conv": 0.293, "fc": 0.089, "total": 0.382, "speedup": 38},
 }
 EXTRAPOLATED = ("crop + warp", "normalise", "conv (trunk)", "pool")
+TORCHVISION_TRUNKS = ("alexnet", "vgg16")  # R-CNN pools these as their classifiers do
 
 
 # ---------------------------------------------------------------- the R-CNN path
@@ -89,8 +92,10 @@ def classifier_pool(bench: Bench) -> Callable[[Tensor], Tensor]:
     """conv5 maps (R, C, h, w) of warped windows → fc6 inputs (R, D_rcnn), as the
     classification net pools them."""
     name, levels = bench.backbone.name, SPP.levels
-    if name == "zf5":
-        # adaptive max pooling's bins [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) are the SPP bins
+    if name not in TORCHVISION_TRUNKS:
+        # zf5 was trained with this pyramid; a Lite trunk's classifier (global average pooling
+        # after more stages) has no fc6 to feed, so R-CNN pools its stage-5 map as SPP does.
+        # Adaptive max pooling's bins [⌊j·w/n⌋, ⌈(j+1)·w/n⌉) are the SPP bins
         # (docs/method.md#spatial-pyramid-pooling)
         return lambda maps: torch.cat(
             [F.adaptive_max_pool2d(maps, n).flatten(1) for n in levels], dim=1
@@ -102,8 +107,8 @@ def classifier_pool(bench: Bench) -> Callable[[Tensor], Tensor]:
 
 
 def check_pyramid(bench: Bench, pool: Callable[[Tensor], Tensor]) -> None:
-    """zf5: the whole-map pyramid equals ``spatial_pyramid_pool`` of the full window."""
-    if bench.backbone.name != "zf5":
+    """The whole-map pyramid equals ``spatial_pyramid_pool`` of the full window."""
+    if bench.backbone.name in TORCHVISION_TRUNKS:
         return
     maps = torch.rand(2, bench.backbone.channels, 13, 13, device=bench.device)
     full = torch.tensor([[0, 0, 12, 12]])

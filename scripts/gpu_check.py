@@ -11,8 +11,9 @@ Steps, each under its own time limit, together sized to finish in under 6 minute
 1. the environment: GPU, torch, torchvision, OpenCV (and whether it has ximgproc), numpy;
 2. ``pytest -m cuda`` (tests/test_cuda.py: every stage on the toy set on cuda, CPU against GPU,
    the out-of-memory fallback, bf16);
-3. ``bench_test_time.py`` at 1 and 5 scales, 2,000 windows per image, fp32 and bf16;
-4. ``bench_vs_rcnn.py``, SPP against R-CNN on the same trunk;
+3. ``bench_test_time.py`` at 1 and 5 scales, 2,000 windows per image: zf5 in fp32 and bf16,
+   efficientnet_lite0 (the default trunk) in fp32;
+4. ``bench_vs_rcnn.py``, SPP against R-CNN on the same trunk, zf5 and efficientnet_lite0;
 5. ``bench_extract.py``, conv5 extraction, pooling and cached reads.
 
 The benchmarks run on a toy set made here (``spp-detect make-toy``) with random proposals, so
@@ -43,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 TOY_CLASSES = "circle,square,triangle"
+LITE = "efficientnet_lite0"  # the default trunk, timed beside the paper's zf5
 GOAL_MS = 15.0  # issue 13: ≤ 15 ms per image at 5 scales on a GPU, proposals excluded
 LOG_TAIL_LINES = 3  # lines of a failed step's log shown in the table and on stderr
 # what the package, its tests and the benchmarks import (cv2 with or without contrib)
@@ -148,17 +150,25 @@ def steps(sizes: Sizes, root: Path, work: Path, device: str, gpu: bool) -> list[
         Step("pytest -m cuda", "tests/test_cuda.py", [*pytest, f"--junitxml={junit}"],
              sizes.timeouts["pytest"], junit, pytest_rows),
     ]  # fmt: skip
-    for precision in ("fp32", "bf16"):
-        out = work / f"test_time_{precision}.json"
+    # the paper's trunk in fp32 and bf16, and the default trunk (its weights do not change
+    # the time, so both run random)
+    for backbone, precision in (("zf5", "fp32"), ("zf5", "bf16"), (LITE, "fp32")):
+        out = work / f"test_time_{backbone}_{precision}.json"
         argv = [python, str(SCRIPTS / "bench_test_time.py"), *common, "--precision", precision]
         found.append(
-            Step("test time", precision, [*argv, "--json", str(out)],
-                 sizes.timeouts["test time"], out, time_rows(gpu))
+            Step("test time", f"{backbone} {precision}",
+                 [*argv, "--backbone", backbone, "--json", str(out)],
+                 sizes.timeouts["test time"], out, labelled(backbone, time_rows(gpu)))
         )  # fmt: skip
-    out = work / "vs_rcnn.json"
     rcnn = ["--rcnn-windows", str(sizes.rcnn_windows), "--rcnn-batch", str(sizes.rcnn_batch)]
-    argv = [python, str(SCRIPTS / "bench_vs_rcnn.py"), *common, *rcnn, "--json", str(out)]
-    found.append(Step("SPP vs R-CNN", "fp32", argv, sizes.timeouts["vs R-CNN"], out, rcnn_rows))
+    for backbone in ("zf5", LITE):
+        out = work / f"vs_rcnn_{backbone}.json"
+        argv = [python, str(SCRIPTS / "bench_vs_rcnn.py"), *common, *rcnn, "--json", str(out)]
+        argv += ["--backbone", backbone]
+        found.append(
+            Step("SPP vs R-CNN", f"{backbone} fp32", argv, sizes.timeouts["vs R-CNN"], out,
+                 labelled(backbone, rcnn_rows))
+        )  # fmt: skip
     out = work / "extract.json"
     argv = [
         python, str(SCRIPTS / "bench_extract.py"), "--root", str(root), "--device", device,
@@ -186,6 +196,13 @@ def pytest_rows(junit: Path) -> list[tuple[str, str]]:
         f"{passed} passed, {counts['failures'] + counts['errors']} failed, "
         f"{counts['skipped']} skipped",
     )]  # fmt: skip
+
+
+def labelled(
+    label: str, rows: Callable[[Path], list[tuple[str, str]]]
+) -> Callable[[Path], list[tuple[str, str]]]:
+    """``rows`` with ``label`` (the trunk) before each setting."""
+    return lambda path: [(f"{label}, {setting}", result) for setting, result in rows(path)]
 
 
 def time_rows(gpu: bool) -> Callable[[Path], list[tuple[str, str]]]:

@@ -29,6 +29,7 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )  # fmt: skip
 PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used 874 for 864
+DEFAULT_SCALES = PAPER_SCALES[:3]  # extract.scales for your own data (BENCHMARKS.md)
 # finetune.iterations 0 sizes the head's training to the split (sized_finetune): this many SGD
 # iterations per training image, within the bounds below. The paper's 90,000 on VOC 2007
 # trainval are 18 an image for a 4,096-wide head; a 1,024-wide head on a pretrained trunk
@@ -84,7 +85,10 @@ class ProposeConfig:
     )
     min_size: int = 20  # drop boxes narrower or shorter than this, px (released code: BoxSize)
     max_per_image: int = 0  # keep at most this many boxes per image; 0 = keep all
-    max_side: int = 0  # downscale images whose longer side exceeds this for proposing; 0 = never
+    # downscale images whose longer side exceeds this for proposing (boxes scaled back), px;
+    # 0 = never. Phone photos (4,000 px) take minutes each at full size; VOC's 500 px are below
+    # it (the voc07_* configs set 0)
+    max_side: int = 800
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ class ExtractConfig:
     # Lite trunks: the stage whose output is pooled, "" = stage5 (112 channels, stride 16);
     # stage7 (320 channels) pools at stride 32
     last_stage: str = ""
-    scales: tuple[int, ...] = PAPER_SCALES  # shorter image side per pyramid level, px
+    # shorter image side per pyramid level, px: the paper's three smaller scales, about a third
+    # of the five's conv time (the paper's five are in the voc07_* configs)
+    scales: tuple[int, ...] = DEFAULT_SCALES
     max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap
     flip: bool = False  # also cache horizontally flipped maps of training splits
     cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly

@@ -19,9 +19,10 @@ from spp_detect.toy import TOY_CLASSES
 from spp_detect.voc import read_split
 
 REPO = Path(__file__).resolve().parents[1]
-# Rows of the table per step: the CUDA tests' counts, 2 settings × fp32/bf16 of the test time,
-# R-CNN, SPP at 1 and 5 scales and at 1 scale with svd and int8, extraction at 1 and 5 scales.
-EXPECTED_ROWS = {"pytest -m cuda": 1, "test time": 4, "SPP vs R-CNN": 5, "extract": 2}
+# Rows of the table per step: the CUDA tests' counts, 2 settings × (zf5 fp32/bf16, Lite0 fp32)
+# of the test time, per trunk (zf5, Lite0) R-CNN, SPP at 1 and 5 scales and at 1 scale with svd
+# and int8, extraction at 1 and 5 scales.
+EXPECTED_ROWS = {"pytest -m cuda": 1, "test time": 6, "SPP vs R-CNN": 10, "extract": 2}
 
 
 def table_rows(report: str) -> list[list[str]]:
