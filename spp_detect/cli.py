@@ -332,6 +332,23 @@ def test(ctx: StageContext, split: str | None) -> None:
     click.echo(run_test(ctx, split or ctx.config.data.test_split))
 
 
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def report(run_dir: str, verbose: bool) -> None:
+    """Write RUN_DIR/report.html, one page to open in a browser: provenance, AP and PR curves,
+    fine-tuning curves, stage times and memory, proposal recall, and test images with their
+    hits, misses and false positives (`run` writes it at its end)."""
+    _setup_logging(verbose, Dist())
+    saved = RunDir(Path(run_dir)).config_path
+    if not saved.is_file():
+        raise UserError(f"{saved}: not found; pass the --run-dir of a run (it saves config.yaml)")
+    config = load_config(saved)
+    from spp_detect.stages.report import write_report
+
+    click.echo(f"wrote {write_report(config, RunDir(Path(run_dir)))}")
+
+
 @cli.command("eval")
 @stage_options(reads_run=True)
 @split_option

@@ -18,6 +18,15 @@ class RunDir:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
+    @property
+    def timings_path(self) -> Path:
+        """Seconds and peak memory of each stage's last run (for the report)."""
+        return self.root / "timings.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.html"
+
     # propose
     def proposals_dir(self, split: str) -> Path:
         return self.root / "proposals" / split

@@ -71,24 +71,25 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
 
 def _match_image(
     boxes: np.ndarray, gt_boxes: np.ndarray, difficult: np.ndarray, iou_thresh: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """TP and FP flags (m,) of one image's detections (m, 4), already in descending score order."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP and FP flags (m,) of one image's detections (m, 4), already in descending score
+    order, and which gt boxes (G,) a detection matched."""
     tp, fp = np.zeros(len(boxes), bool), np.ones(len(boxes), bool)
+    matched = np.zeros(len(gt_boxes), bool)
     if len(gt_boxes) == 0:
-        return tp, fp
+        return tp, fp, matched
     iou = box_iou(
         torch.from_numpy(boxes.astype(np.float64)), torch.from_numpy(gt_boxes.astype(np.float64))
     )
     best_gt = iou.numpy().argmax(axis=1)  # the first maximum, as MATLAB's max
     best_iou = iou.numpy()[np.arange(len(boxes)), best_gt]
-    matched = np.zeros(len(gt_boxes), bool)
     for i in np.flatnonzero(best_iou >= iou_thresh):  # only matches are order-dependent
         gt = best_gt[i]
         if difficult[gt]:
             fp[i] = False  # ignored: neither TP nor FP
         elif not matched[gt]:
             tp[i], fp[i], matched[gt] = True, False, True
-    return tp, fp
+    return tp, fp, matched
 
 
 def evaluate_class(
@@ -114,7 +115,7 @@ def evaluate_class(
     for image, rows in zip(images, groups, strict=True):
         gt_boxes, difficult = gt_per_image[image]
         flags = _match_image(boxes[rows], gt_boxes, np.asarray(difficult, bool), iou_thresh)
-        tp[rows], fp[rows] = flags
+        tp[rows], fp[rows] = flags[:2]
     npos = int(sum(int((~np.asarray(d, bool)).sum()) for _, d in gt_per_image))
     cum_tp, cum_fp = np.cumsum(tp, dtype=np.float64), np.cumsum(fp, dtype=np.float64)
     recall = cum_tp / max(npos, 1)
@@ -143,6 +144,44 @@ def _record_index(detections: Detections, records: Sequence[ImageRecord]) -> np.
         )
     lookup = np.array([position.get(i, -1) for i in detections.image_ids.tolist()], np.int64)
     return lookup[detections.image_index]
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """What each detection was under the devkit's rules, and the objects none found.
+
+    ``true`` and ``false`` (M,) bool, in the detections' order (a detection of a difficult
+    object is neither); ``missed``: (record index, label, box (4,)) of each non-difficult gt
+    box that no detection matched.
+    """
+
+    true: np.ndarray
+    false: np.ndarray
+    missed: list[tuple[int, int, np.ndarray]]
+
+
+def detection_outcomes(
+    detections: Detections, records: Sequence[ImageRecord], iou_thresh: float
+) -> Outcomes:
+    """Match each image's detections of each class in descending score order, as
+    ``evaluate_class`` does (the match is the same: it depends only on the image's own order)."""
+    index = _record_index(detections, records)
+    true, false = np.zeros(len(detections), bool), np.zeros(len(detections), bool)
+    missed = []
+    for position, record in enumerate(records):
+        in_image = np.flatnonzero(index == position)
+        labels = set(detections.labels[in_image].tolist()) | set(record.gt_labels.tolist())
+        for label in sorted(labels):
+            rows = in_image[detections.labels[in_image] == label]
+            rows = rows[np.argsort(-detections.scores[rows], kind="stable")]
+            gt = record.gt_labels == label
+            tp, fp, matched = _match_image(
+                detections.boxes[rows], record.gt_boxes[gt], record.difficult[gt], iou_thresh
+            )
+            true[rows], false[rows] = tp, fp
+            unfound = ~(matched | record.difficult[gt])
+            missed += [(position, label, box) for box in record.gt_boxes[gt][unfound]]
+    return Outcomes(true=true, false=false, missed=missed)
 
 
 def evaluate_all_classes(

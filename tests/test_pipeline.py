@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,33 @@ def toy_run(toy_root, tmp_path_factory) -> Path:
     result = invoke("run", *toy_args(toy_root, run_dir))
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+def test_run_writes_a_self_contained_report(toy_run):
+    page = (toy_run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for part in ("efficientnet_lite0", "mAP", "training loss", "most confident hits", "extract"):
+        assert part in page
+    assert "RANDOM CONV WEIGHTS" not in page
+
+
+def test_report_renders_its_images_in_a_browser(toy_run, tmp_path):
+    """Headless Chromium draws the page: its screenshot holds the photos' many colours, which a
+    page of text and broken-image icons does not."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--window-size=1200,3000", f"--screenshot={shot}", (toy_run / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = cv2.imread(str(shot))
+    assert pixels is not None and pixels.shape[:2] == (3000, 1200)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 2000, len(colours)
 
 
 def test_run_writes_every_artefact(toy_run):

@@ -7,6 +7,7 @@ from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.structures import Detections, ImageRecord
 from spp_detect.voc_eval import (
+    detection_outcomes,
     evaluate_all_classes,
     evaluate_class,
     evaluate_detections,
@@ -240,3 +241,36 @@ def test_matches_a_literal_devkit_transcription(seed):
     recall, precision = devkit_reference(image_index, scores, boxes, gt_per_image, 0.5)
     np.testing.assert_allclose(result.recall, recall, atol=1e-12)
     np.testing.assert_allclose(result.precision, precision, atol=1e-12)
+
+
+def test_detection_outcomes_agree_with_the_ap_counts():
+    """Hits, false positives and misses per detection add up to evaluate_all_classes' counts
+    on random detections (the match depends only on each image's own score order)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(6):
+        count = int(rng.integers(0, 4))
+        corners = rng.uniform(0, 60, (count, 2))
+        boxes = np.concatenate([corners, corners + rng.uniform(10, 40, (count, 2))], axis=1)
+        records.append(
+            ImageRecord(f"im{index}", "x.jpg", 100, 100, boxes.astype(np.float32),
+                        rng.integers(0, 2, count), rng.random(count) < 0.2)
+        )  # fmt: skip
+    jitter = [r.gt_boxes + rng.normal(0, 4, r.gt_boxes.shape) for r in records]
+    boxes = np.concatenate([*jitter, rng.uniform(0, 80, (10, 4)).cumsum(axis=1) / 3])
+    image_index = np.concatenate([np.full(len(j), i) for i, j in enumerate(jitter)] + [
+        rng.integers(0, 6, 10)
+    ])  # fmt: skip
+    labels = np.concatenate([r.gt_labels for r in records] + [rng.integers(0, 2, 10)])
+    detections = Detections(
+        image_ids=[r.image_id for r in records], image_index=image_index,
+        boxes=boxes.astype(np.float32), scores=rng.random(len(boxes)).astype(np.float32),
+        labels=labels,
+    )  # fmt: skip
+    outcomes = detection_outcomes(detections, records, 0.5)
+    results = evaluate_all_classes(detections, records, 2, 0.5)
+    for label, result in enumerate(results):
+        mine = detections.labels == label
+        assert outcomes.true[mine].sum() == result.num_tp
+        assert sum(miss[1] == label for miss in outcomes.missed) == result.npos - result.num_tp
+    assert not (outcomes.true & outcomes.false).any()

@@ -4,6 +4,7 @@ upstream checks and manifests, summaries, and the library objects built from the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,6 +26,7 @@ from spp_detect.artifacts import (
     read_manifest,
     remove_stale_temporaries,
     require_manifest,
+    save_json,
     stored_fingerprint,
     write_manifest,
 )
@@ -253,7 +255,11 @@ def locked(stage: str, sharded: bool = False):
                     remove_stale_temporaries(ctx.run_dir.stage_dir(stage, split))
                 check_shared_run_dir(dist, ctx.run_dir, stage, split)
                 if sharded or dist.is_main:
+                    started = time.perf_counter()
+                    reset_peak_memory()
                     result = func(ctx, split, *args, **kwargs)
+                    if dist.is_main:
+                        record_stage(ctx.run_dir, stage, split, time.perf_counter() - started)
                 else:
                     result = f"{stage}: rank {dist.rank} idle, rank 0 runs this stage"
                 dist.wait_for_all()
@@ -262,6 +268,43 @@ def locked(stage: str, sharded: bool = False):
         return run
 
     return decorate
+
+
+def reset_peak_memory() -> None:
+    """Start counting this process's peak resident memory afresh (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM); elsewhere the peak stays the process's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory since ``reset_peak_memory``, MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record_stage(run_dir: RunDir, stage: str, split: str, seconds: float) -> None:
+    """Add a finished stage's seconds and peak memory to the run's ``timings.json`` (what the
+    report shows); a run directory that cannot be written is left alone."""
+    path = run_dir.timings_path
+    try:
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        timings = {}  # a damaged report input is rebuilt, never fatal
+    timings[f"{stage}/{split}"] = {
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(peak_memory_mib(), 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with contextlib.suppress(OSError, UserError):
+        save_json(path, timings)
 
 
 SHARED_CHECK_TRIES = 5  # reads of rank 0's token, a second apart (NFS may show a file late)

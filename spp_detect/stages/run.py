@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from spp_detect.stages.common import StageContext, is_current, trunk_line
+from spp_detect.stages.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def run_all(ctx: StageContext) -> str:
         rows.append((stage, split, "ran", time.perf_counter() - started))
         logger.info(output.splitlines()[-1])
         last_output = output
-    return f"{last_output}\n\n{format_times(rows)}\n{trunk_line(ctx.config)}"
+    report = f"\nreport: {write_report(ctx.config, ctx.run_dir)}" if ctx.dist.is_main else ""
+    return f"{last_output}\n\n{format_times(rows)}\n{trunk_line(ctx.config)}{report}"
 
 
 def format_times(rows: list[tuple[str, str, str, float]]) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation and what people look at: the run report (docs/layout.md)."""
