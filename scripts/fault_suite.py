@@ -19,12 +19,19 @@ disk with an uninterrupted reference run:
    injected into ``numpy.savez``/``torch.save``: one line naming a path, exit 2, no ``.tmp``
    left, and a rerun with space resumes to the reference.
 5. **SIGINT**: exit 130, "interrupted; rerun to resume", no ``.tmp`` left, the rerun resumes.
+6. **wild inputs** (issue 27): datasets edited as found in the wild (EXIF-rotated photos, CMYK,
+   16-bit and RGBA images, namespaced XML, a BOM, CRLF, UTF-16 or spaces in the split file, long
+   ids, a stale ``<filename>``, a nan coordinate, a decompression bomb), bad config values, models
+   of another split or data, ``detect`` over its inputs or into a file, and ``extract`` out of
+   memory under ``ulimit -v``: each read right (the reference's proposals), warned about or
+   refused in one line; "silent" (exit 0, wrong result) and tracebacks fail.
 
 Prints one markdown table (rows: check groups with counts) and the failures; exit code 0 only
 when every check passed. ``--quick`` is the CI slice (tests/test_fault_suite.py).
 
     python scripts/fault_suite.py --quick
     python scripts/fault_suite.py --kills-per-stage 8 --seed 0 --out fault_table.md
+    python scripts/fault_suite.py --quick --only "wild inputs"
 """
 
 from __future__ import annotations
@@ -447,9 +454,11 @@ class Suite:
 
     # helpers
 
-    def args(self, run_dir: Path, *sets: str, root: Path | None = None) -> list[str]:
+    def args(
+        self, run_dir: Path, *sets: str, root: Path | None = None, config: str = "toy"
+    ) -> list[str]:
         items = [f"data.root={root or self.toy}", *self.profile.sets, *sets]
-        return ["-c", "toy", "--run-dir", str(run_dir), "--workers", "2"] + [
+        return ["-c", config, "--run-dir", str(run_dir), "--workers", "2"] + [
             part for item in items for part in ("--set", item)
         ]
 
@@ -840,6 +849,180 @@ class Suite:
             shutil.rmtree(work, ignore_errors=True)
         return group
 
+    # 6. inputs from the wild
+
+    def wild_inputs(self) -> Group:
+        """Images, annotations, split files, configs and `detect` calls as found in the wild
+        (issue 27): each read right, warned about, or refused in one line; never silent, never
+        a traceback."""
+        group = Group(WILD_TITLE, Counter(silent=0, traceback=0))
+        for what, edit, expect, fragment in wild_dataset_cases():
+            self.wild_dataset_case(group, what, edit, expect, fragment)
+        self.wild_config_cases(group)
+        self.wild_provenance_cases(group)
+        self.wild_detect_cases(group)
+        self.wild_out_of_memory(group)
+        return group
+
+    def judge_wild(
+        self, group: Group, what: str, outcome: Outcome, expect: str, fragment: str = "",
+        problems: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        """``expect``: "refused" (one line holding ``fragment``), "read" (exit 0) or "warned"
+        (exit 0, ``fragment`` in the log); ``problems``: what else the case got wrong."""
+        if expect == "refused":
+            ok = outcome.one_line_error() and fragment in outcome.last_line and not problems
+        else:
+            ok = outcome.rc == 0 and fragment in outcome.stderr and not problems
+        if ok:
+            label = expect
+        elif "Traceback" in outcome.stderr:
+            label = "traceback"
+        else:
+            label = "silent" if outcome.rc == 0 else "failed"
+        detail = f"{what}: {label} ({outcome.summary()})"
+        if problems and not ok:
+            detail += f"; {'; '.join(problems[:2])}"
+        group.record(ok, label, detail)
+
+    def wild_dataset_case(
+        self, group: Group, what: str, edit: Callable, expect: str, fragment: str
+    ) -> None:
+        """A copy of the toy set edited by ``edit(root, test ids)`` (which returns the renamed
+        test ids), then `propose --split test` on it: a read case must give the reference's
+        proposals and recall (so its boxes and sizes were read as the reference's were)."""
+        folder = self.work / "wild" / re.sub(r"\W+", "_", what)[:60]
+        shutil.rmtree(folder, ignore_errors=True)
+        root = Path(shutil.copytree(self.toy, folder / "toy"))
+        renamed = edit(root, self.ids("test")) or {}
+        run_dir = folder / "run"
+        outcome = self.run([*cli("propose", *self.args(run_dir, root=root)), "--split", "test"])
+        problems = self.proposal_differences(run_dir, renamed) if outcome.rc == 0 else []
+        if what.startswith("CMYK"):  # converted pixels: only the gt count must agree
+            problems = [p for p in problems if "num_gt" in p]
+        self.judge_wild(group, f"dataset: {what}", outcome, expect, fragment, problems)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def proposal_differences(self, run_dir: Path, renamed: dict[str, str]) -> list[str]:
+        """How `propose --split test` in ``run_dir`` differs from the reference: recall report
+        and every image's boxes (``renamed``: new id -> reference id)."""
+        report = json.loads((run_dir / "proposals/test/report.json").read_text())
+        ref = json.loads((self.ref / "proposals/test/report.json").read_text())
+        problems = [
+            f"{key} {report[key]} != {ref[key]}"
+            for key in ("num_gt", "recall")
+            if report[key] != ref[key]
+        ]
+        for path in sorted((run_dir / "proposals/test").glob("*.npz")):
+            ref_id = renamed.get(path.stem, path.stem)
+            boxes = _npz_key(path, "boxes")
+            ref_boxes = _npz_key(self.ref / "proposals/test" / f"{ref_id}.npz", "boxes")
+            if boxes is None or ref_boxes is None or not np.array_equal(boxes, ref_boxes):
+                problems.append(f"boxes of {path.stem[:40]} differ")
+        return problems
+
+    def wild_config_cases(self, group: Group) -> None:
+        """Config values from the wild on a copy of the finished reference run: refused when
+        the config loads, the run left as it was."""
+        work = self.copy_reference("wild_config")
+        twice = self.work / "wild_twice.yaml"
+        twice.write_text("name: toy\nfinetune:\n  iterations: 30\nfinetune:\n  lr: 0.01\n")
+        cases = [
+            ("a YAML key given twice", "finetune", ["-c", str(twice)], "is given twice"),
+            ("a class listed twice", "eval", ["--set", "data.classes=[circle,circle,square]"],
+             "more than once"),
+            ("test.score_thresh=nan", "test", ["--set", "test.score_thresh=nan", "--force"],
+             "must be a finite number"),
+            ("finetune.seed=-1 on a finished run", "finetune", ["--set", "finetune.seed=-1"],
+             "finetune.seed must be in"),
+            ("svm.seed=-1", "train-svm", ["--set", "svm.seed=-1", "--force"], "svm.seed"),
+            ("bbox_reg.ridge_lambda=0", "train-bbox", ["--set", "bbox_reg.ridge_lambda=0"],
+             "bbox_reg.ridge_lambda must be positive"),
+        ]  # fmt: skip
+        for what, verb, options, fragment in cases:
+            stage = STAGE[verb]
+            config = options[1] if options[0] == "-c" else "toy"
+            options = options[2:] if options[0] == "-c" else options
+            argv = [verb, *self.args(work, config=config), "--split", stage.split, *options]
+            outcome = self.run(cli(*argv))
+            kept = [d for rel in stage.outputs for d in self.differences(work, rel)]
+            self.judge_wild(group, f"config: {what}", outcome, "refused", fragment, kept)
+        shutil.rmtree(work, ignore_errors=True)
+
+    def wild_provenance_cases(self, group: Group) -> None:
+        """Artefacts of one split or dataset state read as another's: refused."""
+        work = self.copy_reference("wild_provenance")
+        trained = self.run(self.stage_cmd(Stage("train-svm", "test", ("svm",)), work))
+        outcome = self.run([*self.stage_cmd(STAGE["test"], work), "--force"])
+        if trained.rc:
+            outcome = trained
+        what = "provenance: `train-svm --split test`, then `test --force`"
+        self.judge_wild(group, what, outcome, "refused", "trained on split 'test'")
+        shutil.rmtree(work, ignore_errors=True)
+        work = self.copy_reference("wild_provenance")
+        image = next((self.toy / "JPEGImages").glob(f"{self.ids('test')[0]}.*"))
+        stat = image.stat()
+        os.utime(image, ns=(1, 1))  # the image rewritten in place since `test`
+        try:
+            outcome = self.run(self.stage_cmd(STAGE["eval"], work))
+        finally:
+            os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        what = "provenance: a test image rewritten after `test`, then `eval`"
+        self.judge_wild(group, what, outcome, "refused", "made from other data")
+        shutil.rmtree(work, ignore_errors=True)
+
+    def wild_detect_cases(self, group: Group) -> None:
+        """`detect` on the reference run: its inputs never overwritten, no output name shared,
+        the run's saved config left as it is."""
+        work = self.copy_reference("wild_detect")
+        folder = self.work / "wild_detect_inputs"
+        shutil.rmtree(folder, ignore_errors=True)
+        source = next((self.toy / "JPEGImages").glob(f"{self.ids('test')[0]}.*"))
+        a, b, png = (folder / name for name in ("a/img.jpg", "b/img.jpg", "c/img.png"))
+        for path in (a, b, png):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_image(path, _rgb(source))
+        (folder / "empty.jpg").write_bytes(b"")
+        (folder / "file").write_text("not a folder")
+        out = str(folder / "out")
+        cases = [
+            ("two inputs of one stem", [a, b, "--out", out], "both would write"),
+            ("--out set to the input's folder", [png, "--out", png.parent], "not an output of"),
+            ("--out below a file", [a, "--out", folder / "file/out"], "is a file, not a folder"),
+            ("an empty image file", [folder / "empty.jpg"], "empty file (0 bytes)"),
+        ]
+        kept = png.read_bytes()
+        for what, args, fragment in cases:
+            outcome = self.run(cli("detect", "--run-dir", work, "--workers", "2", *args))
+            problems = ["dataset advice"] if "drop its id" in outcome.last_line else []
+            problems += ["input overwritten"] if png.read_bytes() != kept else []
+            self.judge_wild(group, f"detect: {what}", outcome, "refused", fragment, problems)
+        saved = (work / "config.yaml").read_bytes()
+        outcome = self.run(cli("detect", "--run-dir", work, a, "--out", out,
+                               "--set", "test.nms_thresh=0.4"))  # fmt: skip
+        problems = [] if (work / "config.yaml").read_bytes() == saved else ["config.yaml rewritten"]
+        problems += [] if (folder / "out/img.json").is_file() else ["no img.json"]
+        self.judge_wild(group, "detect: --set on a run", outcome, "read", "", problems)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def wild_out_of_memory(self, group: Group) -> None:
+        """`extract` at a WILD_HUGE_SCALE scale under a virtual-memory cap (`ulimit -v`) of what
+        the imports take plus WILD_MEMORY_ROOM: one line naming the image and the fix."""
+        probe = self.run([sys.executable, "-c", VM_PROBE])
+        work = self.copy_reference("wild_memory", drop=("features/test",))
+        if probe.rc or not probe.stdout.strip().isdigit():
+            group.record(False, "failed", f"memory: the probe failed ({probe.summary()})")
+            return
+        cap_kib = int(probe.stdout) + WILD_MEMORY_ROOM // 1024
+        scales = f"extract.scales=[{WILD_HUGE_SCALE}]"
+        argv = ["extract", *self.args(work, scales), "--split", "test",
+                "--limit", "1", "--device", "cpu"]  # fmt: skip
+        outcome = self.run(["sh", "-c", f'ulimit -v {cap_kib} && exec "$@"', "sh", *cli(*argv)])
+        what = f"memory: extract at a {WILD_HUGE_SCALE:,} px scale under ulimit -v"
+        self.judge_wild(group, what, outcome, "refused", "out of memory while extracting")
+        shutil.rmtree(work, ignore_errors=True)
+
 
 def corruption_cases(test_id: str) -> list[tuple[str, str, Stage, dict]]:
     """(kind, file to corrupt, the stage that reads it, preparation) for each artefact kind."""
@@ -931,7 +1114,205 @@ def _umount(folder: Path) -> None:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+# --- inputs from the wild ----------------------------------------------------------------------
+
+WILD_TITLE = "wild inputs: read, warned or refused in one line; never silent, no traceback"
+# Virtual memory allowed above what the imports take (VM_PROBE) in the out-of-memory case: less
+# than the trunk's first maps of a toy image at a WILD_HUGE_SCALE shorter side (32 channels at
+# half its 8,000 x 10,667 px, float32: 2.7 GB), more than start-up needs.
+WILD_MEMORY_ROOM = 2 << 30
+WILD_HUGE_SCALE = 8000  # px; config.py refuses scales above 10,000 (a typo's extra zero)
+VM_PROBE = (  # the peak virtual memory (KiB) of a process that has imported what extract does
+    "import torch, torchvision, spp_detect.cli, spp_detect.stages.extract; "
+    "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"
+)
+EXIF_ORIENTATION = 0x0112  # the EXIF Orientation tag
+STORED_TURNS = {6: 1, 8: -1}  # orientation -> np.rot90 turns from the upright to the stored image
+BOMB_SIZE = (20_000, 10_000)  # width, height: past PIL's decompression-bomb limit (179 MP)
+
+
+def wild_dataset_cases() -> list[tuple[str, Callable, str, str]]:
+    """(what, edit(root, test ids) -> {new id: old id} or None, expected outcome, fragment of
+    the refusal or warning) for each dataset from the wild."""
+    return [
+        ("EXIF-rotated photos, upright <size> and boxes", _exif_upright, "read", ""),
+        ("EXIF-rotated photo annotated on its stored pixels", _exif_stored_size, "refused",
+         "EXIF orientation"),
+        ("namespaced VOC XML", _namespaced, "read", ""),
+        ("16-bit and RGBA PNGs", _png_kinds, "read", ""),
+        ("CMYK JPEG", _cmyk, "read", ""),
+        ("split file with a UTF-8 BOM and CRLF", _bom_crlf, "read", ""),
+        ("an id of 240 characters", _long_id, "read", ""),
+        ("<filename> naming another file", _filename_elsewhere, "warned",
+         "<filename> names another file"),
+        ("<filename> naming another listed id", _filename_of_listed_id, "refused",
+         "is the image of id"),
+        ("a nan coordinate", _nan_coordinate, "refused", "not a finite number"),
+        ("a UTF-16 split file", _utf16_split, "refused", "UTF-16"),
+        ("an id with a space", _id_with_space, "refused", "holds a space"),
+        ("an id longer than a file name may be", _id_too_long, "refused", "an id of 300 bytes"),
+        ("an image over the decompression-bomb limit", _bomb, "refused", "decompression bombs"),
+    ]  # fmt: skip
+
+
+def _image_of(root: Path, image_id: str) -> Path:
+    return next((root / "JPEGImages").glob(f"{image_id}.*"))
+
+
+def _xml_of(root: Path, image_id: str) -> Path:
+    return root / "Annotations" / f"{image_id}.xml"
+
+
+def _split_of(root: Path) -> Path:
+    return root / "ImageSets" / "Main" / "test.txt"
+
+
+def _rgb(path: Path) -> np.ndarray:
+    """The pixels as stored, RGB (the reference run decoded the toy JPEGs so)."""
+    import cv2
+
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    return cv2.cvtColor(cv2.imread(str(path), flags), cv2.COLOR_BGR2RGB)
+
+
+def _save_image(path: Path, pixels: np.ndarray, mode: str | None = None, **options) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    (image.convert(mode) if mode else image).save(path, **options)
+
+
+def _sideways_png(root: Path, image_id: str, orientation: int) -> Path:
+    """The image stored turned, as a PNG whose EXIF ``orientation`` turns it upright again."""
+    from PIL import Image
+
+    jpg = _image_of(root, image_id)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    png = jpg.with_suffix(".png")
+    _save_image(png, np.rot90(_rgb(jpg), STORED_TURNS[orientation]), exif=exif)
+    jpg.unlink()
+    return png
+
+
+def _exif_upright(root: Path, ids: list[str]) -> None:
+    for index, image_id in enumerate(ids):
+        _sideways_png(root, image_id, (6, 8)[index % 2])
+
+
+def _exif_stored_size(root: Path, ids: list[str]) -> None:
+    """A photo turned by its EXIF whose <size> is the stored (sideways) one."""
+    for image_id in ids:
+        xml = _xml_of(root, image_id)
+        text = xml.read_text()
+        width, height = (re.search(rf"<{t}>(\d+)</{t}>", text)[1] for t in ("width", "height"))
+        if width != height:  # a square image looks the same either way
+            _sideways_png(root, image_id, 6)
+            stored = f"<width>{height}</width><height>{width}</height>"
+            xml.write_text(text.replace(f"<width>{width}</width><height>{height}</height>", stored))
+            return
+
+
+def _namespaced(root: Path, ids: list[str]) -> None:
+    for image_id in ids:
+        xml = _xml_of(root, image_id)
+        ns = '<annotation xmlns="http://www.example.com/voc">'
+        xml.write_text(xml.read_text().replace("<annotation>", ns, 1))
+
+
+def _png_kinds(root: Path, ids: list[str]) -> None:
+    """A 16-bit PNG and an RGBA PNG of the same pixels (both decode to them exactly)."""
+    import cv2
+
+    for image_id, kind in zip(ids, ("16-bit", "rgba"), strict=False):
+        jpg = _image_of(root, image_id)
+        pixels = _rgb(jpg)
+        if kind == "16-bit":
+            bgr16 = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257
+            cv2.imwrite(str(jpg.with_suffix(".png")), bgr16)
+        else:
+            _save_image(jpg.with_suffix(".png"), pixels, mode="RGBA")
+        jpg.unlink()
+
+
+def _cmyk(root: Path, ids: list[str]) -> None:
+    jpg = _image_of(root, ids[0])
+    _save_image(jpg, _rgb(jpg), mode="CMYK", quality=95)
+
+
+def _bom_crlf(root: Path, ids: list[str]) -> None:
+    _split_of(root).write_bytes(("\ufeff" + "".join(f"{i}\r\n" for i in ids)).encode())
+
+
+def _long_id(root: Path, ids: list[str]) -> dict[str, str]:
+    old = ids[0]
+    new = old + "x" * (240 - len(old))
+    image = _image_of(root, old)
+    image.rename(image.with_name(new + image.suffix))
+    xml = _xml_of(root, old)
+    xml.with_name(f"{new}.xml").write_text(xml.read_text().replace(f"{old}.", f"{new}."))
+    xml.unlink()
+    split = _split_of(root)
+    split.write_text(split.read_text().replace(f"{old}\n", f"{new}\n"))
+    return {new: old}
+
+
+def _set_filename(root: Path, image_id: str, filename: str) -> None:
+    xml = _xml_of(root, image_id)
+    text = re.sub(
+        r"<filename>[^<]*</filename>", f"<filename>{filename}</filename>", xml.read_text()
+    )
+    xml.write_text(text)
+
+
+def _filename_elsewhere(root: Path, ids: list[str]) -> None:
+    shutil.copy2(_image_of(root, ids[1]), root / "JPEGImages" / "elsewhere.jpg")
+    _set_filename(root, ids[0], "elsewhere.jpg")
+
+
+def _filename_of_listed_id(root: Path, ids: list[str]) -> None:
+    _set_filename(root, ids[0], _image_of(root, ids[1]).name)
+
+
+def _nan_coordinate(root: Path, ids: list[str]) -> None:
+    xml = _xml_of(root, ids[0])
+    xml.write_text(re.sub(r"<xmin>\d+</xmin>", "<xmin>nan</xmin>", xml.read_text(), count=1))
+
+
+def _utf16_split(root: Path, ids: list[str]) -> None:
+    _split_of(root).write_bytes("".join(f"{i}\r\n" for i in ids).encode("utf-16"))
+
+
+def _id_with_space(root: Path, ids: list[str]) -> None:
+    with _split_of(root).open("a") as split:
+        split.write("my photo\n")
+
+
+def _id_too_long(root: Path, ids: list[str]) -> None:
+    with _split_of(root).open("a") as split:
+        split.write("y" * 300 + "\n")
+
+
+def _bomb(root: Path, ids: list[str]) -> None:
+    """The image replaced by a PNG header claiming BOMB_SIZE (a few bytes on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    image = _image_of(root, ids[0])
+    header = struct.pack(">IIBBBBB", *BOMB_SIZE, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    image.with_suffix(".png").write_bytes(png)
+    image.unlink()
+
+
 # --- main --------------------------------------------------------------------------------------
+
+
+SECTIONS = ("kill -9", "corruption", "SIGINT", "disk full", "wild inputs", "stale data")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -942,6 +1323,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seeds kill times and corruptions.")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: temp).")
     parser.add_argument("--out", type=Path, default=None, help="Also write the table here.")
+    parser.add_argument("--only", action="append", choices=SECTIONS, default=None,
+                        help="Run only this section (repeatable); the reference run is always "
+                        "built.")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -954,10 +1338,13 @@ def run_suite(args: argparse.Namespace, work: Path) -> list[Group]:
         ("corruption", suite.corruption),
         ("SIGINT", suite.sigint),
         ("disk full", suite.disk_full),
+        ("wild inputs", suite.wild_inputs),
         ("stale data", suite.stale_matrix),  # last: rewrites the dataset
     ]
     groups = []
     for name, section in sections:
+        if args.only and name not in args.only:
+            continue
         log(f"== {name}")
         try:
             groups.append(section())

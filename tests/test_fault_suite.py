@@ -1,6 +1,7 @@
 """The CI slice of the fault-injection suite (scripts/fault_suite.py --quick): kill -9 in every
-stage, one corruption of each artefact kind, the stale-data matrix, disk full and SIGINT, all
-through the CLI on a small toy set. Slow (minutes: some 70 CLI processes), so marked ``slow``.
+stage, one corruption of each artefact kind, the stale-data matrix, disk full, SIGINT and the
+inputs from the wild, all through the CLI on a small toy set. Slow (minutes: some 100 CLI
+processes), so marked ``slow``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROWS = (
     "SIGINT: exit 130, nothing half-written, resumes",
     "disk full (",
     "stale-data matrix: recomputed or refused, never silent",
+    "wild inputs: read, warned or refused in one line; never silent, no traceback",
 )
 TIMEOUT = 3600  # s: some 70 CLI start-ups; far more than an idle 2-core machine needs
 
