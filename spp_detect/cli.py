@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,17 @@ import click
 
 from spp_detect import __version__
 from spp_detect.artifacts import is_write_error, write_error
-from spp_detect.config import EVAL_METRICS, load_config
+from spp_detect.config import EVAL_METRICS, Config, load_config
 from spp_detect.distributed import Dist, RankStopped, from_env, rank_device, start, stop
 from spp_detect.errors import UserError
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import StageContext
 
+logger = logging.getLogger(__name__)
+# click's complaint about a word no option takes: `--set a=1 b=2` leaves "b=2" over
+STRAY_SET = re.compile(r"unexpected extra arguments? \((.*)\)")
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's convention
+VOC2007_TEST = "test"  # the split `eval --voc2007` evaluates (VOC 2007's ImageSets/Main/test.txt)
 STOPPED_EXIT = 143  # 128 + SIGTERM: torchrun stopped this rank because another one failed
 
 
@@ -35,7 +41,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.echo(f"{_rank_prefix()}error: {exc}", err=True)
+            message = with_hint_options(str(exc), ctx.meta.get(HINT_OPTIONS))
+            click.echo(f"{_rank_prefix()}error: {message}", err=True)
+            ctx.exit(2)
+        except click.UsageError as exc:
+            stray = STRAY_SET.search(exc.format_message())
+            if stray is None or "=" not in stray.group(1):
+                raise
+            click.echo(
+                f"error: {stray.group(1)}: not an option; give each value its own --set "
+                "(--set a.x=1 --set b.y=2)",
+                err=True,
+            )
             ctx.exit(2)
         except OSError as exc:  # a write outside artifacts.atomic_path (a folder, a log)
             if not is_write_error(exc):
@@ -107,16 +124,36 @@ def stage_options(
     *,
     default_config: str | None = None,
     reads_run: bool = False,
+    keeps_sections: tuple[str, ...] = (),
+    workers: bool = False,
+    limit: bool = True,
+    force: bool = True,
 ) -> Callable[..., Any]:
     """The options every stage shares (docs/contracts.md#cli); passes a ``ctx: StageContext``.
 
     Without -c, the config is the run directory's saved `config.yaml` when there is one (so
     `--run-dir DIR` alone picks up that run), else ``default_config`` or the code defaults.
     A command that ``reads_run`` (detect, eval) leaves the run's saved config as it is: its
-    ``--set`` values are for this call, and the run may be read-only.
+    ``--set`` values are for this call, and the run may be read-only; one that changes only
+    ``keeps_sections`` of a saved config (test: its test and eval settings) leaves it too.
+    ``workers``, ``limit`` and ``force``: whether the command takes those options (a verb shows
+    only the options it uses).
     """
     if func is None:
-        return functools.partial(stage_options, default_config=default_config, reads_run=reads_run)
+        return functools.partial(
+            stage_options,
+            default_config=default_config,
+            reads_run=reads_run,
+            keeps_sections=keeps_sections,
+            workers=workers,
+            limit=limit,
+            force=force,
+        )
+    used = {"workers": workers, "limit": limit, "force": force}
+    for name, option in OPTIONAL.items():
+        # an option a verb does not use stays accepted (scripts that pass it keep working) but
+        # hidden from its help, and says it is ignored when given
+        func = option(hidden=not used[name])(func)
 
     @click.option(
         "-c",
@@ -137,39 +174,41 @@ def stage_options(
         help="Override one config value (YAML syntax); repeatable.",
     )
     @click.option("--device", default=None, help="torch device. Default: cuda when available.")
-    @click.option(
-        "--workers",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Worker processes. Default: all cores.",
-    )
-    @click.option(
-        "--limit",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Use only the first N images of the split.",
-    )
-    @click.option("--force", is_flag=True, help="Recompute outputs that already exist.")
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
     @functools.wraps(func)
-    def wrapper(config_path, run_dir, overrides, device, workers, limit, force, verbose, **kw):
+    def wrapper(
+        config_path, run_dir, overrides, device, verbose, workers=None, limit=None, force=False,
+        **kw,
+    ):  # fmt: skip
         dist = from_env()  # torchrun's ranks; world 1 otherwise
         if not dist.is_main:
             # progress bars on rank 0 only; tqdm reads this when first imported (just below)
             os.environ["TQDM_DISABLE"] = "1"
         _setup_logging(verbose, dist)
-        require_torchvision()
-        from spp_detect.features import resolve_device
-
-        device = rank_device(dist, device or default_device())
-        resolve_device(device)  # a bad or absent device stops here, before any work
+        given = {"workers": workers is not None, "limit": limit is not None, "force": force}
+        for name in (name for name, value in given.items() if value and not used[name]):
+            logger.warning("--%s does nothing for this command; ignored", name)
+        # 1. The config first, before torch loads: a typo is reported at once.
         if run_dir:
             check_folder_option(Path(run_dir), "--run-dir")
         saved = Path(run_dir or "", "config.yaml")
+        explicit = config_path
         if config_path is None:
             config_path = saved if run_dir and saved.is_file() else default_config
         config = load_config(config_path, overrides)
         root = Path(run_dir) if run_dir else Path("runs") / config.name
+        click.get_current_context().meta[HINT_OPTIONS] = hint_options(explicit, root, overrides)
+        if config_path is None and not run_dir:
+            logger.info(
+                "no -c or --run-dir: the code defaults (data.root %s), writing to %s",
+                config.data.root, root,
+            )  # fmt: skip
+        # 2. torch and the device: a bad or absent device stops here, before any work.
+        require_torchvision()
+        from spp_detect.features import resolve_device
+
+        device = rank_device(dist, device or default_device())
+        resolve_device(device)
         ctx = StageContext(
             config=config,
             run_dir=RunDir(root),
@@ -180,14 +219,84 @@ def stage_options(
             force=force,
             dist=start(dist, device),
         )
-        result = func(ctx=ctx, **kw)
-        # Saved after the stage succeeds, so a failed call never replaces the last good record.
-        if ctx.dist.is_main and not reads_run:
+        # 3. The run's record, when the command starts (so that --run-dir alone resumes an
+        # interrupted first run); a config refused above never gets here.
+        if ctx.dist.is_main and records_run(reads_run, keeps_sections, config, ctx.run_dir):
             config.dump(ctx.run_dir.config_path)
+        result = func(ctx=ctx, **kw)
         stop(ctx.dist)
         return result
 
     return wrapper
+
+
+# The options only some verbs use, each a click.option with ``hidden`` still to choose
+OPTIONAL = {
+    "workers": functools.partial(
+        click.option, "--workers", type=click.IntRange(min=1), default=None,
+        help="Processes computing proposals (one image each). Default: all cores.",
+    ),
+    "limit": functools.partial(
+        click.option, "--limit", type=click.IntRange(min=1), default=None,
+        help="Use only the first N images of the split.",
+    ),
+    "force": functools.partial(
+        click.option, "--force", is_flag=True, help="Recompute outputs that already exist.",
+    ),
+}  # fmt: skip
+
+
+def records_run(
+    reads_run: bool, keeps_sections: tuple[str, ...], config: Config, run_dir: RunDir
+) -> bool:
+    """Whether a command writes its config as the run's record (``stage_options``)."""
+    if reads_run:
+        return False
+    if not keeps_sections or not run_dir.config_path.is_file():
+        return True
+    try:
+        saved = load_config(run_dir.config_path)
+    except UserError:
+        return True  # a damaged record is replaced
+    changed = [
+        section
+        for section, value in config.to_dict().items()
+        if section != "name" and saved.to_dict().get(section) != value
+    ]
+    return not set(changed) <= set(keeps_sections)
+
+
+# What a "run `spp-detect ...` first" hint must carry so that pasting it acts on the same run
+HINT_OPTIONS = "spp_detect.hint_options"
+HINT = re.compile(
+    r"`(spp-detect (?:propose|extract|finetune|train-svm|train-bbox|test|eval|run)\b[^`]*)`"
+)
+
+
+def hint_options(config_path: str | None, root: Path, overrides: Sequence[str]) -> list[str]:
+    """-c (when given), --run-dir and each --set of this call, shell-quoted."""
+    options = ["-c", config_path] if config_path else []
+    options += ["--run-dir", str(root)]
+    for item in overrides:
+        options += ["--set", item]
+    return [shlex.quote(str(option)) for option in options]
+
+
+def with_hint_options(message: str, options: Sequence[str] | None) -> str:
+    """``message`` with this call's options added to each `spp-detect VERB ...` it suggests
+    (an option the hint names already is left as it is)."""
+    if not options:
+        return message
+
+    def complete(match: re.Match) -> str:
+        hint, extra = match.group(1), []
+        for flag, value in zip(options[::2], options[1::2], strict=True):
+            if (flag in ("-c", "--run-dir") and flag in hint) or f"{flag} {value}" in hint:
+                continue
+            extra += [flag, value]
+        return f"`{' '.join([hint, *extra])}`"
+
+    return HINT.sub(complete, message)
 
 
 # Linux's NAME_MAX: the longest name of one file or folder, in bytes.
@@ -267,7 +376,7 @@ def convert_weights(
 
 
 @cli.command("propose")
-@stage_options
+@stage_options(workers=True)
 @split_option
 @click.option(
     "--report-only",
@@ -323,7 +432,7 @@ def train_bbox(ctx: StageContext, split: str | None) -> None:
 
 
 @cli.command("test")
-@stage_options
+@stage_options(keeps_sections=("test", "eval"))
 @split_option
 def test(ctx: StageContext, split: str | None) -> None:
     """Detections for every image of a split (default data.test_split)."""
@@ -350,7 +459,7 @@ def report(run_dir: str, verbose: bool) -> None:
 
 
 @cli.command("eval")
-@stage_options(reads_run=True)
+@stage_options(reads_run=True, force=False)
 @split_option
 @click.option(
     "--voc2007",
@@ -381,7 +490,11 @@ def eval_(
     metric = metric or ctx.config.eval.metric
     if metric == "coco":
         require_pycocotools()  # before running test
-    split = "test" if voc2007 else split or ctx.config.data.test_split
+    if voc2007 and split not in (None, VOC2007_TEST):
+        raise UserError(
+            f"--voc2007 evaluates the {VOC2007_TEST!r} split; drop --split {split} or --voc2007"
+        )
+    split = VOC2007_TEST if voc2007 else split or ctx.config.data.test_split
     if not ctx.dist.broadcast(has_detections(ctx, split)):  # under torchrun: rank 0 decides
         click.echo(f"no detections for {split} yet: running test first", err=True)
         click.echo(run_test(ctx, split), err=True)
@@ -392,7 +505,7 @@ def eval_(
 
 
 @cli.command("run")
-@stage_options
+@stage_options(workers=True)
 def run(ctx: StageContext) -> None:
     """Every stage in order, skipping those already complete; a time table at the end."""
     from spp_detect.stages.run import run_all
@@ -401,7 +514,7 @@ def run(ctx: StageContext) -> None:
 
 
 @cli.command("detect")
-@stage_options(reads_run=True)
+@stage_options(reads_run=True, limit=False, force=False)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option(
     "--out",
@@ -430,7 +543,7 @@ def detect(
 
 
 @cli.command("demo")
-@stage_options(default_config="toy")
+@stage_options(default_config="toy", workers=True, limit=False)
 def demo(ctx: StageContext) -> None:
     """Build the toy dataset (data/toy) and run the whole pipeline on it; CPU, minutes."""
     from spp_detect.stages.demo import run_demo

@@ -10,9 +10,11 @@ library functions take explicit arguments.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -385,12 +387,20 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _did_you_mean(name: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    """ ", did you mean X?" for the closest valid name (any case), else ""."""
+    by_lower = {option.lower(): option for option in valid}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{by_lower[close[0]]}?)" if close else ""
+
+
 def _build(tree: dict[str, Any], name: str, origin: str) -> Config:
     sections = {}
     for section, values in tree.items():
         if section not in SECTIONS:
             raise UserError(
-                f"{origin}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}"
+                f"{origin}: unknown config section {section!r}{_did_you_mean(section, SECTIONS)}; "
+                f"valid: {', '.join(SECTIONS)}"
             )
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section {section!r} must be a mapping of keys")
@@ -406,7 +416,8 @@ def _build_section(section: str, values: dict[str, Any], origin: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"{origin}: unknown key {section}.{key}; valid keys: {valid}")
+            guess = _did_you_mean(key, hints, f"{section}.")
+            raise UserError(f"{origin}: unknown key {section}.{key}{guess}; valid keys: {valid}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
     return cls(**kwargs)
 
@@ -416,6 +427,13 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     origin_type = typing.get_origin(hint)
     if origin_type is tuple:
         (item_type, _) = typing.get_args(hint)
+        if isinstance(value, str) and value:
+            # "classes: circle, square" is one string in YAML, not two classes
+            as_list = "[" + ", ".join(part for part in re.split(r"[,\s]+", value) if part) + "]"
+            raise UserError(
+                f"{origin}: {key} must be a YAML list, got the string {value!r}; write "
+                f"{key.split('.')[-1]}: {as_list}"
+            )
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(_coerce(v, item_type, key, origin) for v in items)
     if origin_type in (typing.Union, types.UnionType):
@@ -442,6 +460,12 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
 # Seeds go to numpy and torch generators; this is the range every one of them accepts (numpy's
 # legacy RandomState: 0 to 2**32 - 1).
 MAX_SEED = 2**32 - 1
+# Upper bounds of sizes: far beyond any real setting, low enough that a typo (an extra zero) is
+# named at once instead of ending in an out-of-memory or disk-space error hours later.
+MAX_IMAGE_SIDE = 10_000  # px: scales, caps and the window target
+MAX_PYRAMID_LEVEL = 32  # bins per side of one pyramid level (the paper's largest: 6; VGG16: 7)
+MAX_FC_DIM = 16_384  # fc6/fc7 width (the paper: 4,096)
+MAX_BATCH = 65_536  # windows or images per batch
 # Float keys for which infinity is a setting ("no cap"), documented with the key; NaN never is.
 INFINITY_ALLOWED = ("svm.cache_gib",)
 
@@ -454,14 +478,28 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("propose.sigma", lambda v: v >= 0, "at least 0"),
     ("propose.min_size", lambda v: v >= 0, "at least 0"),
     ("propose.max_per_image", lambda v: v >= 0, "at least 0 (0 keeps all)"),
-    ("propose.max_side", lambda v: v >= 0, "at least 0 (0 = never downscale)"),
+    ("propose.max_side", lambda v: 0 <= v <= MAX_IMAGE_SIDE, f"0 (never) to {MAX_IMAGE_SIDE} px"),
     ("propose.edge_max_boxes", lambda v: v >= 1, "at least 1"),
-    ("extract.max_long_side", lambda v: v >= 0, "0 (no cap) or positive"),
-    ("extract.batch_images", lambda v: v >= 1, "at least 1"),
-    ("spp.target_size", lambda v: v > 0, "positive"),
+    (
+        "extract.max_long_side",
+        lambda v: 0 <= v <= MAX_IMAGE_SIDE,
+        f"0 (no cap) to {MAX_IMAGE_SIDE}",
+    ),
+    ("extract.batch_images", lambda v: 1 <= v <= MAX_BATCH, f"1 to {MAX_BATCH}"),
+    (
+        "extract.scales",
+        lambda v: max(v, default=0) <= MAX_IMAGE_SIDE,
+        f"at most {MAX_IMAGE_SIDE} px",
+    ),
+    (
+        "spp.levels",
+        lambda v: max(v, default=0) <= MAX_PYRAMID_LEVEL,
+        f"at most {MAX_PYRAMID_LEVEL} bins a side",
+    ),
+    ("spp.target_size", lambda v: 0 < v <= MAX_IMAGE_SIDE, f"positive, at most {MAX_IMAGE_SIDE}"),
     ("spp.offset", lambda v: v >= 0, "at least 0 (px)"),
-    ("finetune.fc_dim", lambda v: v >= 1, "at least 1"),
-    ("finetune.batch_size", lambda v: v >= 1, "at least 1"),
+    ("finetune.fc_dim", lambda v: 1 <= v <= MAX_FC_DIM, f"1 to {MAX_FC_DIM}"),
+    ("finetune.batch_size", lambda v: 1 <= v <= MAX_BATCH, f"1 to {MAX_BATCH}"),
     ("finetune.checkpoint_every", lambda v: v >= 1, "at least 1"),
     ("finetune.log_every", lambda v: v >= 1, "at least 1"),
     ("finetune.iterations", lambda v: v >= 0, "at least 0"),
@@ -504,7 +542,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("test.softmax_thresh", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
     ("test.svd_rank_fc6", lambda v: v >= 1, "at least 1"),
     ("test.svd_rank_fc7", lambda v: v >= 1, "at least 1"),
-    ("finetune.images_per_batch", lambda v: v >= 1, "at least 1"),
+    ("finetune.images_per_batch", lambda v: 1 <= v <= MAX_BATCH, f"1 to {MAX_BATCH}"),
     ("finetune.conv_lr_mult", lambda v: v >= 0, "at least 0"),
     ("finetune.bbox_loss_weight", lambda v: v >= 0, "at least 0"),
     ("eval.iou_thresh", lambda v: 0.0 < v <= 1.0, "an IoU in (0, 1]"),

@@ -6,6 +6,7 @@ probe command built from ``stage_options`` (the global ``cli`` group is left unt
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from spp_detect import __version__
 from spp_detect.artifacts import MANIFEST, write_manifest
-from spp_detect.cli import cli, split_option, stage_options
+from spp_detect.cli import cli, records_run, split_option, stage_options
 from spp_detect.config import load_config
 from spp_detect.run_dir import RunDir
 from spp_detect.stages.common import (
@@ -275,3 +276,108 @@ def test_mismatched_torchvision_gives_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 2
     assert "install a matching pair" in result.output
     assert "Traceback" not in result.output
+
+
+# --- a newcomer's first hour (issue 29) -------------------------------------------------------
+
+
+def test_a_config_typo_is_reported_before_torch_loads(tmp_path):
+    """A torch that cannot be imported stands in the way: the typo is still named, so the
+    config was read and checked first."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "spp_detect", "propose", "--set", "svm.CC=1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(fake.parent)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "error: --set svm.CC=1: unknown key svm.CC (did you mean svm.C?); valid keys: C, "
+        "pos_weight, intercept_scaling, tol, neg_iou, hard_thresh, evict_thresh, retrain_limit, "
+        "cache_gib, target_norm, norm_images, norm_windows, seed"
+    ]
+
+
+def test_a_hint_carries_the_callers_config_run_dir_and_sets(stage_env, tmp_path):
+    data, _, _, _ = stage_env
+    run_dir = tmp_path / "fresh run"
+    args = ["train-svm", "-c", "toy", "--run-dir", str(run_dir), "--device", "cpu",
+            "--set", f"data.root={data}", "--set", "finetune.fc_dim=64"]  # fmt: skip
+    line = assert_one_line_error(CliRunner().invoke(cli, args))
+    assert (
+        f"run `spp-detect propose --split trainval -c toy --run-dir '{run_dir}' "
+        f"--set data.root={data} --set finetune.fc_dim=64` first"
+    ) in line
+
+
+def test_the_runs_config_is_written_when_the_command_starts(stage_env, tmp_path):
+    """An interrupted first run resumes with --run-dir alone: its record exists already."""
+    data, _, _, _ = stage_env
+    run_dir = tmp_path / "first"
+    args = ["train-svm", "-c", "toy", "--run-dir", str(run_dir), "--device", "cpu",
+            "--set", f"data.root={data}", "--set", "finetune.fc_dim=64"]  # fmt: skip
+    assert_one_line_error(CliRunner().invoke(cli, args))  # refused: no proposals yet
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.name == "toy" and saved.finetune.fc_dim == 64
+
+
+def test_test_settings_alone_keep_the_runs_record(tmp_path):
+    run_dir = RunDir(tmp_path)
+    load_config("toy").dump(run_dir.config_path)
+    only_test = load_config("toy", ["test.bbox_reg=false", "eval.iou_thresh=0.6"])
+    other = load_config("toy", ["test.bbox_reg=false", "svm.C=0.01"])
+    sections = ("test", "eval")
+    assert not records_run(False, sections, only_test, run_dir)
+    assert records_run(False, sections, other, run_dir)
+    assert records_run(False, (), only_test, run_dir)
+    assert not records_run(True, (), other, run_dir)
+
+
+def test_values_after_one_set_say_to_repeat_set(stage_env):
+    _, _, base, _ = stage_env
+    result = CliRunner().invoke(local, [*base, "--set", "svm.C=1", "svm.tol=0.2"])
+    assert_one_line_error(result, "svm.tol=0.2: not an option", "its own --set")
+
+
+@pytest.mark.parametrize(
+    ("verb", "shown", "hidden"),
+    [
+        ("propose", ["--workers", "--limit", "--force"], []),
+        ("extract", ["--limit", "--force"], ["--workers"]),
+        ("test", ["--limit", "--force"], ["--workers"]),
+        ("eval", ["--limit"], ["--workers", "--force"]),
+        ("detect", [], ["--workers", "--limit", "--force"]),
+        ("demo", ["--workers", "--force"], ["--limit"]),
+        ("run", ["--workers", "--limit", "--force"], []),
+    ],
+)
+def test_each_verb_shows_only_the_options_it_uses(verb, shown, hidden):
+    text = CliRunner().invoke(cli, [verb, "--help"]).output
+    assert all(f"{option} " in text for option in shown), text
+    assert not any(f"{option} " in text for option in hidden), text
+
+
+def test_voc2007_with_another_split_is_refused(stage_env):
+    _, run_dir, _, _ = stage_env
+    result = CliRunner().invoke(cli, ["eval", "--run-dir", str(run_dir), "--voc2007", "--split",
+                                      "trainval", "--device", "cpu"])  # fmt: skip
+    assert_one_line_error(result, "--voc2007 evaluates the 'test' split", "drop --split trainval")
+
+
+def test_without_config_or_run_dir_it_says_which_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["extract", "--device", "cpu"])
+    assert result.exit_code == 2  # the default VOC root is not here
+    assert "no -c or --run-dir: the code defaults (data.root data/VOCdevkit/VOC2007)" in (
+        result.stderr
+    )
+    assert "runs/default" in result.stderr
+
+
+def test_an_option_a_verb_does_not_use_is_accepted_and_said_ignored(stage_env):
+    _, _, base, _ = stage_env
+    result = CliRunner().invoke(local, [*base, "--workers", "2"])  # the probe reads no images
+    assert result.exit_code == 0, result.output
+    assert "--workers does nothing for this command; ignored" in result.stderr

@@ -88,17 +88,51 @@ def test_set_overrides_yaml_and_later_set_wins(tmp_path):
 
 
 def test_unknown_section():
-    with pytest.raises(UserError, match=r"unknown config section 'svn'; valid: data, propose"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown config section 'svn' \(did you mean svm\?\); valid: data, propose",
+    ):
         load_config(None, ["svn.C=1"])
 
 
 def test_unknown_key_names_the_valid_ones(tmp_path):
-    with pytest.raises(UserError, match=r"^--set svm\.c=1: unknown key svm\.c; valid keys: C, "):
+    with pytest.raises(
+        UserError,
+        match=r"^--set svm\.c=1: unknown key svm\.c \(did you mean svm\.C\?\); valid keys: C, ",
+    ):
         load_config(None, ["svm.c=1"])
     path = tmp_path / "typo.yaml"
     path.write_text("test:\n  nms_tresh: 0.3\n")
-    with pytest.raises(UserError, match=r"typo\.yaml: unknown key test\.nms_tresh; .*nms_thresh"):
+    with pytest.raises(
+        UserError,
+        match=r"typo\.yaml: unknown key test\.nms_tresh \(did you mean test\.nms_thresh\?\); ",
+    ):
         load_config(path)
+    with pytest.raises(UserError, match=r"unknown key svm\.zzz; valid keys"):  # nothing close
+        load_config(None, ["svm.zzz=1"])
+
+
+def test_a_string_where_a_list_is_expected_shows_the_list_form():
+    expected = "data.classes must be a YAML list, got the string 'circle, square'; write classes: "
+    with pytest.raises(UserError, match=re.escape(expected + "[circle, square]") + "$"):
+        load_config(None, ["data.classes=circle, square"])
+    assert load_config(None, ["extract.scales=688"]).extract.scales == (688,)  # a number is fine
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("extract.scales=[300000]", "extract.scales must be at most 10000 px"),
+        ("extract.max_long_side=99999", "extract.max_long_side must be 0 (no cap) to 10000"),
+        ("propose.max_side=99999", "propose.max_side must be 0 (never) to 10000 px"),
+        ("spp.levels=[600, 1]", "spp.levels must be at most 32 bins a side"),
+        ("finetune.fc_dim=100000", "finetune.fc_dim must be 1 to 16384"),
+        ("finetune.batch_size=1000000", "finetune.batch_size must be 1 to 65536"),
+    ],
+)
+def test_every_size_has_an_upper_bound_naming_the_key(setting, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [setting])
 
 
 def test_set_typo_names_the_set_not_the_file(tmp_path):
@@ -119,7 +153,7 @@ def test_set_typo_names_the_set_not_the_file(tmp_path):
         ("extract.flip=3", "extract.flip must be bool, got 3 (int)"),
         # values of the right type that no stage can work with, checked when the config loads
         ("finetune.lr=-0.1", "finetune.lr must be positive"),
-        ("finetune.batch_size=0", "finetune.batch_size must be at least 1"),
+        ("finetune.batch_size=0", "finetune.batch_size must be 1 to 65536"),
         ("test.nms_thresh=1.5", "test.nms_thresh must be an IoU in [0, 1]"),
         ("svm.C=0", "svm.C must be positive"),
         ("finetune.bg_thresh_hi=0.7", "bg_thresh_lo <= bg_thresh_hi <= fg_thresh"),

@@ -114,7 +114,7 @@ def test_conv_layer_names_match_the_trunks():
         ("finetune.conv_from=conv3_1", "conv1, conv2, conv3, conv4, conv5"),
         ("finetune.conv_from=conv3", "efficientnet_lite0 has no stage 'conv3'; use one of stem,"),
         ("test.scorer=vote", "test.scorer must be one of svm, softmax"),
-        ("finetune.images_per_batch=0", "finetune.images_per_batch must be at least 1"),
+        ("finetune.images_per_batch=0", "finetune.images_per_batch must be 1 to 65536"),
     ],
 )
 def test_bad_conv_settings_fail_when_the_config_loads(override, message):

@@ -245,7 +245,7 @@ def test_cache_none_writes_nothing(toy_root, tmp_path):
         ("extract.cache=ram", "extract.cache"),
         ("extract.precision=int8", "extract.precision: must be one of fp32, bf16, fp16"),
         ("extract.scales=[20,96]", "extract.scales: 20 px is too small for zf5; use at least"),
-        ("extract.batch_images=0", "extract.batch_images must be at least 1, got 0"),
+        ("extract.batch_images=0", "extract.batch_images must be 1 to 65536, got 0"),
     ],
 )
 def test_bad_settings_give_one_line_and_exit_2(toy_root, tmp_path, setting, message):

@@ -279,7 +279,7 @@ def test_bad_input(toy_root, upstream, tmp_path):
     with pytest.raises(UserError, match=r"checkpoint\.pt"):
         run_finetune(_ctx(toy_root, run, *fast), "trainval")
     # settings that cannot train, and a rate that diverges
-    with pytest.raises(UserError, match=r"finetune\.batch_size must be at least 1"):
+    with pytest.raises(UserError, match=r"finetune\.batch_size must be 1 to 65536"):
         run_finetune(_ctx(toy_root, run, *fast, "finetune.batch_size=0"), "trainval")
     RunDir(run).checkpoint_path.unlink()
     with pytest.raises(UserError, match=r"lower finetune\.lr"):

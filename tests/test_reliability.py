@@ -504,9 +504,9 @@ def test_test_refuses_svms_trained_on_another_split(trained, tmp_path):
     root, run = trained[0], Path(shutil.copytree(trained[1], tmp_path / "run"))
     assert _run_verb("train-svm", root, run, "--split", "test", "--limit", "2").exit_code == 0
     line = _error_line(_run_verb("test", root, run, "--split", "test", "--limit", "2", "--force"))
-    assert line == (
+    assert line.startswith(  # the hint then carries this call's --run-dir and --sets
         f"error: {run / 'svm/svms.npz'}: trained on split 'test', but data.train_split is "
-        "'trainval'; rerun `spp-detect train-svm --split trainval --force`"
+        "'trainval'; rerun `spp-detect train-svm --split trainval --force --run-dir "
     )
 
 
@@ -515,7 +515,7 @@ def test_test_refuses_svms_trained_on_a_head_fine_tuned_since(trained, tmp_path)
     assert _run_verb("finetune", root, run, "--limit", "3", "--force").exit_code == 0
     line = _error_line(_run_verb("test", root, run, "--split", "test", "--limit", "2", "--force"))
     assert f"{run / 'svm/svms.npz'}: trained with another finetune output than the one" in line
-    assert line.endswith("rerun `spp-detect train-svm --split trainval --force`")
+    assert "rerun `spp-detect train-svm --split trainval --force --run-dir " in line
 
 
 def test_test_refuses_models_trained_before_the_training_data_changed(trained, tmp_path):
@@ -541,7 +541,7 @@ def test_eval_refuses_detections_of_test_images_changed_since(trained, tmp_path)
     with _changed_for_a_while(image, lambda p: os.utime(p, ns=(1, 1))):
         line = _error_line(_run_verb("eval", root, run, "--split", "test", "--limit", "2"))
     assert f"{run / 'detections/test.npz'}: made from other data than split 'test'" in line
-    assert line.endswith("rerun `spp-detect test --split test --force`")
+    assert "rerun `spp-detect test --split test --force --run-dir " in line
 
 
 def test_detect_and_eval_leave_the_runs_saved_config_as_it_is(trained, tmp_path, monkeypatch):
