@@ -5,7 +5,7 @@ Each measurement runs the real command in a fresh run directory, as a user would
 torchrun sets it in each rank) against ``python -m torch.distributed.run --nproc-per-node 2 -m
 spp_detect <stage> ...``, the modes taking turns ``--repeats`` times. It reports the wall time
 of the whole command (interpreter start, imports, rendezvous included) and the stage's own time
-(its summary line), and prints a markdown table. Example (BENCHMARKS.md):
+(its summary line), and prints a markdown table. Example (docs/benchmarks-history.md):
 
     python scripts/bench_torchrun.py --root ../shared/datasets/raccoon --limit 40
 """

@@ -1,10 +1,10 @@
 """Projected wall time of the VOC 2007 pipeline (ZF-5, 5 scales) under torchrun on 1 to 64 GPUs.
 
-Arithmetic only, nothing runs: each stage's time is its per-image cost (BENCHMARKS.md) over
+Arithmetic only, nothing runs: each stage's time is its per-image cost (docs/benchmarks-history.md) over
 the images a rank gets, plus what does not shrink with more ranks: the shared file system's
 bandwidth, gradient all-reduces, and the work rank 0 does alone (the SVM solves). The
 constants below name their source; those marked ASSUMED are not measured anywhere here.
-Prints two markdown tables (BENCHMARKS.md, "Beyond one machine"): the code as it is, and with
+Prints two markdown tables (docs/benchmarks-history.md, "Beyond one machine"): the code as it is, and with
 the fixes named there (node-local caches, image-sharded fine-tuning blocks, class-parallel
 SVM solves):
 
@@ -20,7 +20,7 @@ TRAINVAL, TEST = 5011, 4952  # VOC 2007 images
 GPUS_PER_NODE = 8
 CORES_PER_GPU = 8  # ASSUMED: a 64-core node with 8 GPUs; selective search runs on the cores
 
-# Measured on this project's 2-core VM, one thread (BENCHMARKS.md)
+# Measured on a 2-core VM, one thread (docs/benchmarks-history.md)
 SS_FAST_S = 3.63  # selective search, fast mode, s/image/core ("Proposals")
 CACHE_MB = 8.59 * 1.048576  # 5-scale conv5 maps, MB/image ("conv5 extraction")
 

@@ -14,7 +14,7 @@ copied to the map's device in one queued copy, so the map's device is never read
 (docs/method.md#gpu-path).
 A level that divides a finer one (3, 2, 1 of 6) is the max over groups of the finer level's
 bins, exactly: the union of bins j·r … j·r+r−1 of level n·r is bin j of level n. On the CPU the
-windows go in chunks whose bins fit in the L2 cache (BENCHMARKS.md).
+windows go in chunks whose bins fit in the L2 cache (docs/benchmarks-history.md).
 
 Entry point: :func:`pool_into`.
 """
@@ -302,7 +302,7 @@ def pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     read back from ``fmap``'s device.
 
     On the CPU the windows go in chunks whose bins fit in the L2 cache, so every look-up, the
-    coarser levels and the final copy read them there instead of from memory (BENCHMARKS.md); a
+    coarser levels and the final copy read them there instead of from memory (docs/benchmarks-history.md); a
     GPU takes all windows at once.
     """
     channels, height, width = fmap.shape

@@ -157,7 +157,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.name = name
         # channels-last: ZF-5's LRN and ceil-mode pooling run faster on the CPU in this layout
-        # (BENCHMARKS.md), and pooling reads the maps channel-last anyway
+        # (docs/benchmarks-history.md), and pooling reads the maps channel-last anyway
         self.features = features.to(memory_format=torch.channels_last)
         self.normalization = normalization
         self.layers = layers

@@ -160,7 +160,7 @@ class Detector:
 
     def _pooled_workspace(self, rows: int, dim: int) -> torch.Tensor:
         """A float32 buffer (≥ rows, dim) kept across images: a fresh one per image would pay
-        its page faults every time (BENCHMARKS.md)."""
+        its page faults every time (docs/benchmarks-history.md)."""
         if len(self._workspace) < rows or self._workspace.shape[1:] != (dim,):
             self._workspace = torch.empty((rows, dim), device=self.head.fc6.weight.device)
         return self._workspace

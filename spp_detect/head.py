@@ -316,7 +316,7 @@ def truncated_svd(layer: nn.Linear, rank: int) -> nn.Sequential:
     one product and a 4,096-square eigendecomposition in float32 (about 2× faster than float64
     and precise enough for the leading directions), instead of the SVD of a 4,096 × 12,800
     matrix. It is still slow on a small CPU: fc6 at the paper's width (4,096 × 12,800) took
-    3 minutes in float64 on this project's 2-core VM under load 10 (BENCHMARKS.md)."""
+    3 minutes in float64 on a 2-core VM under load 10 (docs/benchmarks-history.md)."""
     weight = layer.weight.detach()  # (out, in)
     out_dim, in_dim = weight.shape
     k = min(rank, out_dim, in_dim)

@@ -272,7 +272,7 @@ def trainable_pyramid_pool(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     block-max engine). A directly pooled level uses torchvision's ``roi_pool`` (compiled forward
     and backward) when its float32 bin edges equal the exact integer rule for every window size
     the map allows (:func:`roi_pool_bins_exact`: levels 1–6 and 8, not 7), else a gather over
-    padded bins, exact but about 10× slower (BENCHMARKS.md). ``fmap`` in float32.
+    padded bins, exact but about 10× slower (docs/benchmarks-history.md). ``fmap`` in float32.
     """
     cells = torch.as_tensor(cells, dtype=torch.long).to("cpu").reshape(-1, 4)
     count, channels = len(cells), int(fmap.shape[0])
@@ -377,7 +377,7 @@ def pool_windows(
     one of POOL_ENGINES (module docstring).
 
     ``out``: a buffer (≥ R, D) kept across calls, which saves the page faults of a fresh output
-    (BENCHMARKS.md); ``out_dtype`` is then its dtype and pooled is its first R rows, in either
+    (docs/benchmarks-history.md); ``out_dtype`` is then its dtype and pooled is its first R rows, in either
     order mode. With ``keep_order`` the windows are pooled into a fresh scratch buffer and
     reordered into ``out``, so the saving needs ``keep_order=False``.
     """

@@ -302,7 +302,7 @@ def test_demo_reaches_toy_map(tmp_path, monkeypatch):
 
 
 # End-to-end fine-tuning on the demo's toy set, lighter than the demo (2 scales, fc 512): it
-# measured 86.0 mAP with the SVMs and 85.7 with the softmax (BENCHMARKS.md).
+# measured 86.0 mAP with the SVMs and 85.7 with the softmax (docs/benchmarks-history.md).
 CONV_TOY_SETTINGS = [
     "finetune.conv_from=stage3",
     "finetune.conv_lr_mult=0.1",
@@ -345,8 +345,10 @@ def test_conv_fine_tuning_on_the_toy_set_end_to_end(tmp_path):
     assert json.loads((run / "eval/test.json").read_text())["mAP"] >= 0.8
 
 
-# A light raccoon setting for CI (1 small scale, short training); BENCHMARKS.md has the
-# full-size figures. RACCOON_MAP_FLOOR is about 70% of the mAP this setting measured.
+# A light raccoon setting for CI (1 small scale, short training) on the default pretrained
+# Lite0 trunk; BENCHMARKS.md has the full-size figures. The setting measured 89.7 and 88.1 with
+# two seeds; the floor leaves room for thread counts and seeds, and random conv weights (55-61)
+# fail it.
 RACCOON_SETTINGS = [
     "propose.max_side=400",
     "extract.scales=[400]",
@@ -355,7 +357,7 @@ RACCOON_SETTINGS = [
     "finetune.iterations=300",
     "finetune.lr_steps=[200]",
 ]
-RACCOON_MAP_FLOOR = 0.35
+RACCOON_MAP_FLOOR = 0.80
 
 
 @pytest.mark.slow

@@ -268,7 +268,7 @@ def _decoded_ahead(
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    save_npz(path, **arrays)  # uncompressed: zlib halves the size but is slow (BENCHMARKS.md)
+    save_npz(path, **arrays)  # uncompressed: zlib halves the size but is slow (docs/benchmarks-history.md)
     return path.stat().st_size
 
 
