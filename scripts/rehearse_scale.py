@@ -1,5 +1,6 @@
 """Rehearse PASCAL VOC 2007 scale: each stage's peak memory, bytes written and wall time on a
-synthetic VOC-sized dataset (issue 17; results in docs/benchmarks-history.md, "VOC-scale rehearsal").
+synthetic VOC-sized dataset (issue 17; results in docs/benchmarks-history.md, "VOC-scale
+rehearsal").
 
 It drives the real stages through the real command (one process per stage, so that each
 stage's peak RSS is its own, read from ``os.wait4``), on:

@@ -1,12 +1,12 @@
 """Projected wall time of the VOC 2007 pipeline (ZF-5, 5 scales) under torchrun on 1 to 64 GPUs.
 
-Arithmetic only, nothing runs: each stage's time is its per-image cost (docs/benchmarks-history.md) over
-the images a rank gets, plus what does not shrink with more ranks: the shared file system's
-bandwidth, gradient all-reduces, and the work rank 0 does alone (the SVM solves). The
-constants below name their source; those marked ASSUMED are not measured anywhere here.
-Prints two markdown tables (docs/benchmarks-history.md, "Beyond one machine"): the code as it is, and with
-the fixes named there (node-local caches, image-sharded fine-tuning blocks, class-parallel
-SVM solves):
+Arithmetic only, nothing runs: each stage's time is its per-image cost
+(docs/benchmarks-history.md) over the images a rank gets, plus what does not shrink with more
+ranks: the shared file system's bandwidth, gradient all-reduces, and the work rank 0 does alone
+(the SVM solves). The constants below name their source; those marked ASSUMED are not measured
+anywhere here. Prints two markdown tables (docs/benchmarks-history.md, "Beyond one machine"):
+the code as it is, and with the fixes named there (node-local caches, image-sharded fine-tuning
+blocks, class-parallel SVM solves):
 
     python scripts/simulate_scaling.py [--fs-gbps 2] [--gpus 1,8,16,64]
 """

@@ -302,8 +302,8 @@ def pool_into(out: Tensor, fmap: Tensor, cells: Tensor, levels: Sequence[int]) -
     read back from ``fmap``'s device.
 
     On the CPU the windows go in chunks whose bins fit in the L2 cache, so every look-up, the
-    coarser levels and the final copy read them there instead of from memory (docs/benchmarks-history.md); a
-    GPU takes all windows at once.
+    coarser levels and the final copy read them there instead of from memory
+    (docs/benchmarks-history.md); a GPU takes all windows at once.
     """
     channels, height, width = fmap.shape
     if len(cells) == 0:

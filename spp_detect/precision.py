@@ -3,8 +3,8 @@
 ``fp32`` (the default) runs everything in float32. ``bf16`` and ``fp16`` run the conv trunk
 (``extract.precision``) or fc6/fc7 (``test.precision``) under ``torch.autocast`` on the device;
 their outputs are returned as float32. They pay off on GPUs with tensor cores; on a CPU without
-bf16/fp16 instructions they are several times slower than fp32 (docs/benchmarks-history.md). How far they
-move the scores and the mAP is tested on the toy set (tests/test_pipeline.py).
+bf16/fp16 instructions they are several times slower than fp32 (docs/benchmarks-history.md).
+How far they move the scores and the mAP is tested on the toy set (tests/test_pipeline.py).
 """
 
 from __future__ import annotations

@@ -377,9 +377,9 @@ def pool_windows(
     one of POOL_ENGINES (module docstring).
 
     ``out``: a buffer (≥ R, D) kept across calls, which saves the page faults of a fresh output
-    (docs/benchmarks-history.md); ``out_dtype`` is then its dtype and pooled is its first R rows, in either
-    order mode. With ``keep_order`` the windows are pooled into a fresh scratch buffer and
-    reordered into ``out``, so the saving needs ``keep_order=False``.
+    (docs/benchmarks-history.md); ``out_dtype`` is then its dtype and pooled is its first R
+    rows, in either order mode. With ``keep_order`` the windows are pooled into a fresh scratch
+    buffer and reordered into ``out``, so the saving needs ``keep_order=False``.
     """
     index = torch.as_tensor(scale_index, dtype=torch.long, device="cpu").reshape(-1)
     used = sorted(set(index.tolist()))

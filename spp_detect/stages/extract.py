@@ -268,7 +268,8 @@ def _decoded_ahead(
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    save_npz(path, **arrays)  # uncompressed: zlib halves the size but is slow (docs/benchmarks-history.md)
+    # uncompressed: zlib halves the size but is slow (docs/benchmarks-history.md)
+    save_npz(path, **arrays)
     return path.stat().st_size
 
 
