@@ -13,9 +13,9 @@ spp-detect side:
   * ``spp-detect run`` (``python -m spp_detect run --device cpu --workers THREADS``, with
     OMP_NUM_THREADS=THREADS) in ``--spp-run-dir``; default settings: ``-c raccoon``, the CI
     setting (1 scale of 400 px, selective search on images shrunk to 400 px, fc6/fc7 of 512,
-    300 fine-tuning iterations, trunk frozen); ``--spp-set`` adds overrides. A run dir that already has
-    ``eval/test.json`` is reused as it is; the wall time this script measured for it is kept in
-    ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``. A run dir left
+    300 fine-tuning iterations, trunk frozen); ``--spp-set`` adds overrides. A run dir that
+    already has ``eval/test.json`` is reused as it is; the wall time this script measured for it
+    is kept in ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``. A run dir left
     half-done is resumed by `run`, so its measured time is only the rest: use a fresh one.
   * mAP: ``RUN_DIR/eval/test.json`` ("mAP_07", else "mAP"), over the whole test split.
   * seconds per test image: ``spp_detect.api.Detector.from_run`` on CPU (conv5 maps computed
