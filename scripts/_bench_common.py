@@ -31,18 +31,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.backbones import BACKBONES, Backbone, build_backbone, output_hw
-from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.config import PAPER_SCALES, SppConfig, TestConfig
-from spp_detect.detector import DetectionSettings, Detector
-from spp_detect.features import FeatureSource, PoolGeometry, resolve_device
-from spp_detect.head import Head, init_random
-from spp_detect.inference import detect_image
-from spp_detect.proposals import propose_image
+from spp_detect.data.proposals import propose_image
+from spp_detect.data.voc import read_split
+from spp_detect.models.backbones import BACKBONES, Backbone, build_backbone, output_hw
+from spp_detect.models.detector import DetectionSettings, Detector
+from spp_detect.models.features import FeatureSource, PoolGeometry
+from spp_detect.models.head import Head, init_random
+from spp_detect.models.inference import detect_image
+from spp_detect.runtime.device import resolve_device
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmModel
 from spp_detect.testing import random_boxes
-from spp_detect.voc import read_split
+from spp_detect.train.bbox_reg import BoxRegressors
+from spp_detect.train.svm import SvmModel
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared/datasets/raccoon"
@@ -276,7 +277,7 @@ def make_proposals(image: np.ndarray, count: int, source: str, seed: int) -> tup
 
 def load_images(args: argparse.Namespace, count: int | None = None) -> list[BenchImage]:
     """The first ``count`` (default warm-up + timed) images of the split, with proposals."""
-    from spp_detect.features import read_record_image
+    from spp_detect.models.features import read_record_image
 
     count = args.warmup + args.images if count is None else count
     records = read_split(args.root, args.split, tuple(args.classes.split(",")))
@@ -518,7 +519,7 @@ def fc_gflop(rows: int, in_dim: int, fc_dim: int) -> float:
 
 
 def spp_conv_gflop(backbone: Backbone, image_hw: tuple[int, int], scales: Sequence[int]) -> float:
-    from spp_detect.image import resized_hw
+    from spp_detect.data.image import resized_hw
 
     return sum(conv_gflop(backbone.features, resized_hw(image_hw, s)) for s in scales)
 

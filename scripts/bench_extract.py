@@ -34,18 +34,18 @@ import numpy as np
 import torch
 from _bench_common import add_scale_options, scale_list, write_json
 
-from spp_detect.artifacts import save_npz
-from spp_detect.backbones import build_backbone
-from spp_detect.features import (
+from spp_detect.data.image import read_image
+from spp_detect.models.backbones import build_backbone
+from spp_detect.models.features import (
     FeatureSource,
     PoolGeometry,
     cache_arrays,
     compute_maps,
     prefetching,
-    resolve_device,
 )
-from spp_detect.image import read_image
-from spp_detect.spp import pool_engine, pool_windows, select_scale, window_cells
+from spp_detect.ops.spp import pool_engine, pool_windows, select_scale, window_cells
+from spp_detect.runtime.artifacts import save_npz
+from spp_detect.runtime.device import resolve_device
 from spp_detect.structures import ImageRecord
 from spp_detect.testing import random_boxes, reference_pool
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from spp_detect.artifacts import load_json
 from spp_detect.config import load_config
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.artifacts import load_json
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import StageContext
 from spp_detect.stages.propose import run_propose
 

@@ -69,9 +69,9 @@ from _bench_common import (
 )
 from torch import Tensor, nn
 
-from spp_detect.detector import Detector
-from spp_detect.image import image_to_tensor
-from spp_detect.spp import spatial_pyramid_pool
+from spp_detect.data.image import image_to_tensor
+from spp_detect.models.detector import Detector
+from spp_detect.ops.spp import spatial_pyramid_pool
 
 RCNN_INPUT = 224  # warped window side: the classification input of zf5 / torchvision trunks
 # The paper's GPU seconds per image (Tables 9-10, docs/method.md#paper-figures-to-compare-with):

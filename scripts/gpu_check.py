@@ -305,7 +305,7 @@ def main() -> int:
 
     import torch
 
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     gpu = torch.cuda.is_available() and not args.dry_run
     sizes = GPU if gpu else DRY

@@ -189,7 +189,7 @@ def install_synthetic_trunk(channels: int) -> None:
     import torch
     from torch import nn
 
-    from spp_detect import backbones
+    from spp_detect.models import backbones
 
     backbones.BACKBONES = (*backbones.BACKBONES, SYNTHETIC)
     backbones.DEFAULT_NORMALIZATION[SYNTHETIC] = "imagenet"

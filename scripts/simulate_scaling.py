@@ -122,7 +122,7 @@ def measure_svm_solve(positives: int = 500, negatives: tuple[int, ...] = (5000, 
 
     import numpy as np
 
-    from spp_detect.svm import SvmParams, train_linear_svm
+    from spp_detect.train.svm import SvmParams, train_linear_svm
 
     rng = np.random.default_rng(0)
     dim = 4096

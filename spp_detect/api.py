@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from spp_detect.config import Config, load_config
-from spp_detect.detector import Detector as CoreDetector
+from spp_detect.data.image import read_image
+from spp_detect.data.proposals import propose_image
 from spp_detect.errors import UserError
-from spp_detect.features import FeatureSource
-from spp_detect.image import read_image
-from spp_detect.proposals import propose_image
-from spp_detect.run_dir import RunDir
+from spp_detect.models.detector import Detector as CoreDetector
+from spp_detect.models.features import FeatureSource
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import build_detector, live_feature_source, proposal_params
 from spp_detect.structures import ImageDetections, ImageRecord
 

@@ -13,7 +13,7 @@ RACCOON = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small toy dataset (12 trainval + 6 test images, seed 0) in VOC layout; do not modify it."""
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     root = tmp_path_factory.mktemp("toy") / "toy"
     make_toy_dataset(root, num_train=12, num_test=6, seed=0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spp_detect import __version__
-from spp_detect.artifacts import (
+from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import (
     MANIFEST,
     atomic_path,
     atomic_write_text,
@@ -25,7 +26,6 @@ from spp_detect.artifacts import (
     save_torch,
     write_manifest,
 )
-from spp_detect.errors import UserError
 
 
 def test_atomic_path_success_leaves_only_target(tmp_path):
@@ -146,7 +146,7 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
     import os
     import stat
 
-    from spp_detect.artifacts import atomic_write_text
+    from spp_detect.runtime.artifacts import atomic_write_text
 
     path = tmp_path / "a.txt"
     atomic_write_text(path, "x")

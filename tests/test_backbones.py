@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from test_spp import zf5_fmap_side  # ZF-5 size arithmetic by hand (docs/method.md#conv-trunks)
 from torch import nn
 
-from spp_detect import backbones
-from spp_detect.backbones import (
+from spp_detect.data.image import caffe_bgr_mean, image_to_tensor
+from spp_detect.errors import UserError
+from spp_detect.models import backbones
+from spp_detect.models.backbones import (
     LRN_BEFORE_POOL_KEY,
     AcrossChannelLRN,
     WithinChannelLRN,
@@ -26,9 +28,7 @@ from spp_detect.backbones import (
     receptive_center,
     trunk_state,
 )
-from spp_detect.caffe import ILSVRC_2012_BGR_MEAN
-from spp_detect.errors import UserError
-from spp_detect.image import caffe_bgr_mean, image_to_tensor
+from spp_detect.models.caffe import ILSVRC_2012_BGR_MEAN
 
 # caffenet's default pixels: BGR minus the ILSVRC 2012 mean, as float32 (a converted file's mean)
 CAFFENET_NORMALIZATION = "caffe_bgr:" + ",".join(

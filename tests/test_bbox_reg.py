@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.artifacts import folder_token, remove_stale_temporaries
-from spp_detect.bbox_reg import (
+from spp_detect.errors import UserError
+from spp_detect.ops.boxes import decode_deltas, encode_deltas
+from spp_detect.runtime.artifacts import folder_token, remove_stale_temporaries
+from spp_detect.train.bbox_reg import (
     BoxRegressors,
     fit_box_regressor,
     fit_box_regressors,
@@ -17,9 +19,7 @@ from spp_detect.bbox_reg import (
     solve_in_place,
     whitening,
 )
-from spp_detect.boxes import decode_deltas, encode_deltas
-from spp_detect.errors import UserError
-from spp_detect.spill import ExampleSpill
+from spp_detect.train.spill import ExampleSpill
 
 
 def random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -162,7 +162,7 @@ def test_save_load_round_trip_and_bad_file(tmp_path):
 
 
 def test_regression_examples_take_windows_above_the_iou_and_their_best_gt():
-    from spp_detect.bbox_reg import regression_examples
+    from spp_detect.train.bbox_reg import regression_examples
 
     gt = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
     boxes = np.array(
@@ -298,7 +298,7 @@ def test_spill_files_go_on_an_error_and_after_a_killed_run(tmp_path):
 def test_a_full_disk_while_spilling_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from spp_detect import spill as spill_module
+    from spp_detect.train import spill as spill_module
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.boxes import (
+from spp_detect.ops.boxes import (
     MAX_LOG_SCALE,
     clip_boxes,
     decode_deltas,
@@ -92,7 +92,7 @@ def test_empty_inputs():
 def test_paired_iou_is_the_diagonal_of_box_iou():
     from torchvision.ops import box_iou
 
-    from spp_detect.boxes import paired_iou
+    from spp_detect.ops.boxes import paired_iou
 
     generator = torch.Generator().manual_seed(0)
     corner = torch.rand((200, 2), generator=generator) * 100

@@ -11,8 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect import caffe
-from spp_detect.backbones import (
+from spp_detect.cli import cli
+from spp_detect.data.image import caffe_bgr_mean, caffe_bgr_normalization, image_to_tensor
+from spp_detect.errors import UserError
+from spp_detect.models import caffe
+from spp_detect.models.backbones import (
     CAFFE_MEAN_KEY,
     DEFAULT_NORMALIZATION,
     LRN_BEFORE_POOL_KEY,
@@ -24,10 +27,7 @@ from spp_detect.backbones import (
     load_classifier_state,
     trunk_state,
 )
-from spp_detect.backbones import lrn_before_pool as lrn_before_pool_of
-from spp_detect.cli import cli
-from spp_detect.errors import UserError
-from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization, image_to_tensor
+from spp_detect.models.backbones import lrn_before_pool as lrn_before_pool_of
 
 FC_WIDTH = 16  # a narrow fc6/fc7 keeps the files small; the converter takes any width
 

@@ -16,10 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from spp_detect import __version__
-from spp_detect.artifacts import MANIFEST, write_manifest
 from spp_detect.cli import cli, records_run, split_option, stage_options
 from spp_detect.config import load_config
-from spp_detect.run_dir import RunDir
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.runtime.artifacts import MANIFEST, write_manifest
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
     fingerprint,
@@ -27,7 +28,6 @@ from spp_detect.stages.common import (
     split_records,
     stage_dir,
 )
-from spp_detect.toy import TOY_CLASSES
 
 
 @click.group(cls=type(cli))

@@ -37,10 +37,17 @@ from test_pipeline import (  # the toy run's settings, helpers and bf16 toleranc
     toy_args,
 )
 
-from spp_detect.artifacts import load_npz
-from spp_detect.features import compute_maps, compute_maps_batch, prefetching, read_record_image
-from spp_detect.head import load_head
-from spp_detect.spp import inverse_permutation, pool_windows, spatial_pyramid_pool
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.data.voc import read_split
+from spp_detect.models.features import (
+    compute_maps,
+    compute_maps_batch,
+    prefetching,
+    read_record_image,
+)
+from spp_detect.models.head import load_head
+from spp_detect.ops.spp import inverse_permutation, pool_windows, spatial_pyramid_pool
+from spp_detect.runtime.artifacts import load_npz
 from spp_detect.stages.common import (
     build_detector,
     build_trunk,
@@ -49,8 +56,6 @@ from spp_detect.stages.common import (
     open_feature_source,
 )
 from spp_detect.testing import write_proposal_mat
-from spp_detect.toy import TOY_CLASSES
-from spp_detect.voc import read_split
 
 HAS_CUDA = torch.cuda.is_available()
 ON_CPU = not HAS_CUDA and os.environ.get("SPP_CUDA_TESTS_ON_CPU") == "1"

@@ -13,24 +13,24 @@ import torch
 from click.testing import CliRunner
 from test_spp import zf5_fmap_side  # conv5 size arithmetic by hand (docs/method.md#conv-trunks)
 
-from spp_detect.artifacts import load_json
-from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import ExtractConfig, load_config
+from spp_detect.data.image import resized_hw
+from spp_detect.data.voc import read_split
 from spp_detect.errors import UserError
-from spp_detect.features import (
+from spp_detect.models.backbones import build_backbone
+from spp_detect.models.features import (
     FeatureSource,
     PoolGeometry,
     compute_maps,
     compute_maps_batch,
-    device_failure,
     prefetching,
     read_record_image,
 )
-from spp_detect.image import resized_hw
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.artifacts import load_json
+from spp_detect.runtime.device import device_failure
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import open_feature_source, split_records
-from spp_detect.voc import read_split
 
 TOY_CLASSES = "data.classes=[circle,square,triangle]"
 SCALES = (96, 128)

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from spp_detect.cli import cli
-from spp_detect.inference import (
+from spp_detect.models.inference import (
     _by_class,
     combine_detections,
     detect_image,
@@ -175,9 +175,9 @@ def trained_run(toy_root, tmp_path_factory):
     """The smallest trained toy run that `test` accepts (.mat proposals, a 2-iteration head,
     the softmax scorer, no box regression), with the test split's proposals and maps: the run
     folder and its CLI arguments."""
+    from spp_detect.data.toy import TOY_CLASSES
+    from spp_detect.data.voc import read_split
     from spp_detect.testing import write_proposal_mat
-    from spp_detect.toy import TOY_CLASSES
-    from spp_detect.voc import read_split
 
     folder = tmp_path_factory.mktemp("trained")
     records = [r for s in ("trainval", "test") for r in read_split(toy_root, s, TOY_CLASSES)]
@@ -213,10 +213,10 @@ def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
 ):
     """The 3rd image of the test split fails: one line naming it, exit 2, the first two
     images' detection files kept and skipped by the rerun, which completes."""
-    from spp_detect.detector import Detector
-    from spp_detect.run_dir import RunDir
-    from spp_detect.toy import TOY_CLASSES
-    from spp_detect.voc import read_split
+    from spp_detect.data.toy import TOY_CLASSES
+    from spp_detect.data.voc import read_split
+    from spp_detect.models.detector import Detector
+    from spp_detect.runtime.run_dir import RunDir
 
     run = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
     args = [str(run) if a == str(trained_run[0]) else a for a in trained_run[1]]

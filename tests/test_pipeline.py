@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect.artifacts import load_npz
 from spp_detect.cli import cli
+from spp_detect.runtime.artifacts import load_npz
 
 pytestmark = pytest.mark.slow  # the module fixture runs every stage end to end
 
@@ -167,7 +167,7 @@ def test_eval_combine_with_itself(toy_run):
 
 
 def test_detect_writes_json_and_png(toy_root, toy_run, tmp_path, monkeypatch):
-    from spp_detect import visualize
+    from spp_detect.evaluation import visualize
 
     captions = []  # every label drawn on the PNGs, in drawing order
     monkeypatch.setattr(visualize, "_draw_label", lambda _, text, *__: captions.append(text))
@@ -271,7 +271,7 @@ def test_a_trained_file_replaced_since_its_stage_closed_is_refused(
 
 
 def test_run_reruns_every_stage_after_the_dataset_is_regenerated_in_place(toy_run, tmp_path):
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     root = tmp_path / "toy"
     make_toy_dataset(root, num_train=12, num_test=6, seed=0)
@@ -319,7 +319,7 @@ def test_conv_fine_tuning_on_the_toy_set_end_to_end(tmp_path):
     """Conv layers trained through the pyramid from random weights: propose → finetune (images)
     → extract (fine-tuned trunk) → SVMs → regression → test; toy mAP >= 0.8, with the SVMs and
     with the head's softmax."""
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     make_toy_dataset(tmp_path / "toy")
     run = tmp_path / "run"
@@ -385,7 +385,7 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
     """Dedup, pooling order and batching against every window pooled in input order."""
     import torch
 
-    from spp_detect.detector import Detector
+    from spp_detect.models.detector import Detector
     from spp_detect.stages.common import build_detector, detection_settings, open_feature_source
 
     class NaiveDetector(Detector):
@@ -403,7 +403,7 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
     assert abs(naive_map - fast_map) <= 0.005
 
 
-# bf16/fp16 autocast against fp32 (spp_detect/precision.py). Measured on the toy run: SVM scores
+# bf16/fp16 autocast against fp32 (runtime/device.py). Measured on the toy run: SVM scores
 # move by at most 0.004 (bf16) and 0.0003 (fp16), conv5 maps by 0.7% and 0.1% of their maximum.
 SCORE_TOLERANCE = 0.05  # SVM margin units; the score threshold is -1.5, a margin 1
 FMAP_TOLERANCE = 0.02  # conv5 maps: max |map - fp32 map| / max fp32 map
@@ -463,7 +463,7 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 
 def _test_split(run: Path):
     from spp_detect.config import load_config
-    from spp_detect.run_dir import RunDir
+    from spp_detect.runtime.run_dir import RunDir
     from spp_detect.stages.common import split_records
 
     config = load_config(run / "config.yaml")
@@ -481,9 +481,9 @@ def _window_scores(detector, source, record, proposals):
 
 def _detector_map(detector, source, config, run_dir, records) -> float:
     """The test split's VOC07 mAP of ``detector`` with conv5 maps from ``source``."""
+    from spp_detect.evaluation.voc_eval import evaluate_detections
     from spp_detect.stages.common import load_proposals
     from spp_detect.structures import Detections
-    from spp_detect.voc_eval import evaluate_detections
 
     per_image = [
         detector.detect(
@@ -496,7 +496,7 @@ def _detector_map(detector, source, config, run_dir, records) -> float:
 
 
 def _svms_of(detector):
-    from spp_detect.svm import SvmModel
+    from spp_detect.train.svm import SvmModel
 
     weight = detector.svm_weight.T.contiguous().numpy()
     return SvmModel(weight, detector.svm_bias.numpy())
@@ -504,7 +504,7 @@ def _svms_of(detector):
 
 def test_python_api_detects_as_test_does(toy_root, toy_run):
     from spp_detect import Detector
-    from spp_detect.image import read_image
+    from spp_detect.data.image import read_image
 
     detector = Detector.from_run(toy_run)
     image_id = sorted((toy_run / "detections/test").glob("*.npz"))[0].stem

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from spp_detect import proposals
+from spp_detect.data import proposals
 from spp_detect.errors import UserError
 
 

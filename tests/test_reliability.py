@@ -23,20 +23,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect import artifacts, locks
-from spp_detect.artifacts import load_npz, require_manifest, save_npz, save_torch
 from spp_detect.cli import cli
 from spp_detect.config import load_config
+from spp_detect.data.image import read_image
+from spp_detect.data.voc import image_size
 from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime import artifacts, locks
+from spp_detect.runtime.artifacts import load_npz, require_manifest, save_npz, save_torch
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import (
     is_current,
     load_proposals,
     open_feature_source,
     split_records,
 )
-from spp_detect.voc import image_size
 
 TOY = ["data.classes=[circle,square,triangle]", "extract.scales=[96]", "propose.max_side=200"]
 
@@ -123,7 +123,7 @@ def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, sma
 
 
 def test_a_weights_file_rewritten_under_its_name_makes_the_maps_stale(toy_root, tmp_path):
-    from spp_detect.backbones import build_backbone, trunk_state
+    from spp_detect.models.backbones import build_backbone, trunk_state
 
     weights = tmp_path / "zf5.pt"
     save_torch(weights, trunk_state(build_backbone("zf5", "none")))
@@ -157,7 +157,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     lock = tmp_path / ".locks" / "extract.trainval.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from spp_detect import locks\n"
+         "import sys, time; from pathlib import Path; from spp_detect.runtime import locks\n"
          "with locks.exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); "
          "time.sleep(60)", str(lock)],
         stdout=subprocess.PIPE, text=True,
@@ -287,7 +287,7 @@ def test_an_upstream_rerun_makes_the_downstream_stale(toy_root, run_copy):
 
 
 def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_path, small_run):
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
     run = Path(shutil.copytree(small_run, tmp_path / "run"))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect import _blockmax, spp
-from spp_detect.spp import (
+from spp_detect.ops import _blockmax, spp
+from spp_detect.ops.spp import (
     SpatialPyramidPool,
     dedup_keys,
     pool_windows,

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.backbones import build_backbone
 from spp_detect.config import Config
-from spp_detect.detector import DetectionSettings, Detector
-from spp_detect.features import FeatureSource, PoolGeometry
-from spp_detect.head import Head
+from spp_detect.data.voc import read_split
+from spp_detect.models.backbones import build_backbone
+from spp_detect.models.detector import DetectionSettings, Detector
+from spp_detect.models.features import FeatureSource, PoolGeometry
+from spp_detect.models.head import Head
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmModel
 from spp_detect.testing import random_boxes
-from spp_detect.voc import read_split
-from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
+from spp_detect.train.svm import SvmModel
+from spp_detect.train.window_features import distinct_windows, feature_scale, sample_for_norm
 
 TOY_CLASSES = ("circle", "square", "triangle")
 

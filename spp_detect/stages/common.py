@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spp_detect.artifacts import (
+from spp_detect.config import Config, ExtractConfig, ProposeConfig
+from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import (
     atomic_write_text,
     file_digest,
     folder_token,
@@ -30,17 +32,15 @@ from spp_detect.artifacts import (
     stored_fingerprint,
     write_manifest,
 )
-from spp_detect.config import Config, ExtractConfig, ProposeConfig
-from spp_detect.distributed import Dist, map_in_order
-from spp_detect.errors import UserError
-from spp_detect.locks import exclusive
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.distributed import Dist, map_in_order
+from spp_detect.runtime.locks import exclusive
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from spp_detect.features import FeatureSource
+    from spp_detect.models.features import FeatureSource
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def per_image(
     rank 0 gets the results."""
     from tqdm import tqdm
 
-    from spp_detect.features import prefetching
+    from spp_detect.models.features import prefetching
 
     progress = {"total": len(records), "unit": "img", **progress}
     if not dist.active:
@@ -442,12 +442,12 @@ def _split_stamp(config: Config, records: list[ImageRecord], split_file: Path) -
 def _parse_split(config: Config, split: str) -> tuple[list[ImageRecord], Path, str]:
     root = Path(config.data.root)
     if config.data.format == "coco":
-        from spp_detect import coco
+        from spp_detect.data import coco
 
         path = coco.annotation_path(root, config.data.annotations, split)
         records = coco.read_split(root, path, split, config.data.classes)
         return records, path, f"category names of {path}"
-    from spp_detect.voc import read_split
+    from spp_detect.data.voc import read_split
 
     records = read_split(root, split, config.data.classes)
     return records, root / "ImageSets/Main" / f"{split}.txt", f"<name>s of {root / 'Annotations'}"
@@ -534,7 +534,7 @@ def check_classes(manifest: dict, classes: tuple[str, ...], path: Path, stage: s
 def load_trained_head(config: Config, run_dir: RunDir, device: str, check_data: bool = True):
     """The fine-tuned head (eval mode, on ``device``), checked against the config and, with
     ``check_data``, against the training split's data now (``check_trained_on``)."""
-    from spp_detect.head import load_head
+    from spp_detect.models.head import load_head
 
     path = _trained_file(config, run_dir, "finetune", run_dir.head_path, check_data)
     return load_head(path, device)
@@ -542,7 +542,7 @@ def load_trained_head(config: Config, run_dir: RunDir, device: str, check_data: 
 
 def pool_geometry(config: Config, stride: int, offset0: float):
     """The ``features.PoolGeometry`` of a trunk's ``stride`` and ``offset0`` under ``spp``."""
-    from spp_detect.features import PoolGeometry
+    from spp_detect.models.features import PoolGeometry
 
     spp = config.spp
     return PoolGeometry(stride, offset0, spp.offset, tuple(spp.levels), spp.target_size)
@@ -551,7 +551,7 @@ def pool_geometry(config: Config, stride: int, offset0: float):
 def build_trunk(config: Config, run_dir: RunDir):
     """The conv trunk whose conv5 maps the later stages use: ``extract.backbone`` with
     ``extract.weights``, or, with ``finetune.conv_from``, the trunk fine-tuned end to end."""
-    from spp_detect.backbones import build_backbone
+    from spp_detect.models.backbones import build_backbone
 
     settings = config.extract
     log_trunk(config)
@@ -645,7 +645,7 @@ def log_trunk(config: Config) -> None:
 
 def packaged_weights_digest(extract: ExtractConfig) -> str:
     """The published sha256 of the packaged weights ``extract`` names, else ""."""
-    from spp_detect.backbones import PACKAGED_WEIGHTS
+    from spp_detect.models.backbones import PACKAGED_WEIGHTS
     from spp_detect.models.efficientnet_lite import VARIANTS
 
     variant = VARIANTS.get(extract.backbone)
@@ -691,7 +691,7 @@ def is_current(
 def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
     """Conv5 maps of ``split`` as a ``features.FeatureSource``: the extract cache (its manifest
     checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly."""
-    from spp_detect.features import FeatureSource
+    from spp_detect.models.features import FeatureSource
 
     if config.extract.cache != "disk":
         return live_feature_source(config, run_dir, device)
@@ -720,7 +720,7 @@ def open_split(config: Config, run_dir: RunDir, split: str, limit: int | None, d
 def live_feature_source(config: Config, run_dir: RunDir, device: str):
     """A ``features.FeatureSource`` that runs the trunk (``build_trunk``) on each image (no
     cache needed)."""
-    from spp_detect.features import FeatureSource
+    from spp_detect.models.features import FeatureSource
 
     settings = config.extract
     backbone = build_trunk(config, run_dir)
@@ -740,9 +740,9 @@ def build_detector(config: Config, run_dir: RunDir, device: str, check_data: boo
     ``detector.Detector`` with the config's test settings, each checked to be trained on
     ``data.train_split`` with the others (and, with ``check_data``, on its data as it is now:
     ``check_trained_on``)."""
-    from spp_detect.bbox_reg import BoxRegressors
-    from spp_detect.detector import Detector
-    from spp_detect.svm import SvmModel
+    from spp_detect.models.detector import Detector
+    from spp_detect.train.bbox_reg import BoxRegressors
+    from spp_detect.train.svm import SvmModel
 
     head = load_trained_head(config, run_dir, device, check_data)
     svms = None
@@ -836,7 +836,7 @@ def file_identity(path: Path) -> str:
 
 def detection_settings(config: Config):
     """The ``detector.DetectionSettings`` of ``config.test``."""
-    from spp_detect.detector import DetectionSettings
+    from spp_detect.models.detector import DetectionSettings
 
     test = config.test
     softmax = test.scorer == "softmax"

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spp_detect import coco
-from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json
-from spp_detect.coco_eval import evaluate_coco, format_coco_line, require_pycocotools, results_json
+from spp_detect.data import coco
 from spp_detect.errors import UserError
-from spp_detect.inference import combine_detections
-from spp_detect.run_dir import RunDir
+from spp_detect.evaluation.coco_eval import (
+    evaluate_coco,
+    format_coco_line,
+    require_pycocotools,
+    results_json,
+)
+from spp_detect.evaluation.voc_eval import (
+    evaluate_all_classes,
+    format_ap_table,
+    plot_pr_curves,
+    summarize,
+    write_devkit_files,
+)
+from spp_detect.models.inference import combine_detections
+from spp_detect.runtime.artifacts import clear_manifest, load_npz, read_manifest, save_json
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import (
     RANDOM_TRUNK_NOTE,
     StageContext,
@@ -34,13 +46,6 @@ from spp_detect.stages.common import (
     trunk_provenance,
 )
 from spp_detect.structures import Detections
-from spp_detect.voc_eval import (
-    evaluate_all_classes,
-    format_ap_table,
-    plot_pr_curves,
-    summarize,
-    write_devkit_files,
-)
 
 
 @locked("eval")

@@ -9,7 +9,7 @@ passes (still one file each); an image that runs out of GPU memory is redone on 
 first one image at a time), and any other CUDA error stops the stage with one line naming the
 image, the files written so far kept, as does running out of the machine's memory (a huge image
 or scale); 4. the manifest, last.
-Cache layout: ``spp_detect.features`` (module docstring) and docs/contracts.md#artefacts.
+Cache layout: ``spp_detect.models.features`` (module docstring) and docs/contracts.md#artefacts.
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
-from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
-from spp_detect.features import (
+from spp_detect.data.image import flip_image, resized_hw
+from spp_detect.models.backbones import Backbone
+from spp_detect.models.features import (
     cache_arrays,
     check_scales_fit,
     compute_maps,
     compute_maps_batch,
-    device_errors,
     pyramid_hw,
     read_record_image,
-    resolve_device,
 )
-from spp_detect.image import flip_image, resized_hw
+from spp_detect.runtime.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
+from spp_detect.runtime.device import device_errors, resolve_device
 from spp_detect.stages.common import (
     StageContext,
     build_trunk,

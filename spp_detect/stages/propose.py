@@ -28,17 +28,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from spp_detect import proposals
-from spp_detect.artifacts import (
+from spp_detect.config import Config, ProposeConfig
+from spp_detect.data import proposals
+from spp_detect.data.image import read_image
+from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import (
     clear_manifest,
     load_npz,
     save_json,
     save_npz,
 )
-from spp_detect.config import Config, ProposeConfig
-from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.runtime.workers import MP_START_METHOD, run_jobs
 from spp_detect.stages.common import (
     StageContext,
     Summary,
@@ -52,7 +53,6 @@ from spp_detect.stages.common import (
     wait_for_shares,
 )
 from spp_detect.structures import ImageRecord
-from spp_detect.workers import MP_START_METHOD, run_jobs
 
 logger = logging.getLogger(__name__)
 

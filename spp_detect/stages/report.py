@@ -19,7 +19,6 @@ import numpy as np
 import yaml
 
 from spp_detect import __version__
-from spp_detect.artifacts import atomic_write_text, read_manifest
 from spp_detect.config import Config
 from spp_detect.errors import UserError
 from spp_detect.evaluation.report import (
@@ -30,7 +29,8 @@ from spp_detect.evaluation.report import (
     render,
     shrink,
 )
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.artifacts import atomic_write_text, read_manifest
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import split_records, stage_dir, trunk_provenance
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
@@ -120,7 +120,7 @@ def _metric_line(evaluation: dict | None, split: str) -> str:
 def _pr_curves(config: Config, detections: Detections | None, records: list[ImageRecord]) -> list:
     if detections is None:
         return []
-    from spp_detect.voc_eval import evaluate_all_classes
+    from spp_detect.evaluation.voc_eval import evaluate_all_classes
 
     try:
         results = evaluate_all_classes(
@@ -158,7 +158,7 @@ def _tiles(
 ) -> dict[str, list[Tile]]:
     if detections is None or not records:
         return {}
-    from spp_detect.voc_eval import detection_outcomes
+    from spp_detect.evaluation.voc_eval import detection_outcomes
 
     try:
         outcomes = detection_outcomes(detections, records, config.eval.iou_thresh)
@@ -193,8 +193,8 @@ def _area(box: np.ndarray) -> float:
 def _detection_tile(
     detections: Detections, row: int, record: ImageRecord, classes: tuple[str, ...]
 ) -> Tile:
-    from spp_detect.features import read_record_image
-    from spp_detect.visualize import draw_detections
+    from spp_detect.evaluation.visualize import draw_detections
+    from spp_detect.models.features import read_record_image
 
     small, scale = shrink(read_record_image(record))
     found = ImageDetections(
@@ -208,7 +208,7 @@ def _detection_tile(
 
 
 def _miss_tile(record: ImageRecord, label: int, box: np.ndarray, classes: tuple[str, ...]) -> Tile:
-    from spp_detect.features import read_record_image
+    from spp_detect.models.features import read_record_image
 
     small, scale = shrink(read_record_image(record))
     side = f"{box[2] - box[0]:.0f}×{box[3] - box[1]:.0f} px"

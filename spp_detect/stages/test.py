@@ -16,14 +16,15 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from spp_detect.artifacts import (
+from spp_detect.config import Config
+from spp_detect.models.features import prefetching
+from spp_detect.runtime.artifacts import (
     clear_manifest,
     load_npz,
     save_npz,
 )
-from spp_detect.config import Config
-from spp_detect.features import device_errors, prefetching
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.device import device_errors
+from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.common import (
     StageContext,
     Summary,

@@ -22,16 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.bbox_reg import (
-    BoxRegressors,
-    fit_box_regressors,
-    mean_iou_before_after,
-    regression_examples,
-)
 from spp_detect.config import BboxRegConfig
-from spp_detect.features import FeatureSource
-from spp_detect.spill import ExampleSpill
+from spp_detect.models.features import FeatureSource
+from spp_detect.runtime.artifacts import clear_manifest, save_json
 from spp_detect.stages.common import (
     StageContext,
     Summary,
@@ -43,7 +36,14 @@ from spp_detect.stages.common import (
     windows_of,
 )
 from spp_detect.structures import ImageRecord
-from spp_detect.window_features import feature_scale, sample_for_norm
+from spp_detect.train.bbox_reg import (
+    BoxRegressors,
+    fit_box_regressors,
+    mean_iou_before_after,
+    regression_examples,
+)
+from spp_detect.train.spill import ExampleSpill
+from spp_detect.train.window_features import feature_scale, sample_for_norm
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.distributed import Dist
-from spp_detect.features import FeatureSource
-from spp_detect.head import Head
-from spp_detect.spp import dedup_keys
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import Head
+from spp_detect.ops.spp import dedup_keys
+from spp_detect.runtime.artifacts import clear_manifest, save_json
+from spp_detect.runtime.distributed import Dist
 from spp_detect.stages.common import (
     StageContext,
     Summary,
@@ -34,8 +34,8 @@ from spp_detect.stages.common import (
     windows_of,
 )
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmParams, mine_and_train, negative_candidates
-from spp_detect.window_features import feature_scale, sample_for_norm
+from spp_detect.train.svm import SvmParams, mine_and_train, negative_candidates
+from spp_detect.train.window_features import feature_scale, sample_for_norm
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from spp_detect.boxes import clip_boxes
+from spp_detect.ops.boxes import clip_boxes
 from spp_detect.structures import Detections, ImageDetections
 
 # regress(window_index (M,), labels (M,)) -> regressed boxes (M, 4), for the windows kept.

@@ -151,7 +151,7 @@ _CAFFE_BGR_PREFIX = "caffe_bgr:"
 def caffe_bgr_normalization(bgr_mean: Sequence[float]) -> str:
     """The normalisation of BGR 0–255 pixels minus ``bgr_mean`` (B, G, R): "caffe_bgr" when
     that is ``CAFFE_PIXEL_MEAN`` everywhere, else "caffe_bgr:B,G,R" (the mean of a model
-    converted from Caffe, ``spp_detect.caffe``). ``repr`` keeps every float exactly."""
+    converted from Caffe, ``spp_detect.models.caffe``). ``repr`` keeps every float exactly."""
     values = tuple(float(value) for value in bgr_mean)
     if values == (CAFFE_PIXEL_MEAN,) * 3:
         return "caffe_bgr"

@@ -16,18 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spp_detect.bbox_reg import BoxRegressors
-from spp_detect.boxes import clip_boxes, decode_deltas
 from spp_detect.errors import UserError
-from spp_detect.features import FeatureSource
-from spp_detect.head import Head, compressed_features
-from spp_detect.inference import detect_image
-from spp_detect.precision import autocast, check_precision
-from spp_detect.spp import dedup_keys, inverse_permutation
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import Head, compressed_features
+from spp_detect.models.inference import detect_image
+from spp_detect.ops.boxes import clip_boxes, decode_deltas
+from spp_detect.ops.spp import dedup_keys, inverse_permutation
+from spp_detect.runtime.device import autocast, check_precision, to_device
 from spp_detect.structures import ImageDetections, ImageRecord
-from spp_detect.svm import SvmModel
-from spp_detect.transfer import to_device
-from spp_detect.window_features import distinct_windows
+from spp_detect.train.bbox_reg import BoxRegressors
+from spp_detect.train.svm import SvmModel
+from spp_detect.train.window_features import distinct_windows
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Exact block-max pooling engine behind ``spp.spatial_pyramid_pool`` and ``spp.pool_windows``.
 
-Private: use :mod:`spp_detect.spp`. Shapes: R windows, C channels, H/W the map size, n bins per
+Private: use :mod:`spp_detect.ops.spp`. Shapes: R windows, C channels, H/W the map size, n bins per
 side of a level, D = C·Σn² pooled dim. Bins are those of the ``spp`` module docstring
 (``docs/method.md``, "Spatial pyramid pooling"), with integer edges.
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from spp_detect.transfer import to_device
+from spp_detect.runtime.device import to_device
 
 __all__ = ["check_cells", "pool_into"]
 

@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from spp_detect.artifacts import load_torch, save_torch
-from spp_detect.distributed import Dist
 from spp_detect.errors import UserError
-from spp_detect.features import FeatureSource
-from spp_detect.head import (
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import (
     BOX_DELTA_STDS,
     BatchRows,
     Head,
@@ -41,15 +39,17 @@ from spp_detect.head import (
     set_learning_rate,
     step_learning_rate,
 )
-from spp_detect.sampling import (
+from spp_detect.ops.spp import pyramid_dim
+from spp_detect.runtime.artifacts import load_torch, save_torch
+from spp_detect.runtime.distributed import Dist
+from spp_detect.structures import ImageRecord
+from spp_detect.train.sampling import (
     Block,
     WindowPool,
     group_by_entry,
     sample_block,
     sample_eval_windows,
 )
-from spp_detect.spp import pyramid_dim
-from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spp_detect.artifacts import is_write_error, write_error
 from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import is_write_error, write_error
 
 
 @contextmanager

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from spp_detect.artifacts import load_torch
 from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import load_torch
 
 logger = logging.getLogger(__name__)
 

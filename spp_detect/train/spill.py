@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from spp_detect.artifacts import is_write_error, write_error
+from spp_detect.runtime.artifacts import is_write_error, write_error
 
 # One raw float16 file per class in the stage folder. The name fits ``atomic_path``'s temporary
 # files (".*.tmp"): the stage's start (``locked``: remove_stale_temporaries) deletes what a

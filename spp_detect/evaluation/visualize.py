@@ -12,8 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from spp_detect.artifacts import atomic_path
 from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import atomic_path
 from spp_detect.structures import ImageDetections
 
 # Boxes scoring below this are not drawn (the original demo `spp_demo.m` shows ≥ −0.5;

@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from spp_detect.artifacts import load_npz, save_npz
 from spp_detect.errors import UserError
-from spp_detect.sampling import class_overlaps
-from spp_detect.window_features import distinct_windows
+from spp_detect.runtime.artifacts import load_npz, save_npz
+from spp_detect.train.sampling import class_overlaps
+from spp_detect.train.window_features import distinct_windows
 
 logger = logging.getLogger(__name__)
 

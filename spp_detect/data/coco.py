@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from spp_detect.boxes import clip_boxes, has_area
+from spp_detect.data.voc import _label_lookup, image_size, log_split_summary
 from spp_detect.errors import UserError
+from spp_detect.ops.boxes import clip_boxes, has_area
 from spp_detect.structures import ImageRecord
-from spp_detect.voc import _label_lookup, image_size, log_split_summary
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_detect.boxes import clip_boxes, has_area
+from spp_detect.data.image import TRANSPOSING_ORIENTATIONS, image_header
 from spp_detect.errors import UserError
-from spp_detect.image import TRANSPOSING_ORIENTATIONS, image_header
+from spp_detect.ops.boxes import clip_boxes, has_area
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)

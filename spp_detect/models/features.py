@@ -11,7 +11,6 @@ it, so a resumed run never keeps a stale file).
 
 from __future__ import annotations
 
-import contextlib
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -19,28 +18,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-from spp_detect.artifacts import short_reason
-from spp_detect.backbones import Backbone
+from spp_detect.data.image import (
+    flip_image,
+    image_to_tensor,
+    read_image,
+    resize_short_side,
+    resized_hw,
+)
 from spp_detect.errors import UserError
-from spp_detect.image import flip_image, image_to_tensor, read_image, resize_short_side, resized_hw
-from spp_detect.precision import autocast, check_precision
-from spp_detect.spp import pool_windows, pyramid_dim, select_scale
+from spp_detect.models.backbones import Backbone
+from spp_detect.ops.spp import pool_windows, pyramid_dim, select_scale
+from spp_detect.runtime.artifacts import short_reason
+from spp_detect.runtime.device import autocast, check_precision, resolve_device
 from spp_detect.structures import ImageRecord
 
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
 CACHE_MODES = ("disk", "none")
-# a RuntimeError raised by the CUDA device (kernel, cuBLAS, cuDNN) says one of these
-CUDA_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error")
-# How a failed allocation in host memory reads: torch's CPU allocator ("DefaultCPUAllocator:
-# can't allocate memory"), OpenCV ("Insufficient memory", "Failed to allocate"); numpy raises
-# MemoryError.
-HOST_MEMORY_MARKERS = ("can't allocate memory", "Insufficient memory", "Failed to allocate")
-REASON_CHARS = 160  # a device error's reason is cut to this length in the one-line message
 PREFETCHED_IMAGES = 2  # pending background reads kept: the image in hand's and the next one's
 
 
@@ -106,114 +103,6 @@ def check_extract_settings(
         raise UserError(f"extract.cache: must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device; UserError for a malformed name, a device type other than cpu and
-    cuda, no CUDA device, or a CUDA index beyond the machine's devices."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {device}: not a torch device; use cpu or cuda") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: unsupported device type; use cpu or cuda")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device available; use --device cpu")
-    count = torch.cuda.device_count() if resolved.type == "cuda" else 0
-    if resolved.index is not None and resolved.type == "cuda" and resolved.index >= count:
-        raise UserError(
-            f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
-            f"cuda:{count - 1}; pick one of them or use --device cuda"
-        )
-    return resolved
-
-
-@dataclass(frozen=True)
-class DeviceFailure:
-    """An error raised by the CUDA device while a stage worked on one image: ``out_of_memory``,
-    and ``reason``, the error's first sentence (without "CUDA error: ", cut to REASON_CHARS);
-    ``on_host``: out of the machine's own memory instead."""
-
-    out_of_memory: bool
-    reason: str
-    on_host: bool = False
-
-    def message(self, where: str, doing: str, done: int, lower_memory: str) -> str:
-        """The one line of a stage stopped by this error at ``where`` (the image) while
-        ``doing`` ("extracting"), with ``done`` images of the split kept; ``lower_memory`` names
-        the settings that lower memory."""
-        kept = {0: "no image done yet", 1: "the 1 image done is kept"}.get(
-            done, f"the {done} images done are kept"
-        )
-        if self.on_host:
-            what = f"out of memory while {doing} ({self.reason}); lower it with {lower_memory}"
-        elif self.out_of_memory:
-            what = f"out of GPU memory while {doing}; lower it with {lower_memory}"
-        else:
-            what = f"CUDA error while {doing} ({self.reason})"
-        return f"{where}: {what}; {kept}; rerun to resume"
-
-
-def device_failure(exc: BaseException) -> DeviceFailure | None:
-    """What ``exc`` says about the CUDA device; None when the device did not raise it.
-
-    The device's errors: ``torch.cuda.OutOfMemoryError``, ``torch.AcceleratorError`` (in the
-    torch versions that have it: a failed CUDA call), and a RuntimeError whose text holds one of
-    CUDA_ERROR_MARKERS (older torch, cuBLAS, cuDNN). After an error other than out of memory
-    the CUDA context is usually unusable, so a stage stops instead of carrying on."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    text = str(exc)
-    raised_by_device = (
-        isinstance(exc, torch.cuda.OutOfMemoryError)
-        or (accelerator_error is not None and isinstance(exc, accelerator_error))
-        or (isinstance(exc, RuntimeError) and any(m in text for m in CUDA_ERROR_MARKERS))
-    )
-    if not raised_by_device:
-        return None
-    first = _first_sentence(exc)
-    reason = first.removeprefix("CUDA error: ") or type(exc).__name__
-    out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in first
-    return DeviceFailure(out_of_memory, _cut(reason))
-
-
-def host_memory_failure(exc: BaseException) -> DeviceFailure | None:
-    """``exc`` as a failed allocation in the machine's own memory (numpy's MemoryError, or
-    HOST_MEMORY_MARKERS in torch's or OpenCV's error); None for any other error."""
-    text = str(exc)
-    failed = isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError | cv2.error) and any(m in text for m in HOST_MEMORY_MARKERS)
-    )
-    if not failed:
-        return None
-    sentences = text.strip().split("\n")[0].split(". ")  # torch's starts "[enforce fail ...]"
-    reason = next((p for p in sentences if any(m in p for m in HOST_MEMORY_MARKERS)), sentences[0])
-    return DeviceFailure(True, _cut(reason.rstrip(".") or type(exc).__name__), on_host=True)
-
-
-def _first_sentence(exc: BaseException) -> str:
-    return str(exc).strip().split("\n")[0].split(". ")[0].strip().rstrip(".")
-
-
-def _cut(reason: str) -> str:
-    return reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 1] + "…"
-
-
-@contextlib.contextmanager
-def device_errors(
-    where: str, doing: str, done: int, lower_memory: str, before: Callable[[], None] | None = None
-) -> Iterator[None]:
-    """An error of the CUDA device inside, or out of the machine's memory, becomes a UserError
-    with the one line of :meth:`DeviceFailure.message`; ``before()`` runs first (to finish
-    writing the images done). Any other error passes through."""
-    try:
-        yield
-    except (RuntimeError, MemoryError, cv2.error) as exc:
-        failure = device_failure(exc) or host_memory_failure(exc)
-        if failure is None:
-            raise
-        if before is not None:
-            before()
-        raise UserError(failure.message(where, doing, done, lower_memory)) from None
-
-
 def effective_scales(
     image_hw: tuple[int, int], scales: Sequence[int], max_long_side: int = 0
 ) -> list[int]:
@@ -241,7 +130,7 @@ def compute_maps(
     precision: str = "fp32",
 ) -> list[Tensor]:
     """One forward pass per scale of uint8 (H, W, 3) RGB ``image``: S maps (C, H_k, W_k) float32
-    on the backbone's device, the trunk run in ``precision`` (``spp_detect.precision``). Call
+    on the backbone's device, the trunk run in ``precision`` (``spp_detect.runtime.device``). Call
     under ``torch.no_grad`` or ``torch.inference_mode``."""
     device = next(backbone.parameters()).device
     maps = []

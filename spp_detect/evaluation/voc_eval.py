@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from spp_detect.artifacts import atomic_write_text
 from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import atomic_write_text
 from spp_detect.structures import Detections, ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def plot_pr_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spp_detect.artifacts import atomic_path
+    from spp_detect.runtime.artifacts import atomic_path
 
     figure, axes = plt.subplots(figsize=(6, 5))
     for name, result in zip(class_names, results, strict=True):

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.backbones import Backbone
-from spp_detect.distributed import Dist
+from spp_detect.data.image import flip_image, image_to_tensor, resize_short_side
 from spp_detect.errors import UserError
-from spp_detect.features import PoolGeometry, effective_scales, read_record_image
-from spp_detect.head import BIAS_LR_MULT, BatchRows, input_normalization_for
-from spp_detect.image import flip_image, image_to_tensor, resize_short_side
-from spp_detect.sampling import WindowPool
-from spp_detect.spp import trainable_pyramid_pool, window_cells
+from spp_detect.models.backbones import Backbone
+from spp_detect.models.features import PoolGeometry, effective_scales, read_record_image
+from spp_detect.models.head import BIAS_LR_MULT, BatchRows, input_normalization_for
+from spp_detect.ops.spp import trainable_pyramid_pool, window_cells
+from spp_detect.runtime.device import is_out_of_memory
+from spp_detect.runtime.distributed import Dist
 from spp_detect.structures import ImageRecord
-from spp_detect.training import RankShare, SgdSchedule, StepFn, Trainer, train_step
+from spp_detect.train.finetune import RankShare, SgdSchedule, StepFn, Trainer, train_step
+from spp_detect.train.sampling import WindowPool
 
 logger = logging.getLogger(__name__)
 
@@ -245,19 +246,14 @@ def _guarded(function, *args):
     that lower memory."""
     try:
         return function(*args)
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError) and not _is_oom(exc):
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
             raise
         raise UserError(
             "finetune: out of memory while training the conv layers; lower it with a later "
             "finetune.conv_from, finetune.images_per_batch=1, smaller extract.scales or "
             "extract.max_long_side (e.g. 1000)"
         ) from None
-
-
-def _is_oom(exc: RuntimeError) -> bool:
-    text = str(exc).lower()
-    return "out of memory" in text or "can't allocate memory" in text
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from spp_detect.coco import continuous_to_coco, records_to_coco
+from spp_detect.data.coco import continuous_to_coco, records_to_coco
 from spp_detect.errors import UserError
+from spp_detect.evaluation.voc_eval import COORD_DECIMALS, SCORE_DECIMALS
 from spp_detect.structures import Detections, ImageRecord
-from spp_detect.voc_eval import COORD_DECIMALS, SCORE_DECIMALS
 
 logger = logging.getLogger(__name__)
 

@@ -164,12 +164,6 @@ def _int_var(env: Mapping[str, str], name: str, default: int) -> int:
         raise UserError(f"{name}={env[name]!r}: not an integer; launch with torchrun") from None
 
 
-def rank_device(dist: Dist, device: str) -> str:
-    """The device this rank uses: plain ``cuda`` becomes ``cuda:<LOCAL_RANK>`` (one GPU per
-    rank); an explicit index or the CPU stays as given."""
-    return f"cuda:{dist.local_rank}" if dist.active and device == "cuda" else device
-
-
 def start(dist: Dist, device: str) -> Dist:
     """Join the process group (nccl when ``device`` is a GPU, gloo on the CPU) and make SIGTERM
     stop this rank cleanly; returns ``dist`` with its groups. World 1: ``dist`` unchanged."""

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from spp_detect.artifacts import load_npz, save_npz
-from spp_detect.boxes import clip_boxes, decode_deltas, encode_deltas, paired_iou
 from spp_detect.errors import UserError
+from spp_detect.ops.boxes import clip_boxes, decode_deltas, encode_deltas, paired_iou
+from spp_detect.runtime.artifacts import load_npz, save_npz
 
 logger = logging.getLogger(__name__)
 

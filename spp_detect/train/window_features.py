@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from spp_detect.spp import inverse_permutation
+from spp_detect.ops.spp import inverse_permutation
 
 
 def sample_for_norm(

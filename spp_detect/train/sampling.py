@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from spp_detect.boxes import encode_deltas, flip_boxes
+from spp_detect.ops.boxes import encode_deltas, flip_boxes
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
