@@ -24,8 +24,9 @@ import torch
 from _bench_common import DEFAULT_ROOT, machine_header, markdown_table
 
 from spp_detect.data.voc import read_split
-from spp_detect.models.backbones import build_backbone, conv_layer_index
-from spp_detect.models.features import PoolGeometry
+from spp_detect.models.backbones import conv_layer_index
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry
 from spp_detect.runtime.device import resolve_device
 from spp_detect.testing import random_boxes
 from spp_detect.train import finetune, finetune_conv

@@ -97,9 +97,10 @@ from spp_detect.data.image import (
 )
 from spp_detect.data.proposals import propose_image
 from spp_detect.evaluation.voc_eval import evaluate_all_classes, summarize
-from spp_detect.models.backbones import Backbone, build_backbone
+from spp_detect.models.backbones import Backbone
+from spp_detect.models.weights import build_backbone
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import split_records
+from spp_detect.stages.context import split_records
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 TRUNK = "efficientnet_lite0"  # extract.backbone's default (spp_detect/config.py)

@@ -20,13 +20,13 @@ from typing import Any
 
 import click
 
-from spp_detect import __version__
+from spp_detect._version import __version__
 from spp_detect.config import EVAL_METRICS, Config, load_config
 from spp_detect.errors import UserError
 from spp_detect.runtime.artifacts import is_write_error, write_error
 from spp_detect.runtime.distributed import Dist, RankStopped, from_env, start, stop
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import StageContext
+from spp_detect.stages.context import StageContext
 
 logger = logging.getLogger(__name__)
 # click's complaint about a word no option takes: `--set a=1 b=2` leaves "b=2" over
@@ -185,12 +185,12 @@ def stage_options(
         # 1. The config first, before torch loads: a typo is reported at once.
         if run_dir:
             check_folder_option(Path(run_dir), "--run-dir")
-        saved = Path(run_dir or "", "config.yaml")
         explicit = config_path
         if config_path is None:
-            config_path = saved if run_dir and saved.is_file() else default_config
+            saved = RunDir(run_dir).config_path if run_dir else None
+            config_path = saved if saved and saved.is_file() else default_config
         config = load_config(config_path, overrides)
-        root = Path(run_dir) if run_dir else Path("runs") / config.name
+        root = RunDir.of(run_dir, config.name).root
         click.get_current_context().meta[HINT_OPTIONS] = hint_options(explicit, root, overrides)
         if config_path is None and not run_dir:
             logger.info(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import types
@@ -242,11 +240,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections; a stage records the sections it depends on."""
-        payload = json.dumps({s: _plain(getattr(self, s)) for s in sections}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def dump(self, path: str | Path) -> None:
         from spp_detect.runtime.artifacts import atomic_write_text

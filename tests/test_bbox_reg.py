@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from spp_detect.errors import UserError
+from spp_detect.models.linear import BoxRegressors
 from spp_detect.ops.boxes import decode_deltas, encode_deltas
-from spp_detect.runtime.artifacts import folder_token, remove_stale_temporaries
+from spp_detect.runtime.artifacts import remove_stale_temporaries
+from spp_detect.stages.provenance import folder_token
 from spp_detect.train.bbox_reg import (
-    BoxRegressors,
     fit_box_regressor,
     fit_box_regressors,
     mean_iou_before_after,

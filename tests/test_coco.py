@@ -166,9 +166,9 @@ def test_real_export_quirks(tmp_path, caplog):
     np.testing.assert_array_equal(first.gt_labels, [0, 1, 0])  # by name, not by category id
     np.testing.assert_array_equal(first.difficult, [False, True, False])  # iscrowd
     assert len(second.gt_boxes) == 0  # an image without annotations is kept
-    assert "1 boxes outside the image clipped, in 1 image(s): 10" in caplog.text
-    assert "1 boxes with no area dropped" in caplog.text
-    assert "differ from the image file" in caplog.text
+    assert "boxes outside the image (clipped) in 1 image(s): 10" in caplog.text
+    assert "boxes with no area (dropped) in 1 image(s): 10" in caplog.text
+    assert "differ from the image file (the file is trusted) in 1 image(s): 20" in caplog.text
     assert "3 boxes (1 crowd)" in caplog.text
     assert (
         len(only_cats[0].gt_boxes) == 2

@@ -10,7 +10,8 @@ import torch
 
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
-from spp_detect.models.backbones import CONV_LAYERS, build_backbone, conv_layer_index
+from spp_detect.models.backbones import CONV_LAYERS, conv_layer_index
+from spp_detect.models.weights import build_backbone
 from spp_detect.ops.spp import roi_pool_bins_exact, spatial_pyramid_pool, trainable_pyramid_pool
 from spp_detect.testing import reference_pool
 from spp_detect.train import finetune_conv
@@ -151,7 +152,7 @@ def test_out_of_memory_names_the_settings_that_lower_it():
 )
 def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
     from spp_detect.runtime.run_dir import RunDir
-    from spp_detect.stages.common import StageContext
+    from spp_detect.stages.context import StageContext
     from spp_detect.stages.run import pipeline
 
     ctx = StageContext(load_config(None, overrides), RunDir(tmp_path), "cpu", 1, None, False)
@@ -162,7 +163,7 @@ def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
 def test_entries_without_windows_are_never_drawn(tmp_path):
     """An image with no object of the classes has no window in [bg_thresh_lo, 1]: minibatches
     skip it (and its mirror) instead of training on nothing."""
-    from spp_detect.models.features import PoolGeometry
+    from spp_detect.ops.spp import PoolGeometry
     from spp_detect.structures import ImageRecord
     from spp_detect.train.sampling import build_window_pool
 

@@ -48,7 +48,7 @@ from spp_detect.models.features import (
 from spp_detect.models.head import load_head
 from spp_detect.ops.spp import inverse_permutation, pool_windows, spatial_pyramid_pool
 from spp_detect.runtime.artifacts import load_npz
-from spp_detect.stages.common import (
+from spp_detect.stages.builders import (
     build_detector,
     build_trunk,
     live_feature_source,
@@ -139,7 +139,7 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         proposals = load_proposals(config, run_dir, config.data.test_split, record)
         index = source.scale_index(record, proposals)
         scales = source.image_scales(record)
-        args = (proposals, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels)
+        args = (proposals, record.image_hw, scales, index, g)
         cpu_pooled, _ = pool_windows(maps, *args)
         gpu_maps = [fmap.to(DEVICE) for fmap in maps]
         gpu_pooled, _ = pool_windows(gpu_maps, *args, engine=engine)

@@ -30,9 +30,10 @@ from spp_detect.runtime.artifacts import load_torch
 from spp_detect.runtime.device import rank_device
 from spp_detect.runtime.distributed import Dist, balanced_shards, from_env
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages import common
-from spp_detect.stages.common import StageContext, check_shared_run_dir, split_todo
+from spp_detect.stages import sharding
+from spp_detect.stages.context import StageContext
 from spp_detect.stages.finetune import run_finetune
+from spp_detect.stages.sharding import check_shared_run_dir, split_todo
 
 CLASSES = ("circle", "square", "triangle")
 OVERRIDES = [
@@ -117,7 +118,7 @@ class _FakeRank(Dist):
 
 
 def test_ranks_that_do_not_share_the_run_dir_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "SHARED_CHECK_TRIES", 1)
+    monkeypatch.setattr(sharding, "SHARED_CHECK_TRIES", 1)
     # rank 1 on a node whose --run-dir is another folder: rank 0's token is not there
     rank1 = _FakeRank(1, {"broadcast": "0123abcd", "all_gather": True})
     with pytest.raises(UserError, match=r"rank\(s\) \[1\] do not see .*NFS"):

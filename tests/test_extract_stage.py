@@ -18,19 +18,20 @@ from spp_detect.config import ExtractConfig, load_config
 from spp_detect.data.image import resized_hw
 from spp_detect.data.voc import read_split
 from spp_detect.errors import UserError
-from spp_detect.models.backbones import build_backbone
 from spp_detect.models.features import (
     FeatureSource,
-    PoolGeometry,
     compute_maps,
     compute_maps_batch,
     prefetching,
     read_record_image,
 )
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry
 from spp_detect.runtime.artifacts import load_json
 from spp_detect.runtime.device import device_failure
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import open_feature_source, split_records
+from spp_detect.stages.builders import open_feature_source
+from spp_detect.stages.context import split_records
 
 TOY_CLASSES = "data.classes=[circle,square,triangle]"
 SCALES = (96, 128)

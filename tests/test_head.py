@@ -15,11 +15,9 @@ from spp_detect.models.head import (
     init_random,
     input_normalization_for,
     load_head,
-    make_optimizer,
-    set_learning_rate,
-    step_learning_rate,
 )
 from spp_detect.runtime.artifacts import save_torch
+from spp_detect.train.finetune import make_optimizer, set_learning_rate, step_learning_rate
 
 CHANNELS = 4
 LEVELS = (3, 2, 1)
@@ -299,7 +297,7 @@ def test_compressed_features_against_the_uncompressed_head():
 
 
 def test_bad_compression_settings_are_refused():
-    from spp_detect.models.detector import DetectionSettings, Detector
+    from spp_detect.models.detector import DetectionSettings, TrainedDetector
     from spp_detect.models.head import compressed_features
 
     head = _low_rank_head()
@@ -307,4 +305,4 @@ def test_bad_compression_settings_are_refused():
         compressed_features(head, "zip", (1, 1))
     settings = DetectionSettings(0.05, 0.3, 100, 4096, "fp32", "softmax", fc_compression="int8")
     with pytest.raises(UserError, match="int8 runs on the CPU only"):  # checked before any copy
-        Detector(head, None, None, settings, "cuda")
+        TrainedDetector(head, None, None, settings, "cuda")

@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 
 from spp_detect.cli import cli
+from spp_detect.evaluation.combine import combine_detections
 from spp_detect.models.inference import (
-    _by_class,
-    combine_detections,
+    by_class,
     detect_image,
     finalize_detections,
     select_detections,
@@ -78,8 +78,8 @@ def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_cla
     labels = torch.from_numpy(rng.integers(0, 5, 200))
     scores = torch.from_numpy(rng.integers(0, 8, 200).astype(np.float32))  # many ties
     expected = reference_by_class(labels, scores, max_per_class)
-    assert _by_class(labels, scores, max_per_class).tolist() == expected
-    assert _by_class(labels[:0], scores[:0], max_per_class).tolist() == []
+    assert by_class(labels, scores, max_per_class).tolist() == expected
+    assert by_class(labels[:0], scores[:0], max_per_class).tolist() == []
 
 
 def test_empty_input():
@@ -215,13 +215,13 @@ def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
     images' detection files kept and skipped by the rerun, which completes."""
     from spp_detect.data.toy import TOY_CLASSES
     from spp_detect.data.voc import read_split
-    from spp_detect.models.detector import Detector
+    from spp_detect.models.detector import TrainedDetector
     from spp_detect.runtime.run_dir import RunDir
 
     run = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
     args = [str(run) if a == str(trained_run[0]) else a for a in trained_run[1]]
     records = read_split(toy_root, "test", TOY_CLASSES)
-    detect, calls = Detector.detect, []
+    detect, calls = TrainedDetector.detect, []
 
     def faulty(self, source, record, proposals):
         calls.append(record.image_id)
@@ -230,7 +230,7 @@ def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
         return detect(self, source, record, proposals)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Detector, "detect", faulty)
+        patch.setattr(TrainedDetector, "detect", faulty)
         result = CliRunner().invoke(cli, ["test", *args])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

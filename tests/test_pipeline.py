@@ -385,10 +385,10 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
     """Dedup, pooling order and batching against every window pooled in input order."""
     import torch
 
-    from spp_detect.models.detector import Detector
-    from spp_detect.stages.common import build_detector, detection_settings, open_feature_source
+    from spp_detect.models.detector import TrainedDetector
+    from spp_detect.stages.builders import build_detector, detection_settings, open_feature_source
 
-    class NaiveDetector(Detector):
+    class NaiveDetector(TrainedDetector):
         def window_features(self, source, record, proposals):
             pooled, _ = source.pool(record, proposals)
             return pooled, self.head.features(pooled), torch.arange(len(proposals))
@@ -412,7 +412,7 @@ MAP_TOLERANCE = 0.005  # mAP, as for the other optimisations (issue 8)
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_fc_keeps_the_scores_and_the_map(toy_run, precision):
-    from spp_detect.stages.common import open_feature_source
+    from spp_detect.stages.builders import open_feature_source
 
     config, run_dir, records = _test_split(toy_run)
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
@@ -425,7 +425,7 @@ def assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, p
     tests/test_cuda.py)."""
     from dataclasses import replace
 
-    from spp_detect.stages.common import build_detector, load_proposals
+    from spp_detect.stages.builders import build_detector, load_proposals
 
     half_config = replace(config, test=replace(config.test, precision=precision))
     full = build_detector(config, run_dir, device)
@@ -445,7 +445,7 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 
     import torch
 
-    from spp_detect.stages.common import build_detector, live_feature_source
+    from spp_detect.stages.builders import build_detector, live_feature_source
 
     config, run_dir, records = _test_split(toy_run)
     half_config = replace(config, extract=replace(config.extract, precision=precision))
@@ -464,7 +464,7 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 def _test_split(run: Path):
     from spp_detect.config import load_config
     from spp_detect.runtime.run_dir import RunDir
-    from spp_detect.stages.common import split_records
+    from spp_detect.stages.context import split_records
 
     config = load_config(run / "config.yaml")
     return config, RunDir(run), split_records(config, config.data.test_split)
@@ -482,7 +482,7 @@ def _window_scores(detector, source, record, proposals):
 def _detector_map(detector, source, config, run_dir, records) -> float:
     """The test split's VOC07 mAP of ``detector`` with conv5 maps from ``source``."""
     from spp_detect.evaluation.voc_eval import evaluate_detections
-    from spp_detect.stages.common import load_proposals
+    from spp_detect.stages.builders import load_proposals
     from spp_detect.structures import Detections
 
     per_image = [
@@ -496,7 +496,7 @@ def _detector_map(detector, source, config, run_dir, records) -> float:
 
 
 def _svms_of(detector):
-    from spp_detect.train.svm import SvmModel
+    from spp_detect.models.linear import SvmModel
 
     weight = detector.svm_weight.T.contiguous().numpy()
     return SvmModel(weight, detector.svm_bias.numpy())

@@ -9,6 +9,7 @@ import scipy.io
 
 from spp_detect.data import proposals
 from spp_detect.errors import UserError
+from spp_detect.ops.boxes import clip_boxes
 
 
 def _scene(height: int = 180, width: int = 240) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +129,7 @@ def test_filter_boxes_min_size_dedup_cap():
 
 
 def test_clip_and_downscale_factor():
-    clipped = proposals.clip_to_image(np.array([[-5, -1, 300, 90]], np.float32), (80, 200))
+    clipped = clip_boxes(np.array([[-5, -1, 300, 90]], np.float32), (80, 200))
     np.testing.assert_array_equal(clipped, [[0, 0, 200, 80]])
     assert proposals.downscale_factor((300, 800), 400) == 0.5
     assert proposals.downscale_factor((300, 800), 0) == 1.0

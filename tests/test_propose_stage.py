@@ -22,7 +22,7 @@ from spp_detect.runtime.artifacts import load_json, load_npz, save_npz
 from spp_detect.runtime.run_dir import RunDir
 from spp_detect.runtime.workers import run_jobs
 from spp_detect.stages import propose as propose_stage
-from spp_detect.stages.common import StageContext
+from spp_detect.stages.context import StageContext
 from spp_detect.stages.propose import ProposalJob, run_propose, save_proposals
 
 TOY_CLASSES = "data.classes=[circle, square, triangle]"

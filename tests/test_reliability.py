@@ -25,18 +25,14 @@ from click.testing import CliRunner
 
 from spp_detect.cli import cli
 from spp_detect.config import load_config
-from spp_detect.data.image import read_image
-from spp_detect.data.voc import image_size
+from spp_detect.data.image import image_size, read_image
 from spp_detect.errors import UserError
 from spp_detect.runtime import artifacts, locks
-from spp_detect.runtime.artifacts import load_npz, require_manifest, save_npz, save_torch
+from spp_detect.runtime.artifacts import load_npz, save_npz, save_torch
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import (
-    is_current,
-    load_proposals,
-    open_feature_source,
-    split_records,
-)
+from spp_detect.stages.builders import load_proposals, open_feature_source
+from spp_detect.stages.context import split_records
+from spp_detect.stages.manifests import is_current, require_manifest
 
 TOY = ["data.classes=[circle,square,triangle]", "extract.scales=[96]", "propose.max_side=200"]
 
@@ -123,7 +119,7 @@ def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, sma
 
 
 def test_a_weights_file_rewritten_under_its_name_makes_the_maps_stale(toy_root, tmp_path):
-    from spp_detect.models.backbones import build_backbone, trunk_state
+    from spp_detect.models.weights import build_backbone, trunk_state
 
     weights = tmp_path / "zf5.pt"
     save_torch(weights, trunk_state(build_backbone("zf5", "none")))
@@ -332,7 +328,7 @@ def test_finetune_trains_again_when_its_data_changed_in_place(toy_root, tmp_path
 
 
 def test_a_trained_head_replaced_since_finetune_is_refused(toy_root, run_copy):
-    from spp_detect.stages.common import load_trained_head
+    from spp_detect.stages.builders import load_trained_head
 
     tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
     sets = [part for item in tiny for part in ("--set", item)]

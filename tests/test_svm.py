@@ -6,10 +6,10 @@ import pytest
 
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
+from spp_detect.models.linear import SvmModel
 from spp_detect.train.svm import (
     SKIPPED_CLASS_BIAS,
     HardNegativeMiner,
-    SvmModel,
     SvmParams,
     _ClassCache,
     cache_cap,

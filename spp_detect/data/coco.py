@@ -3,12 +3,12 @@
 
 Shapes: G gt boxes of one image, M boxes.
 
-The reader returns the same :class:`ImageRecord`s as ``voc.read_split``. It tolerates what real
-exports contain (category ids that are not contiguous, segmentation fields, file names with
-sub-folders, images without annotations, boxes reaching outside the image) and is strict about
-what it cannot repair: each such problem is a :class:`UserError` that names the file and the fix.
-Boxes cross the package boundary only here: :func:`coco_to_continuous` on the way in and
-:func:`continuous_to_coco` on the way out (docs/method.md#conventions-and-box-format).
+The reader builds its :class:`ImageRecord`s as the VOC reader does (``records.gt_record``). It
+tolerates what real exports contain (category ids that are not contiguous, segmentation fields,
+file names with sub-folders, images without annotations, boxes reaching outside the image) and
+is strict about what it cannot repair: each such problem is a :class:`UserError` that names the
+file and the fix. Boxes cross the package boundary only here: :func:`coco_to_continuous` on the
+way in and :func:`continuous_to_coco` on the way out (docs/method.md#conventions-and-box-format).
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spp_detect.data.voc import _label_lookup, image_size, log_split_summary
+from spp_detect.data.image import image_size
+from spp_detect.data.records import SplitLog, gt_record, label_lookup, log_split_summary
 from spp_detect.errors import UserError
-from spp_detect.ops.boxes import clip_boxes, has_area
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ SPLIT_FIELD = "{split}"  # replaced by the split name in data.annotations
 # A string image id becomes a file name (<image_id>.npz) and a token of devkit lines, so it must
 # be one safe path component; integer ids (the COCO spec) always are.
 SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-MAX_EXAMPLES = 3  # image ids named in one aggregated warning line
+SIZE_DIFFERS = "width/height differ from the image file (the file is trusted)"
 
 
 def coco_to_continuous(xywh: np.ndarray) -> np.ndarray:
@@ -145,7 +144,7 @@ def category_ids(path: str | Path, classes: Sequence[str]) -> list[Any]:
 def _class_labels(path: Path, names: Sequence[str], classes: Sequence[str]) -> dict[str, int]:
     """{category name: label} for the categories in ``classes`` (matched as VOC names are:
     stripped, then case-insensitively); every class must name a category."""
-    lookup = _label_lookup(classes)
+    lookup = label_lookup(classes)
     label_of = {}
     for name in names:
         label = lookup.get(name, lookup.get(name.lower()))
@@ -165,35 +164,6 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, int) else (1, str(value))
 
 
-@dataclass
-class _SplitLog:
-    """Counts over a split, logged as one line each instead of one per box or image."""
-
-    skipped: Counter[str] = field(default_factory=Counter)
-    clipped: list[str] = field(default_factory=list)  # image ids with a clipped box
-    num_clipped: int = 0
-    dropped: int = 0  # boxes with no area (after clipping)
-    size_differs: list[str] = field(default_factory=list)
-
-    def emit(self, where: str) -> None:
-        if self.num_clipped:
-            logger.warning(
-                "%s: %d boxes outside the image clipped, in %d image(s): %s",
-                where, self.num_clipped, len(self.clipped), _examples(self.clipped),
-            )  # fmt: skip
-        if self.dropped:
-            logger.warning("%s: %d boxes with no area dropped", where, self.dropped)
-        if self.size_differs:
-            logger.warning(
-                "%s: width/height differ from the image file (the file is trusted) in %d "
-                "image(s): %s", where, len(self.size_differs), _examples(self.size_differs),
-            )  # fmt: skip
-
-
-def _examples(ids: list[str]) -> str:
-    return ", ".join(ids[:MAX_EXAMPLES]) + (", …" if len(ids) > MAX_EXAMPLES else "")
-
-
 def read_split(
     root: str | Path, path: str | Path, split: str, classes: Sequence[str]
 ) -> list[ImageRecord]:
@@ -205,14 +175,14 @@ def read_split(
     label_of = _class_labels(path, list(names.values()), classes)
     images = _index_images(path, data["images"])
     boxes_of = _group_annotations(path, data["annotations"], images, names)
-    log = _SplitLog()
+    log = SplitLog(unit="image")
     records = [
         _record(root, path, split, image, boxes_of.get(image_id, []), names, label_of, log)
         for image_id, image in images.items()
     ]
     where = f"{path} split {split}"
     log_split_summary(where, records, log.skipped, "crowd", "boxes", logger)
-    log.emit(where)
+    log.emit(where, logger)
     return records
 
 
@@ -292,13 +262,13 @@ def _record(
     annotations: list[dict],
     names: dict,
     label_of: dict[str, int],
-    log: _SplitLog,
+    log: SplitLog,
 ) -> ImageRecord:
     image_id = str(image["id"])
     image_path = find_image(root, path, split, str(image["file_name"]), image_id)
     height, width = image_size(image_path)
     if (image.get("height"), image.get("width")) != (height, width):
-        log.size_differs.append(image_id)
+        log.note(SIZE_DIFFERS, image_id)
     kept = []
     for annotation in annotations:
         name = names[annotation["category_id"]]
@@ -306,16 +276,15 @@ def _record(
             kept.append(annotation)
         else:
             log.skipped[name] += 1
-    boxes = coco_to_continuous(np.array([a["bbox"] for a in kept], dtype=np.float64))
-    boxes, keep = _clip(boxes, height, width, image_id, log)
-    return ImageRecord(
-        image_id=image_id,
-        path=image_path,
-        height=height,
-        width=width,
-        gt_boxes=boxes[keep],
-        gt_labels=np.array([label_of[names[a["category_id"]]] for a in kept], np.int64)[keep],
-        difficult=np.array([bool(a.get("iscrowd", 0)) for a in kept], bool)[keep],
+    return gt_record(
+        image_id,
+        image_path,
+        (height, width),
+        coco_to_continuous(np.array([a["bbox"] for a in kept], dtype=np.float64)),
+        np.array([label_of[names[a["category_id"]]] for a in kept], np.int64),
+        np.array([bool(a.get("iscrowd", 0)) for a in kept], bool),
+        log,
+        image_id,
     )
 
 
@@ -331,20 +300,6 @@ def find_image(root: Path, path: Path, split: str, file_name: str, image_id: str
         f"{root / relative}: image of id {image_id} in {path} not found (also looked under "
         f"{root / split} and {path.parent}); add the image or fix data.root"
     )
-
-
-def _clip(
-    boxes: np.ndarray, height: int, width: int, image_id: str, log: _SplitLog
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (G, 4) clipped to the image, and a (G,) mask of those with a positive area."""
-    clipped = clip_boxes(boxes, (height, width))
-    changed = int((clipped != boxes).any(axis=1).sum())
-    if changed:
-        log.num_clipped += changed
-        log.clipped.append(image_id)
-    keep = has_area(clipped)
-    log.dropped += int((~keep).sum())
-    return clipped, keep
 
 
 def records_to_coco(

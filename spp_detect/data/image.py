@@ -90,6 +90,12 @@ def image_header(
     return (height, width), orientation
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of the picture upright (its EXIF orientation applied, as
+    :func:`read_image` decodes it), from the file header only."""
+    return image_header(path)[0]
+
+
 def _too_many_pixels(path: Path, fix: str) -> str:
     return (
         f"{path}: more than {MAX_IMAGE_PIXELS:,} pixels, the limit against decompression bombs; "
@@ -136,8 +142,16 @@ def _warn_partial(path: Path) -> None:
         )
 
 
-# Normalisations, chosen by the backbone's weights (docs/method.md#image-scales, "Pixels").
+# Pixel means and normalisations, chosen by the backbone's weights (docs/method.md#image-scales,
+# "Pixels"); every pixel mean of the package is here.
 CAFFE_PIXEL_MEAN = 128.0  # subtracted from every BGR channel, no /255 (docs/method.md#image-scales)
+# py-faster-rcnn lib/fast_rcnn/config.py __C.PIXEL_MEANS (B, G, R): the one mean Fast/Faster
+# R-CNN feed all their ImageNet Caffe models (CaffeNet, VGG16) with, from 0–255 pixels.
+FAST_RCNN_PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
+# The per-channel (B, G, R) means of Caffe's ilsvrc_2012_mean.binaryproto (python/caffe/imagenet/
+# ilsvrc_2012_mean.npy averaged over its 256×256 pixels, as Caffe's classification example
+# prints them): the mean image the BVLC AlexNet and CaffeNet models were trained with.
+ILSVRC_2012_BGR_MEAN = (104.0069879317889, 116.66876761696767, 122.6789143406786)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB mean of torchvision's ImageNet weights, after /255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB std of torchvision's ImageNet weights, after /255
 # TensorFlow's EfficientNet-Lite preprocessing (efficientnet_lite_builder.py MEAN_RGB, STDDEV_RGB)

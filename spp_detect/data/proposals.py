@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 
 from spp_detect.errors import UserError
+from spp_detect.ops.boxes import clip_boxes
+from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +82,6 @@ def mat_to_boxes(mat_boxes: np.ndarray) -> np.ndarray:
     mat_boxes = np.asarray(mat_boxes, dtype=np.float64).reshape(-1, 4)
     y1, x1, y2, x2 = mat_boxes.T
     return np.stack([x1 - 1, y1 - 1, x2, y2], axis=1).astype(np.float32)
-
-
-def clip_to_image(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """Boxes (R, 4) clipped to ``[0, W] × [0, H]``."""
-    height, width = image_hw
-    upper = np.array([width, height, width, height], dtype=np.float32)
-    return np.clip(boxes, 0, upper).astype(np.float32, copy=False)
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -341,7 +336,20 @@ def propose_image(
             [image_hw[1] / small.shape[1], image_hw[0] / small.shape[0]] * 2, dtype=np.float32
         )
         boxes = boxes * scale_back
-    return filter_boxes(clip_to_image(boxes, image_hw), min_size, max_per_image)
+    return filter_boxes(clip_boxes(boxes, image_hw), min_size, max_per_image)
+
+
+def windows_of(record: ImageRecord, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All windows of an image, gt first as in the original roidb.
+
+    docs/method.md#conventions-and-box-format.
+
+    Returns boxes (G + R, 4) float32 and is_gt (G + R,) bool.
+    """
+    boxes = np.concatenate([record.gt_boxes, proposals]).astype(np.float32, copy=False)
+    is_gt = np.zeros(len(boxes), dtype=bool)
+    is_gt[: len(record.gt_boxes)] = True
+    return boxes, is_gt
 
 
 # --- recall report ------------------------------------------------------------------------------

@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from spp_detect.data.image import TRANSPOSING_ORIENTATIONS, image_header
+from spp_detect.data.records import SplitLog, gt_record, label_lookup, log_split_summary
 from spp_detect.errors import UserError
-from spp_detect.ops.boxes import clip_boxes, has_area
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # <id><suffix>, in this order
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
-MAX_EXAMPLES = 3  # files named in one aggregated warning line
 # Linux's NAME_MAX (255 bytes) less the 4 of ".xml"/".npz": every stage names files <id>.npz.
 MAX_ID_BYTES = 251
 SPLIT_FLAGS = ("-1", "0", "1")  # the per-class column of VOC split files (class_split.txt)
@@ -72,7 +71,7 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> VocAnnotat
     except OSError as exc:
         raise UserError(f"{xml_path}: unreadable ({exc.strerror}); check the file") from None
     _drop_namespaces(root)
-    label_of = _label_lookup(classes)
+    label_of = label_lookup(classes)
     voc_boxes, labels, difficult = [], [], []
     skipped: Counter[str] = Counter()
     for index, obj in enumerate(root.iter("object")):
@@ -102,16 +101,6 @@ def _drop_namespaces(root: ET.Element) -> None:
     for element in root.iter():
         if isinstance(element.tag, str) and element.tag.startswith("{"):
             element.tag = element.tag.split("}", 1)[1]
-
-
-def _label_lookup(classes: Sequence[str]) -> dict[str, int]:
-    """Exact (stripped) names first, then lower-case ones, so 'Raccoon ' finds 'raccoon'."""
-    lookup: dict[str, int] = {}
-    for label, name in enumerate(classes):
-        lookup.setdefault(name.strip().lower(), label)
-    for label, name in enumerate(classes):
-        lookup[name.strip()] = label
-    return lookup
 
 
 def _read_bndbox(obj: ET.Element, xml_path: Path, index: int) -> list[float]:
@@ -155,12 +144,6 @@ def _read_size(root: ET.Element) -> tuple[int, int] | None:
     except (ValueError, OverflowError):  # not a number, nan, or inf
         return None
     return (height, width) if height > 0 and width > 0 else None
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the picture upright (its EXIF orientation applied, as
-    ``image.read_image`` decodes it), from the file header only."""
-    return image_header(path)[0]
 
 
 def find_image(
@@ -271,62 +254,21 @@ def available_splits(root: Path, classes: Sequence[str] = ()) -> list[str]:
     return [s for s in stems if not (prefixes and s.startswith(prefixes))]
 
 
-@dataclass
-class _SplitLog:
-    """Problems collected over a split, logged as one line each instead of one per file."""
-
-    skipped: Counter[str] = field(default_factory=Counter)
-    problems: dict[str, list[str]] = field(default_factory=dict)
-
-    def note(self, problem: str, path: Path) -> None:
-        self.problems.setdefault(problem, []).append(str(path))
-
-    def emit(self, where: str) -> None:
-        for problem, paths in self.problems.items():
-            examples = ", ".join(paths[:MAX_EXAMPLES]) + (
-                ", …" if len(paths) > MAX_EXAMPLES else ""
-            )
-            logger.warning("%s: %s in %d file(s): %s", where, problem, len(paths), examples)
-
-
-def log_split_summary(
-    where: str,
-    records: Sequence[ImageRecord],
-    skipped: Counter[str],
-    flagged: str,
-    dropped: str,
-    log: logging.Logger = logger,
-) -> None:
-    """One INFO line on a split read: images, boxes, ``flagged`` ones (difficult, crowd) and the
-    ``dropped`` items of other classes counted in ``skipped`` (shared by the VOC and COCO
-    readers, each on its own ``log``)."""
-    num_boxes = sum(len(r.gt_boxes) for r in records)
-    num_flagged = sum(int(r.difficult.sum()) for r in records)
-    others = ""
-    if skipped:
-        counts = ", ".join(f"{name} {count}" for name, count in skipped.most_common())
-        others = f"; skipped {sum(skipped.values())} {dropped} of other classes ({counts})"
-    log.info(
-        "%s: %d images, %d boxes (%d %s)%s",
-        where, len(records), num_boxes, num_flagged, flagged, others,
-    )  # fmt: skip
-
-
 def read_split(root: Path, split: str, classes: Sequence[str]) -> list[ImageRecord]:
     """The annotated images of ``split``, in split-file order; labels index into ``classes``."""
     root = Path(root)
     ids = read_split_ids(root, split, classes)
-    log = _SplitLog()
+    log = SplitLog(unit="file")
     listed = frozenset(ids)
     records = [_read_record(root, image_id, classes, log, listed) for image_id in ids]
     where = f"{root} split {split}"
-    log_split_summary(where, records, log.skipped, flagged="difficult", dropped="objects")
-    log.emit(where)
+    log_split_summary(where, records, log.skipped, "difficult", "objects", logger)
+    log.emit(where, logger)
     return records
 
 
 def _read_record(
-    root: Path, image_id: str, classes: Sequence[str], log: _SplitLog, listed: Collection[str]
+    root: Path, image_id: str, classes: Sequence[str], log: SplitLog, listed: Collection[str]
 ) -> ImageRecord:
     xml_path = root / "Annotations" / f"{image_id}.xml"
     if not xml_path.is_file():
@@ -345,18 +287,12 @@ def _read_record(
     elif annotation.size_hw != (height, width):
         _check_stored_size(xml_path, image_path, annotation.size_hw, orientation)
         log.note("<size> differs from the image (the image is trusted)", xml_path)
-    boxes, keep = _clip(annotation.boxes, height, width, xml_path, log)
     if not len(annotation.boxes):
         logger.debug("%s: no objects of the configured classes", xml_path)
-    return ImageRecord(
-        image_id=image_id,
-        path=image_path,
-        height=height,
-        width=width,
-        gt_boxes=boxes[keep],
-        gt_labels=annotation.labels[keep],
-        difficult=annotation.difficult[keep],
-    )
+    return gt_record(
+        image_id, image_path, (height, width), annotation.boxes, annotation.labels,
+        annotation.difficult, log, xml_path,
+    )  # fmt: skip
 
 
 def _check_stored_size(
@@ -373,16 +309,3 @@ def _check_stored_size(
             "or, if its boxes are for the stored pixels, set its EXIF orientation to 1 "
             "(exiftool -Orientation=1 -n FILE)"
         )
-
-
-def _clip(
-    boxes: np.ndarray, height: int, width: int, xml_path: Path, log: _SplitLog
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (G, 4) clipped to the image, and a (G,) mask of those with a positive area."""
-    clipped = clip_boxes(boxes, (height, width))
-    if not np.array_equal(clipped, boxes):
-        log.note("boxes outside the image (clipped)", xml_path)
-    keep = has_area(clipped)
-    if not keep.all():
-        log.note("boxes with no area (dropped)", xml_path)
-    return clipped, keep

@@ -12,8 +12,8 @@ Python at run time, so no ``protoc`` is needed; every other field is skipped as 
 The conv layers map by name onto the trunk's ``features.<i>`` keys (``backbones.conv_layout``)
 and must have exactly its shapes: Caffe and PyTorch both store conv weights as
 (out, in, kh, kw), and the channels stay in the model's BGR order. fc6/fc7, when present and
-usable, become ``fc6.*``/``fc7.*`` (what ``backbones.load_classifier_state`` reads). The
-pixel mean the model was trained with is written under ``backbones.CAFFE_MEAN_KEY``, so
+usable, become ``fc6.*``/``fc7.*`` (what ``weights.load_classifier_state`` reads). The
+pixel mean the model was trained with is written under ``weights.CAFFE_MEAN_KEY``, so
 ``extract`` feeds the trunk BGR 0–255 pixels minus that mean.
 
 ``zf5`` and ``caffenet`` are also checked beyond their conv shapes: the LRN and pooling layers
@@ -21,7 +21,7 @@ between conv1 and conv2 and between conv2 and conv3 must be the trunk's (max-poo
 pad 0 for both; zf5: within-channel LRN 3, α 5e-5, β 0.75, norm then pool; caffenet:
 across-channel LRN 5, α 1e-4, β 0.75). caffenet's order — pool then norm (CaffeNet) or norm
 then pool (BVLC AlexNet) — is read from the file and written under
-``backbones.LRN_BEFORE_POOL_KEY``, so the one trunk name runs either model as it was trained;
+``weights.LRN_BEFORE_POOL_KEY``, so the one trunk name runs either model as it was trained;
 a caffenet file without its LRN and pooling layers is refused, a zf5 one converts unchecked.
 
 Shapes: C conv5 channels, F fc width, n side of the pooled map fc6 reads, H/W a mean image.
@@ -39,9 +39,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
-from spp_detect.data.image import CAFFE_PIXEL_MEAN
+from spp_detect.data.image import CAFFE_PIXEL_MEAN, FAST_RCNN_PIXEL_MEANS, ILSVRC_2012_BGR_MEAN
 from spp_detect.errors import UserError
+from spp_detect.models.backbones import (
+    CAFFENET_LRN_ALPHA,
+    CAFFENET_LRN_BETA,
+    CAFFENET_LRN_SIZE,
+    CONVERTIBLE,
+    ZF5_LRN_ALPHA,
+    ZF5_LRN_BETA,
+    ZF5_LRN_SIZE,
+    check_backbone_name,
+    conv_layout,
+)
+from spp_detect.models.weights import CAFFE_MEAN_KEY, LRN_BEFORE_POOL_KEY
+from spp_detect.runtime.artifacts import save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +126,6 @@ _SCHEMA = (
     ),
 )
 
-# py-faster-rcnn lib/fast_rcnn/config.py __C.PIXEL_MEANS (B, G, R): the one mean Fast/Faster
-# R-CNN feed all their ImageNet Caffe models (CaffeNet, VGG16) with, from 0–255 pixels.
-FAST_RCNN_PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
-# The per-channel (B, G, R) means of Caffe's ilsvrc_2012_mean.binaryproto (python/caffe/imagenet/
-# ilsvrc_2012_mean.npy averaged over its 256×256 pixels, as Caffe's classification example
-# prints them): the mean image the BVLC AlexNet and CaffeNet models were trained with.
-ILSVRC_2012_BGR_MEAN = (104.0069879317889, 116.66876761696767, 122.6789143406786)
 # The (B, G, R) mean each backbone's released Caffe models expect; --mean/--mean-file override.
 DEFAULT_BGR_MEANS = {
     "zf5": (CAFFE_PIXEL_MEAN,) * 3,  # SPP-net's release subtracts 128 (docs/method.md#image-scales)
@@ -224,7 +231,7 @@ def read_caffemodel(
     """The layers of a ``.caffemodel`` that hold blobs, name → blobs (float32, stored shapes),
     in file order (a repeated name keeps its first layer); the layout: "layer" or "V1 layers";
     and every layer, with or without blobs, in file order (``CaffeLayer``: the pooling and LRN
-    settings that ``lrn_before_pool`` checks). UserError for a missing, truncated or
+    settings that ``model_lrn_before_pool`` checks). UserError for a missing, truncated or
     damaged file, or one without weights."""
     if not path.is_file():
         raise UserError(f"{path}: Caffe model not found; check the path")
@@ -294,8 +301,6 @@ def conv_state(layers: Mapping[str, list[np.ndarray]], backbone: str) -> dict[st
     """``features.<i>.weight`` (out, in, kh, kw) and ``.bias`` (out,) of every conv layer of
     ``backbone``, taken from the Caffe layer of the same name (``backbones.CONV_LAYERS``);
     _Mismatch naming the first layer that is missing or has other shapes."""
-    from spp_detect.models.backbones import conv_layout
-
     state = {}
     for layer, prefix, weight_shape, bias_shape in conv_layout(backbone):
         if layer not in layers:
@@ -342,14 +347,6 @@ def trunk_lrn_pool(backbone: str) -> tuple[tuple, tuple, bool | None]:
     """The LRN (local_size, alpha, beta, norm_region, k) and pooling (method, kernel_size,
     stride, pad) settings that ``backbone``'s trunk has after conv1 and after conv2, and whether
     it normalises before it pools: True for zf5, None for caffenet (either, read from the file)."""
-    from spp_detect.models.backbones import (
-        CAFFENET_LRN_ALPHA,
-        CAFFENET_LRN_BETA,
-        CAFFENET_LRN_SIZE,
-        ZF5_LRN_ALPHA,
-        ZF5_LRN_BETA,
-        ZF5_LRN_SIZE,
-    )
 
     trunks = {
         "zf5": ((ZF5_LRN_SIZE, ZF5_LRN_ALPHA, ZF5_LRN_BETA, _WITHIN_CHANNEL, 1.0), True),
@@ -362,7 +359,9 @@ def trunk_lrn_pool(backbone: str) -> tuple[tuple, tuple, bool | None]:
     return lrn, _MAX_POOL_3X3_STRIDE_2, lrn_first
 
 
-def lrn_before_pool(sequence: Sequence[CaffeLayer], model: Path, backbone: str) -> bool | None:
+def model_lrn_before_pool(
+    sequence: Sequence[CaffeLayer], model: Path, backbone: str
+) -> bool | None:
     """Whether the model normalises before it pools (zf5 and bvlc_alexnet: conv, relu, norm,
     pool) or after (bvlc_reference_caffenet: conv, relu, pool, norm), read from the layers
     between conv1 and conv2 and between conv2 and conv3, whose settings and, for zf5, order
@@ -481,8 +480,6 @@ def _mismatch_error(
     model: Path, backbone: str, layers: Mapping[str, list[np.ndarray]], why: str
 ) -> UserError:
     """One line naming the first mismatching layer and which --backbone, if any, fits."""
-    from spp_detect.models.backbones import CONVERTIBLE
-
     with contextlib.suppress(_Mismatch):
         conv_state(layers, backbone)
         return UserError(  # the conv weights fit: another layer named in `why` does not
@@ -519,23 +516,13 @@ def convert_caffemodel(
     """Write ``out``, a weights file for ``backbone`` made from the Caffe ``model``; returns a
     one-line summary. ``mean`` ("B,G,R") or ``mean_file`` (a ``mean.binaryproto``) replace
     the backbone's usual pixel mean (``DEFAULT_BGR_MEANS``)."""
-    import torch
-
-    from spp_detect.models.backbones import (
-        CAFFE_MEAN_KEY,
-        LRN_BEFORE_POOL_KEY,
-        check_backbone_name,
-        conv_layout,
-    )
-    from spp_detect.runtime.artifacts import save_torch
-
     check_backbone_name(backbone)
     bgr_mean = _bgr_mean(backbone, mean, mean_file)
     layers, layout, sequence = read_caffemodel(model)
     try:
         arrays = conv_state(layers, backbone)
         checked = backbone in LRN_POOL_CHECKED
-        lrn_first = lrn_before_pool(sequence, model, backbone) if checked else None
+        lrn_first = model_lrn_before_pool(sequence, model, backbone) if checked else None
         channels = conv_layout(backbone)[-1][2][0]
         classifier, left_out = classifier_state(layers, channels)
     except _Mismatch as exc:

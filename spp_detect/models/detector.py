@@ -20,13 +20,11 @@ from spp_detect.errors import UserError
 from spp_detect.models.features import FeatureSource
 from spp_detect.models.head import Head, compressed_features
 from spp_detect.models.inference import detect_image
+from spp_detect.models.linear import BoxRegressors, SvmModel
 from spp_detect.ops.boxes import clip_boxes, decode_deltas
-from spp_detect.ops.spp import dedup_keys, inverse_permutation
+from spp_detect.ops.spp import dedup_keys, distinct_windows, inverse_permutation
 from spp_detect.runtime.device import autocast, check_precision, to_device
 from spp_detect.structures import ImageDetections, ImageRecord
-from spp_detect.train.bbox_reg import BoxRegressors
-from spp_detect.train.svm import SvmModel
-from spp_detect.train.window_features import distinct_windows
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class DetectionSettings:
     svd_ranks: tuple[int, int] = (1024, 256)  # fc6, fc7 (Fast R-CNN §3.1)
 
 
-class Detector:
+class TrainedDetector:
     """Everything trained, ready to turn an image's conv5 maps and proposals into detections.
 
     ``head`` the fine-tuned fc6/fc7 and classifier (eval mode, on ``device``), ``svms`` the
@@ -136,11 +134,8 @@ class Detector:
         (docs/method.md#gpu-path).
         """
         scale_index = source.scale_index(record, proposals)
-        g = source.geometry
-        keys = dedup_keys(
-            proposals, record.image_hw, source.image_scales(record), scale_index,
-            g.stride, g.offset0, g.offset,
-        )  # fmt: skip
+        scales = source.image_scales(record)
+        keys = dedup_keys(proposals, record.image_hw, scales, scale_index, source.geometry)
         first, inverse = distinct_windows(keys)
         workspace = self._pooled_workspace(len(first), source.feature_dim)
         pooled, rows = source.pool(

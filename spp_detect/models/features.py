@@ -15,7 +15,6 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from spp_detect.data.image import (
 )
 from spp_detect.errors import UserError
 from spp_detect.models.backbones import Backbone
-from spp_detect.ops.spp import pool_windows, pyramid_dim, select_scale
+from spp_detect.ops.spp import PoolGeometry, pool_windows, select_scale
 from spp_detect.runtime.artifacts import short_reason
 from spp_detect.runtime.device import autocast, check_precision, resolve_device
 from spp_detect.structures import ImageRecord
@@ -39,24 +38,6 @@ from spp_detect.structures import ImageRecord
 FLOAT16_MAX = 65504.0  # largest finite float16; cached maps are clipped to it instead of inf
 CACHE_MODES = ("disk", "none")
 PREFETCHED_IMAGES = 2  # pending background reads kept: the image in hand's and the next one's
-
-
-@dataclass(frozen=True)
-class PoolGeometry:
-    """How windows become pooled vectors: the backbone's ``stride`` and ``offset0``
-    (docs/method.md#projection), the box shrink ``offset`` (px), pyramid ``levels`` in output
-    order, and ``target_size`` (px), the window side scale selection aims at
-    (docs/method.md#scale-selection)."""
-
-    stride: int
-    offset0: float
-    offset: float
-    levels: tuple[int, ...]
-    target_size: float
-
-    def feature_dim(self, channels: int) -> int:
-        """D = C · Σ n²."""
-        return pyramid_dim(channels, self.levels)
 
 
 def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
@@ -289,9 +270,8 @@ class FeatureSource:
         if len(index) and not (int(index.min()) >= 0 and int(index.max()) < len(scales)):
             raise ValueError(f"scale_index must lie in [0, {len(scales)})")
         maps = self._maps(record, flipped, sorted(set(index.tolist())) or [0])
-        g = self.geometry
         return pool_windows(
-            maps, boxes, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels,
+            maps, boxes, record.image_hw, scales, index, self.geometry,
             out_dtype=torch.float32, out=out, keep_order=keep_order,
         )  # fmt: skip
 

@@ -1,7 +1,6 @@
-"""Detections of one image from per-window class scores (docs/method.md#test-time-detection;
-model combination: docs/method.md#evaluation-rules).
+"""Detections of one image from per-window class scores (docs/method.md#test-time-detection).
 
-Shapes: R windows of the image, K foreground classes, M detections, N images.
+Shapes: R windows of the image, K foreground classes, M detections.
 
 Per class: keep windows scoring above the threshold (strict), greedy NMS, the top
 ``max_per_class``; then optionally regress the kept boxes, clip them to the image and run NMS
@@ -17,20 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
 from spp_detect.ops.boxes import clip_boxes
-from spp_detect.structures import Detections, ImageDetections
+from spp_detect.structures import ImageDetections
 
 # regress(window_index (M,), labels (M,)) -> regressed boxes (M, 4), for the windows kept.
 RegressFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _by_class(
-    labels: torch.Tensor, scores: torch.Tensor, max_per_class: int | None
-) -> torch.Tensor:
+def by_class(labels: torch.Tensor, scores: torch.Tensor, max_per_class: int | None) -> torch.Tensor:
     """Indices (M',) ordered by class, then by descending score (ties by index); at most
     ``max_per_class`` each. Two stable sorts instead of a loop over classes, so the device is
     waited for once here, not once per class."""
@@ -61,7 +57,7 @@ def select_detections(
     windows, labels = torch.nonzero(scores > score_thresh, as_tuple=True)
     kept_scores = scores[windows, labels]
     keep = batched_nms(boxes[windows].float(), kept_scores.float(), labels, nms_thresh)
-    keep = keep[_by_class(labels[keep], kept_scores[keep], max_per_class)]
+    keep = keep[by_class(labels[keep], kept_scores[keep], max_per_class)]
     return windows[keep], labels[keep], kept_scores[keep]
 
 
@@ -79,7 +75,7 @@ def finalize_detections(
     """
     boxes = clip_boxes(torch.as_tensor(boxes), image_hw)
     keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)
-    keep = keep[_by_class(labels[keep], scores[keep], None)]
+    keep = keep[by_class(labels[keep], scores[keep], None)]
     return ImageDetections(
         boxes=boxes[keep].cpu().numpy(),
         scores=scores[keep].cpu().numpy(),
@@ -107,38 +103,3 @@ def detect_image(
     )
     kept_boxes = boxes[window_index] if regress is None else regress(window_index, labels)
     return finalize_detections(kept_boxes, kept_scores, labels, image_hw, nms_thresh)
-
-
-def combine_detections(first: Detections, second: Detections, nms_thresh: float) -> Detections:
-    """The union of two runs' detections, reduced by per-image, per-class NMS.
-
-    The paper's model combination (SPP-net §4.4: pool both models' detections, then NMS).
-    Images are matched by id; the result lists ``first``'s images, then any only in ``second``,
-    and its detections ordered by image, class, then descending score.
-    """
-    image_ids = list(first.image_ids.tolist())
-    position = {image_id: i for i, image_id in enumerate(image_ids)}
-    for image_id in second.image_ids.tolist():
-        if image_id not in position:
-            position[image_id] = len(image_ids)
-            image_ids.append(image_id)
-    remap = np.array([position[i] for i in second.image_ids.tolist()], np.int64)
-    image_index = np.concatenate([first.image_index, remap[second.image_index]])
-    boxes = torch.from_numpy(np.concatenate([first.boxes, second.boxes]))
-    scores = torch.from_numpy(np.concatenate([first.scores, second.scores]))
-    labels = torch.from_numpy(np.concatenate([first.labels, second.labels]))
-    by_image = np.argsort(image_index, kind="stable")
-    images, starts = np.unique(image_index[by_image], return_index=True)
-    kept = []
-    for group in np.split(by_image, starts[1:]) if len(images) else []:
-        rows = torch.from_numpy(group)
-        keep = rows[batched_nms(boxes[rows], scores[rows], labels[rows], nms_thresh)]
-        kept.append(keep[_by_class(labels[keep], scores[keep], None)])
-    keep = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
-    return Detections(
-        image_ids=np.asarray(image_ids, dtype=str),
-        image_index=image_index[keep],
-        boxes=boxes.numpy()[keep],
-        scores=scores.numpy()[keep],
-        labels=labels.numpy()[keep],
-    )

@@ -4,17 +4,22 @@ Shapes: R boxes. Every function takes and returns float (R, 4) XYXY boxes in con
 coordinates (docs/method.md#conventions-and-box-format: x2/y2 exclusive, width = x2 − x1), as a
 numpy array or a torch tensor; the result is of the same kind, dtype and device as the first
 argument.
+
+torch is imported inside the functions: the proposal worker processes clip boxes and the dataset
+readers clip gt boxes, and neither should pay for loading it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 
-Array = TypeVar("Array", np.ndarray, torch.Tensor)
+if TYPE_CHECKING:
+    import torch
+
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 # Added to widths and heights before dividing by them (docs/method.md#bounding-box-regression:
 # MATLAB `eps`, float64 machine epsilon); it only matters for degenerate zero-size boxes.
@@ -26,6 +31,8 @@ MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
 def _to_tensor(boxes: np.ndarray | torch.Tensor) -> torch.Tensor:
+    import torch
+
     if isinstance(boxes, np.ndarray):
         boxes = np.ascontiguousarray(boxes)  # torch cannot view negative strides
     tensor = torch.as_tensor(boxes)
@@ -41,9 +48,16 @@ def clip_boxes(boxes: Array, image_hw: tuple[int, int]) -> Array:
     """Clip (R, 4) boxes to the image: x in [0, W], y in [0, H].
 
     In 1-based inclusive coordinates this is the original's clip of x1, y1 to ≥ 1 and x2, y2 to
-    ≤ W, H (docs/method.md#bounding-box-regression).
+    ≤ W, H (docs/method.md#bounding-box-regression). Integer boxes come back as float32.
     """
     height, width = image_hw
+    if isinstance(boxes, np.ndarray):  # without torch, bit for bit as torch.clamp (NaN, -0.0)
+        boxes = boxes if np.issubdtype(boxes.dtype, np.floating) else boxes.astype(np.float32)
+        upper = np.array([width, height, width, height], dtype=boxes.dtype)
+        clipped = np.where(boxes < 0, boxes.dtype.type(0), boxes)
+        return np.where(clipped > upper, upper, clipped)
+    import torch
+
     tensor = _to_tensor(boxes)
     x = tensor[:, 0::2].clamp(0, width)
     y = tensor[:, 1::2].clamp(0, height)
@@ -60,6 +74,8 @@ def paired_iou(first: Array, second: Array) -> Array:
 
     ``torchvision.ops.box_iou`` gives all R × R pairs; this is its diagonal in O(R) memory.
     """
+    import torch
+
     a, b = _to_tensor(first), _to_tensor(second)
     width = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
     height = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
@@ -75,6 +91,8 @@ def flip_boxes(boxes: Array, width: int) -> Array:
     In 1-based inclusive coordinates this is the original's x1' = W + 1 − x2, x2' = W + 1 − x1
     (docs/method.md#conventions-and-box-format).
     """
+    import torch
+
     tensor = _to_tensor(boxes)
     flipped = torch.stack(
         [width - tensor[:, 2], tensor[:, 1], width - tensor[:, 0], tensor[:, 3]], 1
@@ -97,6 +115,8 @@ def encode_deltas(proposals: Array, gt_boxes: Array) -> Array:
     boxes (the natural +1-free width of this format), t_x = (g_cx − p_cx)/p_w, t_y likewise,
     t_w = log(g_w/p_w), t_h likewise.
     """
+    import torch
+
     p_cx, p_cy, p_w, p_h = _centre_size(_to_tensor(proposals))
     g_cx, g_cy, g_w, g_h = _centre_size(_to_tensor(gt_boxes).to(p_cx.dtype))
     deltas = torch.stack(
@@ -111,6 +131,8 @@ def decode_deltas(proposals: Array, deltas: Array) -> Array:
     Centre p_cx + t_x·p_w, size p_w·exp(t_w), box = centre ± size/2
     (docs/method.md#bounding-box-regression).
     """
+    import torch
+
     p_cx, p_cy, p_w, p_h = _centre_size(_to_tensor(proposals))
     d = _to_tensor(deltas).to(device=p_cx.device, dtype=p_cx.dtype)
     cx, cy = p_cx + d[:, 0] * p_w, p_cy + d[:, 1] * p_h

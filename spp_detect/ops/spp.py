@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +49,24 @@ ROI_POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def pyramid_dim(channels: int, levels: Sequence[int]) -> int:
     """D = C · Σ n² (12,800 for 256 channels and levels (6, 3, 2, 1))."""
     return channels * sum(n * n for n in levels)
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """How windows become pooled vectors: the backbone's ``stride`` and ``offset0``
+    (docs/method.md#projection), the box shrink ``offset`` (px), pyramid ``levels`` in output
+    order, and ``target_size`` (px), the window side scale selection aims at
+    (docs/method.md#scale-selection)."""
+
+    stride: int
+    offset0: float
+    offset: float
+    levels: tuple[int, ...]
+    target_size: float
+
+    def feature_dim(self, channels: int) -> int:
+        """D = C · Σ n²."""
+        return pyramid_dim(channels, self.levels)
 
 
 # ---------------------------------------------------------------- scale selection and projection
@@ -140,18 +159,18 @@ def window_cells(
     scales: Sequence[int],
     scale_index: Tensor,
     fmap_hws: Sequence[tuple[int, int]],
-    stride: int,
-    offset0: float,
-    offset: float,
+    geometry: PoolGeometry,
 ) -> Tensor:
-    """Cells (R, 4) of each window r at its own scale k = ``scale_index[r]``."""
+    """Cells (R, 4) of each window r at its own scale k = ``scale_index[r]``, projected with
+    ``geometry``'s stride, offset0 and offset (:func:`project_boxes`)."""
     boxes64 = _as_float64(boxes)
     index = torch.as_tensor(scale_index, dtype=torch.long, device="cpu").reshape(-1)
     if len(index) != len(boxes64):
         raise ValueError(f"scale_index has {len(index)} entries for {len(boxes64)} boxes")
     scale_values = torch.as_tensor(list(scales), dtype=torch.float64)[index]
     hws = torch.as_tensor([list(hw) for hw in fmap_hws], dtype=torch.long).reshape(-1, 2)[index]
-    edges = _edges(boxes64, min(image_hw), scale_values, stride, offset0, offset)
+    g = geometry
+    edges = _edges(boxes64, min(image_hw), scale_values, g.stride, g.offset0, g.offset)
     return _fix_and_clamp(edges, hws[:, 0], hws[:, 1])
 
 
@@ -160,9 +179,7 @@ def dedup_keys(
     image_hw: tuple[int, int],
     scales: Sequence[int],
     scale_index: Tensor,
-    stride: int,
-    offset0: float,
-    offset: float,
+    geometry: PoolGeometry,
 ) -> Tensor:
     """(R, 5) int64 keys (L, T, R, B, scale index): step-3 edges before the fix and the clamp.
 
@@ -172,7 +189,8 @@ def dedup_keys(
     boxes64 = _as_float64(boxes)
     index = torch.as_tensor(scale_index, dtype=torch.long, device="cpu").reshape(-1)
     scale_values = torch.as_tensor(list(scales), dtype=torch.float64)[index]
-    edges = _edges(boxes64, min(image_hw), scale_values, stride, offset0, offset)
+    g = geometry
+    edges = _edges(boxes64, min(image_hw), scale_values, g.stride, g.offset0, g.offset)
     return torch.cat([edges, index[:, None]], dim=1)
 
 
@@ -334,6 +352,22 @@ def inverse_permutation(order: Tensor) -> Tensor:
     return inverse
 
 
+def distinct_windows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows that pool identical features share a key row (R, k); compute each one once.
+
+    Returns first (U,), the index of the first window of each distinct key in window order, and
+    inverse (R,), the position of each window's key in ``first``: ``x[first][inverse]`` equals
+    ``x`` for any per-window quantity that is a function of the key.
+    """
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    count = int(inverse.max()) + 1 if len(inverse) else 0
+    position = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
+    first.scatter_reduce_(0, inverse, position, reduce="amin")
+    order = torch.argsort(first)  # distinct windows in the order they first appear
+    return first[order], inverse_permutation(order)[inverse]
+
+
 class SpatialPyramidPool(nn.Module):
     """``spatial_pyramid_pool`` as a module: forward(fmap (C, H, W), cells (R, 4)) → (R, D)."""
 
@@ -354,10 +388,7 @@ def pool_windows(
     image_hw: tuple[int, int],
     scales: Sequence[int],
     scale_index: Tensor,
-    stride: int,
-    offset0: float,
-    offset: float,
-    levels: Sequence[int],
+    geometry: PoolGeometry,
     *,
     out_dtype: torch.dtype | None = None,
     out: Tensor | None = None,
@@ -369,7 +400,8 @@ def pool_windows(
     "Spatial pyramid pooling").
 
     ``fmaps[k]`` (C, H_k, W_k) is the map at ``scales[k]``; ``scale_index`` (R,) picks each
-    window's scale. A map no window uses may be None. One vectorised pooling call per used scale.
+    window's scale; ``geometry`` gives the projection and the pyramid's levels. A map no window
+    uses may be None. One vectorised pooling call per used scale.
     ``out_dtype`` as in :func:`spatial_pyramid_pool`.
 
     ``keep_order``: True gives pooled in input order and rows = arange(R); False skips that final
@@ -391,7 +423,8 @@ def pool_windows(
     for k in used:
         if fmaps[k] is None:
             raise ValueError(f"windows use scale index {k} but its map is None")
-    cells = window_cells(boxes, image_hw, scales, index, fmap_hws, stride, offset0, offset)
+    levels = geometry.levels
+    cells = window_cells(boxes, image_hw, scales, index, fmap_hws, geometry)
     dim = pyramid_dim(reference.shape[0], levels)
     if out is None:
         target = None

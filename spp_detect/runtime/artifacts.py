@@ -8,7 +8,6 @@ loaded with ``allow_pickle=False``; weights are ``.pt`` loaded with ``weights_on
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -21,10 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spp_detect import __version__
 from spp_detect.errors import UserError
-
-MANIFEST = "manifest.json"
 
 
 def _default_file_mode() -> int:
@@ -175,27 +171,13 @@ def short_reason(exc: Exception) -> str:
     return text or type(exc).__name__
 
 
-def stored_fingerprint(path: str | Path) -> str | None:
-    """The ``fingerprint`` key of a per-item ``.npz``; None when absent, missing or damaged.
-
-    Per-item files carry the fingerprint of the config that made them, so a resumed stage
-    recomputes the items made with another config instead of mixing them in.
-    """
+def file_identity(path: str | Path) -> str:
+    """Size and modification time of a file ("" when missing): names one version of it."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return str(data["fingerprint"]) if "fingerprint" in data.files else None
-    except Exception:  # missing or damaged: the item is simply computed again
-        return None
-
-
-def file_digest(path: str | Path) -> str:
-    """Short SHA-256 of a file's bytes: names a saved model's content, so an artefact made from
-    it can tell when the model was trained again."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        stat = Path(path).stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def save_json(path: str | Path, obj: Any) -> None:
@@ -259,81 +241,3 @@ def load_torch(path: str | Path, map_location: str = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise UserError(f"{path}: unreadable ({type(exc).__name__}); delete it and rerun") from None
-
-
-def write_manifest(
-    stage_dir: str | Path,
-    stage: str,
-    split: str | None,
-    count: int,
-    fingerprint: str,
-    upstream: Mapping[str, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """Close a stage: written last, so its presence means every item before it is complete.
-
-    ``token`` names this exact output: the config fingerprint and every file of the folder
-    (:func:`folder_token`); a later stage records the tokens it read (``upstream``), so a rerun
-    upstream, or a file changed after the manifest, shows.
-    """
-    manifest = {
-        "stage": stage,
-        "split": split,
-        "count": count,
-        "fingerprint": fingerprint,
-        "token": folder_token(stage_dir, fingerprint),
-        "upstream": dict(upstream or {}),
-        "version": __version__,
-        **dict(extra or {}),
-    }
-    save_json(Path(stage_dir) / MANIFEST, manifest)
-
-
-# What later stages read: arrays and weights. Reports (JSON, PNG, devkit text) are for people
-# and may be rewritten alone (`propose --report`) without making anything downstream stale.
-TOKEN_SUFFIXES = (".npz", ".pt")
-
-
-def folder_token(stage_dir: str | Path, fingerprint: str) -> str:
-    """A digest of ``fingerprint`` and the name, size and modification time of every artefact
-    (``TOKEN_SUFFIXES``) in ``stage_dir``: changes whenever one is rewritten."""
-    folder = Path(stage_dir)
-    entries = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if path.suffix in TOKEN_SUFFIXES and not path.name.startswith(".") and path.is_file():
-            stat = path.stat()
-            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256(json.dumps([fingerprint, entries]).encode()).hexdigest()[:16]
-
-
-def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / MANIFEST
-    return load_json(path) if path.is_file() else None
-
-
-def require_manifest(
-    stage_dir: str | Path, stage: str, fingerprint: str, split: str | None = None
-) -> dict[str, Any]:
-    """The upstream manifest, or a :class:`UserError` naming the stage to (re)run."""
-    manifest = read_manifest(stage_dir)
-    if manifest is None:
-        raise UserError(
-            f"{stage_dir}: no completed '{stage}' output; "
-            f"run `spp-detect {stage}{_split_option(split)}` first"
-        )
-    if manifest.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"{Path(stage_dir) / MANIFEST}: made with a different config than the current one; "
-            f"rerun `spp-detect {stage}{_split_option(split)} --force` or use another --run-dir"
-        )
-    return manifest
-
-
-def _split_option(split: str | None) -> str:
-    return f" --split {split}" if split else ""
-
-
-def clear_manifest(stage_dir: str | Path) -> None:
-    """Mark a stage as incomplete before it starts writing."""
-    # missing_ok: under torchrun every rank clears it, concurrently
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)

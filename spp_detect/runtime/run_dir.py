@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_PARENT = Path("runs")  # without --run-dir, a run goes to runs/<config name>
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -13,6 +15,11 @@ class RunDir:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, run_dir: str | Path | None, config_name: str) -> RunDir:
+        """``--run-dir``, or ``runs/<config name>`` without it."""
+        return cls(Path(run_dir) if run_dir else DEFAULT_PARENT / config_name)
 
     @property
     def config_path(self) -> Path:

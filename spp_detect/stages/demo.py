@@ -14,7 +14,7 @@ from spp_detect.data.image import read_image
 from spp_detect.data.toy import make_toy_dataset
 from spp_detect.evaluation.visualize import draw_detections, save_png
 from spp_detect.runtime.artifacts import load_npz
-from spp_detect.stages.common import StageContext, split_records
+from spp_detect.stages.context import StageContext, split_records
 from spp_detect.stages.run import run_all
 from spp_detect.structures import Detections
 

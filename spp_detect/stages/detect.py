@@ -22,7 +22,7 @@ from spp_detect.data.image import read_image
 from spp_detect.errors import UserError
 from spp_detect.evaluation.visualize import draw_detections, save_png
 from spp_detect.runtime.artifacts import save_json
-from spp_detect.stages.common import StageContext, Summary
+from spp_detect.stages.context import StageContext, Summary
 from spp_detect.structures import ImageDetections, ImageRecord
 
 

@@ -21,6 +21,7 @@ from spp_detect.evaluation.coco_eval import (
     require_pycocotools,
     results_json,
 )
+from spp_detect.evaluation.combine import combine_detections
 from spp_detect.evaluation.voc_eval import (
     evaluate_all_classes,
     format_ap_table,
@@ -28,23 +29,19 @@ from spp_detect.evaluation.voc_eval import (
     summarize,
     write_devkit_files,
 )
-from spp_detect.models.inference import combine_detections
-from spp_detect.runtime.artifacts import clear_manifest, load_npz, read_manifest, save_json
+from spp_detect.runtime.artifacts import load_npz, save_json
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import (
-    RANDOM_TRUNK_NOTE,
-    StageContext,
-    Summary,
+from spp_detect.stages.context import StageContext, Summary, locked, split_records
+from spp_detect.stages.manifests import (
     check_classes,
     check_data_of,
     check_file,
+    clear_manifest,
     close_stage,
-    locked,
+    read_manifest,
     require_upstream,
-    split_records,
-    stage_dir,
-    trunk_provenance,
 )
+from spp_detect.stages.provenance import RANDOM_TRUNK_NOTE, trunk_provenance
 from spp_detect.structures import Detections
 
 
@@ -131,12 +128,12 @@ def _own_detections(ctx: StageContext, split: str) -> Detections:
 
 def has_detections(ctx: StageContext, split: str) -> bool:
     """Whether `test` has closed ``split`` (with any config: a stale one is refused later)."""
-    return read_manifest(stage_dir(ctx.run_dir, "test", split)) is not None
+    return read_manifest(ctx.run_dir.stage_dir("test", split)) is not None
 
 
 def load_detections(run_dir: RunDir, split: str, classes: tuple[str, ...]) -> Detections:
     """Another run's detections of ``split``, refused if made for other classes."""
-    manifest = read_manifest(stage_dir(run_dir, "test", split))
+    manifest = read_manifest(run_dir.stage_dir("test", split))
     if manifest is None:
         raise UserError(
             f"{run_dir.root}: no detections for split {split!r}; run `spp-detect test` there first"

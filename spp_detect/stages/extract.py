@@ -38,21 +38,13 @@ from spp_detect.models.features import (
     pyramid_hw,
     read_record_image,
 )
-from spp_detect.runtime.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
+from spp_detect.runtime.artifacts import check_free_space, free_bytes, save_npz
 from spp_detect.runtime.device import device_errors, resolve_device
-from spp_detect.stages.common import (
-    StageContext,
-    build_trunk,
-    close_stage,
-    format_bytes,
-    items_to_do,
-    locked,
-    maps_origin,
-    split_records,
-    split_todo,
-    trunk_digest,
-    wait_for_shares,
-)
+from spp_detect.stages.builders import build_trunk
+from spp_detect.stages.context import StageContext, format_bytes, locked, split_records
+from spp_detect.stages.manifests import clear_manifest, close_stage, maps_origin, trunk_digest
+from spp_detect.stages.provenance import items_to_do
+from spp_detect.stages.sharding import split_todo, wait_for_shares
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)

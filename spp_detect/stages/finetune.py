@@ -18,34 +18,21 @@ from tqdm import tqdm
 
 from spp_detect.config import Config, FinetuneConfig, sized_finetune
 from spp_detect.errors import UserError
-from spp_detect.models.backbones import trunk_state
 from spp_detect.models.head import head_state
-from spp_detect.runtime.artifacts import (
-    check_free_space,
-    clear_manifest,
-    file_digest,
-    read_manifest,
-    save_json,
-    save_torch,
-    tensor_bytes,
-)
+from spp_detect.models.weights import trunk_state
+from spp_detect.runtime.artifacts import check_free_space, save_json, save_torch, tensor_bytes
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
+from spp_detect.stages.builders import load_proposals, open_feature_source, pool_geometry
+from spp_detect.stages.context import StageContext, Summary, locked, split_records
+from spp_detect.stages.manifests import (
     check_classes,
+    clear_manifest,
     close_stage,
-    fingerprint,
     is_current,
-    load_proposals,
-    locked,
-    log_trunk,
-    open_feature_source,
-    pool_geometry,
+    read_manifest,
     require_upstream,
-    split_records,
-    stage_dir,
 )
+from spp_detect.stages.provenance import file_digest, log_trunk, stage_fingerprint
 from spp_detect.structures import ImageRecord
 from spp_detect.train import finetune
 from spp_detect.train.sampling import WindowPool, build_window_pool, warn_missing_classes
@@ -76,7 +63,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
             f"{dist.world} ranks end to end; set it to at least {dist.world} (each rank runs "
             "the trunk on its own images)"
         )
-    stage_fingerprint = fingerprint(config, "finetune")
+    fingerprint = stage_fingerprint(config, "finetune")
     # 1. Done already?
     if ctx.force:
         run_dir.checkpoint_path.unlink(missing_ok=True)
@@ -90,7 +77,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     iterations = sized_settings(ctx, split).iterations
     total = iterations if stop_after is None else min(stop_after, iterations)
     identity = {
-        "fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0,
+        "fingerprint": fingerprint, "split": split, "limit": ctx.limit or 0,
         # a CUDA generator's dropout state does not load into a CPU one, nor the other way
         "device": torch.device(ctx.device).type,
     }  # fmt: skip
@@ -181,8 +168,9 @@ def _train_end_to_end(
 def _end_to_end_model(ctx: StageContext, split: str):
     """The split's labelled windows (each image also mirrored) and the trunk, frozen below
     ``finetune.conv_from``, as a ``finetune_conv.EndToEnd``."""
-    from spp_detect.models.backbones import build_backbone, conv_layer_index
+    from spp_detect.models.backbones import conv_layer_index
     from spp_detect.models.features import check_scales_fit
+    from spp_detect.models.weights import build_backbone
     from spp_detect.runtime.device import resolve_device
     from spp_detect.train import finetune_conv
 
@@ -291,7 +279,7 @@ def _check_upstream(config: Config, run_dir: RunDir, split: str) -> dict[str, di
     if config.extract.cache == "disk" and not config.finetune.conv_from:
         manifests["extract"] = require_upstream(config, run_dir, "extract", split)
     for stage, manifest in manifests.items():
-        check_classes(manifest, config.data.classes, stage_dir(run_dir, stage, split), stage)
+        check_classes(manifest, config.data.classes, run_dir.stage_dir(stage, split), stage)
     return manifests
 
 
@@ -348,7 +336,7 @@ def _new_trainer(
 ) -> finetune.Trainer:
     """A trainer for a trunk of ``channels`` conv5 channels, whose fc6/fc7 start from the
     backbone's pretrained classifier when it has one (``trunk``: conv layers it trains too)."""
-    from spp_detect.models.backbones import load_classifier_state
+    from spp_detect.models.weights import load_classifier_state
 
     classifier = load_classifier_state(config.extract.backbone, config.extract.weights)
     shape = _head_shape(config, channels)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from spp_detect import __version__
+from spp_detect._version import __version__
 from spp_detect.config import Config
 from spp_detect.errors import UserError
 from spp_detect.evaluation.report import (
@@ -29,9 +29,11 @@ from spp_detect.evaluation.report import (
     render,
     shrink,
 )
-from spp_detect.runtime.artifacts import atomic_write_text, read_manifest
+from spp_detect.runtime.artifacts import atomic_write_text
 from spp_detect.runtime.run_dir import RunDir
-from spp_detect.stages.common import split_records, stage_dir, trunk_provenance
+from spp_detect.stages.context import split_records
+from spp_detect.stages.manifests import read_manifest
+from spp_detect.stages.provenance import trunk_provenance
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 HITS, MISSES, FALSE_POSITIVES = (
@@ -45,7 +47,7 @@ def write_report(config: Config, run_dir: RunDir) -> Path:
     """Write ``run_dir``'s report.html from what its stages left; returns its path."""
     split = config.data.test_split
     evaluation = _read_json(run_dir.eval_path(split))
-    manifest = read_manifest(stage_dir(run_dir, "test", split))
+    manifest = read_manifest(run_dir.stage_dir("test", split))
     detections = _detections(run_dir, split) if manifest is not None else None
     # the images test ran on: the first --limit of the split, as its manifest records
     records = split_records(config, split, manifest.get("limit")) if manifest else []

@@ -33,11 +33,8 @@ from spp_detect.models.head import (
     Head,
     init_from_classifier,
     init_random,
-    make_optimizer,
     normalization_from_moments,
     pooled_moments,
-    set_learning_rate,
-    step_learning_rate,
 )
 from spp_detect.ops.spp import pyramid_dim
 from spp_detect.runtime.artifacts import load_torch, save_torch
@@ -62,6 +59,35 @@ MAX_BLOCK_ITERATIONS = 500  # windows are redrawn every 500 iterations, as in th
 EVAL_BATCHES = 500  # held-out accuracy on up to 500 minibatches at the best scale, as the original
 EVAL_SEED = 0  # fixed draw of the held-out windows, the same for every run
 POSTFIX_EVERY = 10  # iterations between tqdm loss updates
+
+
+BIAS_LR_MULT = 2.0  # biases learn twice as fast as weights (released code: Caffe blobs_lr 1/2)
+LR_STEP_FACTOR = 0.1  # lr × 0.1 at each step (released code's "vstep")
+
+
+def make_optimizer(head: Head, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with the released code's multipliers (docs/method.md#fine-tuning-and-sampling):
+    lr ×1 weights, ×2 biases; no weight decay on the classifier bias. Each group's ``lr_mult``
+    scales the rate ``set_learning_rate`` gives."""
+    groups = [
+        {"params": [head.fc6.weight, head.fc7.weight, head.cls.weight], "lr_mult": 1.0},
+        {"params": [head.fc6.bias, head.fc7.bias], "lr_mult": BIAS_LR_MULT},
+        {"params": [head.cls.bias], "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0},
+    ]
+    if head.bbox is not None:
+        groups.append({"params": [head.bbox.weight], "lr_mult": 1.0})
+        groups.append({"params": [head.bbox.bias], "lr_mult": BIAS_LR_MULT, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+
+
+def step_learning_rate(iteration: int, base_lr: float, lr_steps: Sequence[int]) -> float:
+    """The rate at (0-based) ``iteration``: ``base_lr`` × 0.1 per step boundary reached."""
+    return base_lr * LR_STEP_FACTOR ** sum(iteration >= step for step in lr_steps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,20 @@ from torch import Tensor, nn
 from spp_detect.data.image import flip_image, image_to_tensor, resize_short_side
 from spp_detect.errors import UserError
 from spp_detect.models.backbones import Backbone
-from spp_detect.models.features import PoolGeometry, effective_scales, read_record_image
-from spp_detect.models.head import BIAS_LR_MULT, BatchRows, input_normalization_for
-from spp_detect.ops.spp import trainable_pyramid_pool, window_cells
+from spp_detect.models.features import effective_scales, read_record_image
+from spp_detect.models.head import BatchRows, input_normalization_for
+from spp_detect.ops.spp import PoolGeometry, trainable_pyramid_pool, window_cells
 from spp_detect.runtime.device import is_out_of_memory
 from spp_detect.runtime.distributed import Dist
 from spp_detect.structures import ImageRecord
-from spp_detect.train.finetune import RankShare, SgdSchedule, StepFn, Trainer, train_step
+from spp_detect.train.finetune import (
+    BIAS_LR_MULT,
+    RankShare,
+    SgdSchedule,
+    StepFn,
+    Trainer,
+    train_step,
+)
 from spp_detect.train.sampling import WindowPool
 
 logger = logging.getLogger(__name__)
@@ -187,7 +194,7 @@ class EndToEnd:
         g = self.images.geometry
         cells = window_cells(
             boxes, record.image_hw, [short_side], torch.zeros(len(rows), dtype=torch.long),
-            [tuple(fmap.shape[1:])], g.stride, g.offset0, g.offset,
+            [tuple(fmap.shape[1:])], g,
         )  # fmt: skip
         return trainable_pyramid_pool(fmap, cells, g.levels)
 

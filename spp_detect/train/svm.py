@@ -24,16 +24,15 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from spp_detect.errors import UserError
-from spp_detect.runtime.artifacts import load_npz, save_npz
+from spp_detect.models.linear import SvmModel
+from spp_detect.ops.spp import distinct_windows
 from spp_detect.train.sampling import class_overlaps
-from spp_detect.train.window_features import distinct_windows
 
 logger = logging.getLogger(__name__)
 
@@ -87,36 +86,6 @@ def pack_keys(image_number: int, windows: np.ndarray) -> np.ndarray:
 def unpack_keys(packed: np.ndarray) -> np.ndarray:
     """(Q, 2) (image number, window) rows of packed keys (Q,)."""
     return np.stack([packed >> WINDOW_BITS, packed & (2**WINDOW_BITS - 1)], axis=1)
-
-
-@dataclass(frozen=True)
-class SvmModel:
-    """Trained SVMs, ready to use: score (R, K) = features (R, F) @ weight.T + bias.
-
-    weight (K, F) float32 and bias (K,) float32 apply to the *unscaled* features (the feature
-    scale is folded in); report holds one JSON-ready dict per class.
-    """
-
-    weight: np.ndarray
-    bias: np.ndarray
-    report: list[dict[str, Any]] = field(default_factory=list)
-
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        """Scores (R, K) of features (R, F)."""
-        return features @ self.weight.T + self.bias
-
-    def save(self, path: str | Path) -> None:
-        save_npz(path, weight=self.weight, bias=self.bias)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SvmModel:
-        arrays = load_npz(path)
-        weight, bias = arrays.get("weight"), arrays.get("bias")
-        if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
-            raise UserError(
-                f"{path}: not an SVM file (need weight (K, F), bias (K,)); rerun train-svm"
-            )
-        return cls(weight.astype(np.float32), bias.astype(np.float32))
 
 
 def fold_feature_scale(

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from spp_detect.ops.spp import inverse_permutation
-
 
 def sample_for_norm(
     window_counts: Sequence[int], max_images: int, max_windows: int, seed: int
@@ -51,17 +49,16 @@ def feature_scale(
     return target_norm / mean_norm if mean_norm > 0 else 1.0
 
 
-def distinct_windows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows that pool identical features share a key row (R, k); compute each one once.
-
-    Returns first (U,), the index of the first window of each distinct key in window order, and
-    inverse (R,), the position of each window's key in ``first``: ``x[first][inverse]`` equals
-    ``x`` for any per-window quantity that is a function of the key.
-    """
-    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    count = int(inverse.max()) + 1 if len(inverse) else 0
-    position = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
-    first.scatter_reduce_(0, inverse, position, reduce="amin")
-    order = torch.argsort(first)  # distinct windows in the order they first appear
-    return first[order], inverse_permutation(order)[inverse]
+def estimate_feature_scale(
+    window_counts: Sequence[int],
+    features_of: Callable[[int, np.ndarray], torch.Tensor],
+    max_images: int,
+    max_windows: int,
+    seed: int,
+    target_norm: float,
+) -> float:
+    """``target_norm`` / the mean feature norm of a random sample of the windows
+    (:func:`sample_for_norm` of the images' ``window_counts``, then :func:`feature_scale`):
+    the SVMs' fc7 and the regressors' pool5 scale (docs/method.md#svm-training)."""
+    picks = sample_for_norm(window_counts, max_images, max_windows, seed)
+    return feature_scale(features_of, picks, target_norm)
