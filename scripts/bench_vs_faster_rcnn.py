@@ -104,7 +104,7 @@ from spp_detect.stages.context import split_records
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 TRUNK = "efficientnet_lite0"  # extract.backbone's default (spp_detect/config.py)
-TRUNK_WEIGHTS = "imagenet"  # the packaged ImageNet weights (backbones.PACKAGED_WEIGHTS)
+TRUNK_WEIGHTS = "imagenet"  # the packaged ImageNet weights (weights.PACKAGED_WEIGHTS)
 # Standard Faster R-CNN anchors on one map (torchvision's AnchorGenerator defaults, py-faster-rcnn)
 ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
 ASPECT_RATIOS = ((0.5, 1.0, 2.0),)

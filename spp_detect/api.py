@@ -75,7 +75,7 @@ class Detector:
     @classmethod
     def from_config(cls, config: Config, run_dir: RunDir, device: str) -> Detector:
         """The trained models of ``run_dir``, checked against ``config`` (but for the training
-        data, which a trained run may travel without: ``stages.common.check_trained_on``)."""
+        data, which a trained run may travel without: ``stages.manifests.check_trained_on``)."""
         core = build_detector(config, run_dir, device, check_data=False)
         source = live_feature_source(config, run_dir, device)
         return cls(core, source, proposal_params(config.propose), config.data.classes)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_spp import zf5_fmap_side  # ZF-5 size arithmetic by hand (docs/method.md#conv-trunks)
 from torch import nn
 
 from spp_detect.data.image import ILSVRC_2012_BGR_MEAN, caffe_bgr_mean, image_to_tensor
@@ -30,6 +29,7 @@ from spp_detect.models.weights import (
     load_classifier_state,
     trunk_state,
 )
+from spp_detect.testing import zf5_fmap_side  # conv5 size arithmetic by hand
 
 # caffenet's default pixels: BGR minus the ILSVRC 2012 mean, as float32 (a converted file's mean)
 CAFFENET_NORMALIZATION = "caffe_bgr:" + ",".join(

@@ -36,6 +36,7 @@ from spp_detect.models.weights import (
     load_classifier_state,
     trunk_state,
 )
+from spp_detect.testing import assert_one_line_error
 
 FC_WIDTH = 16  # a narrow fc6/fc7 keeps the files small; the converter takes any width
 
@@ -160,16 +161,6 @@ def known_layers(backbone: str, fc_cells: int = 36, seed: int = 0) -> dict[str, 
 
 def convert(args: list[str]):
     return CliRunner().invoke(cli, ["convert-weights", *args])
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
-        result.output
-    )
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------- round trip

@@ -23,6 +23,7 @@ from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.context import StageContext, split_records
 from spp_detect.stages.manifests import MANIFEST, require_upstream, write_manifest
 from spp_detect.stages.provenance import stage_fingerprint
+from spp_detect.testing import assert_one_line_error
 
 
 @click.group(cls=type(cli))
@@ -41,17 +42,6 @@ def probe(ctx: StageContext, split: str | None, upstream: str | None) -> None:
         require_upstream(ctx.config, ctx.run_dir, upstream, split)
     records = split_records(ctx.config, split, ctx.limit)
     click.echo(f"probe: {len(records)} images")
-
-
-def assert_one_line_error(result, *names: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def test_help_and_version():

@@ -308,7 +308,7 @@ def test_missing_pycocotools_names_the_install(monkeypatch):
 @pytest.mark.slow
 def test_pipeline_in_coco_form_matches_the_voc_run(toy_root, toy_coco, tmp_path):
     pytest.importorskip("pycocotools")
-    from test_pipeline import TOY_SETTINGS
+    from spp_detect.testing import TOY_SETTINGS
 
     def run(run_dir: Path, sets: list[str], verb: str = "run", *extra: str) -> dict:
         args = [verb, "-c", "toy", "--run-dir", str(run_dir), "--workers", "2", *extra]

@@ -15,6 +15,7 @@ from spp_detect.models.inference import (
     select_detections,
 )
 from spp_detect.structures import Detections
+from spp_detect.testing import cpu_and_cuda
 
 # Two heavily overlapping boxes (IoU 0.82), one apart, one overlapping the first by IoU 0.25.
 BOXES = torch.tensor(
@@ -72,13 +73,14 @@ def reference_by_class(labels, scores, max_per_class):
     return kept
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("max_per_class", [None, 1, 3])
-def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_class):
+def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_class, device):
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.integers(0, 5, 200))
     scores = torch.from_numpy(rng.integers(0, 8, 200).astype(np.float32))  # many ties
     expected = reference_by_class(labels, scores, max_per_class)
-    assert by_class(labels, scores, max_per_class).tolist() == expected
+    assert by_class(labels.to(device), scores.to(device), max_per_class).tolist() == expected
     assert by_class(labels[:0], scores[:0], max_per_class).tolist() == []
 
 

@@ -159,16 +159,20 @@ def test_subpackage_inits_import_nothing():
             assert not any(isinstance(n, ast.Import | ast.ImportFrom) for n in body), module
 
 
-def test_runtime_loads_torch_only_in_its_device_module():
-    """The CLI imports runtime modules for every command, before the config is checked."""
+# Loaded by every command before its config is checked (runtime/), or by the proposal workers
+# (data/ and the box clip): torch only inside functions.
+WITHOUT_TORCH_AT_IMPORT = ("spp_detect.runtime.", "spp_detect.data.", "spp_detect.ops.boxes")
+
+
+def test_torch_is_loaded_at_import_only_where_the_rules_allow():
     for module, path in MODULES.items():
-        if module.startswith("spp_detect.runtime.") and module != "spp_detect.runtime.device":
-            for node in ast.parse(path.read_text()).body:
-                names = [a.name for a in getattr(node, "names", [])]
-                if isinstance(node, ast.ImportFrom):
-                    names = [node.module or ""]
-                if isinstance(node, ast.Import | ast.ImportFrom):
-                    assert not any(n.split(".")[0] == "torch" for n in names), module
+        if not module.startswith(WITHOUT_TORCH_AT_IMPORT) or module == "spp_detect.runtime.device":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [alias.name for alias in node.names]
+                assert not any(n.split(".")[0] == "torch" for n in names), module
 
 
 def test_proposal_workers_do_not_import_torch():
@@ -179,3 +183,14 @@ def test_proposal_workers_do_not_import_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_no_test_file_imports_another():
+    """Shared helpers live in spp_detect/testing.py and fixtures in tests/conftest.py."""
+    tests = Path(__file__).resolve().parent
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith(("test_", "conftest", "tests")) for n in names), path.name

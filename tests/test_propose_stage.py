@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -71,12 +70,6 @@ def _truncate_jpeg(path: Path) -> bytes:
     data = path.read_bytes()
     path.write_bytes(data[: data.find(b"\xff\xda")])
     return data
-
-
-@pytest.fixture
-def toy_copy(toy_root: Path, tmp_path: Path) -> Path:
-    """A private copy of the toy set that a test may damage."""
-    return Path(shutil.copytree(toy_root, tmp_path / "toy"))
 
 
 @pytest.mark.slow  # selective search on the whole test split, ~9 s

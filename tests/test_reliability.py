@@ -105,8 +105,8 @@ def test_proposals_of_another_origin_are_refused_when_read(toy_root, run_copy):
         load_proposals(config, run_dir, "trainval", record)
 
 
-def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_a_regenerated_image_makes_its_cached_maps_stale(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config = _config(root)
     for verb in ("propose", "extract"):  # this dataset's own items (paths differ from toy_root)
@@ -282,10 +282,10 @@ def test_an_upstream_rerun_makes_the_downstream_stale(toy_root, run_copy):
     assert not is_current(config, run_dir, "finetune", "trainval", limit=3)
 
 
-def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_path, small_run):
+def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_copy, tmp_path, small_run):
     from spp_detect.data.toy import make_toy_dataset
 
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config, run_dir = _config(root), RunDir(run)
     for verb in ("propose", "extract"):
@@ -296,8 +296,8 @@ def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_pa
         assert not is_current(config, run_dir, stage, "trainval", limit=3)
 
 
-def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config, run_dir = _config(root), RunDir(run)
     assert _invoke("propose", root, run, "--limit", "3").exit_code == 0
@@ -310,8 +310,8 @@ def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path
     assert not is_current(config, run_dir, "propose", "trainval", limit=3)
 
 
-def test_finetune_trains_again_when_its_data_changed_in_place(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_finetune_trains_again_when_its_data_changed_in_place(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
     sets = [part for item in tiny for part in ("--set", item)]

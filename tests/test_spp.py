@@ -23,7 +23,7 @@ from spp_detect.ops.spp import (
     spatial_pyramid_pool,
     window_cells,
 )
-from spp_detect.testing import random_boxes, reference_pool
+from spp_detect.testing import cpu_and_cuda, random_boxes, reference_pool, zf5_fmap_side
 
 ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # released spp_config.m (method.md#projection)
 LEVELS = (6, 3, 2, 1)
@@ -71,14 +71,6 @@ def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
     left, right = min(max(left, 1), fmap_w), min(max(right, 1), fmap_w)
     top, bottom = min(max(top, 1), fmap_h), min(max(bottom, 1), fmap_h)
     return left - 1, top - 1, right - 1, bottom - 1
-
-
-def zf5_fmap_side(side: int) -> int:
-    """docs/method.md#conv-trunks conv5 size arithmetic (floor for conv, ceil for pooling)."""
-    c1 = (side - 5) // 2 + 1
-    p1 = -(-(c1 - 3) // 2) + 1
-    c2 = (p1 - 5) // 2 + 1
-    return -(-(c2 - 3) // 2) + 1
 
 
 def mixed_boxes(rng: np.random.Generator, count: int, image_hw, min_side=1.0) -> np.ndarray:
@@ -250,14 +242,18 @@ def random_cells(rng: np.random.Generator, count: int, height: int, width: int) 
     return cells
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("levels", [LEVELS, (4, 3, 2), (7, 5, 1), (1,)])
-def test_pooling_matches_reference_on_random_windows(levels):
+def test_pooling_matches_reference_on_random_windows(levels, device):
+    """On the CPU the block-max engine; on CUDA roi_pool where its bins are exact (``auto``)."""
     rng = np.random.default_rng(sum(levels))
     fmap = relu_map(rng, 16, 23, 37)
     cells = random_cells(rng, 300, 23, 37)
-    pooled = spatial_pyramid_pool(fmap, torch.from_numpy(cells), levels)
-    assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
-    assert torch.equal(SpatialPyramidPool(levels)(fmap, torch.from_numpy(cells)), pooled)
+    pooled = spatial_pyramid_pool(fmap.to(device), torch.from_numpy(cells), levels)
+    expected = torch.from_numpy(reference_pool(fmap.numpy(), cells, levels))
+    assert pooled.device.type == device and torch.equal(pooled.cpu(), expected)
+    module = SpatialPyramidPool(levels)
+    assert torch.equal(module(fmap.to(device), torch.from_numpy(cells)), pooled)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 40_000])  # 1 window per chunk; 17 or 8
@@ -314,17 +310,21 @@ def test_pool_windows_in_input_order_into_a_buffer():
     assert torch.equal(pooled, expected.double())
 
 
-def test_pool_windows_matches_reference_at_several_scales():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_pool_windows_matches_reference_at_several_scales(device):
     """Boxes → best scale → cells → pyramid, against the reference, rows in input order."""
     rng = np.random.default_rng(7)
     image_hw, scales = (150, 200), (96, 128, 224)
     fmaps = [
         relu_map(rng, 8, zf5_fmap_side(s), zf5_fmap_side(round(s * 200 / 150))) for s in scales
     ]
+    on_device = [fmap.to(device) for fmap in fmaps]
     boxes = mixed_boxes(rng, 400, image_hw, min_side=4.0)
     scale_index = select_scale(boxes, image_hw, scales, target=100.0)  # all three in use
     assert len(set(scale_index.tolist())) == 3
-    pooled, rows = pool_windows(fmaps, boxes, image_hw, scales, scale_index, geometry=ZF5_POOL)
+    pooled, rows = pool_windows(on_device, boxes, image_hw, scales, scale_index, ZF5_POOL)
+    assert pooled.device.type == device
+    pooled = pooled.cpu()
     expected = []
     for box, k in zip(boxes, scale_index.tolist(), strict=True):
         fmap_hw = tuple(fmaps[k].shape[1:])
@@ -333,9 +333,9 @@ def test_pool_windows_matches_reference_at_several_scales():
     assert pooled.dtype == torch.float32 and torch.equal(rows, torch.arange(400))
     assert torch.equal(pooled, torch.from_numpy(np.stack(expected)))
     unordered, rows = pool_windows(
-        fmaps, boxes, image_hw, scales, scale_index, geometry=ZF5_POOL, keep_order=False
+        on_device, boxes, image_hw, scales, scale_index, ZF5_POOL, keep_order=False
     )
-    assert torch.equal(unordered, torch.from_numpy(np.stack(expected))[rows])
+    assert torch.equal(unordered.cpu(), torch.from_numpy(np.stack(expected))[rows])
 
 
 def test_pool_windows_with_random_scales_and_unused_maps():
@@ -405,6 +405,28 @@ def test_the_roi_pool_engine_pools_what_the_block_max_engine_pools(levels, dtype
     with pytest.raises(ValueError, match="engine must be one of"):
         spatial_pyramid_pool(fmap, cells, levels, engine="fast")
     assert spp.pool_engine(fmap.double(), levels, "roi_pool") == "blockmax"  # float32 would round
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (8, 4, 2, 1)])
+def test_roi_pool_engine_on_the_device_is_exact_for_every_window_size(levels, device):
+    """Every window of 1…130 × 1…130 cells, pooled by the roi_pool engine on the device against
+    the block-max engine on the CPU: channel 0 rises to the bottom-right, so each bin's max sits
+    on its last row and column, and channel 1 falls, so it sits on its first; an edge computed
+    one cell off by the device's arithmetic changes a value."""
+    side = 130
+    ramp = torch.arange(side, dtype=torch.float32)
+    rising = ramp[:, None] * side + ramp[None, :]
+    fmap = torch.stack([rising, rising.max() - rising])  # (2, H, W)
+    heights, widths = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    offsets = (heights * 7 + widths * 3) % (side - torch.maximum(heights, widths))
+    cells = torch.stack(
+        [offsets.flatten(), offsets.flatten(), (offsets + widths).flatten(),
+         (offsets + heights).flatten()], dim=1,
+    )  # fmt: skip
+    expected = spatial_pyramid_pool(fmap, cells, levels, engine="blockmax")
+    pooled = spatial_pyramid_pool(fmap.to(device), cells, levels, engine="roi_pool")
+    assert pooled.device.type == device and torch.equal(pooled.cpu(), expected)
 
 
 def test_only_level_7_leaves_roi_pool_for_the_block_max_engine(monkeypatch):

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def pool_geometry(config: Config, stride: int, offset0: float):
-    """The ``features.PoolGeometry`` of a trunk's ``stride`` and ``offset0`` under ``spp``."""
+    """The ``spp.PoolGeometry`` of a trunk's ``stride`` and ``offset0`` under ``spp``."""
     from spp_detect.ops.spp import PoolGeometry
 
     spp = config.spp

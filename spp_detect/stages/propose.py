@@ -59,7 +59,7 @@ class ProposalJob:
     image_path: str
     out_path: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""  # the item fingerprint (stages.common.item_fingerprint), stored with it
+    fingerprint: str = ""  # the item fingerprint (provenance.item_fingerprint), stored with it
 
 
 def compute_proposals(job: ProposalJob) -> int:

@@ -192,7 +192,7 @@ def new_trainer(
     """A head of ``shape`` on ``device``, initialised from the pretrained ``classifier``
     (fc6/fc7 state) when there is one, else at random (seeded); its SGD optimizer and dropout
     generator. ``trunk``: conv layers trained with it (their parameters join the optimizer
-    through ``conv_training.add_trunk_to_optimizer``)."""
+    through ``finetune_conv.add_trunk_to_optimizer``)."""
     head = Head(shape.feature_dim, shape.fc_dim, shape.num_classes, shape.dropout, shape.box_branch)
     init_random(head, torch.Generator().manual_seed(schedule.seed))
     if classifier is not None:

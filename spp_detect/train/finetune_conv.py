@@ -202,12 +202,12 @@ class EndToEnd:
 def end_to_end_step(
     trainer: Trainer, model: EndToEnd, schedule: SgdSchedule, dist: Dist | None = None
 ) -> StepFn:
-    """The SGD step of end-to-end fine-tuning for ``training.run_sgd``.
+    """The SGD step of end-to-end fine-tuning for ``finetune.run_sgd``.
 
     ``dist`` (under torchrun): every rank draws the whole minibatch (the same entries, windows
     and scales), runs the trunk on its share of the images (``image_share``) and the head on
     their windows, and the gradients of the head and the trainable conv layers are summed over
-    the ranks before the step (``training.RankShare``): the model one process trains, up to
+    the ranks before the step (``finetune.RankShare``): the model one process trains, up to
     the order of float sums.
     """
     windows_per_image = schedule.batch_size // model.sampling.images_per_batch
@@ -232,7 +232,7 @@ def end_to_end_step(
             targets.append(torch.as_tensor(labels, device=model.device))
             pool_rows = model.images.entry_start[entry] + rows
             box_targets.append(torch.as_tensor(model.images.pool.box_targets[pool_rows]))
-        # training.train_step's backward keeps the activations of both images: OOM-guarded too
+        # finetune.train_step's backward keeps the activations of both images: OOM-guarded too
         loss, correct = _guarded(
             train_step, trainer.head, trainer.optimizer, torch.cat(features), torch.cat(targets),
             trainer.generator, torch.cat(box_targets), schedule.box_loss_weight, share,
