@@ -1,6 +1,6 @@
 """The one bridge from the config to the library: the objects a stage or the Python API works
 with, built from the config and the run directory's checked outputs (the conv trunk, the feature
-source, the trained detector, proposal settings, an image's proposals).
+source, the trained detector, proposal settings, an image's proposals, the feature scale).
 
 The library modules are imported inside the builders: the propose stage (whose worker processes
 import the stages) uses only ``proposal_params`` and must not pay for torch.
