@@ -11,11 +11,11 @@ Shapes: N images, G gt boxes of an image, M detections, K foreground classes.
 
 spp-detect side:
   * ``spp-detect run`` (``python -m spp_detect run --device cpu --workers THREADS``, with
-    OMP_NUM_THREADS=THREADS) in ``--spp-run-dir``; default settings: the raccoon CI setting
-    (``SPP_CI_SETTINGS``: 1 scale of 400 px, selective search on images shrunk to 400 px,
-    fc6/fc7 of 512, 300 fine-tuning iterations, trunk frozen). A run dir that already has
-    ``eval/test.json`` is reused as it is; the wall time this script measured for it is kept in
-    ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``. A run dir left
+    OMP_NUM_THREADS=THREADS) in ``--spp-run-dir``; default settings: ``-c raccoon``, the CI
+    setting (1 scale of 400 px, selective search on images shrunk to 400 px, fc6/fc7 of 512,
+    300 fine-tuning iterations, trunk frozen); ``--spp-set`` adds overrides. A run dir that
+    already has ``eval/test.json`` is reused as it is; the wall time this script measured for it
+    is kept in ``RUN_DIR/bench_run_seconds.json``, or give ``--budget-seconds``. A run dir left
     half-done is resumed by `run`, so its measured time is only the rest: use a fresh one.
   * mAP: ``RUN_DIR/eval/test.json`` ("mAP_07", else "mAP"), over the whole test split.
   * seconds per test image: ``spp_detect.api.Detector.from_run`` on CPU (conv5 maps computed
@@ -125,16 +125,9 @@ SCORE_THRESH = 0.001  # test: keep low-score boxes for the PR curve (mAP)
 DETECTIONS_PER_IMAGE = 100  # test: the torchvision default, also COCO's
 LOSS_WINDOW = 50  # iterations averaged for the first / last loss
 WARMUP_IMAGES = 1  # untimed test images first
-# `spp-detect run` settings: the raccoon CI setting (tests/test_pipeline.py scale)
+# `spp-detect run` settings: the bundled raccoon config, the CI setting of tests/test_pipeline.py
 SPP_CONFIG = "raccoon"
-SPP_CI_SETTINGS = (
-    "propose.max_side=400",
-    "extract.scales=[400]",
-    "finetune.fc_dim=512",
-    "finetune.lr=0.01",
-    "finetune.iterations=300",
-    "finetune.lr_steps=[200]",
-)
+SPP_CI_SETTINGS = ()
 RUN_SECONDS_FILE = "bench_run_seconds.json"  # in the spp run dir: its measured `run` wall time
 DEFAULT_RUN_DIR = REPO / "runs/bench_vs_faster_rcnn/spp"
 DEFAULT_OUT = REPO / "runs/bench_vs_faster_rcnn.json"

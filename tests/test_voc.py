@@ -254,6 +254,14 @@ def test_a_coordinate_that_is_not_a_finite_number_is_refused(tmp_path, value):
         read_split(root, "trainval", CLASSES)
 
 
+def test_a_difficult_flag_of_nan_is_not_difficult(tmp_path):
+    """<difficult>nan</difficult> read as difficult (nan != 0), hiding the box from the AP."""
+    objects = obj("cat", (1, 1, 30, 40), difficult="nan") + obj("dog", (1, 1, 9, 9), difficult="1")
+    root = make_voc(tmp_path / "voc", {"a": xml(objects)})
+    (record,) = read_split(root, "trainval", CLASSES)
+    assert record.difficult.tolist() == [False, True]
+
+
 def test_a_size_of_inf_is_no_size(tmp_path, caplog):
     """<size> with inf (OverflowError in int()) was a traceback; it is unusable, like text."""
     text = xml(obj("cat", (1, 1, 30, 40))).replace("<width>80</width>", "<width>inf</width>")

@@ -127,14 +127,16 @@ def _read_bndbox(obj: ET.Element, xml_path: Path, index: int) -> list[float]:
 
 
 def _read_flag(text: str | None) -> bool:
-    """``<difficult>`` as a bool; absent or empty means 0, as in the VOC devkit."""
+    """``<difficult>`` as a bool; absent or empty means 0, as in the VOC devkit, and so does
+    text that is no finite number (``nan`` would otherwise compare unequal to 0)."""
     text = (text or "").strip().lower()
     if text in ("true", "yes"):
         return True
     try:
-        return float(text) != 0
+        value = float(text)
     except ValueError:
         return False
+    return math.isfinite(value) and value != 0
 
 
 def _read_size(root: ET.Element) -> tuple[int, int] | None:
