@@ -1,4 +1,5 @@
-"""Atomic saving and strict loading of artefacts, and the manifests that close each stage.
+"""Atomic saving and strict loading of artefacts (the manifests that close each stage are
+``stages/manifests.py``'s, their digests ``stages/provenance.py``'s).
 
 Every write goes to a temporary file in the same folder and is moved into place with
 ``os.replace``, so a killed process never leaves a file that looks complete. Arrays are ``.npz``
