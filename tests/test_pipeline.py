@@ -278,14 +278,20 @@ def test_changed_config_refuses_stale_artefacts(toy_run):
     assert "different config" in result.output
 
 
+# The demo measured 95.6 with 2 torch threads and 92.8 with 1 (BENCHMARKS.md): the thread count
+# changes the order of float sums, and 600 SGD iterations grow that into another model. The
+# floor leaves that spread room; random conv weights (83-89 before the pretrained trunk) fail it.
+DEMO_MAP_FLOOR = 0.90
+
+
 @pytest.mark.slow
 def test_demo_reaches_toy_map(tmp_path, monkeypatch):
-    """The README's main job: `spp-detect demo` on the CPU reaches toy mAP >= 0.8."""
+    """The README's main job: `spp-detect demo` on the CPU reaches its toy mAP floor."""
     monkeypatch.chdir(tmp_path)
     result = invoke("demo", "--workers", "2", "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "runs/toy/eval/test.json").read_text())
-    assert report["mAP"] >= 0.8, report
+    assert report["mAP"] >= DEMO_MAP_FLOOR, report
     assert len(list((tmp_path / "runs/toy/demo").glob("*.png"))) >= 1
 
 
