@@ -3,12 +3,12 @@
 Shapes: R windows (proposals) of an image, U distinct windows (same conv5 cells at the same
 scale), D pooled dim, F fc width, K classes, S scales.
 
-What lives here: the common command-line options; raccoon loading; proposals of exactly R
-windows per image; the package's ``Detector`` with random weights of the paper's sizes (fc6/fc7
-of width 4,096, K = 20 SVMs and box regressors) and live ``FeatureSource``s on a random trunk;
-the test path of ``stages/test.py`` (``Detector.detect``) timed in parts by timing the
-package's own calls; a stopwatch (device-synchronised), warm-up and medians; conv FLOP counts;
-markdown tables and the machine header.
+What lives here: the common command-line options; raccoon loading; proposals of exactly R windows
+per image; the package's ``TrainedDetector`` with random weights of the paper's sizes (fc6/fc7 of
+width 4,096, K = 20 SVMs and box regressors) and live ``FeatureSource``s on a random trunk; the test
+path of ``stages/test.py`` (``TrainedDetector.detect``) timed in parts by timing the package's own
+calls; a stopwatch (device-synchronised), warm-up and medians; conv FLOP counts; markdown tables and
+the machine header.
 """
 
 from __future__ import annotations
@@ -31,18 +31,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.backbones import BACKBONES, Backbone, build_backbone, output_hw
-from spp_detect.bbox_reg import BoxRegressors
 from spp_detect.config import PAPER_SCALES, SppConfig, TestConfig
-from spp_detect.detector import DetectionSettings, Detector
-from spp_detect.features import FeatureSource, PoolGeometry, resolve_device
-from spp_detect.head import Head, init_random
-from spp_detect.inference import detect_image
-from spp_detect.proposals import propose_image
+from spp_detect.data.proposals import propose_image
+from spp_detect.data.voc import read_split
+from spp_detect.models.backbones import BACKBONES, Backbone, output_hw
+from spp_detect.models.detector import DetectionSettings, TrainedDetector
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import Head, init_random
+from spp_detect.models.inference import detect_image
+from spp_detect.models.linear import BoxRegressors, SvmModel
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry
+from spp_detect.runtime.device import resolve_device
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmModel
 from spp_detect.testing import random_boxes
-from spp_detect.voc import read_split
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared/datasets/raccoon"
@@ -276,7 +278,7 @@ def make_proposals(image: np.ndarray, count: int, source: str, seed: int) -> tup
 
 def load_images(args: argparse.Namespace, count: int | None = None) -> list[BenchImage]:
     """The first ``count`` (default warm-up + timed) images of the split, with proposals."""
-    from spp_detect.features import read_record_image
+    from spp_detect.models.features import read_record_image
 
     count = args.warmup + args.images if count is None else count
     records = read_split(args.root, args.split, tuple(args.classes.split(",")))
@@ -307,12 +309,12 @@ def describe_images(images: Sequence[BenchImage], warmup: int) -> str:
 
 @dataclass
 class Bench:
-    """The package's Detector (random head, SVMs and regressors of the paper's sizes) and the
+    """The package's TrainedDetector (random head, SVMs and regressors of the paper's sizes) and the
     random conv trunk of its live FeatureSources (trunk and fc6/fc7 in ``precision``)."""
 
     backbone: Backbone
     geometry: PoolGeometry
-    detector: Detector
+    detector: TrainedDetector
     device: torch.device
     precision: str = "fp32"
 
@@ -351,7 +353,7 @@ def build_bench(args: argparse.Namespace, device: torch.device, precision: str =
     svms = SvmModel(np.zeros((k, args.fc_dim), np.float32), np.zeros(k, np.float32))
     head = random_head(in_dim, args.fc_dim, k, device)
     settings = detection_settings(precision)
-    detector = Detector(head, svms, BoxRegressors.identity(k, in_dim), settings, device)
+    detector = TrainedDetector(head, svms, BoxRegressors.identity(k, in_dim), settings, device)
     return Bench(backbone, geometry, detector, device, precision)
 
 
@@ -380,12 +382,12 @@ def calibrated_regressors(pooled: Tensor, num_classes: int) -> BoxRegressors:
 
 def calibrated_detector(
     head: Head, pooled: Tensor, fc7: Tensor, num_classes: int, pass_fraction: float, precision
-) -> Detector:
-    """A Detector of ``head`` with SVMs and regressors calibrated on one image's pool5 (U, D)
+) -> TrainedDetector:
+    """A TrainedDetector of ``head`` with SVMs and regressors calibrated on one image's pool5 (U, D)
     and fc7 (U, F)."""
     svms = calibrated_svms(fc7, num_classes, pass_fraction)
     regressors = calibrated_regressors(pooled, num_classes)
-    return Detector(head, svms, regressors, detection_settings(precision), pooled.device)
+    return TrainedDetector(head, svms, regressors, detection_settings(precision), pooled.device)
 
 
 def compressed(bench: Bench, compression: str) -> Bench:
@@ -395,7 +397,8 @@ def compressed(bench: Bench, compression: str) -> Bench:
     svms = SvmModel(detector.svm_weight.T.cpu().numpy().copy(), detector.svm_bias.cpu().numpy())
     settings = replace(detector.settings, fc_compression=compression)
     return replace(
-        bench, detector=Detector(detector.head, svms, detector.regressors, settings, bench.device)
+        bench,
+        detector=TrainedDetector(detector.head, svms, detector.regressors, settings, bench.device),
     )
 
 
@@ -422,13 +425,13 @@ def timed_maps(bench: Bench, source: FeatureSource, record: ImageRecord, watch: 
 
 
 def timed_window_features(
-    detector: Detector,
+    detector: TrainedDetector,
     source: FeatureSource,
     record: ImageRecord,
     boxes: np.ndarray,
     watch: Stopwatch,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``Detector.window_features``: pool5 (U, D), fc7 (U, F), each window's row (R,).
+    """``TrainedDetector.window_features``: pool5 (U, D), fc7 (U, F), each window's row (R,).
 
     Parts: "pooling" (its ``FeatureSource.pool`` call), "fc6/fc7" (its ``fc7_features``
     calls, compressed or not) and the rest, "projection + dedup" (scale choice, conv5 window
@@ -440,7 +443,7 @@ def timed_window_features(
 
 
 def timed_detections(
-    detector: Detector,
+    detector: TrainedDetector,
     pooled: Tensor,
     fc7: Tensor,
     inverse: Tensor,
@@ -448,10 +451,11 @@ def timed_detections(
     image_hw: tuple[int, int],
     watch: Stopwatch,
 ) -> dict[str, int]:
-    """The rest of ``Detector.detect``, from pool5 (U, D), fc7 (U, F) and the rows (R,):
-    "SVM scores" (``Detector.class_scores``), then ``inference.detect_image``: "regression" (of
-    the kept windows from their pool5, as ``Detector.detect`` passes it) and the rest, "NMS +
-    top-k, clip + NMS". Returns counts: windows passing the threshold, kept, final detections."""
+    """The rest of ``TrainedDetector.detect``, from pool5 (U, D), fc7 (U, F) and the rows (R,):
+    "SVM scores" (``TrainedDetector.class_scores``), then ``inference.detect_image``: "regression"
+    (of the kept windows from their pool5, as ``TrainedDetector.detect`` passes it) and the rest,
+    "NMS + top-k, clip + NMS". Returns counts: windows passing the threshold, kept, final
+    detections."""
     with watch.part("SVM scores"):
         scores = detector.class_scores(fc7)[inverse]
     kept = []
@@ -476,7 +480,7 @@ def timed_detections(
 def spp_test_image(
     bench: Bench, item: BenchImage, scales: Sequence[int]
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """Seconds per part of one image's test path (``Detector.detect`` on a fresh live source,
+    """Seconds per part of one image's test path (``TrainedDetector.detect`` on a fresh live source,
     maps included), and counts (windows, distinct, passing, kept, detections)."""
     watch = Stopwatch(bench.device)
     source, detector, record, boxes = bench.source(scales), bench.detector, item.record, item.boxes
@@ -518,7 +522,7 @@ def fc_gflop(rows: int, in_dim: int, fc_dim: int) -> float:
 
 
 def spp_conv_gflop(backbone: Backbone, image_hw: tuple[int, int], scales: Sequence[int]) -> float:
-    from spp_detect.image import resized_hw
+    from spp_detect.data.image import resized_hw
 
     return sum(conv_gflop(backbone.features, resized_hw(image_hw, s)) for s in scales)
 

@@ -1,7 +1,7 @@
 """End-to-end fine-tuning: seconds per SGD iteration and peak memory, per scale and first
 trainable layer (docs/method.md#conv-fine-tuning).
 
-Each setting runs a few iterations of the package's own step (``conv_training.end_to_end_step``:
+Each setting runs a few iterations of the package's own step (``finetune_conv.end_to_end_step``:
 2 images × 64 windows through the trainable conv layers, the pyramid and the paper-size head)
 in a fresh process, so its peak RSS (and, on a GPU, peak allocated memory) is its own. Windows
 are gt boxes plus proposal-like random boxes (``spp_detect.testing.random_boxes``).
@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from _bench_common import DEFAULT_ROOT, machine_header, markdown_table
 
-from spp_detect import conv_training, training
-from spp_detect.backbones import build_backbone, conv_layer_index
-from spp_detect.features import PoolGeometry, resolve_device
-from spp_detect.sampling import build_window_pool
+from spp_detect.data.voc import read_split
+from spp_detect.models.backbones import conv_layer_index
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry
+from spp_detect.runtime.device import resolve_device
 from spp_detect.testing import random_boxes
-from spp_detect.voc import read_split
+from spp_detect.train import finetune, finetune_conv
+from spp_detect.train.sampling import build_window_pool
 
 LEVELS = (6, 3, 2, 1)  # docs/method.md#spatial-pyramid-pooling
 OFFSET, TARGET = 6.5, 224.0  # docs/method.md#projection, #scale-selection
@@ -75,17 +77,17 @@ def _measure(args: argparse.Namespace, scale: int, layer: str) -> dict:
                              flip=True)  # fmt: skip
     trunk = build_backbone(args.backbone, "none").to(device)
     first = conv_layer_index(trunk, layer)
-    conv_training.freeze_below(trunk, first)
+    finetune_conv.freeze_below(trunk, first)
     geometry = PoolGeometry(trunk.stride, trunk.offset0, OFFSET, LEVELS, TARGET)
-    images = conv_training.TrainingImages.from_pool(records, pool, geometry)
-    sampling = conv_training.ImageSampling(2, (scale,), args.max_long_side)
-    model = conv_training.EndToEnd(trunk, first, images, sampling, device)
-    schedule = training.SgdSchedule(args.iterations + 1, 128, 0.25, 1e-3, (), 0.9, 5e-4, 0, 10**9,
+    images = finetune_conv.TrainingImages.from_pool(records, pool, geometry)
+    sampling = finetune_conv.ImageSampling(2, (scale,), args.max_long_side)
+    model = finetune_conv.EndToEnd(trunk, first, images, sampling, device)
+    schedule = finetune.SgdSchedule(args.iterations + 1, 128, 0.25, 1e-3, (), 0.9, 5e-4, 0, 10**9,
                                     10**9)  # fmt: skip
-    shape = training.HeadShape(trunk.channels, LEVELS, args.fc_dim, pool.num_classes, 0.5)
-    trainer = training.new_trainer(shape, schedule, None, {}, device, trunk=trunk)
-    conv_training.add_trunk_to_optimizer(trainer.optimizer, trunk, first, 1.0)
-    step = conv_training.end_to_end_step(trainer, model, schedule)
+    shape = finetune.HeadShape(trunk.channels, LEVELS, args.fc_dim, pool.num_classes, 0.5)
+    trainer = finetune.new_trainer(shape, schedule, None, {}, device, trunk=trunk)
+    finetune_conv.add_trunk_to_optimizer(trainer.optimizer, trunk, first, 1.0)
+    step = finetune_conv.end_to_end_step(trainer, model, schedule)
     step(0)  # warm-up
     _synchronize(device)
     started = time.perf_counter()

@@ -34,18 +34,12 @@ import numpy as np
 import torch
 from _bench_common import add_scale_options, scale_list, write_json
 
-from spp_detect.artifacts import save_npz
-from spp_detect.backbones import build_backbone
-from spp_detect.features import (
-    FeatureSource,
-    PoolGeometry,
-    cache_arrays,
-    compute_maps,
-    prefetching,
-    resolve_device,
-)
-from spp_detect.image import read_image
-from spp_detect.spp import pool_engine, pool_windows, select_scale, window_cells
+from spp_detect.data.image import read_image
+from spp_detect.models.features import FeatureSource, cache_arrays, compute_maps, prefetching
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry, pool_engine, pool_windows, select_scale, window_cells
+from spp_detect.runtime.artifacts import save_npz
+from spp_detect.runtime.device import resolve_device
 from spp_detect.structures import ImageRecord
 from spp_detect.testing import random_boxes, reference_pool
 
@@ -182,7 +176,8 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     rng = np.random.default_rng(0)
     boxes = random_boxes(rng, windows, image_hw, min_side=MIN_SIDE)
     index = select_scale(boxes, image_hw, scales)
-    args = (boxes, image_hw, scales, index, stride, offset0, OFFSET, LEVELS)
+    geometry = PoolGeometry(stride, offset0, OFFSET, LEVELS, 224.0)
+    args = (boxes, image_hw, scales, index, geometry)
     times, pooled = time_pool(maps, args, repeats)
     result = {
         "engine": pool_engine(maps[0], LEVELS),  # what "auto" takes here
@@ -199,8 +194,7 @@ def bench_pool(maps, image_hw, scales, stride, offset0, windows, repeats, refere
     half_times, from_half = time_pool(half_maps, args, repeats, out_dtype=torch.float32)
     assert torch.equal(from_half, pool_windows([m.float() for m in half_maps], *args)[0])
     result["float16_maps_s"] = min(half_times)
-    cells = window_cells(boxes, image_hw, scales, index, [m.shape[1:] for m in maps], stride,
-                         offset0, OFFSET)  # fmt: skip
+    cells = window_cells(boxes, image_hw, scales, index, [m.shape[1:] for m in maps], geometry)
     subset = slice(0, reference_windows)
     started = time.perf_counter()
     expected = np.concatenate([

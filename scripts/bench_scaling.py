@@ -53,11 +53,11 @@ from _bench_common import (
 )
 
 from spp_detect.config import PAPER_SCALES
-from spp_detect.features import FeatureSource
-from spp_detect.image import resized_hw
+from spp_detect.data.image import resized_hw
+from spp_detect.data.voc import read_split
+from spp_detect.models.features import FeatureSource
+from spp_detect.runtime.workers import run_jobs
 from spp_detect.stages.propose import ProposalJob, compute_proposals
-from spp_detect.voc import read_split
-from spp_detect.workers import run_jobs
 
 PROPOSAL_COUNTS = (250, 500, 1000, 2000, 4000)
 # Scale subsets for S = 1 … 5: the 1-scale setting (688) and its neighbours added in turn.

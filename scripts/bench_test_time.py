@@ -52,8 +52,8 @@ from _bench_common import (
     write_json,
 )
 
-from spp_detect.features import FeatureSource
-from spp_detect.precision import AUTOCAST_DTYPES
+from spp_detect.models.features import FeatureSource
+from spp_detect.runtime.device import AUTOCAST_DTYPES
 
 POOLING_TARGET = 0.05  # issue 8: pooling at most 5% of the per-image test time (CPU)
 FC_TARGET = 0.5  # issue 8: fc stage at least 50% of torch's matmul throughput

@@ -88,23 +88,24 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from spp_detect.api import Detector
-from spp_detect.backbones import Backbone, build_backbone
 from spp_detect.config import Config, load_config
-from spp_detect.image import (
+from spp_detect.data.image import (
     LITE_PIXEL_MEAN,
     LITE_PIXEL_STD,
     image_to_tensor,
     read_image,
     resize_short_side,
 )
-from spp_detect.proposals import propose_image
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import split_records
+from spp_detect.data.proposals import propose_image
+from spp_detect.evaluation.voc_eval import evaluate_all_classes, summarize
+from spp_detect.models.backbones import Backbone
+from spp_detect.models.weights import build_backbone
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import split_records
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
-from spp_detect.voc_eval import evaluate_all_classes, summarize
 
 TRUNK = "efficientnet_lite0"  # extract.backbone's default (spp_detect/config.py)
-TRUNK_WEIGHTS = "imagenet"  # the packaged ImageNet weights (backbones.PACKAGED_WEIGHTS)
+TRUNK_WEIGHTS = "imagenet"  # the packaged ImageNet weights (weights.PACKAGED_WEIGHTS)
 # Standard Faster R-CNN anchors on one map (torchvision's AnchorGenerator defaults, py-faster-rcnn)
 ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
 ASPECT_RATIOS = ((0.5, 1.0, 2.0),)

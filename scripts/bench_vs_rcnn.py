@@ -7,8 +7,8 @@ normalised and run through the conv trunk in batches; its conv5 map (13×13 for 
 trunks: the pyramid (6, 3, 2, 1) over the whole map, 12,800 and 5,600 dims; alexnet:
 torchvision's 3×3/2 max-pool + 6×6 average pool, 9,216 dims), then fc6/fc7,
 K SVMs, NMS, regression, clip + NMS (the package's ``inference.detect_image``). SPP: the
-package's ``Detector.detect`` on a live ``FeatureSource`` (conv once per scale, pooling of the
-distinct windows), timed in parts as in bench_test_time.py, at 1 scale (688) and 5 scales.
+package's ``TrainedDetector.detect`` on a live ``FeatureSource`` (conv once per scale, pooling of
+the distinct windows), timed in parts as in bench_test_time.py, at 1 scale (688) and 5 scales.
 Extra rows ``SPP 1 scale, svd`` / ``int8`` run the same models with fc6/fc7 compressed
 (``test.fc_compression``; their GFLOP columns count the uncompressed layers).
 
@@ -69,9 +69,9 @@ from _bench_common import (
 )
 from torch import Tensor, nn
 
-from spp_detect.detector import Detector
-from spp_detect.image import image_to_tensor
-from spp_detect.spp import spatial_pyramid_pool
+from spp_detect.data.image import image_to_tensor
+from spp_detect.models.detector import TrainedDetector
+from spp_detect.ops.spp import spatial_pyramid_pool
 
 RCNN_INPUT = 224  # warped window side: the classification input of zf5 / torchvision trunks
 # The paper's GPU seconds per image (Tables 9-10, docs/method.md#paper-figures-to-compare-with):
@@ -157,7 +157,7 @@ def rcnn_windows_pooled(
 
 
 def rcnn_test_image(
-    spp: Bench, rcnn: Detector, pool, item: BenchImage, measured: int, batch: int
+    spp: Bench, rcnn: TrainedDetector, pool, item: BenchImage, measured: int, batch: int
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds per part for all R windows (the per-window parts extrapolated from ``measured``)."""
     watch = Stopwatch(spp.device)
@@ -176,9 +176,9 @@ def rcnn_test_image(
     return watch.seconds, counts
 
 
-def rcnn_detector(spp: Bench, pool, item: BenchImage, args) -> Detector:
+def rcnn_detector(spp: Bench, pool, item: BenchImage, args) -> TrainedDetector:
     """R-CNN's head (fc6 of the classifier's input width), SVMs and regressors, calibrated on
-    one image's windows like the SPP ones, in a package Detector."""
+    one image's windows like the SPP ones, in a package TrainedDetector."""
     with torch.inference_mode():
         sample = rcnn_windows_pooled(
             spp, pool, item.image, item.boxes[: args.rcnn_batch], args.rcnn_batch,

@@ -10,7 +10,7 @@ Steps, each under its own time limit, together sized to finish in under 6 minute
 
 1. the environment: GPU, torch, torchvision, OpenCV (and whether it has ximgproc), numpy;
 2. ``pytest -m cuda`` (tests/test_cuda.py: every stage on the toy set on cuda, CPU against GPU,
-   the out-of-memory fallback, bf16);
+   the out-of-memory fallback, bf16; and the op-level tests' CUDA cases, ``testing.cpu_and_cuda``);
 3. ``bench_test_time.py`` at 1 and 5 scales, 2,000 windows per image: zf5 in fp32 and bf16,
    efficientnet_lite0 (the default trunk) in fp32;
 4. ``bench_vs_rcnn.py``, SPP against R-CNN on the same trunk, zf5 and efficientnet_lite0;
@@ -147,7 +147,7 @@ def steps(sizes: Sizes, root: Path, work: Path, device: str, gpu: bool) -> list[
     junit = work / "pytest.xml"
     pytest = [python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     found = [
-        Step("pytest -m cuda", "tests/test_cuda.py", [*pytest, f"--junitxml={junit}"],
+        Step("pytest -m cuda", "tests -m cuda", [*pytest, f"--junitxml={junit}"],
              sizes.timeouts["pytest"], junit, pytest_rows),
     ]  # fmt: skip
     # the paper's trunk in fp32 and bf16, and the default trunk (its weights do not change
@@ -192,7 +192,7 @@ def pytest_rows(junit: Path) -> list[tuple[str, str]]:
             counts[key] += int(suite.get(key, 0))
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return [(
-        "tests/test_cuda.py",
+        "tests -m cuda",
         f"{passed} passed, {counts['failures'] + counts['errors']} failed, "
         f"{counts['skipped']} skipped",
     )]  # fmt: skip
@@ -305,7 +305,7 @@ def main() -> int:
 
     import torch
 
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     gpu = torch.cuda.is_available() and not args.dry_run
     sizes = GPU if gpu else DRY

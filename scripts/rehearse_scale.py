@@ -189,21 +189,22 @@ def install_synthetic_trunk(channels: int) -> None:
     import torch
     from torch import nn
 
-    from spp_detect import backbones
+    from spp_detect.models import backbones, weights
 
     backbones.BACKBONES = (*backbones.BACKBONES, SYNTHETIC)
     backbones.DEFAULT_NORMALIZATION[SYNTHETIC] = "imagenet"
-    original = backbones._random_trunk
+    original = backbones.random_trunk
 
-    def random_trunk(name: str):
+    def random_trunk(name: str, last_stage: str = ""):
         if name != SYNTHETIC:
-            return original(name)
+            return original(name, last_stage)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbones.RANDOM_INIT_SEED)
             features = nn.Sequential(nn.Conv2d(3, channels, 16, stride=16), nn.ReLU())
         return backbones.Backbone(SYNTHETIC, features, "imagenet")
 
-    backbones._random_trunk = random_trunk
+    # weights.build_backbone builds the trunk it loads weights into
+    backbones.random_trunk = weights.random_trunk = random_trunk
 
 
 def child_main(channels: int, argv: list[str]) -> None:

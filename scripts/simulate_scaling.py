@@ -32,7 +32,7 @@ MINE_GPU_S = 0.0095  # pooling 2-6 ms + fc6/fc7 of 2,000 windows 4-7 ms
 BBOX_GPU_S = 0.003  # ASSUMED: pool5 of an image's positive windows only
 
 # Fine-tuning (config defaults): 90,000 iterations of 128 windows, blocks of 327 iterations
-# (training.block_size at D = 12,800), each block's 41,856 windows spread over the split
+# (finetune.block_size at D = 12,800), each block's 41,856 windows spread over the split
 ITERATIONS, BLOCK_ITERATIONS, BATCH = 90_000, 327, 128
 STEP_GPU_S = 0.0013  # 53 GFLOP forward + backward of fc6/fc7/cls at ~40 TFLOP/s (fp32)
 HEAD_PARAMS = 12_800 * 4_096 + 4_096 * 4_096 + 4_096 * 21  # gradients all-reduced per step
@@ -122,7 +122,7 @@ def measure_svm_solve(positives: int = 500, negatives: tuple[int, ...] = (5000, 
 
     import numpy as np
 
-    from spp_detect.svm import SvmParams, train_linear_svm
+    from spp_detect.train.svm import SvmParams, train_linear_svm
 
     rng = np.random.default_rng(0)
     dim = 4096

@@ -4,7 +4,7 @@
 use: proposal worker processes import this package and should not pay for torch.
 """
 
-__version__ = "0.1.0"
+from spp_detect._version import __version__
 
 __all__ = ["Detection", "Detector", "__version__"]
 

@@ -7,7 +7,7 @@
         print(found.label, found.score, found.box)
     fc7 = detector.features("photo.jpg", boxes, layer="fc7")   # (R, F) float32
 
-Detection is exactly `spp-detect test`'s (``detector.Detector``: the same object, the same
+Detection is exactly `spp-detect test`'s (``detector.TrainedDetector``: the same object, the same
 code), on conv5 maps computed on the fly in float32 where `test` reads them from the float16
 cache. `spp-detect detect` is this object applied to files. Boxes are continuous pixel XYXY
 (x2, y2 exclusive; docs/method.md#conventions-and-box-format).
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from spp_detect.config import Config, load_config
-from spp_detect.detector import Detector as CoreDetector
+from spp_detect.data.image import read_image
+from spp_detect.data.proposals import propose_image
 from spp_detect.errors import UserError
-from spp_detect.features import FeatureSource
-from spp_detect.image import read_image
-from spp_detect.proposals import propose_image
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import build_detector, live_feature_source, proposal_params
+from spp_detect.models.detector import TrainedDetector
+from spp_detect.models.features import FeatureSource
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.builders import build_detector, live_feature_source, proposal_params
 from spp_detect.structures import ImageDetections, ImageRecord
 
 LAYERS = ("pool5", "fc7")
@@ -52,7 +52,7 @@ class Detector:
 
     def __init__(
         self,
-        core: CoreDetector,
+        core: TrainedDetector,
         source: FeatureSource,
         proposal_settings: dict,
         class_names: Sequence[str],
@@ -75,7 +75,7 @@ class Detector:
     @classmethod
     def from_config(cls, config: Config, run_dir: RunDir, device: str) -> Detector:
         """The trained models of ``run_dir``, checked against ``config`` (but for the training
-        data, which a trained run may travel without: ``stages.common.check_trained_on``)."""
+        data, which a trained run may travel without: ``stages.manifests.check_trained_on``)."""
         core = build_detector(config, run_dir, device, check_data=False)
         source = live_feature_source(config, run_dir, device)
         return cls(core, source, proposal_params(config.propose), config.data.classes)

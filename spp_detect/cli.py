@@ -20,13 +20,13 @@ from typing import Any
 
 import click
 
-from spp_detect import __version__
-from spp_detect.artifacts import is_write_error, write_error
+from spp_detect._version import __version__
 from spp_detect.config import EVAL_METRICS, Config, load_config
-from spp_detect.distributed import Dist, RankStopped, from_env, rank_device, start, stop
 from spp_detect.errors import UserError
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import StageContext
+from spp_detect.runtime.artifacts import is_write_error, write_error
+from spp_detect.runtime.distributed import Dist, RankStopped, from_env, start, stop
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import StageContext
 
 logger = logging.getLogger(__name__)
 # click's complaint about a word no option takes: `--set a=1 b=2` leaves "b=2" over
@@ -113,12 +113,6 @@ def require_torchvision() -> None:
         ) from None
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def stage_options(
     func: Callable[..., Any] | None = None,
     *,
@@ -191,12 +185,12 @@ def stage_options(
         # 1. The config first, before torch loads: a typo is reported at once.
         if run_dir:
             check_folder_option(Path(run_dir), "--run-dir")
-        saved = Path(run_dir or "", "config.yaml")
         explicit = config_path
         if config_path is None:
-            config_path = saved if run_dir and saved.is_file() else default_config
+            saved = RunDir(run_dir).config_path if run_dir else None
+            config_path = saved if saved and saved.is_file() else default_config
         config = load_config(config_path, overrides)
-        root = Path(run_dir) if run_dir else Path("runs") / config.name
+        root = RunDir.of(run_dir, config.name).root
         click.get_current_context().meta[HINT_OPTIONS] = hint_options(explicit, root, overrides)
         if config_path is None and not run_dir:
             logger.info(
@@ -205,7 +199,7 @@ def stage_options(
             )  # fmt: skip
         # 2. torch and the device: a bad or absent device stops here, before any work.
         require_torchvision()
-        from spp_detect.features import resolve_device
+        from spp_detect.runtime.device import default_device, rank_device, resolve_device
 
         device = rank_device(dist, device or default_device())
         resolve_device(device)
@@ -345,7 +339,7 @@ def cli() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def make_toy(out: str, num_train: int, num_test: int, seed: int) -> None:
     """Write the deterministic toy dataset (VOC layout) to OUT."""
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     summary = make_toy_dataset(Path(out), num_train=num_train, num_test=num_test, seed=seed)
     click.echo(summary)
@@ -369,7 +363,7 @@ def convert_weights(
     model: str, backbone: str, out: str, mean: str | None, mean_file: str | None
 ) -> None:
     """Convert a Caffe MODEL (.caffemodel) into a weights file for extract.weights."""
-    from spp_detect.caffe import convert_caffemodel
+    from spp_detect.models.caffe import convert_caffemodel
 
     mean_path = Path(mean_file) if mean_file else None
     click.echo(convert_caffemodel(Path(model), backbone, Path(out), mean, mean_path))
@@ -483,7 +477,7 @@ def eval_(
     ctx: StageContext, split: str | None, voc2007: bool, combine: str | None, metric: str | None
 ) -> None:
     """VOC AP (11-point and area) of a split's detections; runs test first when needed."""
-    from spp_detect.coco_eval import require_pycocotools
+    from spp_detect.evaluation.coco_eval import require_pycocotools
     from spp_detect.stages.eval import has_detections, run_eval
     from spp_detect.stages.test import run_test
 

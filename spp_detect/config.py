@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import types
@@ -46,7 +44,7 @@ SCORERS = ("svm", "softmax")  # test.scorer
 DATA_FORMATS = ("voc", "coco")  # data.format
 EVAL_METRICS = ("voc", "coco")  # eval.metric: coco adds the COCO figures to the VOC ones
 REGRESSORS = ("ridge", "head")  # test.regressor
-FC_COMPRESSIONS = ("none", "svd", "int8")  # test.fc_compression (spp_detect/head.py)
+FC_COMPRESSIONS = ("none", "svd", "int8")  # test.fc_compression (spp_detect/models/head.py)
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ class ExtractConfig:
     max_long_side: int = 0  # cap on the resized longer side, px; 0 = no cap
     flip: bool = False  # also cache horizontally flipped maps of training splits
     cache: str = "disk"  # disk: float16 conv5 .npz per image | none: compute maps on the fly
-    precision: str = "fp32"  # conv trunk: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
+    precision: str = "fp32"  # conv trunk: fp32 | bf16 | fp16 autocast (runtime/device.py)
     # images of the same size run through the trunk together, up to this many a pass (for GPUs;
     # 1: one image a pass, as before)
     batch_images: int = 1
@@ -203,7 +201,7 @@ class TestConfig:
     max_per_class: int = 100  # detections kept per class and image (released code)
     bbox_reg: bool = True  # apply the box regressors when trained (paper)
     batch_windows: int = 4096  # windows per fc6/fc7 batch
-    precision: str = "fp32"  # fc6/fc7: fp32 | bf16 | fp16 autocast (spp_detect/precision.py)
+    precision: str = "fp32"  # fc6/fc7: fp32 | bf16 | fp16 autocast (runtime/device.py)
     # svm: per-class SVMs on fc7 (paper) | softmax: the fine-tuned head's classifier (Fast R-CNN)
     scorer: str = "svm"
     softmax_thresh: float = 0.05  # softmax scorer: keep windows above this (Fast R-CNN test_net)
@@ -243,13 +241,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections; a stage records the sections it depends on."""
-        payload = json.dumps({s: _plain(getattr(self, s)) for s in sections}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
     def dump(self, path: str | Path) -> None:
-        from spp_detect.artifacts import atomic_write_text
+        from spp_detect.runtime.artifacts import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -301,7 +294,7 @@ def _classes_from_annotations(config: Config, given: bool) -> Config:
     categories of the training split's file (docs/coco.md#classes)."""
     if config.data.format != "coco" or given:
         return config
-    from spp_detect.coco import annotation_path, category_names
+    from spp_detect.data.coco import annotation_path, category_names
 
     data = config.data
     path = annotation_path(data.root, data.annotations, data.train_split)
@@ -642,10 +635,10 @@ def _relation_problems(config: Config) -> list[str]:
 
 def _check_choices(config: Config) -> None:
     """Names checked by the library modules that own them (each raises one UserError)."""
-    from spp_detect.backbones import check_backbone_name, check_conv_layer, check_last_stage
-    from spp_detect.features import check_extract_settings, check_levels
-    from spp_detect.precision import check_precision
-    from spp_detect.proposals import check_method
+    from spp_detect.data.proposals import check_method
+    from spp_detect.models.backbones import check_backbone_name, check_conv_layer, check_last_stage
+    from spp_detect.models.features import check_extract_settings, check_levels
+    from spp_detect.runtime.device import check_precision
 
     check_method(config.propose.method, config.propose.mode)
     extract = config.extract

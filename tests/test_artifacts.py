@@ -9,23 +9,25 @@ import pytest
 import torch
 
 from spp_detect import __version__
-from spp_detect.artifacts import (
-    MANIFEST,
+from spp_detect.errors import UserError
+from spp_detect.runtime.artifacts import (
     atomic_path,
     atomic_write_text,
-    clear_manifest,
-    folder_token,
     load_json,
     load_npz,
     load_torch,
-    read_manifest,
-    require_manifest,
     save_json,
     save_npz,
     save_torch,
+)
+from spp_detect.stages.manifests import (
+    MANIFEST,
+    clear_manifest,
+    read_manifest,
+    require_manifest,
     write_manifest,
 )
-from spp_detect.errors import UserError
+from spp_detect.stages.provenance import folder_token
 
 
 def test_atomic_path_success_leaves_only_target(tmp_path):
@@ -146,7 +148,7 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
     import os
     import stat
 
-    from spp_detect.artifacts import atomic_write_text
+    from spp_detect.runtime.artifacts import atomic_write_text
 
     path = tmp_path / "a.txt"
     atomic_write_text(path, "x")

@@ -10,25 +10,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_spp import zf5_fmap_side  # ZF-5 size arithmetic by hand (docs/method.md#conv-trunks)
 from torch import nn
 
-from spp_detect import backbones
-from spp_detect.backbones import (
-    LRN_BEFORE_POOL_KEY,
+from spp_detect.data.image import ILSVRC_2012_BGR_MEAN, caffe_bgr_mean, image_to_tensor
+from spp_detect.errors import UserError
+from spp_detect.models import backbones
+from spp_detect.models.backbones import (
     AcrossChannelLRN,
     WithinChannelLRN,
-    build_backbone,
     conv_layer_index,
-    load_classifier_state,
     lrn_before_pool,
     output_hw,
     receptive_center,
+)
+from spp_detect.models.weights import (
+    LRN_BEFORE_POOL_KEY,
+    build_backbone,
+    load_classifier_state,
     trunk_state,
 )
-from spp_detect.caffe import ILSVRC_2012_BGR_MEAN
-from spp_detect.errors import UserError
-from spp_detect.image import caffe_bgr_mean, image_to_tensor
+from spp_detect.testing import zf5_fmap_side  # conv5 size arithmetic by hand
 
 # caffenet's default pixels: BGR minus the ILSVRC 2012 mean, as float32 (a converted file's mean)
 CAFFENET_NORMALIZATION = "caffe_bgr:" + ",".join(

@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.artifacts import folder_token, remove_stale_temporaries
-from spp_detect.bbox_reg import (
-    BoxRegressors,
+from spp_detect.errors import UserError
+from spp_detect.models.linear import BoxRegressors
+from spp_detect.ops.boxes import decode_deltas, encode_deltas
+from spp_detect.runtime.artifacts import remove_stale_temporaries
+from spp_detect.stages.provenance import folder_token
+from spp_detect.testing import cpu_and_cuda, uniform_boxes
+from spp_detect.train.bbox_reg import (
     fit_box_regressor,
     fit_box_regressors,
     mean_iou_before_after,
@@ -17,14 +21,7 @@ from spp_detect.bbox_reg import (
     solve_in_place,
     whitening,
 )
-from spp_detect.boxes import decode_deltas, encode_deltas
-from spp_detect.errors import UserError
-from spp_detect.spill import ExampleSpill
-
-
-def random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:
-    corner = rng.uniform(0, 300, (count, 2))
-    return np.concatenate([corner, corner + rng.uniform(20, 150, (count, 2))], axis=1)
+from spp_detect.train.spill import ExampleSpill
 
 
 def linear_problem(seed: int, count: int, dim: int):
@@ -33,7 +30,7 @@ def linear_problem(seed: int, count: int, dim: int):
     features = rng.normal(0, 1, (count, dim)).astype(np.float32)
     weight = rng.normal(0, 0.05, (dim, 4))
     bias = np.array([0.05, -0.02, 0.1, -0.1])
-    proposals = random_boxes(rng, count)
+    proposals = uniform_boxes(rng, count, 300, (20, 150))
     gt_boxes = decode_deltas(proposals, features.astype(np.float64) @ weight + bias)
     return features, proposals, gt_boxes, weight, bias
 
@@ -76,7 +73,7 @@ def test_recovers_a_known_linear_map(count, dim):
 def test_folded_model_equals_the_unfolded_reference(count, dim):
     rng = np.random.default_rng(2)
     features = rng.normal(0, 3, (count, dim)).astype(np.float32)
-    proposals = random_boxes(rng, count)
+    proposals = uniform_boxes(rng, count, 300, (20, 150))
     gt_boxes = proposals + rng.normal(0, 8, (count, 4))  # noisy, not a linear map
     weight, bias = fit_box_regressor(features, proposals, gt_boxes, 4000.0, 1e-3)
     reference = reference_fit(features, proposals, gt_boxes, 4000.0, 1e-3)
@@ -162,7 +159,7 @@ def test_save_load_round_trip_and_bad_file(tmp_path):
 
 
 def test_regression_examples_take_windows_above_the_iou_and_their_best_gt():
-    from spp_detect.bbox_reg import regression_examples
+    from spp_detect.train.bbox_reg import regression_examples
 
     gt = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
     boxes = np.array(
@@ -217,7 +214,7 @@ def spill_of(tmp_path, features, proposals, gt_boxes, labels, num_classes, piece
 def test_fitting_from_a_spill_equals_fitting_in_memory(tmp_path, count, dim):
     rng = np.random.default_rng(9)
     features = rng.normal(0, 3, (count, dim)).astype(np.float16)
-    proposals = random_boxes(rng, count)
+    proposals = uniform_boxes(rng, count, 300, (20, 150))
     gt_boxes = proposals + rng.normal(0, 8, (count, 4))
     labels = rng.integers(0, 2, count) if count > dim else np.zeros(count, int)
     in_memory = [
@@ -254,7 +251,7 @@ def test_fitting_from_a_spill_equals_fitting_in_memory(tmp_path, count, dim):
 def test_spill_round_trips_and_removes_its_files(tmp_path):
     rng = np.random.default_rng(10)
     features = rng.normal(size=(25, 6)).astype(np.float16)
-    boxes = random_boxes(rng, 25).astype(np.float32)
+    boxes = uniform_boxes(rng, 25, 300, (20, 150)).astype(np.float32)
     labels = np.repeat([0, 2, 0], [10, 8, 7])
     (tmp_path / "regressors.npz").write_bytes(b"artefact")
     token = folder_token(tmp_path, "fingerprint")
@@ -298,7 +295,7 @@ def test_spill_files_go_on_an_error_and_after_a_killed_run(tmp_path):
 def test_a_full_disk_while_spilling_is_one_line_naming_the_file(tmp_path, monkeypatch):
     import errno
 
-    from spp_detect import spill as spill_module
+    from spp_detect.train import spill as spill_module
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -310,13 +307,12 @@ def test_a_full_disk_while_spilling_is_one_line_naming_the_file(tmp_path, monkey
         spill.append(1, np.ones((2, 3)), boxes, boxes)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_chunked_solve_on_cuda_equals_the_cpu():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_chunked_solve_on_the_device_equals_the_cpu(device):
     rng = np.random.default_rng(11)
     features = rng.normal(size=(90, 20)).astype(np.float16)
     targets = torch.from_numpy(rng.normal(size=(90, 4)))
     cpu = scaled_ridge_solve(features, targets, 5.0, 0.5, CHUNK)
-    cuda = scaled_ridge_solve(features, targets.cuda(), 5.0, 0.5, CHUNK)
-    assert cuda.is_cuda
-    torch.testing.assert_close(cuda.cpu(), cpu, rtol=CHUNK_TOLERANCE, atol=0)
+    solved = scaled_ridge_solve(features, targets.to(device), 5.0, 0.5, CHUNK)
+    assert solved.device.type == device
+    torch.testing.assert_close(solved.cpu(), cpu, rtol=CHUNK_TOLERANCE, atol=0)

@@ -4,20 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.boxes import (
+from spp_detect.ops.boxes import (
     MAX_LOG_SCALE,
     clip_boxes,
     decode_deltas,
     encode_deltas,
     flip_boxes,
 )
+from spp_detect.testing import cpu_and_cuda, uniform_boxes
 
-
-def random_boxes(count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    corner = rng.uniform(0, 400, (count, 2))
-    size = rng.uniform(10, 200, (count, 2))  # size ratios stay below the log cap
-    return np.concatenate([corner, corner + size], axis=1)
+CORNER_MAX, SIDES = 400, (10, 200)  # px; size ratios stay below the log cap
 
 
 def test_encode_hand_case():
@@ -37,13 +33,16 @@ def test_decode_hand_case():
 
 
 def test_zero_deltas_keep_the_box():
-    boxes = random_boxes(50, 0)
+    boxes = uniform_boxes(np.random.default_rng(0), 50, CORNER_MAX, SIDES)
     np.testing.assert_allclose(decode_deltas(boxes, np.zeros_like(boxes)), boxes, atol=1e-9)
 
 
 @pytest.mark.parametrize("to_kind", [np.asarray, torch.from_numpy])
 def test_decode_inverts_encode(to_kind):
-    proposals, gt = random_boxes(200, 1), random_boxes(200, 2)
+    proposals, gt = (
+        uniform_boxes(np.random.default_rng(1), 200, CORNER_MAX, SIDES),
+        uniform_boxes(np.random.default_rng(2), 200, CORNER_MAX, SIDES),
+    )
     deltas = encode_deltas(to_kind(proposals), to_kind(gt))
     assert type(deltas) is type(to_kind(proposals))
     decoded = decode_deltas(to_kind(proposals), deltas)
@@ -51,7 +50,7 @@ def test_decode_inverts_encode(to_kind):
 
 
 def test_float32_keeps_dtype():
-    proposals = random_boxes(10, 3).astype(np.float32)
+    proposals = uniform_boxes(np.random.default_rng(3), 10, CORNER_MAX, SIDES).astype(np.float32)
     deltas = encode_deltas(proposals, proposals + 1)
     assert deltas.dtype == np.float32
     assert decode_deltas(proposals, deltas).dtype == np.float32
@@ -74,11 +73,25 @@ def test_flip_hand_case_and_twice_is_identity():
     np.testing.assert_array_equal(flipped[:, 0] + 1, one_based_x1)
 
 
-def test_clip():
-    boxes = torch.tensor([[-5.0, -1.0, 120.0, 30.0], [10.0, 10.0, 20.0, 20.0]])
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_clip(device):
+    boxes = torch.tensor([[-5.0, -1.0, 120.0, 30.0], [10.0, 10.0, 20.0, 20.0]], device=device)
     clipped = clip_boxes(boxes, (25, 100))
-    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 100.0, 25.0], [10, 10, 20, 20]]))
-    assert clip_boxes(boxes.numpy(), (25, 100)).shape == (2, 4)
+    expected = torch.tensor([[0.0, 0.0, 100.0, 25.0], [10, 10, 20, 20]], device=device)
+    torch.testing.assert_close(clipped, expected)
+    assert clip_boxes(boxes.cpu().numpy(), (25, 100)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_clip_of_an_array_is_the_tensor_clip_bit_for_bit(dtype):
+    """Arrays are clipped without torch (the proposal workers do not load it), to the same
+    bits as a tensor: NaN and -0.0 pass unchanged, integers come back as float32."""
+    boxes = (np.random.default_rng(0).normal(size=(500, 4)) * 150).astype(dtype)
+    if dtype != np.int64:
+        boxes[0] = [-0.0, np.nan, np.inf, -np.inf]
+    from_array = clip_boxes(boxes, (100, 120))
+    from_tensor = clip_boxes(torch.from_numpy(boxes), (100, 120)).numpy()
+    assert from_array.dtype == from_tensor.dtype and from_array.tobytes() == from_tensor.tobytes()
 
 
 def test_empty_inputs():
@@ -92,7 +105,7 @@ def test_empty_inputs():
 def test_paired_iou_is_the_diagonal_of_box_iou():
     from torchvision.ops import box_iou
 
-    from spp_detect.boxes import paired_iou
+    from spp_detect.ops.boxes import paired_iou
 
     generator = torch.Generator().manual_seed(0)
     corner = torch.rand((200, 2), generator=generator) * 100

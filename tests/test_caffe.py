@@ -11,23 +11,32 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect import caffe
-from spp_detect.backbones import (
-    CAFFE_MEAN_KEY,
+from spp_detect.cli import cli
+from spp_detect.data.image import (
+    FAST_RCNN_PIXEL_MEANS,
+    ILSVRC_2012_BGR_MEAN,
+    caffe_bgr_mean,
+    caffe_bgr_normalization,
+    image_to_tensor,
+)
+from spp_detect.errors import UserError
+from spp_detect.models import caffe
+from spp_detect.models.backbones import (
     DEFAULT_NORMALIZATION,
-    LRN_BEFORE_POOL_KEY,
     ZF5_LRN_ALPHA,
     ZF5_LRN_BETA,
     ZF5_LRN_SIZE,
-    build_backbone,
     conv_layout,
+)
+from spp_detect.models.backbones import lrn_before_pool as lrn_before_pool_of
+from spp_detect.models.weights import (
+    CAFFE_MEAN_KEY,
+    LRN_BEFORE_POOL_KEY,
+    build_backbone,
     load_classifier_state,
     trunk_state,
 )
-from spp_detect.backbones import lrn_before_pool as lrn_before_pool_of
-from spp_detect.cli import cli
-from spp_detect.errors import UserError
-from spp_detect.image import caffe_bgr_mean, caffe_bgr_normalization, image_to_tensor
+from spp_detect.testing import assert_one_line_error
 
 FC_WIDTH = 16  # a narrow fc6/fc7 keeps the files small; the converter takes any width
 
@@ -154,16 +163,6 @@ def convert(args: list[str]):
     return CliRunner().invoke(cli, ["convert-weights", *args])
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
-        result.output
-    )
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 # ---------------------------------------------------------------- round trip
 
 
@@ -205,7 +204,7 @@ def test_alexnet_keeps_the_caffe_pixel_mean(tmp_path):
             trunk.state_dict()[f"{prefix}.weight"], torch.from_numpy(layers[layer][0])
         )
     # BGR 0–255 minus py-faster-rcnn's mean, not torchvision's ImageNet normalisation
-    expected = tuple(float(np.float32(v)) for v in caffe.FAST_RCNN_PIXEL_MEANS)
+    expected = tuple(float(np.float32(v)) for v in FAST_RCNN_PIXEL_MEANS)
     assert caffe_bgr_mean(trunk.normalization) == expected
     image = np.zeros((2, 2, 3), np.uint8)
     image[..., 0], image[..., 1], image[..., 2] = 10, 20, 200  # R, G, B
@@ -257,7 +256,7 @@ def test_caffenet_round_trip_records_the_order(tmp_path, v1, lrn_before_pool):
     # the converted mean is the trunk's default pixels (float32 ILSVRC 2012 means)
     assert trunk.normalization == DEFAULT_NORMALIZATION["caffenet"]
     assert caffe_bgr_mean(trunk.normalization) == tuple(
-        float(np.float32(v)) for v in caffe.ILSVRC_2012_BGR_MEAN
+        float(np.float32(v)) for v in ILSVRC_2012_BGR_MEAN
     )
     classifier = load_classifier_state("caffenet", str(out))
     assert classifier["fc6.weight"].shape == (FC_WIDTH, 256 * 6 * 6)  # pool5: 256 × 6 × 6
@@ -440,9 +439,11 @@ def test_caffenet_order_must_be_one_for_both_stages():
     conv3 = [caffe.CaffeLayer("conv3", "Convolution")]
     for lrn_first in (False, True):
         sequence = [*stage(1, lrn_first), *stage(2, lrn_first), *conv3]
-        assert caffe.lrn_before_pool(sequence, Path("m"), "caffenet") is lrn_first
+        assert caffe.model_lrn_before_pool(sequence, Path("m"), "caffenet") is lrn_first
     with pytest.raises(caffe._Mismatch, match="one order after conv1 and in the other"):
-        caffe.lrn_before_pool([*stage(1, True), *stage(2, False), *conv3], Path("m"), "caffenet")
+        caffe.model_lrn_before_pool(
+            [*stage(1, True), *stage(2, False), *conv3], Path("m"), "caffenet"
+        )
 
 
 def test_caffenet_order_needs_the_layers_without_weights(tmp_path):
@@ -494,15 +495,15 @@ def test_zf5_second_stage_is_checked_too(tmp_path):
     sequence = caffe.read_caffemodel(
         write_zf5(tmp_path / "zf5.caffemodel", known_layers("zf5"), v1=False)
     )[2]
-    assert caffe.lrn_before_pool(sequence, Path("m"), "zf5") is True
+    assert caffe.model_lrn_before_pool(sequence, Path("m"), "zf5") is True
     norm2 = next(i for i, layer in enumerate(sequence) if layer.name == "norm2")
     other = list(sequence)
     other[norm2] = caffe.CaffeLayer("norm2", "LRN", lrn=(3, 5e-5, 0.75, 1, 2.0))  # k 2
     with pytest.raises(caffe._Mismatch, match=r"layer norm2 is LRN WITHIN_CHANNEL .* k 2; the zf5"):
-        caffe.lrn_before_pool(other, Path("m"), "zf5")
+        caffe.model_lrn_before_pool(other, Path("m"), "zf5")
     del other[norm2]
     with pytest.raises(caffe._Mismatch, match=r"between conv2 and conv3 .* the file has pool2 "):
-        caffe.lrn_before_pool(other, Path("m"), "zf5")
+        caffe.model_lrn_before_pool(other, Path("m"), "zf5")
 
 
 def test_first_mismatching_layer_is_named(tmp_path):

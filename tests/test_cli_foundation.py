@@ -16,18 +16,14 @@ import pytest
 from click.testing import CliRunner
 
 from spp_detect import __version__
-from spp_detect.artifacts import MANIFEST, write_manifest
 from spp_detect.cli import cli, records_run, split_option, stage_options
 from spp_detect.config import load_config
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import (
-    StageContext,
-    fingerprint,
-    require_upstream,
-    split_records,
-    stage_dir,
-)
-from spp_detect.toy import TOY_CLASSES
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import StageContext, split_records
+from spp_detect.stages.manifests import MANIFEST, require_upstream, write_manifest
+from spp_detect.stages.provenance import stage_fingerprint
+from spp_detect.testing import assert_one_line_error
 
 
 @click.group(cls=type(cli))
@@ -46,17 +42,6 @@ def probe(ctx: StageContext, split: str | None, upstream: str | None) -> None:
         require_upstream(ctx.config, ctx.run_dir, upstream, split)
     records = split_records(ctx.config, split, ctx.limit)
     click.echo(f"probe: {len(records)} images")
-
-
-def assert_one_line_error(result, *names: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def test_help_and_version():
@@ -223,9 +208,9 @@ def test_stale_upstream_fingerprint(stage_env):
     classes = f"data.classes=[{', '.join(TOY_CLASSES)}]"
     current = load_config(None, [f"data.root={data}", classes])
     older = load_config(None, [f"data.root={data}", classes, "propose.min_size=10"])
-    assert fingerprint(older, "propose") != fingerprint(current, "propose")
-    folder = stage_dir(RunDir(run_dir), "propose", "trainval")
-    write_manifest(folder, "propose", "trainval", 12, fingerprint(older, "propose"))
+    assert stage_fingerprint(older, "propose") != stage_fingerprint(current, "propose")
+    folder = RunDir(run_dir).stage_dir("propose", "trainval")
+    write_manifest(folder, "propose", "trainval", 12, stage_fingerprint(older, "propose"))
     manifest_bytes = (folder / MANIFEST).read_bytes()
     result = CliRunner().invoke(local, [*base, "--upstream", "propose"])
     assert_one_line_error(result, str(folder / MANIFEST), "different config", "--force")

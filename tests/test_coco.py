@@ -14,18 +14,18 @@ import pytest
 from click.testing import CliRunner
 
 from spp_detect.cli import cli
-from spp_detect.coco import (
+from spp_detect.config import load_config
+from spp_detect.data.coco import (
     coco_to_continuous,
     continuous_to_coco,
     read_split,
     records_to_coco,
 )
-from spp_detect.config import load_config
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.data.voc import read_split as read_voc_split
 from spp_detect.errors import UserError
+from spp_detect.evaluation.voc_eval import evaluate_detections
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
-from spp_detect.toy import TOY_CLASSES
-from spp_detect.voc import read_split as read_voc_split
-from spp_detect.voc_eval import evaluate_detections
 
 TOY_CATEGORY_IDS = (3, 7, 11)  # not contiguous, as in real exports (COCO's own skip ids)
 ANNOTATIONS = "annotations/instances_{split}.json"  # data.annotations, the default
@@ -103,7 +103,7 @@ def test_conversion_edge_hand_case_and_round_trip():
     np.testing.assert_array_equal(boxes, [[10, 20, 40, 60], [0.5, 1.5, 2.5, 4.5]])
     np.testing.assert_array_equal(continuous_to_coco(boxes), [[10, 20, 30, 40], [0.5, 1.5, 2, 3]])
     # A VOC box covering pixels 1…10 (1-based, inclusive) is 10 px wide in COCO, from x = 0.
-    from spp_detect.voc import voc_to_continuous
+    from spp_detect.data.voc import voc_to_continuous
 
     np.testing.assert_array_equal(
         continuous_to_coco(voc_to_continuous([1, 1, 10, 20])), [[0, 0, 10, 20]]
@@ -154,7 +154,7 @@ def test_real_export_quirks(tmp_path, caplog):
     )
     data["images"][1]["width"] = 81  # a stale size: the image file is trusted
     path = write_coco(tmp_path, data, SMALL_IMAGES)
-    with caplog.at_level(logging.INFO, logger="spp_detect.coco"):
+    with caplog.at_level(logging.INFO, logger="spp_detect.data.coco"):
         records = read_split(tmp_path, path, "trainval", ("cat", "dog"))
         only_cats = read_split(tmp_path, path, "trainval", ("cat",))
     first, second = records
@@ -166,9 +166,9 @@ def test_real_export_quirks(tmp_path, caplog):
     np.testing.assert_array_equal(first.gt_labels, [0, 1, 0])  # by name, not by category id
     np.testing.assert_array_equal(first.difficult, [False, True, False])  # iscrowd
     assert len(second.gt_boxes) == 0  # an image without annotations is kept
-    assert "1 boxes outside the image clipped, in 1 image(s): 10" in caplog.text
-    assert "1 boxes with no area dropped" in caplog.text
-    assert "differ from the image file" in caplog.text
+    assert "boxes outside the image (clipped) in 1 image(s): 10" in caplog.text
+    assert "boxes with no area (dropped) in 1 image(s): 10" in caplog.text
+    assert "differ from the image file (the file is trusted) in 1 image(s): 20" in caplog.text
     assert "3 boxes (1 crowd)" in caplog.text
     assert (
         len(only_cats[0].gt_boxes) == 2
@@ -263,7 +263,7 @@ def noisy_detections(records: list[ImageRecord], seed: int = 0) -> Detections:
 
 def test_coco_ap50_against_voc_area_ap(toy_root):
     pytest.importorskip("pycocotools")
-    from spp_detect.coco_eval import evaluate_coco, results_json
+    from spp_detect.evaluation.coco_eval import evaluate_coco, results_json
 
     records = read_voc_split(toy_root, "trainval", TOY_CLASSES)
     ids = list(range(1, len(TOY_CLASSES) + 1))
@@ -290,7 +290,7 @@ def test_coco_ap50_against_voc_area_ap(toy_root):
 def test_missing_pycocotools_names_the_install(monkeypatch):
     import importlib.util
 
-    from spp_detect import coco_eval
+    from spp_detect.evaluation import coco_eval
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -308,7 +308,7 @@ def test_missing_pycocotools_names_the_install(monkeypatch):
 @pytest.mark.slow
 def test_pipeline_in_coco_form_matches_the_voc_run(toy_root, toy_coco, tmp_path):
     pytest.importorskip("pycocotools")
-    from test_pipeline import TOY_SETTINGS
+    from spp_detect.testing import TOY_SETTINGS
 
     def run(run_dir: Path, sets: list[str], verb: str = "run", *extra: str) -> dict:
         args = [verb, "-c", "toy", "--run-dir", str(run_dir), "--workers", "2", *extra]

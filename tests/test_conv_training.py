@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect import conv_training
-from spp_detect.backbones import CONV_LAYERS, build_backbone, conv_layer_index
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
-from spp_detect.spp import roi_pool_bins_exact, spatial_pyramid_pool, trainable_pyramid_pool
+from spp_detect.models.backbones import CONV_LAYERS, conv_layer_index
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import roi_pool_bins_exact, spatial_pyramid_pool, trainable_pyramid_pool
 from spp_detect.testing import reference_pool
+from spp_detect.train import finetune_conv
 
 
 def _random_cells(rng: np.random.Generator, count: int, height: int, width: int) -> torch.Tensor:
@@ -66,36 +67,36 @@ def test_roi_pool_bins_are_exact_for_the_paper_levels_only_where_checked():
 
 
 def test_iteration_entries_visit_every_entry_once_per_epoch():
-    seen = np.concatenate([conv_training.iteration_entries(10, 2, i, seed=3) for i in range(5)])
+    seen = np.concatenate([finetune_conv.iteration_entries(10, 2, i, seed=3) for i in range(5)])
     assert sorted(seen.tolist()) == list(range(10))
-    again = conv_training.iteration_entries(10, 2, 4, seed=3)
+    again = finetune_conv.iteration_entries(10, 2, 4, seed=3)
     np.testing.assert_array_equal(again, seen[8:])  # a pure function of (seed, iteration)
     assert not np.array_equal(
-        np.concatenate([conv_training.iteration_entries(10, 2, i, 3) for i in range(5, 10)]),
+        np.concatenate([finetune_conv.iteration_entries(10, 2, i, 3) for i in range(5, 10)]),
         seen,
     )  # the next epoch is another permutation
 
 
 def test_sample_entry_windows_takes_a_quarter_foreground_when_there_is_enough():
     labels = np.array([0] * 30 + [1] * 10 + [2] * 200)  # K = 2: label 2 is background
-    rows = conv_training.sample_entry_windows(np.random.default_rng(0), labels, 2, 64, 0.25)
+    rows = finetune_conv.sample_entry_windows(np.random.default_rng(0), labels, 2, 64, 0.25)
     assert len(rows) == 64 and len(set(rows.tolist())) == 64
     assert (labels[rows] < 2).sum() == 16
     few = np.array([0, 2, 2, 2])
-    rows = conv_training.sample_entry_windows(np.random.default_rng(0), few, 2, 64, 0.25)
+    rows = finetune_conv.sample_entry_windows(np.random.default_rng(0), few, 2, 64, 0.25)
     assert sorted(rows.tolist()) == [0, 1, 2, 3]  # one fg, all three bg
 
 
 def test_layers_below_the_first_trainable_one_stay_frozen():
     trunk = build_backbone("zf5", "none")
     first = conv_layer_index(trunk, "conv3")
-    trainable = conv_training.freeze_below(trunk, first)
+    trainable = finetune_conv.freeze_below(trunk, first)
     convs = [m for m in trunk.features if isinstance(m, torch.nn.Conv2d)]
     assert [c.weight.requires_grad for c in convs] == [False, False, True, True, True]
     assert len(trainable) == 6  # conv3-conv5 weights and biases
     head = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr_mult": 1.0}], lr=0.1)
-    conv_training.add_trunk_to_optimizer(optimizer, trunk, first, lr_mult=0.1)
+    finetune_conv.add_trunk_to_optimizer(optimizer, trunk, first, lr_mult=0.1)
     assert [g["lr_mult"] for g in optimizer.param_groups] == [1.0, 0.1, 0.2]
 
 
@@ -130,9 +131,9 @@ def test_out_of_memory_names_the_settings_that_lower_it():
         )
 
     with pytest.raises(UserError, match=r"out of memory.*finetune\.conv_from.*images_per_batch"):
-        conv_training._guarded(allocate)
+        finetune_conv._guarded(allocate)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through
-        conv_training._guarded(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+        finetune_conv._guarded(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
 
 
 @pytest.mark.parametrize(
@@ -150,8 +151,8 @@ def test_out_of_memory_names_the_settings_that_lower_it():
     ],
 )
 def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
-    from spp_detect.run_dir import RunDir
-    from spp_detect.stages.common import StageContext
+    from spp_detect.runtime.run_dir import RunDir
+    from spp_detect.stages.context import StageContext
     from spp_detect.stages.run import pipeline
 
     ctx = StageContext(load_config(None, overrides), RunDir(tmp_path), "cpu", 1, None, False)
@@ -162,9 +163,9 @@ def test_run_knows_the_order_of_both_pipelines(tmp_path, overrides, order):
 def test_entries_without_windows_are_never_drawn(tmp_path):
     """An image with no object of the classes has no window in [bg_thresh_lo, 1]: minibatches
     skip it (and its mirror) instead of training on nothing."""
-    from spp_detect.features import PoolGeometry
-    from spp_detect.sampling import build_window_pool
+    from spp_detect.ops.spp import PoolGeometry
     from spp_detect.structures import ImageRecord
+    from spp_detect.train.sampling import build_window_pool
 
     def record(name, gt):
         boxes = np.asarray(gt, np.float32).reshape(-1, 4)
@@ -175,7 +176,7 @@ def test_entries_without_windows_are_never_drawn(tmp_path):
     proposals = [np.array([[12, 12, 58, 62]], np.float32)] * 3
     pool = build_window_pool(records, proposals, 1, 0.5, 0.1, 0.5, flip=True)
     geometry = PoolGeometry(16, 21.0, 6.5, (1,), 224.0)
-    images = conv_training.TrainingImages.from_pool(records, pool, geometry)
+    images = finetune_conv.TrainingImages.from_pool(records, pool, geometry)
     assert images.usable.tolist() == [0, 1, 4, 5]  # "empty" and its mirror are entries 2, 3
     drawn = np.concatenate([images.entries(2, i, seed=0) for i in range(6)])
     assert set(drawn.tolist()) == {0, 1, 4, 5}

@@ -27,30 +27,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_pipeline import (  # the toy run's settings, helpers and bf16 tolerances
-    FMAP_TOLERANCE,
-    MAP_TOLERANCE,
-    _detector_map,
-    _test_split,
-    assert_fc_precision_keeps_scores_and_map,
-    invoke,
-    toy_args,
-)
 
-from spp_detect.artifacts import load_npz
-from spp_detect.features import compute_maps, compute_maps_batch, prefetching, read_record_image
-from spp_detect.head import load_head
-from spp_detect.spp import inverse_permutation, pool_windows, spatial_pyramid_pool
-from spp_detect.stages.common import (
+from spp_detect import testing
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.data.voc import read_split
+from spp_detect.models.features import (
+    compute_maps,
+    compute_maps_batch,
+    prefetching,
+    read_record_image,
+)
+from spp_detect.models.head import load_head
+from spp_detect.ops.spp import inverse_permutation, pool_windows
+from spp_detect.runtime.artifacts import load_npz
+from spp_detect.stages.builders import (
     build_detector,
     build_trunk,
     live_feature_source,
     load_proposals,
     open_feature_source,
 )
-from spp_detect.testing import write_proposal_mat
-from spp_detect.toy import TOY_CLASSES
-from spp_detect.voc import read_split
 
 HAS_CUDA = torch.cuda.is_available()
 ON_CPU = not HAS_CUDA and os.environ.get("SPP_CUDA_TESTS_ON_CPU") == "1"
@@ -71,10 +67,10 @@ def gpu_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """The toy pipeline, every stage on cuda: the run folder and the CLI output."""
     folder = tmp_path_factory.mktemp("cuda")
     records = [r for s in ("trainval", "test") for r in read_split(toy_root, s, TOY_CLASSES)]
-    mat = write_proposal_mat(folder / "proposals.mat", records, PROPOSALS_PER_IMAGE)
+    mat = testing.write_proposal_mat(folder / "proposals.mat", records, PROPOSALS_PER_IMAGE)
     run_dir = folder / "run"
-    args = toy_args(toy_root, run_dir, "propose.method=mat", f"propose.mat_file={mat}")
-    result = invoke("run", *args, "--device", DEVICE)
+    args = testing.toy_args(toy_root, run_dir, "propose.method=mat", f"propose.mat_file={mat}")
+    result = testing.invoke("run", *args, "--device", DEVICE)
     assert result.exit_code == 0, result.output
     return run_dir, result.output
 
@@ -114,7 +110,7 @@ def test_every_stage_runs_on_cuda(gpu_run):
 
 
 def test_conv5_maps_match_the_cpu(gpu_run, without_tf32):
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     cpu = live_feature_source(config, run_dir, "cpu")
     gpu = live_feature_source(config, run_dir, DEVICE)
     for record in records:
@@ -126,7 +122,7 @@ def test_conv5_maps_match_the_cpu(gpu_run, without_tf32):
 @pytest.mark.parametrize("engine", ["auto", "blockmax"])  # roi_pool on CUDA, and the CPU's
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # computed, and as cached
 def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     source = live_feature_source(config, run_dir, "cpu")
     g = source.geometry
     for record in records:
@@ -134,7 +130,7 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         proposals = load_proposals(config, run_dir, config.data.test_split, record)
         index = source.scale_index(record, proposals)
         scales = source.image_scales(record)
-        args = (proposals, record.image_hw, scales, index, g.stride, g.offset0, g.offset, g.levels)
+        args = (proposals, record.image_hw, scales, index, g)
         cpu_pooled, _ = pool_windows(maps, *args)
         gpu_maps = [fmap.to(DEVICE) for fmap in maps]
         gpu_pooled, _ = pool_windows(gpu_maps, *args, engine=engine)
@@ -145,33 +141,12 @@ def test_pooled_vectors_identical_given_identical_maps(gpu_run, dtype, engine):
         assert torch.equal(in_order.cpu(), cpu_pooled)
 
 
-@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (8, 4, 2, 1)])
-def test_roi_pool_engine_on_the_device_is_exact_for_every_window_size(levels):
-    """Every window of 1…130 × 1…130 cells, pooled by the roi_pool engine on the device against
-    the block-max engine on the CPU: channel 0 rises to the bottom-right, so each bin's max sits
-    on its last row and column, and channel 1 falls, so it sits on its first; an edge computed
-    one cell off by the device's arithmetic changes a value."""
-    side = 130
-    ramp = torch.arange(side, dtype=torch.float32)
-    rising = ramp[:, None] * side + ramp[None, :]
-    fmap = torch.stack([rising, rising.max() - rising])  # (2, H, W)
-    heights, widths = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    offsets = (heights * 7 + widths * 3) % (side - torch.maximum(heights, widths))
-    cells = torch.stack(
-        [offsets.flatten(), offsets.flatten(), (offsets + widths).flatten(),
-         (offsets + heights).flatten()], dim=1,
-    )  # fmt: skip
-    expected = spatial_pyramid_pool(fmap, cells, levels, engine="blockmax")
-    pooled = spatial_pyramid_pool(fmap.to(DEVICE), cells, levels, engine="roi_pool")
-    assert on_device(pooled) and torch.equal(pooled.cpu(), expected)
-
-
 @needs_cuda
 def test_pooling_and_fc7_queue_without_waiting_for_the_device(gpu_run):
     """Detector.window_features (cached maps read, pooled, fc6/fc7) makes no host-device
     synchronisation, so the CPU plans the next image while the GPU works
     (docs/method.md#gpu-path)."""
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     split = config.data.test_split
     detector = build_detector(config, run_dir, DEVICE)
     source = open_feature_source(config, run_dir, split, DEVICE)
@@ -189,13 +164,13 @@ def test_pooling_and_fc7_queue_without_waiting_for_the_device(gpu_run):
 
 
 def test_toy_map_matches_the_cpu(gpu_run, without_tf32):
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     maps = {}
     for device in dict.fromkeys(("cpu", DEVICE)):  # once when the CPU stands in for the device
         detector = build_detector(config, run_dir, device)
         source = live_feature_source(config, run_dir, device)
-        maps[device] = _detector_map(detector, source, config, run_dir, records)
-    assert abs(maps[DEVICE] - maps["cpu"]) <= MAP_TOLERANCE, maps
+        maps[device] = testing.detector_map(detector, source, config, run_dir, records)
+    assert abs(maps[DEVICE] - maps["cpu"]) <= testing.MAP_TOLERANCE, maps
 
 
 @needs_cuda
@@ -214,8 +189,8 @@ def test_out_of_gpu_memory_redoes_the_image_on_the_cpu(gpu_run, toy_root, tmp_pa
 
     monkeypatch.setattr(stage, "compute_maps", out_of_memory_once)
     run_dir = tmp_path / "run"
-    args = toy_args(toy_root, run_dir)
-    result = invoke("extract", *args, "--split", "test", "--device", DEVICE)
+    args = testing.toy_args(toy_root, run_dir)
+    result = testing.invoke("extract", *args, "--split", "test", "--device", DEVICE)
     assert result.exit_code == 0, result.output
     assert "1 redone on the CPU" in result.output
     assert devices[:3] == ["cuda", "cpu", "cuda"]  # the retry ran on the CPU copy, then back
@@ -224,7 +199,7 @@ def test_out_of_gpu_memory_redoes_the_image_on_the_cpu(gpu_run, toy_root, tmp_pa
     on_gpu = load_npz(gpu_run[0] / f"features/test/{first}.npz")
     for key in (k for k in on_gpu if k.startswith("fmap_")):
         expected, actual = (torch.from_numpy(np.asarray(a[key])) for a in (on_gpu, redone))
-        assert max_relative_error(expected, actual) <= FMAP_TOLERANCE, key
+        assert max_relative_error(expected, actual) <= testing.FMAP_TOLERANCE, key
 
 
 # bf16 keeps 8 bits of mantissa: through the Lite trunk's 30 convs and residual sums its maps
@@ -235,7 +210,7 @@ BF16_LITE_FMAP_TOLERANCE = 0.15
 
 
 def test_bf16_trunk_on_cuda_keeps_the_maps_and_the_map(gpu_run):
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     half_config = replace(config, extract=replace(config.extract, precision="bf16"))
     full = live_feature_source(config, run_dir, DEVICE)
     half = live_feature_source(half_config, run_dir, DEVICE)
@@ -245,15 +220,17 @@ def test_bf16_trunk_on_cuda_keeps_the_maps_and_the_map(gpu_run):
             error = float((half_map - full_map).norm() / full_map.norm())
             assert error <= BF16_LITE_FMAP_TOLERANCE
     detector = build_detector(config, run_dir, DEVICE)
-    full_ap = _detector_map(detector, full, config, run_dir, records)
-    half_ap = _detector_map(detector, half, config, run_dir, records)
-    assert abs(full_ap - half_ap) <= MAP_TOLERANCE
+    full_ap = testing.detector_map(detector, full, config, run_dir, records)
+    half_ap = testing.detector_map(detector, half, config, run_dir, records)
+    assert abs(full_ap - half_ap) <= testing.MAP_TOLERANCE
 
 
 def test_bf16_fc_on_cuda_keeps_the_scores_and_the_map(gpu_run):
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     source = live_feature_source(config, run_dir, DEVICE)
-    assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, "bf16", DEVICE)
+    testing.assert_fc_precision_keeps_scores_and_map(
+        config, run_dir, records, source, "bf16", DEVICE
+    )
 
 
 @pytest.mark.parametrize("conv_from", ["", "stage5"], ids=["head", "end-to-end"])
@@ -265,7 +242,9 @@ def test_finetune_with_a_box_branch_on_cuda(gpu_run, toy_root, tmp_path, conv_fr
         "propose.method=mat", f"propose.mat_file={gpu_run[0].parent / 'proposals.mat'}",
         "finetune.bbox_loss_weight=1.0", "finetune.iterations=6", f"finetune.conv_from={conv_from}",
     ]  # fmt: skip
-    result = invoke("finetune", *toy_args(toy_root, run_dir, *sets), "--device", DEVICE, "--force")
+    result = testing.invoke(
+        "finetune", *testing.toy_args(toy_root, run_dir, *sets), "--device", DEVICE, "--force"
+    )
     assert result.exit_code == 0, result.output
     assert load_head(run_dir / "finetune/head.pt").bbox is not None
 
@@ -276,7 +255,7 @@ def test_pooled_windows_from_the_cache_on_cuda_equal_the_cpu(gpu_run, monkeypatc
     read in a background thread; the windows pooled from them equal the CPU's (pooling is a max,
     exact in float16), also when the caller works on a stream of its own, which the background
     copies must then be queued on."""
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     split = config.data.test_split
     cpu = open_feature_source(config, run_dir, split, "cpu")
     pin, pinned = torch.Tensor.pin_memory, []
@@ -305,7 +284,7 @@ BATCH_TOLERANCE = CONV_TOLERANCE  # another batch size may pick another cuDNN al
 
 def test_batched_maps_on_cuda_equal_one_image_at_a_time(gpu_run, without_tf32):
     """compute_maps_batch on the GPU against compute_maps, on test images cropped to one size."""
-    config, run_dir, records = _test_split(gpu_run[0])
+    config, run_dir, records = testing.trained_test_split(gpu_run[0])
     backbone = build_trunk(config, run_dir).to(DEVICE).eval()
     images = [read_record_image(record)[:230, :260] for record in records[:4]]
     scales, cap = config.extract.scales, config.extract.max_long_side
@@ -322,16 +301,14 @@ def test_batch_images_on_cuda_caches_maps_like_one_image_at_a_time(
 ):
     """extract --device cuda with extract.batch_images=4 on toy images cropped to one size (and
     mirrored): each image's file, with maps like those of batch_images=1."""
-    from test_extract_stage import _same_size_set
-
-    root = _same_size_set(toy_root, tmp_path / "toy")
+    root = testing.same_size_toy_set(toy_root, tmp_path / "toy")
     runs = {}
     for size in (1, 4):
         runs[size] = tmp_path / f"batch{size}"
         sets = [f"data.root={root}", "extract.flip=true", f"extract.batch_images={size}"]
         sets_args = [part for item in sets for part in ("--set", item)]
         args = ["-c", "toy", "--run-dir", str(runs[size]), "--device", DEVICE, *sets_args]
-        result = invoke("extract", *args, "--limit", "7")
+        result = testing.invoke("extract", *args, "--limit", "7")
         assert result.exit_code == 0, result.output
     files = sorted((runs[1] / "features" / "trainval").glob("*.npz"))
     assert len(files) == 7

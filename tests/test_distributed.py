@@ -22,16 +22,18 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.artifacts import load_torch
 from spp_detect.cli import _one_process_only
 from spp_detect.config import load_config
-from spp_detect.distributed import Dist, balanced_shards, from_env, rank_device
+from spp_detect.data.voc import read_split
 from spp_detect.errors import UserError
-from spp_detect.run_dir import RunDir
-from spp_detect.stages import common
-from spp_detect.stages.common import StageContext, check_shared_run_dir, split_todo
+from spp_detect.runtime.artifacts import load_torch
+from spp_detect.runtime.device import rank_device
+from spp_detect.runtime.distributed import Dist, balanced_shards, from_env
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages import sharding
+from spp_detect.stages.context import StageContext
 from spp_detect.stages.finetune import run_finetune
-from spp_detect.voc import read_split
+from spp_detect.stages.sharding import check_shared_run_dir, split_todo
 
 CLASSES = ("circle", "square", "triangle")
 OVERRIDES = [
@@ -116,7 +118,7 @@ class _FakeRank(Dist):
 
 
 def test_ranks_that_do_not_share_the_run_dir_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "SHARED_CHECK_TRIES", 1)
+    monkeypatch.setattr(sharding, "SHARED_CHECK_TRIES", 1)
     # rank 1 on a node whose --run-dir is another folder: rank 0's token is not there
     rank1 = _FakeRank(1, {"broadcast": "0123abcd", "all_gather": True})
     with pytest.raises(UserError, match=r"rank\(s\) \[1\] do not see .*NFS"):
@@ -192,7 +194,7 @@ def _check_run(command: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def small_toy(tmp_path_factory) -> Path:
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     root = tmp_path_factory.mktemp("dist") / "toy"
     make_toy_dataset(root, num_train=4, num_test=2, seed=0)

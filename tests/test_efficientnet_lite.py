@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spp_detect import backbones
-from spp_detect.backbones import build_backbone, conv_layer_index, trunk_state
+from spp_detect.data.image import image_to_tensor
 from spp_detect.errors import UserError
-from spp_detect.image import image_to_tensor
+from spp_detect.models import backbones
 from spp_detect.models import efficientnet_lite as lite
+from spp_detect.models.backbones import conv_layer_index
+from spp_detect.models.weights import build_backbone, trunk_state
 
 LITE0 = lite.VARIANTS["efficientnet_lite0"]
 MILITARY_UNIFORM = 652  # ImageNet class index

@@ -11,26 +11,27 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_spp import zf5_fmap_side  # conv5 size arithmetic by hand (docs/method.md#conv-trunks)
 
-from spp_detect.artifacts import load_json
-from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import ExtractConfig, load_config
+from spp_detect.data.image import resized_hw
+from spp_detect.data.voc import read_split
 from spp_detect.errors import UserError
-from spp_detect.features import (
+from spp_detect.models.features import (
     FeatureSource,
-    PoolGeometry,
     compute_maps,
     compute_maps_batch,
-    device_failure,
     prefetching,
     read_record_image,
 )
-from spp_detect.image import resized_hw
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import open_feature_source, split_records
-from spp_detect.voc import read_split
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry
+from spp_detect.runtime.artifacts import load_json
+from spp_detect.runtime.device import device_failure
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.builders import open_feature_source
+from spp_detect.stages.context import split_records
+from spp_detect.testing import same_size_toy_set, zf5_fmap_side  # conv5 size arithmetic by hand
 
 TOY_CLASSES = "data.classes=[circle,square,triangle]"
 SCALES = (96, 128)
@@ -59,11 +60,6 @@ def extracted(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     )
     assert result.exit_code == 0, result.output
     return run, result
-
-
-@pytest.fixture
-def toy_copy(toy_root: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(toy_root, tmp_path / "toy"))
 
 
 def test_cache_files_hold_every_scale(toy_root, extracted):
@@ -423,22 +419,9 @@ def test_any_other_error_mid_extract_is_not_taken_for_a_device_error(
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
-def _same_size_set(toy_root: Path, folder: Path, height: int = 236, width: int = 239) -> Path:
-    """The toy trainval images cropped to one size, but the 2nd kept whole: a set where
-    batching has same-size images to group, and one image of another size."""
-    import cv2
-
-    root = Path(shutil.copytree(toy_root, folder))
-    ids = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
-    for image_id in ids[:1] + ids[2:]:
-        path = root / "JPEGImages" / f"{image_id}.jpg"
-        cv2.imwrite(str(path), cv2.imread(str(path))[:height, :width])
-    return root
-
-
 @pytest.fixture(scope="module")
 def same_size_root(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _same_size_set(toy_root, tmp_path_factory.mktemp("same") / "toy")
+    return same_size_toy_set(toy_root, tmp_path_factory.mktemp("same") / "toy")
 
 
 # batched against one image a pass, float32 maps: within this relative to each value, plus this

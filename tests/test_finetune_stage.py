@@ -15,19 +15,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect import training
-from spp_detect.artifacts import load_json, read_manifest, save_npz, save_torch, write_manifest
-from spp_detect.backbones import build_backbone
 from spp_detect.cli import cli
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
-from spp_detect.head import load_head
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import StageContext, fingerprint, item_fingerprint, split_records
+from spp_detect.models.head import load_head
+from spp_detect.models.weights import build_backbone
+from spp_detect.runtime.artifacts import load_json, save_npz, save_torch
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import StageContext, split_records
 from spp_detect.stages.extract import run_extract
 from spp_detect.stages.finetune import evaluation_windows, run_finetune
-from spp_detect.training import majority_rate
-from spp_detect.training import window_accuracy as accuracy_of
+from spp_detect.stages.manifests import read_manifest, write_manifest
+from spp_detect.stages.provenance import item_fingerprint, stage_fingerprint
+from spp_detect.train import finetune
+from spp_detect.train.finetune import majority_rate
+from spp_detect.train.finetune import window_accuracy as accuracy_of
 
 CLASSES = "[circle, square, triangle]"
 SCALES = "[224, 320]"
@@ -78,7 +80,7 @@ def write_proposals(ctx: StageContext, split: str) -> None:
         )
     write_manifest(
         ctx.run_dir.proposals_dir(split), "propose", split, len(records),
-        fingerprint(ctx.config, "propose"),
+        stage_fingerprint(ctx.config, "propose"),
     )  # fmt: skip
 
 
@@ -204,7 +206,7 @@ def test_learns_toy_windows(toy_root, upstream, tmp_path):
 def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
     # blocks of 4 iterations, checkpoints every 5, a kill after 8: the restart redraws block 1
     # mid-way and replays iterations 6–8 from the checkpoint at 5.
-    monkeypatch.setattr(training, "MAX_BLOCK_ITERATIONS", 4)
+    monkeypatch.setattr(finetune, "MAX_BLOCK_ITERATIONS", 4)
     extra = (*FAST, "finetune.iterations=11", "finetune.checkpoint_every=5", "finetune.log_every=3")
     whole, killed = _whole_and_killed(toy_root, upstream, tmp_path, extra, stop_after=8)
     checkpoint = torch.load(RunDir(killed).checkpoint_path, weights_only=True)
@@ -224,7 +226,7 @@ def test_resume_equals_uninterrupted(toy_root, upstream, tmp_path, monkeypatch):
 @pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_pretrained_classifier_initialises_fc6_fc7(toy_root, upstream, tmp_path, monkeypatch):
     """With a classifier, fc6 starts from its columns for the first level, zeros elsewhere."""
-    from spp_detect import backbones
+    from spp_detect.models import weights
 
     gen = torch.Generator().manual_seed(0)
     classifier = {
@@ -233,7 +235,7 @@ def test_pretrained_classifier_initialises_fc6_fc7(toy_root, upstream, tmp_path,
         "fc7.weight": torch.randn(16, 16, generator=gen),
         "fc7.bias": torch.randn(16, generator=gen),
     }
-    monkeypatch.setattr(backbones, "load_classifier_state", lambda name, weights: classifier)
+    monkeypatch.setattr(weights, "load_classifier_state", lambda name, weights: classifier)
     run = _copy(upstream, tmp_path)
     extra = ("spp.levels=[2, 1]", "finetune.fc_dim=16", "finetune.iterations=0")
     run_finetune(_ctx(toy_root, run, *extra), "trainval")
@@ -330,7 +332,7 @@ def test_conv_resume_equals_uninterrupted(toy_root, upstream, tmp_path):
 
 @pytest.mark.slow  # uses the upstream fixture (propose + extract)
 def test_a_cache_from_another_trunk_is_refused_then_recomputed(toy_root, upstream, tmp_path):
-    from spp_detect.stages.common import open_feature_source
+    from spp_detect.stages.builders import open_feature_source
 
     run = _copy(upstream, tmp_path)  # its conv5 cache comes from the untrained trunk
     same_scales = [s for s in CONV if not s.startswith("extract.scales")]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from spp_detect.proposals import load_mat_proposals
+from spp_detect.data.proposals import load_mat_proposals
+from spp_detect.data.toy import TOY_CLASSES
+from spp_detect.data.voc import read_split
 from spp_detect.testing import write_proposal_mat
-from spp_detect.toy import TOY_CLASSES
-from spp_detect.voc import read_split
 
 REPO = Path(__file__).resolve().parents[1]
 # Rows of the table per step: the CUDA tests' counts, 2 settings × (zf5 fp32/bf16, Lite0 fp32)

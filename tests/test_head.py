@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spp_detect.artifacts import save_torch
 from spp_detect.errors import UserError
-from spp_detect.head import (
+from spp_detect.models.head import (
     HEAD_KEYS,
     STD_FLOOR,
     Head,
@@ -16,10 +15,9 @@ from spp_detect.head import (
     init_random,
     input_normalization_for,
     load_head,
-    make_optimizer,
-    set_learning_rate,
-    step_learning_rate,
 )
+from spp_detect.runtime.artifacts import save_torch
+from spp_detect.train.finetune import make_optimizer, set_learning_rate, step_learning_rate
 
 CHANNELS = 4
 LEVELS = (3, 2, 1)
@@ -63,7 +61,7 @@ def test_dropout_follows_generator():
     head_eval = head.features(pooled)
     gen = torch.Generator().manual_seed(3)
     hidden = torch.relu(head.fc6(pooled))
-    from spp_detect.head import _dropout
+    from spp_detect.models.head import _dropout
 
     mean = torch.stack([_dropout(hidden, 0.5, True, gen) for _ in range(2000)]).mean(0)
     assert torch.allclose(mean, hidden, atol=0.1 * hidden.abs().max().item())
@@ -196,7 +194,7 @@ def test_input_normalization_standardises_and_folds(tmp_path):
 
 
 def test_box_branch_is_saved_with_its_normalisation_folded_in():
-    from spp_detect.head import BOX_DELTA_STDS, head_from_state, init_random
+    from spp_detect.models.head import BOX_DELTA_STDS, head_from_state, init_random
 
     head = Head(12, 8, 3, dropout=0.0, box_branch=True)
     init_random(head, torch.Generator().manual_seed(0))
@@ -212,8 +210,8 @@ def test_box_branch_is_saved_with_its_normalisation_folded_in():
 
 
 def test_window_loss_regresses_foreground_windows_only():
-    from spp_detect.head import BOX_DELTA_STDS
-    from spp_detect.training import window_loss
+    from spp_detect.models.head import BOX_DELTA_STDS
+    from spp_detect.train.finetune import window_loss
 
     head = Head(6, 4, 2, dropout=0.0, box_branch=True)
     features, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 2])  # 2 fg, 2 bg (K = 2)
@@ -262,7 +260,7 @@ def _relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("in_dim", "out_dim"), [(40, 24), (24, 40)])  # W·Wᵀ, Wᵀ·W
 def test_truncated_svd_is_the_best_approximation_of_its_rank(in_dim, out_dim):
-    from spp_detect.head import truncated_svd
+    from spp_detect.models.head import truncated_svd
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(in_dim, out_dim)
@@ -281,7 +279,7 @@ def test_truncated_svd_is_the_best_approximation_of_its_rank(in_dim, out_dim):
 
 
 def test_compressed_features_against_the_uncompressed_head():
-    from spp_detect.head import compressed_features
+    from spp_detect.models.head import compressed_features
 
     head = _low_rank_head()
     pooled = torch.rand(64, head.in_dim, generator=torch.Generator().manual_seed(1))
@@ -299,12 +297,12 @@ def test_compressed_features_against_the_uncompressed_head():
 
 
 def test_bad_compression_settings_are_refused():
-    from spp_detect.detector import DetectionSettings, Detector
-    from spp_detect.head import compressed_features
+    from spp_detect.models.detector import DetectionSettings, TrainedDetector
+    from spp_detect.models.head import compressed_features
 
     head = _low_rank_head()
     with pytest.raises(ValueError, match="unknown fc compression 'zip'"):
         compressed_features(head, "zip", (1, 1))
     settings = DetectionSettings(0.05, 0.3, 100, 4096, "fp32", "softmax", fc_compression="int8")
     with pytest.raises(UserError, match="int8 runs on the CPU only"):  # checked before any copy
-        Detector(head, None, None, settings, "cuda")
+        TrainedDetector(head, None, None, settings, "cuda")

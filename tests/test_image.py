@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from spp_detect.errors import UserError
-from spp_detect.image import (
+from spp_detect.data.image import (
     EXIF_ORIENTATION_TAG,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +24,7 @@ from spp_detect.image import (
     resize_short_side,
     resized_hw,
 )
+from spp_detect.errors import UserError
 
 
 @pytest.mark.parametrize(

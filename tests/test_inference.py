@@ -7,14 +7,15 @@ import torch
 from click.testing import CliRunner
 
 from spp_detect.cli import cli
-from spp_detect.inference import (
-    _by_class,
-    combine_detections,
+from spp_detect.evaluation.combine import combine_detections
+from spp_detect.models.inference import (
+    by_class,
     detect_image,
     finalize_detections,
     select_detections,
 )
 from spp_detect.structures import Detections
+from spp_detect.testing import cpu_and_cuda
 
 # Two heavily overlapping boxes (IoU 0.82), one apart, one overlapping the first by IoU 0.25.
 BOXES = torch.tensor(
@@ -72,14 +73,15 @@ def reference_by_class(labels, scores, max_per_class):
     return kept
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("max_per_class", [None, 1, 3])
-def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_class):
+def test_detections_are_ordered_by_class_then_score_as_the_reference(max_per_class, device):
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.integers(0, 5, 200))
     scores = torch.from_numpy(rng.integers(0, 8, 200).astype(np.float32))  # many ties
     expected = reference_by_class(labels, scores, max_per_class)
-    assert _by_class(labels, scores, max_per_class).tolist() == expected
-    assert _by_class(labels[:0], scores[:0], max_per_class).tolist() == []
+    assert by_class(labels.to(device), scores.to(device), max_per_class).tolist() == expected
+    assert by_class(labels[:0], scores[:0], max_per_class).tolist() == []
 
 
 def test_empty_input():
@@ -175,9 +177,9 @@ def trained_run(toy_root, tmp_path_factory):
     """The smallest trained toy run that `test` accepts (.mat proposals, a 2-iteration head,
     the softmax scorer, no box regression), with the test split's proposals and maps: the run
     folder and its CLI arguments."""
+    from spp_detect.data.toy import TOY_CLASSES
+    from spp_detect.data.voc import read_split
     from spp_detect.testing import write_proposal_mat
-    from spp_detect.toy import TOY_CLASSES
-    from spp_detect.voc import read_split
 
     folder = tmp_path_factory.mktemp("trained")
     records = [r for s in ("trainval", "test") for r in read_split(toy_root, s, TOY_CLASSES)]
@@ -213,15 +215,15 @@ def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
 ):
     """The 3rd image of the test split fails: one line naming it, exit 2, the first two
     images' detection files kept and skipped by the rerun, which completes."""
-    from spp_detect.detector import Detector
-    from spp_detect.run_dir import RunDir
-    from spp_detect.toy import TOY_CLASSES
-    from spp_detect.voc import read_split
+    from spp_detect.data.toy import TOY_CLASSES
+    from spp_detect.data.voc import read_split
+    from spp_detect.models.detector import TrainedDetector
+    from spp_detect.runtime.run_dir import RunDir
 
     run = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
     args = [str(run) if a == str(trained_run[0]) else a for a in trained_run[1]]
     records = read_split(toy_root, "test", TOY_CLASSES)
-    detect, calls = Detector.detect, []
+    detect, calls = TrainedDetector.detect, []
 
     def faulty(self, source, record, proposals):
         calls.append(record.image_id)
@@ -230,7 +232,7 @@ def test_a_cuda_error_mid_test_is_one_line_and_keeps_the_images_done(
         return detect(self, source, record, proposals)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Detector, "detect", faulty)
+        patch.setattr(TrainedDetector, "detect", faulty)
         result = CliRunner().invoke(cli, ["test", *args])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

@@ -17,31 +17,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from spp_detect.artifacts import load_npz
-from spp_detect.cli import cli
+from spp_detect.runtime.artifacts import load_npz
+from spp_detect.testing import (
+    FMAP_TOLERANCE,
+    MAP_TOLERANCE,
+    assert_fc_precision_keeps_scores_and_map,
+    detector_map,
+    invoke,
+    toy_args,
+    trained_test_split,
+)
 
 pytestmark = pytest.mark.slow  # the module fixture runs every stage end to end
-
-TOY_SETTINGS = [
-    "extract.scales=[160,240]",
-    "finetune.fc_dim=256",
-    "finetune.iterations=150",
-    "finetune.lr_steps=[120]",
-    "finetune.checkpoint_every=50",
-]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def toy_args(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
-    sets = [f"data.root={toy_root}", *TOY_SETTINGS, *extra]
-    return ["-c", "toy", "--run-dir", str(run_dir), "--workers", "2"] + [
-        part for item in sets for part in ("--set", item)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +155,7 @@ def test_eval_combine_with_itself(toy_run):
 
 
 def test_detect_writes_json_and_png(toy_root, toy_run, tmp_path, monkeypatch):
-    from spp_detect import visualize
+    from spp_detect.evaluation import visualize
 
     captions = []  # every label drawn on the PNGs, in drawing order
     monkeypatch.setattr(visualize, "_draw_label", lambda _, text, *__: captions.append(text))
@@ -271,7 +259,7 @@ def test_a_trained_file_replaced_since_its_stage_closed_is_refused(
 
 
 def test_run_reruns_every_stage_after_the_dataset_is_regenerated_in_place(toy_run, tmp_path):
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     root = tmp_path / "toy"
     make_toy_dataset(root, num_train=12, num_test=6, seed=0)
@@ -325,7 +313,7 @@ def test_conv_fine_tuning_on_the_toy_set_end_to_end(tmp_path):
     """Conv layers trained through the pyramid from random weights: propose → finetune (images)
     → extract (fine-tuned trunk) → SVMs → regression → test; toy mAP >= 0.8, with the SVMs and
     with the head's softmax."""
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     make_toy_dataset(tmp_path / "toy")
     run = tmp_path / "run"
@@ -381,58 +369,31 @@ def test_optimised_test_path_keeps_the_naive_map(toy_run):
     """Dedup, pooling order and batching against every window pooled in input order."""
     import torch
 
-    from spp_detect.detector import Detector
-    from spp_detect.stages.common import build_detector, detection_settings, open_feature_source
+    from spp_detect.models.detector import TrainedDetector
+    from spp_detect.stages.builders import build_detector, detection_settings, open_feature_source
 
-    class NaiveDetector(Detector):
+    class NaiveDetector(TrainedDetector):
         def window_features(self, source, record, proposals):
             pooled, _ = source.pool(record, proposals)
             return pooled, self.head.features(pooled), torch.arange(len(proposals))
 
-    config, run_dir, records = _test_split(toy_run)
+    config, run_dir, records = trained_test_split(toy_run)
     fast = build_detector(config, run_dir, "cpu")
     settings = detection_settings(config)
     naive = NaiveDetector(fast.head, _svms_of(fast), fast.regressors, settings, "cpu")
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
-    naive_map = _detector_map(naive, source, config, run_dir, records)
+    naive_map = detector_map(naive, source, config, run_dir, records)
     fast_map = json.loads((toy_run / "eval/test.json").read_text())["mAP"]
     assert abs(naive_map - fast_map) <= 0.005
 
 
-# bf16/fp16 autocast against fp32 (spp_detect/precision.py). Measured on the toy run: SVM scores
-# move by at most 0.004 (bf16) and 0.0003 (fp16), conv5 maps by 0.7% and 0.1% of their maximum.
-SCORE_TOLERANCE = 0.05  # SVM margin units; the score threshold is -1.5, a margin 1
-FMAP_TOLERANCE = 0.02  # conv5 maps: max |map - fp32 map| / max fp32 map
-MAP_TOLERANCE = 0.005  # mAP, as for the other optimisations (issue 8)
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_fc_keeps_the_scores_and_the_map(toy_run, precision):
-    from spp_detect.stages.common import open_feature_source
+    from spp_detect.stages.builders import open_feature_source
 
-    config, run_dir, records = _test_split(toy_run)
+    config, run_dir, records = trained_test_split(toy_run)
     source = open_feature_source(config, run_dir, config.data.test_split, "cpu")
     assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, precision, "cpu")
-
-
-def assert_fc_precision_keeps_scores_and_map(config, run_dir, records, source, precision, device):
-    """fc6/fc7 in ``precision`` against fp32 on ``device``, conv5 maps from ``source``: every
-    window's scores within SCORE_TOLERANCE and the mAP within MAP_TOLERANCE (also used by
-    tests/test_cuda.py)."""
-    from dataclasses import replace
-
-    from spp_detect.stages.common import build_detector, load_proposals
-
-    half_config = replace(config, test=replace(config.test, precision=precision))
-    full = build_detector(config, run_dir, device)
-    half = build_detector(half_config, run_dir, device)
-    for record in records:
-        proposals = load_proposals(config, run_dir, config.data.test_split, record)
-        scores = [_window_scores(d, source, record, proposals) for d in (full, half)]
-        assert float((scores[0] - scores[1]).abs().max()) <= SCORE_TOLERANCE
-    full_ap = _detector_map(full, source, config, run_dir, records)
-    half_ap = _detector_map(half, source, config, run_dir, records)
-    assert abs(full_ap - half_ap) <= MAP_TOLERANCE
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -441,9 +402,9 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
 
     import torch
 
-    from spp_detect.stages.common import build_detector, live_feature_source
+    from spp_detect.stages.builders import build_detector, live_feature_source
 
-    config, run_dir, records = _test_split(toy_run)
+    config, run_dir, records = trained_test_split(toy_run)
     half_config = replace(config, extract=replace(config.extract, precision=precision))
     full = live_feature_source(config, run_dir, "cpu")
     half = live_feature_source(half_config, run_dir, "cpu")
@@ -452,47 +413,13 @@ def test_half_precision_trunk_keeps_the_maps_and_the_map(toy_run, precision):
             error = (full_fmap - half_fmap).abs().max() / full_fmap.abs().max()
             assert half_fmap.dtype == torch.float32 and float(error) <= FMAP_TOLERANCE
     detector = build_detector(config, run_dir, "cpu")
-    full_ap = _detector_map(detector, full, config, run_dir, records)
-    half_ap = _detector_map(detector, half, config, run_dir, records)
+    full_ap = detector_map(detector, full, config, run_dir, records)
+    half_ap = detector_map(detector, half, config, run_dir, records)
     assert abs(full_ap - half_ap) <= MAP_TOLERANCE
 
 
-def _test_split(run: Path):
-    from spp_detect.config import load_config
-    from spp_detect.run_dir import RunDir
-    from spp_detect.stages.common import split_records
-
-    config = load_config(run / "config.yaml")
-    return config, RunDir(run), split_records(config, config.data.test_split)
-
-
-def _window_scores(detector, source, record, proposals):
-    """SVM scores (R, K) of every proposal, as ``Detector.detect`` computes them."""
-    import torch
-
-    with torch.inference_mode():
-        _, fc7, inverse = detector.window_features(source, record, proposals)
-        return (fc7 @ detector.svm_weight + detector.svm_bias)[inverse]
-
-
-def _detector_map(detector, source, config, run_dir, records) -> float:
-    """The test split's VOC07 mAP of ``detector`` with conv5 maps from ``source``."""
-    from spp_detect.stages.common import load_proposals
-    from spp_detect.structures import Detections
-    from spp_detect.voc_eval import evaluate_detections
-
-    per_image = [
-        detector.detect(
-            source, record, load_proposals(config, run_dir, config.data.test_split, record)
-        )
-        for record in records
-    ]
-    detections = Detections.from_images([r.image_id for r in records], per_image)
-    return evaluate_detections(detections, records, config.data.classes, 0.5, True)["mAP"]
-
-
 def _svms_of(detector):
-    from spp_detect.svm import SvmModel
+    from spp_detect.models.linear import SvmModel
 
     weight = detector.svm_weight.T.contiguous().numpy()
     return SvmModel(weight, detector.svm_bias.numpy())
@@ -500,7 +427,7 @@ def _svms_of(detector):
 
 def test_python_api_detects_as_test_does(toy_root, toy_run):
     from spp_detect import Detector
-    from spp_detect.image import read_image
+    from spp_detect.data.image import read_image
 
     detector = Detector.from_run(toy_run)
     image_id = sorted((toy_run / "detections/test").glob("*.npz"))[0].stem

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import scipy.io
 
-from spp_detect import proposals
+from spp_detect.data import proposals
 from spp_detect.errors import UserError
+from spp_detect.ops.boxes import clip_boxes
+from spp_detect.testing import uniform_boxes
 
 
 def _scene(height: int = 180, width: int = 240) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +130,7 @@ def test_filter_boxes_min_size_dedup_cap():
 
 
 def test_clip_and_downscale_factor():
-    clipped = proposals.clip_to_image(np.array([[-5, -1, 300, 90]], np.float32), (80, 200))
+    clipped = clip_boxes(np.array([[-5, -1, 300, 90]], np.float32), (80, 200))
     np.testing.assert_array_equal(clipped, [[0, 0, 200, 80]])
     assert proposals.downscale_factor((300, 800), 400) == 0.5
     assert proposals.downscale_factor((300, 800), 0) == 1.0
@@ -223,10 +225,7 @@ def test_proposal_recall_matches_reference():
     rng = np.random.default_rng(1)
 
     def random_boxes(count):
-        corner = rng.uniform(0, 80, (count, 2))
-        return np.concatenate([corner, corner + rng.uniform(5, 60, (count, 2))], 1).astype(
-            np.float32
-        )
+        return uniform_boxes(rng, count, 80, (5, 60)).astype(np.float32)
 
     gt = [random_boxes(3), random_boxes(0), random_boxes(5)]
     boxes = [random_boxes(40), random_boxes(10), random_boxes(0)]

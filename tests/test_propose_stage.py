@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,16 +13,16 @@ import pytest
 import scipy.io
 from click.testing import CliRunner
 
-from spp_detect.artifacts import load_json, load_npz, save_npz
 from spp_detect.cli import cli
 from spp_detect.config import load_config
+from spp_detect.data.image import read_image
 from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.run_dir import RunDir
+from spp_detect.runtime.artifacts import load_json, load_npz, save_npz
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.runtime.workers import run_jobs
 from spp_detect.stages import propose as propose_stage
-from spp_detect.stages.common import StageContext
+from spp_detect.stages.context import StageContext
 from spp_detect.stages.propose import ProposalJob, run_propose, save_proposals
-from spp_detect.workers import run_jobs
 
 TOY_CLASSES = "data.classes=[circle, square, triangle]"
 CRASH_ID = "trainval_00003"  # the image whose worker dies in the crash tests
@@ -71,12 +70,6 @@ def _truncate_jpeg(path: Path) -> bytes:
     data = path.read_bytes()
     path.write_bytes(data[: data.find(b"\xff\xda")])
     return data
-
-
-@pytest.fixture
-def toy_copy(toy_root: Path, tmp_path: Path) -> Path:
-    """A private copy of the toy set that a test may damage."""
-    return Path(shutil.copytree(toy_root, tmp_path / "toy"))
 
 
 @pytest.mark.slow  # selective search on the whole test split, ~9 s
@@ -280,7 +273,7 @@ def test_report_only_and_bad_config(toy_root, tmp_path, monkeypatch):
 def test_another_dataset_with_the_same_ids_is_proposed_again(tmp_path, monkeypatch):
     """A run directory pointed at another data.root (same image ids, other pictures) or at
     images rewritten in place must not keep the old proposals."""
-    from spp_detect.toy import make_toy_dataset
+    from spp_detect.data.toy import make_toy_dataset
 
     monkeypatch.setattr(propose_stage, "compute_proposals", fake_proposals)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -304,7 +297,7 @@ def test_opencv_without_contrib_is_one_line_naming_the_fix(toy_root, tmp_path, m
     work, and so does the Python API's propose_image with a UserError."""
     import types
 
-    from spp_detect import proposals
+    from spp_detect.data import proposals
 
     without_contrib = types.SimpleNamespace(__version__="4.10.0")
     monkeypatch.setattr(proposals, "cv2", without_contrib)

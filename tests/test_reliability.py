@@ -23,20 +23,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from spp_detect import artifacts, locks
-from spp_detect.artifacts import load_npz, require_manifest, save_npz, save_torch
 from spp_detect.cli import cli
 from spp_detect.config import load_config
+from spp_detect.data.image import image_size, read_image
 from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import (
-    is_current,
-    load_proposals,
-    open_feature_source,
-    split_records,
-)
-from spp_detect.voc import image_size
+from spp_detect.runtime import artifacts, locks
+from spp_detect.runtime.artifacts import load_npz, save_npz, save_torch
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.builders import load_proposals, open_feature_source
+from spp_detect.stages.context import split_records
+from spp_detect.stages.manifests import is_current, require_manifest
 
 TOY = ["data.classes=[circle,square,triangle]", "extract.scales=[96]", "propose.max_side=200"]
 
@@ -109,8 +105,8 @@ def test_proposals_of_another_origin_are_refused_when_read(toy_root, run_copy):
         load_proposals(config, run_dir, "trainval", record)
 
 
-def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_a_regenerated_image_makes_its_cached_maps_stale(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config = _config(root)
     for verb in ("propose", "extract"):  # this dataset's own items (paths differ from toy_root)
@@ -123,7 +119,7 @@ def test_a_regenerated_image_makes_its_cached_maps_stale(toy_root, tmp_path, sma
 
 
 def test_a_weights_file_rewritten_under_its_name_makes_the_maps_stale(toy_root, tmp_path):
-    from spp_detect.backbones import build_backbone, trunk_state
+    from spp_detect.models.weights import build_backbone, trunk_state
 
     weights = tmp_path / "zf5.pt"
     save_torch(weights, trunk_state(build_backbone("zf5", "none")))
@@ -157,7 +153,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     lock = tmp_path / ".locks" / "extract.trainval.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from spp_detect import locks\n"
+         "import sys, time; from pathlib import Path; from spp_detect.runtime import locks\n"
          "with locks.exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); "
          "time.sleep(60)", str(lock)],
         stdout=subprocess.PIPE, text=True,
@@ -286,10 +282,10 @@ def test_an_upstream_rerun_makes_the_downstream_stale(toy_root, run_copy):
     assert not is_current(config, run_dir, "finetune", "trainval", limit=3)
 
 
-def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_path, small_run):
-    from spp_detect.toy import make_toy_dataset
+def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_copy, tmp_path, small_run):
+    from spp_detect.data.toy import make_toy_dataset
 
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config, run_dir = _config(root), RunDir(run)
     for verb in ("propose", "extract"):
@@ -300,8 +296,8 @@ def test_a_dataset_regenerated_in_place_makes_every_stage_stale(toy_root, tmp_pa
         assert not is_current(config, run_dir, stage, "trainval", limit=3)
 
 
-def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     config, run_dir = _config(root), RunDir(run)
     assert _invoke("propose", root, run, "--limit", "3").exit_code == 0
@@ -314,8 +310,8 @@ def test_a_dataset_reannotated_in_place_makes_the_stage_stale(toy_root, tmp_path
     assert not is_current(config, run_dir, "propose", "trainval", limit=3)
 
 
-def test_finetune_trains_again_when_its_data_changed_in_place(toy_root, tmp_path, small_run):
-    root = Path(shutil.copytree(toy_root, tmp_path / "toy"))
+def test_finetune_trains_again_when_its_data_changed_in_place(toy_copy, tmp_path, small_run):
+    root = toy_copy
     run = Path(shutil.copytree(small_run, tmp_path / "run"))
     tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
     sets = [part for item in tiny for part in ("--set", item)]
@@ -332,7 +328,7 @@ def test_finetune_trains_again_when_its_data_changed_in_place(toy_root, tmp_path
 
 
 def test_a_trained_head_replaced_since_finetune_is_refused(toy_root, run_copy):
-    from spp_detect.stages.common import load_trained_head
+    from spp_detect.stages.builders import load_trained_head
 
     tiny = ("finetune.iterations=2", "finetune.fc_dim=16")
     sets = [part for item in tiny for part in ("--set", item)]

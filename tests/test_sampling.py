@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spp_detect.sampling import (
+from spp_detect.structures import ImageRecord
+from spp_detect.train.sampling import (
     IGNORE,
     build_window_pool,
     class_overlaps,
@@ -19,7 +20,6 @@ from spp_detect.sampling import (
     warn_missing_classes,
     window_labels,
 )
-from spp_detect.structures import ImageRecord
 
 
 def _record(image_id: str, boxes, labels, width: int = 200, height: int = 100) -> ImageRecord:
@@ -190,7 +190,7 @@ def test_minibatch_split_extremes(fraction):
 
 
 def test_box_targets_lead_foreground_windows_to_their_gt_also_when_flipped():
-    from spp_detect.boxes import decode_deltas, flip_boxes
+    from spp_detect.ops.boxes import decode_deltas, flip_boxes
 
     record = _record("a", [[10, 10, 50, 60], [60, 20, 90, 80]], [0, 1], width=100, height=100)
     proposals = np.array([[12, 8, 52, 58], [58, 22, 92, 78], [0, 0, 100, 100]], np.float32)

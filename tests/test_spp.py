@@ -5,13 +5,15 @@ cases."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from spp_detect import _blockmax, spp
-from spp_detect.spp import (
+from spp_detect.ops import _blockmax, spp
+from spp_detect.ops.spp import (
+    PoolGeometry,
     SpatialPyramidPool,
     dedup_keys,
     pool_windows,
@@ -21,10 +23,11 @@ from spp_detect.spp import (
     spatial_pyramid_pool,
     window_cells,
 )
-from spp_detect.testing import random_boxes, reference_pool
+from spp_detect.testing import cpu_and_cuda, random_boxes, reference_pool, zf5_fmap_side
 
 ZF5 = {"stride": 16, "offset0": 21.0, "offset": 6.5}  # released spp_config.m (method.md#projection)
 LEVELS = (6, 3, 2, 1)
+ZF5_POOL = PoolGeometry(**ZF5, levels=LEVELS, target_size=224.0)
 
 
 # ------------------------------------------------ slow references (scale selection, projection)
@@ -68,14 +71,6 @@ def reference_project(box, image_hw, scale, fmap_hw, stride, offset0, offset):
     left, right = min(max(left, 1), fmap_w), min(max(right, 1), fmap_w)
     top, bottom = min(max(top, 1), fmap_h), min(max(bottom, 1), fmap_h)
     return left - 1, top - 1, right - 1, bottom - 1
-
-
-def zf5_fmap_side(side: int) -> int:
-    """docs/method.md#conv-trunks conv5 size arithmetic (floor for conv, ceil for pooling)."""
-    c1 = (side - 5) // 2 + 1
-    p1 = -(-(c1 - 3) // 2) + 1
-    c2 = (p1 - 5) // 2 + 1
-    return -(-(c2 - 3) // 2) + 1
 
 
 def mixed_boxes(rng: np.random.Generator, count: int, image_hw, min_side=1.0) -> np.ndarray:
@@ -223,7 +218,7 @@ def test_projection_matches_reference_on_random_boxes(scale):
     cells = project_boxes(boxes, image_hw, scale, fmap_hw, **ZF5)
     expected = [reference_project(b, image_hw, scale, fmap_hw, **ZF5) for b in boxes]
     assert cells.tolist() == [list(e) for e in expected]
-    keys = dedup_keys(boxes, image_hw, [scale], torch.zeros(len(boxes)), **ZF5)
+    keys = dedup_keys(boxes, image_hw, [scale], torch.zeros(len(boxes)), ZF5_POOL)
     assert keys[:, :4].tolist() == [list(reference_edges(b, image_hw, scale, **ZF5)) for b in boxes]
 
 
@@ -247,14 +242,18 @@ def random_cells(rng: np.random.Generator, count: int, height: int, width: int) 
     return cells
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("levels", [LEVELS, (4, 3, 2), (7, 5, 1), (1,)])
-def test_pooling_matches_reference_on_random_windows(levels):
+def test_pooling_matches_reference_on_random_windows(levels, device):
+    """On the CPU the block-max engine; on CUDA roi_pool where its bins are exact (``auto``)."""
     rng = np.random.default_rng(sum(levels))
     fmap = relu_map(rng, 16, 23, 37)
     cells = random_cells(rng, 300, 23, 37)
-    pooled = spatial_pyramid_pool(fmap, torch.from_numpy(cells), levels)
-    assert torch.equal(pooled, torch.from_numpy(reference_pool(fmap.numpy(), cells, levels)))
-    assert torch.equal(SpatialPyramidPool(levels)(fmap, torch.from_numpy(cells)), pooled)
+    pooled = spatial_pyramid_pool(fmap.to(device), torch.from_numpy(cells), levels)
+    expected = torch.from_numpy(reference_pool(fmap.numpy(), cells, levels))
+    assert pooled.device.type == device and torch.equal(pooled.cpu(), expected)
+    module = SpatialPyramidPool(levels)
+    assert torch.equal(module(fmap.to(device), torch.from_numpy(cells)), pooled)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 40_000])  # 1 window per chunk; 17 or 8
@@ -279,8 +278,8 @@ def pool_windows_case(seed: int, count: int = 40):
 
 def test_pool_windows_unordered_rows_reorder_to_input_order():
     args = pool_windows_case(13, count=60)
-    ordered, arange = pool_windows(*args, levels=LEVELS, **ZF5)
-    pooled, rows = pool_windows(*args, levels=LEVELS, keep_order=False, **ZF5)
+    ordered, arange = pool_windows(*args, geometry=ZF5_POOL)
+    pooled, rows = pool_windows(*args, geometry=ZF5_POOL, keep_order=False)
     assert torch.equal(arange, torch.arange(60))
     assert sorted(rows.tolist()) == list(range(60)) and not torch.equal(rows, arange)
     assert torch.equal(pooled, ordered[rows])
@@ -289,39 +288,43 @@ def test_pool_windows_unordered_rows_reorder_to_input_order():
 
 def test_pool_windows_into_a_larger_buffer():
     args = pool_windows_case(12)
-    expected, _ = pool_windows(*args, levels=LEVELS, **ZF5)
+    expected, _ = pool_windows(*args, geometry=ZF5_POOL)
     buffer = torch.full((50, 200), -1.0)
-    pooled, rows = pool_windows(*args, levels=LEVELS, out=buffer, keep_order=False, **ZF5)
+    pooled, rows = pool_windows(*args, geometry=ZF5_POOL, out=buffer, keep_order=False)
     assert pooled.data_ptr() == buffer.data_ptr() and pooled.shape == (40, 200)
     assert torch.equal(pooled, expected[rows]) and bool((buffer[40:] == -1).all())
     with pytest.raises(ValueError, match="cannot hold 40 rows of 200"):
-        pool_windows(*args, levels=LEVELS, out=torch.empty(39, 200), keep_order=False, **ZF5)
+        pool_windows(*args, geometry=ZF5_POOL, out=torch.empty(39, 200), keep_order=False)
     with pytest.raises(ValueError, match="cannot hold 40 rows of 200"):
-        pool_windows(*args, levels=LEVELS, out=torch.empty(39, 200), **ZF5)
+        pool_windows(*args, geometry=ZF5_POOL, out=torch.empty(39, 200))
 
 
 def test_pool_windows_in_input_order_into_a_buffer():
     """keep_order with ``out``: the result is still the buffer's first R rows, in input order."""
     args = pool_windows_case(14)
-    expected, _ = pool_windows(*args, levels=LEVELS, **ZF5)
+    expected, _ = pool_windows(*args, geometry=ZF5_POOL)
     buffer = torch.full((45, 200), -1.0, dtype=torch.float64)
-    pooled, rows = pool_windows(*args, levels=LEVELS, out=buffer, **ZF5)
+    pooled, rows = pool_windows(*args, geometry=ZF5_POOL, out=buffer)
     assert pooled.data_ptr() == buffer.data_ptr() and pooled.dtype == torch.float64
     assert torch.equal(rows, torch.arange(40)) and bool((buffer[40:] == -1).all())
     assert torch.equal(pooled, expected.double())
 
 
-def test_pool_windows_matches_reference_at_several_scales():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_pool_windows_matches_reference_at_several_scales(device):
     """Boxes → best scale → cells → pyramid, against the reference, rows in input order."""
     rng = np.random.default_rng(7)
     image_hw, scales = (150, 200), (96, 128, 224)
     fmaps = [
         relu_map(rng, 8, zf5_fmap_side(s), zf5_fmap_side(round(s * 200 / 150))) for s in scales
     ]
+    on_device = [fmap.to(device) for fmap in fmaps]
     boxes = mixed_boxes(rng, 400, image_hw, min_side=4.0)
     scale_index = select_scale(boxes, image_hw, scales, target=100.0)  # all three in use
     assert len(set(scale_index.tolist())) == 3
-    pooled, rows = pool_windows(fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, **ZF5)
+    pooled, rows = pool_windows(on_device, boxes, image_hw, scales, scale_index, ZF5_POOL)
+    assert pooled.device.type == device
+    pooled = pooled.cpu()
     expected = []
     for box, k in zip(boxes, scale_index.tolist(), strict=True):
         fmap_hw = tuple(fmaps[k].shape[1:])
@@ -330,9 +333,9 @@ def test_pool_windows_matches_reference_at_several_scales():
     assert pooled.dtype == torch.float32 and torch.equal(rows, torch.arange(400))
     assert torch.equal(pooled, torch.from_numpy(np.stack(expected)))
     unordered, rows = pool_windows(
-        fmaps, boxes, image_hw, scales, scale_index, levels=LEVELS, keep_order=False, **ZF5
+        on_device, boxes, image_hw, scales, scale_index, ZF5_POOL, keep_order=False
     )
-    assert torch.equal(unordered, torch.from_numpy(np.stack(expected))[rows])
+    assert torch.equal(unordered.cpu(), torch.from_numpy(np.stack(expected))[rows])
 
 
 def test_pool_windows_with_random_scales_and_unused_maps():
@@ -341,15 +344,15 @@ def test_pool_windows_with_random_scales_and_unused_maps():
     fmaps = [relu_map(rng, 4, 5, 7), relu_map(rng, 4, 7, 9)]
     boxes = mixed_boxes(rng, 50, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 50))
-    pooled, _ = pool_windows(fmaps, boxes, image_hw, scales, index, levels=LEVELS, **ZF5)
-    cells = window_cells(boxes, image_hw, scales, index, [(5, 7), (7, 9)], **ZF5)
+    pooled, _ = pool_windows(fmaps, boxes, image_hw, scales, index, geometry=ZF5_POOL)
+    cells = window_cells(boxes, image_hw, scales, index, [(5, 7), (7, 9)], ZF5_POOL)
     for row in range(50):
         k = int(index[row])
         expected = spatial_pyramid_pool(fmaps[k], cells[row : row + 1], LEVELS)[0]
         assert torch.equal(pooled[row], expected)
     only_second = torch.ones(5, dtype=torch.long)
     pooled, _ = pool_windows(
-        [None, fmaps[1]], boxes[:5], image_hw, scales, only_second, levels=LEVELS, **ZF5
+        [None, fmaps[1]], boxes[:5], image_hw, scales, only_second, geometry=ZF5_POOL
     )
     assert pooled.shape == (5, 4 * 50)
 
@@ -358,10 +361,10 @@ def test_pool_windows_without_windows():
     boxes = np.zeros((0, 4), dtype=np.float32)
     index = select_scale(boxes, (100, 120), (64, 96))
     maps = [torch.rand(8, 3, 4), None]
-    pooled, rows = pool_windows(maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, **ZF5)
+    pooled, rows = pool_windows(maps, boxes, (100, 120), (64, 96), index, geometry=ZF5_POOL)
     assert index.shape == (0,) and pooled.shape == (0, 400) and rows.shape == (0,)
     pooled, rows = pool_windows(
-        maps, boxes, (100, 120), (64, 96), index, levels=LEVELS, keep_order=False, **ZF5
+        maps, boxes, (100, 120), (64, 96), index, geometry=ZF5_POOL, keep_order=False
     )
     assert pooled.shape == (0, 400) and rows.shape == (0,)
 
@@ -373,8 +376,8 @@ def test_float16_maps_pool_exactly_into_float32():
     boxes = mixed_boxes(rng, 60, image_hw)
     index = torch.from_numpy(rng.integers(0, 2, 60))
     args = (boxes, image_hw, scales, index)
-    pooled, _ = pool_windows(maps, *args, levels=LEVELS, out_dtype=torch.float32, **ZF5)
-    expected, _ = pool_windows([m.float() for m in maps], *args, levels=LEVELS, **ZF5)
+    pooled, _ = pool_windows(maps, *args, geometry=ZF5_POOL, out_dtype=torch.float32)
+    expected, _ = pool_windows([m.float() for m in maps], *args, geometry=ZF5_POOL)
     assert pooled.dtype == torch.float32 and torch.equal(pooled, expected)
 
 
@@ -396,11 +399,34 @@ def test_the_roi_pool_engine_pools_what_the_block_max_engine_pools(levels, dtype
         pooled = spatial_pyramid_pool(fmap, cells, levels, torch.float32, engine=engine)
         assert torch.equal(pooled, expected), engine
     args = pool_windows_case(21, count=60)
-    blockmax, _ = pool_windows(*args, levels=levels, engine="blockmax", **ZF5)
-    assert torch.equal(pool_windows(*args, levels=levels, engine="roi_pool", **ZF5)[0], blockmax)
+    geometry = replace(ZF5_POOL, levels=levels)
+    blockmax, _ = pool_windows(*args, geometry, engine="blockmax")
+    assert torch.equal(pool_windows(*args, geometry, engine="roi_pool")[0], blockmax)
     with pytest.raises(ValueError, match="engine must be one of"):
         spatial_pyramid_pool(fmap, cells, levels, engine="fast")
     assert spp.pool_engine(fmap.double(), levels, "roi_pool") == "blockmax"  # float32 would round
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("levels", [(6, 3, 2, 1), (8, 4, 2, 1)])
+def test_roi_pool_engine_on_the_device_is_exact_for_every_window_size(levels, device):
+    """Every window of 1…130 × 1…130 cells, pooled by the roi_pool engine on the device against
+    the block-max engine on the CPU: channel 0 rises to the bottom-right, so each bin's max sits
+    on its last row and column, and channel 1 falls, so it sits on its first; an edge computed
+    one cell off by the device's arithmetic changes a value."""
+    side = 130
+    ramp = torch.arange(side, dtype=torch.float32)
+    rising = ramp[:, None] * side + ramp[None, :]
+    fmap = torch.stack([rising, rising.max() - rising])  # (2, H, W)
+    heights, widths = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    offsets = (heights * 7 + widths * 3) % (side - torch.maximum(heights, widths))
+    cells = torch.stack(
+        [offsets.flatten(), offsets.flatten(), (offsets + widths).flatten(),
+         (offsets + heights).flatten()], dim=1,
+    )  # fmt: skip
+    expected = spatial_pyramid_pool(fmap, cells, levels, engine="blockmax")
+    pooled = spatial_pyramid_pool(fmap.to(device), cells, levels, engine="roi_pool")
+    assert pooled.device.type == device and torch.equal(pooled.cpu(), expected)
 
 
 def test_only_level_7_leaves_roi_pool_for_the_block_max_engine(monkeypatch):
@@ -425,8 +451,8 @@ def test_pooling_never_reads_back_from_the_map_device(engine):
         int(meta_maps[0].max())  # what the check relies on
     for keep_order in (True, False):
         pooled, rows = pool_windows(
-            meta_maps, boxes, image_hw, scales, index, levels=LEVELS,
-            keep_order=keep_order, engine=engine, **ZF5,
+            meta_maps, boxes, image_hw, scales, index, geometry=ZF5_POOL,
+            keep_order=keep_order, engine=engine
         )  # fmt: skip
         assert pooled.device.type == "meta" and pooled.shape == (80, 200)
         assert rows.device.type == "cpu" and sorted(rows.tolist()) == list(range(80))

@@ -6,10 +6,10 @@ import pytest
 
 from spp_detect.config import load_config
 from spp_detect.errors import UserError
-from spp_detect.svm import (
+from spp_detect.models.linear import SvmModel
+from spp_detect.train.svm import (
     SKIPPED_CLASS_BIAS,
     HardNegativeMiner,
-    SvmModel,
     SvmParams,
     _ClassCache,
     cache_cap,
@@ -188,7 +188,7 @@ def test_model_save_load_round_trip(tmp_path):
 def test_negative_candidates_dedup_by_key_and_keep_negatives_of_any_class():
     import torch
 
-    from spp_detect.svm import negative_candidates
+    from spp_detect.train.svm import negative_candidates
 
     gt = np.array([[0, 0, 10, 10]], np.float32)
     boxes = np.array(
@@ -334,7 +334,7 @@ def test_cap_bounds_every_cache_and_is_reported(caplog, retrain_limit):
     )
     miner = HardNegativeMiner(positives, params)
     assert miner.cap == cap
-    with caplog.at_level(logging.INFO, logger="spp_detect.svm"):
+    with caplog.at_level(logging.INFO, logger="spp_detect.train.svm"):
         for number, image in enumerate(images):
             miner.add_image(image, is_last=number == len(images) - 1)
             for label in range(2):  # over the cap it is retrained at once, so never seen over

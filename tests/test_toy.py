@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from spp_detect import toy
+from spp_detect.data import toy
+from spp_detect.data.toy import TOY_CLASSES, draw_image, make_toy_dataset
+from spp_detect.data.voc import read_split
 from spp_detect.errors import UserError
-from spp_detect.toy import TOY_CLASSES, draw_image, make_toy_dataset
-from spp_detect.voc import read_split
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

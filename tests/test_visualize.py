@@ -1,8 +1,8 @@
 import cv2
 import numpy as np
 
+from spp_detect.evaluation.visualize import class_colour, draw_detections, save_png
 from spp_detect.structures import ImageDetections
-from spp_detect.visualize import class_colour, draw_detections, save_png
 
 
 def test_draw_detections_marks_the_box_border():
@@ -41,7 +41,7 @@ def test_save_png(tmp_path):
 def test_labels_name_each_box_by_its_own_class_and_score(monkeypatch):
     """One class, scores above 1: the caption is "<class> <score>" of that detection (a swapped
     scores/labels pair once drew "square 2.00" or raised IndexError)."""
-    from spp_detect import visualize
+    from spp_detect.evaluation import visualize
 
     captions = []
     monkeypatch.setattr(visualize, "_draw_label", lambda _, text, *__: captions.append(text))

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from spp_detect.data.voc import available_splits, parse_annotation, read_split, voc_to_continuous
 from spp_detect.errors import UserError
-from spp_detect.voc import available_splits, parse_annotation, read_split, voc_to_continuous
 
 CLASSES = ("cat", "dog")
 
@@ -88,7 +88,7 @@ def test_tolerant_parsing(tmp_path, caplog):
         + obj("bird", (2, 2, 6, 6))
     )
     root = make_voc(tmp_path / "voc", {"a": xml(objects)})
-    with caplog.at_level(logging.INFO, logger="spp_detect.voc"):
+    with caplog.at_level(logging.INFO, logger="spp_detect.data.voc"):
         (record,) = read_split(root, "trainval", CLASSES)
     np.testing.assert_array_equal(record.gt_boxes, [[10, 20, 40.5, 50], [0, 0, 80, 60]])
     np.testing.assert_array_equal(record.gt_labels, [0, 1])
@@ -111,7 +111,7 @@ def test_boxes_outside_clipped_and_degenerate_dropped(tmp_path, caplog):
         obj("cat", (-5, 10, 100, 70)) + obj("dog", (90, 10, 120, 20)) + obj("dog", (5, 5, 5, 9))
     )
     root = make_voc(tmp_path / "voc", {"a": xml(objects)})
-    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.data.voc"):
         (record,) = read_split(root, "trainval", CLASSES)
     # box 2 starts right of the 80-px image; box 3 is one pixel column wide, kept
     np.testing.assert_array_equal(record.gt_boxes, [[0, 9, 80, 60], [4, 4, 5, 9]])
@@ -122,7 +122,7 @@ def test_boxes_outside_clipped_and_degenerate_dropped(tmp_path, caplog):
 def test_real_image_size_wins_over_xml(tmp_path, caplog):
     annotations = {"a": xml(obj("cat", (1, 1, 80, 60)), size=(600, 800)), "b": xml("", size=None)}
     root = make_voc(tmp_path / "voc", annotations, image_hw=(30, 40))
-    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.data.voc"):
         first, second = read_split(root, "trainval", CLASSES)
     assert first.image_hw == second.image_hw == (30, 40)
     np.testing.assert_array_equal(first.gt_boxes, [[0, 0, 40, 30]])
@@ -145,7 +145,7 @@ def test_the_id_decides_the_image_and_another_filename_is_a_warning(tmp_path, ca
     root = make_voc(tmp_path / "voc", {"a": xml("", filename="other.jpg")})
     image = np.zeros((10, 20, 3), dtype=np.uint8)
     cv2.imwrite(str(root / "JPEGImages" / "other.jpg"), image)
-    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.data.voc"):
         (record,) = read_split(root, "trainval", CLASSES)
     assert record.path.name == "a.jpg" and record.image_hw == (60, 80)
     assert "<filename> names another file (the id's image is used)" in caplog.text
@@ -266,7 +266,7 @@ def test_a_size_of_inf_is_no_size(tmp_path, caplog):
     """<size> with inf (OverflowError in int()) was a traceback; it is unusable, like text."""
     text = xml(obj("cat", (1, 1, 30, 40))).replace("<width>80</width>", "<width>inf</width>")
     root = make_voc(tmp_path / "voc", {"a": text})
-    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.data.voc"):
         (record,) = read_split(root, "trainval", CLASSES)
     assert record.image_hw == (60, 80) and "no usable <size>" in caplog.text
 
@@ -285,7 +285,7 @@ def test_an_exif_rotated_photo_is_read_upright_with_its_upright_size(tmp_path, c
     size, a "<size> differs" warning and every box on sideways pixels)."""
     root = make_voc(tmp_path / "voc", {"a": xml(obj("cat", (1, 51, 40, 80)), size=(80, 60))})
     _exif_photo(root / "JPEGImages/a.jpg", (60, 80), orientation=6)
-    with caplog.at_level(logging.WARNING, logger="spp_detect.voc"):
+    with caplog.at_level(logging.WARNING, logger="spp_detect.data.voc"):
         (record,) = read_split(root, "trainval", CLASSES)
     assert record.image_hw == (80, 60)
     np.testing.assert_array_equal(record.gt_boxes, [[0, 50, 40, 80]])  # not clipped

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 
 from spp_detect.errors import UserError
-from spp_detect.run_dir import RunDir
-from spp_detect.structures import Detections, ImageRecord
-from spp_detect.voc_eval import (
+from spp_detect.evaluation.voc_eval import (
     detection_outcomes,
     evaluate_all_classes,
     evaluate_class,
@@ -17,6 +15,8 @@ from spp_detect.voc_eval import (
     voc_ap,
     write_devkit_files,
 )
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.structures import Detections, ImageRecord
 
 BOX_A = [0.0, 0.0, 10.0, 10.0]
 BOX_B = [20.0, 20.0, 40.0, 30.0]

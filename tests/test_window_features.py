@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from spp_detect.backbones import build_backbone
 from spp_detect.config import Config
-from spp_detect.detector import DetectionSettings, Detector
-from spp_detect.features import FeatureSource, PoolGeometry
-from spp_detect.head import Head
+from spp_detect.data.voc import read_split
+from spp_detect.models.detector import DetectionSettings, TrainedDetector
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import Head
+from spp_detect.models.linear import SvmModel
+from spp_detect.models.weights import build_backbone
+from spp_detect.ops.spp import PoolGeometry, distinct_windows
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmModel
 from spp_detect.testing import random_boxes
-from spp_detect.voc import read_split
-from spp_detect.window_features import distinct_windows, feature_scale, sample_for_norm
+from spp_detect.train.window_features import feature_scale, sample_for_norm
 
 TOY_CLASSES = ("circle", "square", "triangle")
 
@@ -107,7 +108,7 @@ def test_dedup_gives_the_same_scores_as_every_window(toy_root):
     settings = DetectionSettings(
         test.score_thresh, test.nms_thresh, test.max_per_class, test.batch_windows, "fp32"
     )
-    detector = Detector(head, svms, None, settings, "cpu")
+    detector = TrainedDetector(head, svms, None, settings, "cpu")
     with torch.inference_mode():
         pooled, fc7, inverse = detector.window_features(source, record, boxes)
         fast = (fc7 @ detector.svm_weight + detector.svm_bias)[inverse]

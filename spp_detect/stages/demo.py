@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spp_detect.artifacts import load_npz
-from spp_detect.image import read_image
-from spp_detect.stages.common import StageContext, split_records
+from spp_detect.data.image import read_image
+from spp_detect.data.toy import make_toy_dataset
+from spp_detect.evaluation.visualize import draw_detections, save_png
+from spp_detect.runtime.artifacts import load_npz
+from spp_detect.stages.context import StageContext, split_records
 from spp_detect.stages.run import run_all
 from spp_detect.structures import Detections
-from spp_detect.toy import make_toy_dataset
-from spp_detect.visualize import draw_detections, save_png
 
 DEMO_PICTURES = 4  # test images drawn at the end
 DEMO_SCORE_THRESH = 0.0  # SVM margin: drawn boxes are the ones the SVM calls positive

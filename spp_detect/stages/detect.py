@@ -18,12 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from spp_detect.api import Detector, image_record
-from spp_detect.artifacts import save_json
+from spp_detect.data.image import read_image
 from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.stages.common import StageContext, Summary
+from spp_detect.evaluation.visualize import draw_detections, save_png
+from spp_detect.runtime.artifacts import save_json
+from spp_detect.stages.context import StageContext, Summary
 from spp_detect.structures import ImageDetections, ImageRecord
-from spp_detect.visualize import draw_detections, save_png
 
 
 def run_detect(ctx: StageContext, images: list[Path], out_dir: Path, score_thresh: float) -> str:

@@ -13,34 +13,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spp_detect import coco
-from spp_detect.artifacts import clear_manifest, load_npz, read_manifest, save_json
-from spp_detect.coco_eval import evaluate_coco, format_coco_line, require_pycocotools, results_json
+from spp_detect.data import coco
 from spp_detect.errors import UserError
-from spp_detect.inference import combine_detections
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import (
-    RANDOM_TRUNK_NOTE,
-    StageContext,
-    Summary,
-    check_classes,
-    check_data_of,
-    check_file,
-    close_stage,
-    locked,
-    require_upstream,
-    split_records,
-    stage_dir,
-    trunk_provenance,
+from spp_detect.evaluation.coco_eval import (
+    evaluate_coco,
+    format_coco_line,
+    require_pycocotools,
+    results_json,
 )
-from spp_detect.structures import Detections
-from spp_detect.voc_eval import (
+from spp_detect.evaluation.combine import combine_detections
+from spp_detect.evaluation.voc_eval import (
     evaluate_all_classes,
     format_ap_table,
     plot_pr_curves,
     summarize,
     write_devkit_files,
 )
+from spp_detect.runtime.artifacts import load_npz, save_json
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import StageContext, Summary, locked, split_records
+from spp_detect.stages.manifests import (
+    check_classes,
+    check_data_of,
+    check_file,
+    clear_manifest,
+    close_stage,
+    read_manifest,
+    require_upstream,
+)
+from spp_detect.stages.provenance import RANDOM_TRUNK_NOTE, trunk_provenance
+from spp_detect.structures import Detections
 
 
 @locked("eval")
@@ -126,12 +128,12 @@ def _own_detections(ctx: StageContext, split: str) -> Detections:
 
 def has_detections(ctx: StageContext, split: str) -> bool:
     """Whether `test` has closed ``split`` (with any config: a stale one is refused later)."""
-    return read_manifest(stage_dir(ctx.run_dir, "test", split)) is not None
+    return read_manifest(ctx.run_dir.stage_dir("test", split)) is not None
 
 
 def load_detections(run_dir: RunDir, split: str, classes: tuple[str, ...]) -> Detections:
     """Another run's detections of ``split``, refused if made for other classes."""
-    manifest = read_manifest(stage_dir(run_dir, "test", split))
+    manifest = read_manifest(run_dir.stage_dir("test", split))
     if manifest is None:
         raise UserError(
             f"{run_dir.root}: no detections for split {split!r}; run `spp-detect test` there first"

@@ -9,7 +9,7 @@ passes (still one file each); an image that runs out of GPU memory is redone on 
 first one image at a time), and any other CUDA error stops the stage with one line naming the
 image, the files written so far kept, as does running out of the machine's memory (a huge image
 or scale); 4. the manifest, last.
-Cache layout: ``spp_detect.features`` (module docstring) and docs/contracts.md#artefacts.
+Cache layout: ``spp_detect.models.features`` (module docstring) and docs/contracts.md#artefacts.
 """
 
 from __future__ import annotations
@@ -27,33 +27,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spp_detect.artifacts import check_free_space, clear_manifest, free_bytes, save_npz
-from spp_detect.backbones import Backbone
 from spp_detect.config import ExtractConfig
-from spp_detect.features import (
+from spp_detect.data.image import flip_image, resized_hw
+from spp_detect.models.backbones import Backbone
+from spp_detect.models.features import (
     cache_arrays,
     check_scales_fit,
     compute_maps,
     compute_maps_batch,
-    device_errors,
     pyramid_hw,
     read_record_image,
-    resolve_device,
 )
-from spp_detect.image import flip_image, resized_hw
-from spp_detect.stages.common import (
-    StageContext,
-    build_trunk,
-    close_stage,
-    format_bytes,
-    items_to_do,
-    locked,
-    maps_origin,
-    split_records,
-    split_todo,
-    trunk_digest,
-    wait_for_shares,
-)
+from spp_detect.runtime.artifacts import check_free_space, free_bytes, save_npz
+from spp_detect.runtime.device import device_errors, resolve_device
+from spp_detect.stages.builders import build_trunk
+from spp_detect.stages.context import StageContext, format_bytes, locked, split_records
+from spp_detect.stages.manifests import clear_manifest, close_stage, maps_origin, trunk_digest
+from spp_detect.stages.provenance import items_to_do
+from spp_detect.stages.sharding import split_todo, wait_for_shares
 from spp_detect.structures import ImageRecord
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ there on too, end to end from images (docs/method.md#conv-fine-tuning).
 Shapes: D pooled feature dim, K foreground classes.
 
 The stage gathers the labelled windows and builds the schedule from ``finetune``; the SGD loop,
-its checkpoint and the resume guarantee live in ``spp_detect.training``.
+its checkpoint and the resume guarantee live in ``spp_detect.train.finetune``.
 """
 
 from __future__ import annotations
@@ -16,39 +16,26 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from spp_detect import training
-from spp_detect.artifacts import (
-    check_free_space,
-    clear_manifest,
-    file_digest,
-    read_manifest,
-    save_json,
-    save_torch,
-    tensor_bytes,
-)
-from spp_detect.backbones import trunk_state
 from spp_detect.config import Config, FinetuneConfig, sized_finetune
 from spp_detect.errors import UserError
-from spp_detect.head import head_state
-from spp_detect.run_dir import RunDir
-from spp_detect.sampling import WindowPool, build_window_pool, warn_missing_classes
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
+from spp_detect.models.head import head_state
+from spp_detect.models.weights import trunk_state
+from spp_detect.runtime.artifacts import check_free_space, save_json, save_torch, tensor_bytes
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.builders import load_proposals, open_feature_source, pool_geometry
+from spp_detect.stages.context import StageContext, Summary, locked, split_records
+from spp_detect.stages.manifests import (
     check_classes,
+    clear_manifest,
     close_stage,
-    fingerprint,
     is_current,
-    load_proposals,
-    locked,
-    log_trunk,
-    open_feature_source,
-    pool_geometry,
+    read_manifest,
     require_upstream,
-    split_records,
-    stage_dir,
 )
+from spp_detect.stages.provenance import file_digest, log_trunk, stage_fingerprint
 from spp_detect.structures import ImageRecord
+from spp_detect.train import finetune
+from spp_detect.train.sampling import WindowPool, build_window_pool, warn_missing_classes
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +46,8 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     from images); ``stop_after`` (tests) stops after that many iterations as a kill would,
     leaving only the last regular checkpoint behind.
 
-    Under torchrun the model trains data parallel (``training.train``,
-    ``conv_training.end_to_end_step``), the global minibatch that of one process: the head's
+    Under torchrun the model trains data parallel (``finetune.train``,
+    ``finetune_conv.end_to_end_step``), the global minibatch that of one process: the head's
     windows, or end to end its images, shared by the ranks."""
     config, run_dir, settings = ctx.config, ctx.run_dir, ctx.config.finetune
     summary = Summary("finetune")
@@ -76,7 +63,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
             f"{dist.world} ranks end to end; set it to at least {dist.world} (each rank runs "
             "the trunk on its own images)"
         )
-    stage_fingerprint = fingerprint(config, "finetune")
+    fingerprint = stage_fingerprint(config, "finetune")
     # 1. Done already?
     if ctx.force:
         run_dir.checkpoint_path.unlink(missing_ok=True)
@@ -90,7 +77,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
     iterations = sized_settings(ctx, split).iterations
     total = iterations if stop_after is None else min(stop_after, iterations)
     identity = {
-        "fingerprint": stage_fingerprint, "split": split, "limit": ctx.limit or 0,
+        "fingerprint": fingerprint, "split": split, "limit": ctx.limit or 0,
         # a CUDA generator's dropout state does not load into a CPU one, nor the other way
         "device": torch.device(ctx.device).type,
     }  # fmt: skip
@@ -116,7 +103,7 @@ def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -
 
 def _train_head(
     ctx: StageContext, split: str, manifests: dict, identity: dict, total: int
-) -> tuple[training.Trainer, list[str]]:
+) -> tuple[finetune.Trainer, list[str]]:
     """Head-only fine-tuning (the paper's) on pooled windows of cached or live conv5 maps."""
     config, settings = ctx.config, sized_settings(ctx, split)
     schedule = _schedule(settings)
@@ -131,9 +118,9 @@ def _train_head(
                 "block_iterations": windows.block_iterations}  # fmt: skip
     source = windows.source
     trainer = _new_trainer(config, ctx.run_dir, source.channels, source.device, schedule, identity)
-    training.resume(ctx.run_dir.checkpoint_path, trainer)
+    finetune.resume(ctx.run_dir.checkpoint_path, trainer)
     start = trainer.progress.iteration
-    pool_seconds, step_seconds = training.train(
+    pool_seconds, step_seconds = finetune.train(
         trainer, windows, schedule, ctx.run_dir.checkpoint_path, total, validation, ctx.dist
     )
     notes = []
@@ -145,10 +132,10 @@ def _train_head(
 
 def _train_end_to_end(
     ctx: StageContext, split: str, manifests: dict, identity: dict, total: int
-) -> tuple[training.Trainer, list[str]]:
+) -> tuple[finetune.Trainer, list[str]]:
     """Conv layers from ``finetune.conv_from`` on, the pyramid and the head, from images
     (docs/method.md#conv-fine-tuning)."""
-    from spp_detect import conv_training
+    from spp_detect.train import finetune_conv
 
     config, settings = ctx.config, sized_settings(ctx, split)
     schedule = _schedule(settings)
@@ -162,16 +149,16 @@ def _train_end_to_end(
         identity,
         trunk=model.trunk,
     )
-    conv_training.add_trunk_to_optimizer(
+    finetune_conv.add_trunk_to_optimizer(
         trainer.optimizer, model.trunk, model.first_trainable, settings.conv_lr_mult
     )
-    training.resume(ctx.run_dir.checkpoint_path, trainer)
+    finetune.resume(ctx.run_dir.checkpoint_path, trainer)
     if trainer.normalize_inputs and trainer.progress.iteration == 0:
-        trainer.head.set_input_normalization(*conv_training.input_statistics(model, schedule))
+        trainer.head.set_input_normalization(*finetune_conv.input_statistics(model, schedule))
     start = trainer.progress.iteration
-    step = conv_training.end_to_end_step(trainer, model, schedule, ctx.dist)
+    step = finetune_conv.end_to_end_step(trainer, model, schedule, ctx.dist)
     checkpoints = ctx.run_dir.checkpoint_path if ctx.dist.is_main else None
-    seconds = training.run_sgd(trainer, schedule, checkpoints, total, step)
+    seconds = finetune.run_sgd(trainer, schedule, checkpoints, total, step)
     notes = []
     if seconds > 0:
         notes.append(f"{(trainer.progress.iteration - start) / seconds:.2f} SGD it/s end to end")
@@ -180,10 +167,12 @@ def _train_end_to_end(
 
 def _end_to_end_model(ctx: StageContext, split: str):
     """The split's labelled windows (each image also mirrored) and the trunk, frozen below
-    ``finetune.conv_from``, as a ``conv_training.EndToEnd``."""
-    from spp_detect import conv_training
-    from spp_detect.backbones import build_backbone, conv_layer_index
-    from spp_detect.features import check_scales_fit, resolve_device
+    ``finetune.conv_from``, as a ``finetune_conv.EndToEnd``."""
+    from spp_detect.models.backbones import conv_layer_index
+    from spp_detect.models.features import check_scales_fit
+    from spp_detect.models.weights import build_backbone
+    from spp_detect.runtime.device import resolve_device
+    from spp_detect.train import finetune_conv
 
     config, settings, extract = ctx.config, ctx.config.finetune, ctx.config.extract
     records = split_records(config, split, ctx.limit)
@@ -196,18 +185,18 @@ def _end_to_end_model(ctx: StageContext, split: str):
     trunk = build_backbone(extract.backbone, extract.weights, extract.last_stage).to(device)
     check_scales_fit(trunk, extract.scales)
     first = conv_layer_index(trunk, settings.conv_from)
-    conv_training.freeze_below(trunk, first)
+    finetune_conv.freeze_below(trunk, first)
     geometry = pool_geometry(config, trunk.stride, trunk.offset0)
-    return conv_training.EndToEnd(
+    return finetune_conv.EndToEnd(
         trunk=trunk, first_trainable=first, device=device,
-        images=conv_training.TrainingImages.from_pool(records, pool, geometry),
-        sampling=conv_training.ImageSampling(
+        images=finetune_conv.TrainingImages.from_pool(records, pool, geometry),
+        sampling=finetune_conv.ImageSampling(
             settings.images_per_batch, tuple(extract.scales), extract.max_long_side
         ),
     )  # fmt: skip
 
 
-def _save_outputs(ctx: StageContext, split: str, trainer: training.Trainer) -> int:
+def _save_outputs(ctx: StageContext, split: str, trainer: finetune.Trainer) -> int:
     """head.pt (and trunk.pt), history.json, the checkpoint removed, then the manifest; returns
     the bytes written."""
     config, run_dir = ctx.config, ctx.run_dir
@@ -239,8 +228,8 @@ def sized_settings(ctx: StageContext, split: str) -> FinetuneConfig:
     return sized_finetune(ctx.config.finetune, len(split_records(ctx.config, split, ctx.limit)))
 
 
-def _schedule(settings: FinetuneConfig) -> training.SgdSchedule:
-    return training.SgdSchedule(
+def _schedule(settings: FinetuneConfig) -> finetune.SgdSchedule:
+    return finetune.SgdSchedule(
         iterations=settings.iterations, batch_size=settings.batch_size,
         fg_fraction=settings.fg_fraction, lr=settings.lr, lr_steps=tuple(settings.lr_steps),
         momentum=settings.momentum, weight_decay=settings.weight_decay, seed=settings.seed,
@@ -254,7 +243,7 @@ def evaluation_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out windows of ``split``: features (R, D) at the best scale and labels (R,).
 
-    Drawn the training way (``training.held_out_windows``), without flips. Needs the split's
+    Drawn the training way (``finetune.held_out_windows``), without flips. Needs the split's
     proposals (and features when cached).
     """
     _check_upstream(config, run_dir, split)
@@ -264,7 +253,7 @@ def evaluation_windows(
     settings = config.finetune
     if len(pool.labels) == 0:  # the pool keeps only fg and bg windows: nothing to draw
         raise _no_windows(run_dir, split, settings)
-    return training.held_out_windows(
+    return finetune.held_out_windows(
         source, records, pool, settings.batch_size, settings.fg_fraction
     )
 
@@ -290,7 +279,7 @@ def _check_upstream(config: Config, run_dir: RunDir, split: str) -> dict[str, di
     if config.extract.cache == "disk" and not config.finetune.conv_from:
         manifests["extract"] = require_upstream(config, run_dir, "extract", split)
     for stage, manifest in manifests.items():
-        check_classes(manifest, config.data.classes, stage_dir(run_dir, stage, split), stage)
+        check_classes(manifest, config.data.classes, run_dir.stage_dir(stage, split), stage)
     return manifests
 
 
@@ -317,7 +306,7 @@ def _window_pool(
 
 def _training_windows(
     config: Config, run_dir: RunDir, split: str, limit: int | None, device: str, flip: bool
-) -> training.TrainingWindows:
+) -> finetune.TrainingWindows:
     settings = config.finetune
     records = split_records(config, split, limit)
     source = open_feature_source(config, run_dir, split, device)
@@ -326,13 +315,13 @@ def _training_windows(
         raise _no_windows(run_dir, split, settings)
     warn_missing_classes(pool, config.data.classes)
     feature_dim = source.geometry.feature_dim(source.channels)
-    return training.TrainingWindows(
+    return finetune.TrainingWindows(
         records=records,
         source=source,
         pool=pool,
         labels=torch.as_tensor(pool.labels, device=source.device),
         feature_dim=feature_dim,
-        block_iterations=training.block_size(settings.batch_size, feature_dim),
+        block_iterations=finetune.block_size(settings.batch_size, feature_dim),
     )
 
 
@@ -341,24 +330,24 @@ def _new_trainer(
     run_dir: RunDir,
     channels: int,
     device: torch.device,
-    schedule: training.SgdSchedule,
+    schedule: finetune.SgdSchedule,
     identity: dict,
     trunk: torch.nn.Module | None = None,
-) -> training.Trainer:
+) -> finetune.Trainer:
     """A trainer for a trunk of ``channels`` conv5 channels, whose fc6/fc7 start from the
     backbone's pretrained classifier when it has one (``trunk``: conv layers it trains too)."""
-    from spp_detect.backbones import load_classifier_state
+    from spp_detect.models.weights import load_classifier_state
 
     classifier = load_classifier_state(config.extract.backbone, config.extract.weights)
     shape = _head_shape(config, channels)
-    trainer = training.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
+    trainer = finetune.new_trainer(shape, schedule, classifier, identity, device, trunk=trunk)
     _check_checkpoint_space(run_dir, trainer)
     if classifier is not None:
         logger.info("fc6/fc7 start from the %s classifier", config.extract.backbone)
     return trainer
 
 
-def _check_checkpoint_space(run_dir: RunDir, trainer: training.Trainer) -> None:
+def _check_checkpoint_space(run_dir: RunDir, trainer: finetune.Trainer) -> None:
     """Weights and optimizer state of a checkpoint, twice (the new one is written beside the
     old one before it replaces it), plus the final head and trunk."""
     weights = tensor_bytes(trainer.head.state_dict())
@@ -369,9 +358,9 @@ def _check_checkpoint_space(run_dir: RunDir, trainer: training.Trainer) -> None:
     check_free_space(run_dir.finetune_dir, needed, "fine-tuning checkpoints")
 
 
-def _head_shape(config: Config, channels: int) -> training.HeadShape:
+def _head_shape(config: Config, channels: int) -> finetune.HeadShape:
     settings = config.finetune
-    return training.HeadShape(
+    return finetune.HeadShape(
         channels=channels, levels=tuple(config.spp.levels), fc_dim=settings.fc_dim,
         num_classes=len(config.data.classes), dropout=settings.dropout,
         box_branch=settings.bbox_loss_weight > 0,

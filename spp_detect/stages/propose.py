@@ -28,31 +28,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from spp_detect import proposals
-from spp_detect.artifacts import (
-    clear_manifest,
-    load_npz,
-    save_json,
-    save_npz,
-)
 from spp_detect.config import Config, ProposeConfig
+from spp_detect.data import proposals
+from spp_detect.data.image import read_image
 from spp_detect.errors import UserError
-from spp_detect.image import read_image
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
-    close_stage,
-    dir_bytes,
-    items_to_do,
-    locked,
-    proposal_params,
-    split_records,
-    split_todo,
-    wait_for_shares,
-)
+from spp_detect.ops.boxes import clip_boxes
+from spp_detect.runtime.artifacts import load_npz, save_json, save_npz
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.runtime.workers import MP_START_METHOD, run_jobs
+from spp_detect.stages.builders import proposal_params
+from spp_detect.stages.context import StageContext, Summary, dir_bytes, locked, split_records
+from spp_detect.stages.manifests import clear_manifest, close_stage
+from spp_detect.stages.provenance import items_to_do
+from spp_detect.stages.sharding import split_todo, wait_for_shares
 from spp_detect.structures import ImageRecord
-from spp_detect.workers import MP_START_METHOD, run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +59,7 @@ class ProposalJob:
     image_path: str
     out_path: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""  # the item fingerprint (stages.common.item_fingerprint), stored with it
+    fingerprint: str = ""  # the item fingerprint (provenance.item_fingerprint), stored with it
 
 
 def compute_proposals(job: ProposalJob) -> int:
@@ -194,7 +183,7 @@ def _import_mat(
     """Method ``mat``: the precomputed boxes of each image, clipped and filtered like the others."""
     boxes_by_id = proposals.load_mat_proposals(propose.mat_file, [r.image_id for r in records])
     for record, path in zip(tqdm(records, desc="import .mat", unit="img"), paths, strict=True):
-        boxes = proposals.clip_to_image(boxes_by_id[record.image_id], record.image_hw)
+        boxes = clip_boxes(boxes_by_id[record.image_id], record.image_hw)
         boxes = proposals.filter_boxes(boxes, propose.min_size, propose.max_per_image)
         save_proposals(path, boxes, fingerprints[record.image_id])
     return {}

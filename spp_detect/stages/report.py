@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from spp_detect import __version__
-from spp_detect.artifacts import atomic_write_text, read_manifest
+from spp_detect._version import __version__
 from spp_detect.config import Config
 from spp_detect.errors import UserError
 from spp_detect.evaluation.report import (
@@ -30,8 +29,11 @@ from spp_detect.evaluation.report import (
     render,
     shrink,
 )
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import split_records, stage_dir, trunk_provenance
+from spp_detect.runtime.artifacts import atomic_write_text
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.context import split_records
+from spp_detect.stages.manifests import read_manifest
+from spp_detect.stages.provenance import trunk_provenance
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 HITS, MISSES, FALSE_POSITIVES = (
@@ -45,7 +47,7 @@ def write_report(config: Config, run_dir: RunDir) -> Path:
     """Write ``run_dir``'s report.html from what its stages left; returns its path."""
     split = config.data.test_split
     evaluation = _read_json(run_dir.eval_path(split))
-    manifest = read_manifest(stage_dir(run_dir, "test", split))
+    manifest = read_manifest(run_dir.stage_dir("test", split))
     detections = _detections(run_dir, split) if manifest is not None else None
     # the images test ran on: the first --limit of the split, as its manifest records
     records = split_records(config, split, manifest.get("limit")) if manifest else []
@@ -120,7 +122,7 @@ def _metric_line(evaluation: dict | None, split: str) -> str:
 def _pr_curves(config: Config, detections: Detections | None, records: list[ImageRecord]) -> list:
     if detections is None:
         return []
-    from spp_detect.voc_eval import evaluate_all_classes
+    from spp_detect.evaluation.voc_eval import evaluate_all_classes
 
     try:
         results = evaluate_all_classes(
@@ -158,7 +160,7 @@ def _tiles(
 ) -> dict[str, list[Tile]]:
     if detections is None or not records:
         return {}
-    from spp_detect.voc_eval import detection_outcomes
+    from spp_detect.evaluation.voc_eval import detection_outcomes
 
     try:
         outcomes = detection_outcomes(detections, records, config.eval.iou_thresh)
@@ -193,8 +195,8 @@ def _area(box: np.ndarray) -> float:
 def _detection_tile(
     detections: Detections, row: int, record: ImageRecord, classes: tuple[str, ...]
 ) -> Tile:
-    from spp_detect.features import read_record_image
-    from spp_detect.visualize import draw_detections
+    from spp_detect.evaluation.visualize import draw_detections
+    from spp_detect.models.features import read_record_image
 
     small, scale = shrink(read_record_image(record))
     found = ImageDetections(
@@ -208,7 +210,7 @@ def _detection_tile(
 
 
 def _miss_tile(record: ImageRecord, label: int, box: np.ndarray, classes: tuple[str, ...]) -> Tile:
-    from spp_detect.features import read_record_image
+    from spp_detect.models.features import read_record_image
 
     small, scale = shrink(read_record_image(record))
     side = f"{box[2] - box[0]:.0f}×{box[3] - box[1]:.0f} px"

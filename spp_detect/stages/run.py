@@ -6,7 +6,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from spp_detect.stages.common import StageContext, is_current, trunk_line
+from spp_detect.stages.context import StageContext
+from spp_detect.stages.manifests import is_current
+from spp_detect.stages.provenance import trunk_line
 from spp_detect.stages.report import write_report
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`spp-detect test`: detections for every image of a split (docs/method.md#test-time-detection).
 
 Steps:
-1. check the upstream stages; build the ``detector.Detector`` from the trained run;
+1. check the upstream stages; build the ``detector.TrainedDetector`` from the trained run;
 2. per image: ``Detector.detect``, written as `detections/<split>/<id>.npz`, so a killed run
    resumes. The next image's cached maps are read in a background thread meanwhile. A CUDA
    error stops the stage with one line naming the image, the files written so far kept;
@@ -16,30 +16,16 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from spp_detect.artifacts import (
-    clear_manifest,
-    load_npz,
-    save_npz,
-)
 from spp_detect.config import Config
-from spp_detect.features import device_errors, prefetching
-from spp_detect.run_dir import RunDir
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
-    build_detector,
-    check_item,
-    close_stage,
-    file_identity,
-    items_to_do,
-    load_proposals,
-    locked,
-    model_digest,
-    open_split,
-    split_todo,
-    stage_dir,
-    wait_for_shares,
-)
+from spp_detect.models.features import prefetching
+from spp_detect.runtime.artifacts import file_identity, load_npz, save_npz
+from spp_detect.runtime.device import device_errors
+from spp_detect.runtime.run_dir import RunDir
+from spp_detect.stages.builders import build_detector, load_proposals, open_split
+from spp_detect.stages.context import StageContext, Summary, locked
+from spp_detect.stages.manifests import check_item, clear_manifest, close_stage
+from spp_detect.stages.provenance import items_to_do, model_digest
+from spp_detect.stages.sharding import split_todo, wait_for_shares
 from spp_detect.structures import Detections, ImageDetections, ImageRecord
 
 
@@ -50,7 +36,7 @@ def run_test(ctx: StageContext, split: str) -> str:
     # 1. upstream
     records, source = open_split(config, run_dir, split, ctx.limit, ctx.device)
     detector = build_detector(config, run_dir, ctx.device)
-    clear_manifest(stage_dir(run_dir, "test", split))
+    clear_manifest(run_dir.stage_dir("test", split))
     # 2. per image
     todo, fingerprints = items_to_do(
         config, "test", records, functools.partial(run_dir.detection_part_path, split), ctx.force,

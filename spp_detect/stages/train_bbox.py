@@ -22,28 +22,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.bbox_reg import (
-    BoxRegressors,
-    fit_box_regressors,
-    mean_iou_before_after,
-    regression_examples,
-)
 from spp_detect.config import BboxRegConfig
-from spp_detect.features import FeatureSource
-from spp_detect.spill import ExampleSpill
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
-    close_stage,
-    load_proposals,
-    locked,
-    open_split,
-    per_image,
-    windows_of,
-)
+from spp_detect.data.proposals import windows_of
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.linear import BoxRegressors
+from spp_detect.runtime.artifacts import save_json
+from spp_detect.stages.builders import estimate_scale, load_proposals, open_split
+from spp_detect.stages.context import StageContext, Summary, locked
+from spp_detect.stages.manifests import clear_manifest, close_stage
+from spp_detect.stages.sharding import per_image
 from spp_detect.structures import ImageRecord
-from spp_detect.window_features import feature_scale, sample_for_norm
+from spp_detect.train.bbox_reg import fit_box_regressors, mean_iou_before_after, regression_examples
+from spp_detect.train.spill import ExampleSpill
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +54,13 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     }
     # 2. feature scale (on rank 0)
     cfg = config.bbox_reg
-    scale = _estimate_scale(cfg, source, records, windows) if dist.is_main else 1.0
+    scale = 1.0
+    if (
+        dist.is_main
+    ):  # 20 / the mean pool5 norm of a sample (docs/method.md#bounding-box-regression)
+        counts = [len(windows[r.image_id]) for r in records]
+        pool5_of = functools.partial(_pool5_of, source, records, windows)
+        scale = estimate_scale(cfg, counts, pool5_of, "pool5")
     # 3. examples, spilled to disk: pool5 of every example is ~13 GB float16 at VOC scale
     examples_of = functools.partial(_examples_of, source, windows, cfg.min_iou)
     found = per_image(dist, records, source, examples_of, desc="bbox examples")
@@ -92,20 +88,12 @@ def run_train_bbox(ctx: StageContext, split: str) -> str:
     return summary.line()
 
 
-def _estimate_scale(
-    cfg: BboxRegConfig, source: FeatureSource, records: list[ImageRecord], windows: dict
-) -> float:
-    """20 / the mean pool5 norm of a sample of windows (docs/method.md#bounding-box-regression)."""
-    counts = [len(windows[r.image_id]) for r in records]
-    picks = sample_for_norm(counts, cfg.norm_images, cfg.norm_windows, cfg.seed)
-
-    def pool5_of(image: int, rows: np.ndarray) -> torch.Tensor:
-        record = records[image]
-        return _pool5(source, record, windows[record.image_id][rows])
-
-    scale = feature_scale(pool5_of, picks, cfg.target_norm)
-    logger.info("pool5 feature scale %.4f (mean norm -> %g)", scale, cfg.target_norm)
-    return scale
+def _pool5_of(
+    source: FeatureSource, records: list[ImageRecord], windows: dict, image: int, rows: np.ndarray
+) -> torch.Tensor:
+    """pool5 (r, D) of the windows ``rows`` of image number ``image``."""
+    record = records[image]
+    return _pool5(source, record, windows[record.image_id][rows])
 
 
 @torch.inference_mode()

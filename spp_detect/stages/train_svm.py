@@ -11,31 +11,25 @@ Steps (docs/method.md#svm-training):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from spp_detect.artifacts import clear_manifest, save_json
-from spp_detect.distributed import Dist
-from spp_detect.features import FeatureSource
-from spp_detect.head import Head
-from spp_detect.spp import dedup_keys
-from spp_detect.stages.common import (
-    StageContext,
-    Summary,
-    close_stage,
-    load_proposals,
-    load_trained_head,
-    locked,
-    open_split,
-    per_image,
-    windows_of,
-)
+from spp_detect.data.proposals import windows_of
+from spp_detect.models.features import FeatureSource
+from spp_detect.models.head import Head
+from spp_detect.ops.spp import dedup_keys
+from spp_detect.runtime.artifacts import save_json
+from spp_detect.runtime.distributed import Dist
+from spp_detect.stages.builders import estimate_scale, load_proposals, load_trained_head, open_split
+from spp_detect.stages.context import StageContext, Summary, locked
+from spp_detect.stages.manifests import clear_manifest, close_stage
+from spp_detect.stages.sharding import per_image
 from spp_detect.structures import ImageRecord
-from spp_detect.svm import SvmParams, mine_and_train, negative_candidates
-from spp_detect.window_features import feature_scale, sample_for_norm
+from spp_detect.train.svm import SvmParams, mine_and_train, negative_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +65,15 @@ def run_train_svm(ctx: StageContext, split: str) -> str:
     windows = WindowFeatures(ctx, split, source, load_trained_head(config, run_dir, ctx.device))
     clear_manifest(run_dir.svm_dir)
     # 2. feature scale (on rank 0: a sample of svm.norm_images images)
-    scale = _estimate_scale(config.svm, records, windows) if dist.is_main else 1.0
-    logger.info("fc7 feature scale %.4f (mean norm -> %g)", scale, config.svm.target_norm)
+    scale = 1.0
+    if dist.is_main:
+        counts = [len(windows.windows(r)[0]) for r in records]
+        fc7_of = functools.partial(_fc7_of, records, windows)
+        scale = estimate_scale(config.svm, counts, fc7_of, "fc7")
     # 3.-4. positives, then one mining pass
     num_classes = len(config.data.classes)
     positives = _positives(records, windows, num_classes, dist)
-    negatives = _negatives(
-        records, windows, num_classes, config.svm.neg_iou, config.spp.offset, dist
-    )
+    negatives = _negatives(records, windows, num_classes, config.svm.neg_iou, dist)
     if not dist.is_main:
         for _ in negatives:  # computes this rank's images and sends them to rank 0
             pass
@@ -106,16 +101,13 @@ def _params(svm) -> SvmParams:
     )  # fmt: skip
 
 
-def _estimate_scale(svm, records: list[ImageRecord], windows: WindowFeatures) -> float:
-    counts = [len(windows.windows(r)[0]) for r in records]
-    picks = sample_for_norm(counts, svm.norm_images, svm.norm_windows, svm.seed)
-
-    def fc7_of(image: int, rows: np.ndarray) -> torch.Tensor:
-        record = records[image]
-        boxes = windows.windows(record)[0][rows]
-        return torch.from_numpy(windows.fc7(record, boxes, windows.scale_index(record, boxes)))
-
-    return feature_scale(fc7_of, picks, svm.target_norm)
+def _fc7_of(
+    records: list[ImageRecord], windows: WindowFeatures, image: int, rows: np.ndarray
+) -> torch.Tensor:
+    """fc7 (r, F) of the windows ``rows`` of image number ``image``."""
+    record = records[image]
+    boxes = windows.windows(record)[0][rows]
+    return torch.from_numpy(windows.fc7(record, boxes, windows.scale_index(record, boxes)))
 
 
 def _positives(
@@ -144,7 +136,6 @@ def _negatives(
     windows: WindowFeatures,
     num_classes: int,
     neg_iou: float,
-    offset: float,
     dist: Dist,
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
     """Per image, per class: (fc7 (Q_k, F), window keys (Q_k,)) of its candidate negatives
@@ -155,9 +146,8 @@ def _negatives(
         boxes, _ = windows.windows(record)
         scale_index = windows.scale_index(record, boxes)
         keys = dedup_keys(
-            boxes, record.image_hw, windows.source.image_scales(record), scale_index,
-            geometry.stride, geometry.offset0, offset,
-        )  # fmt: skip
+            boxes, record.image_hw, windows.source.image_scales(record), scale_index, geometry
+        )
         candidates, is_negative = negative_candidates(
             boxes, keys, record.gt_boxes, record.gt_labels, num_classes, neg_iou
         )

@@ -1,0 +1,2 @@
+"""Datasets and their inputs: images, VOC and COCO splits, proposals, the toy set
+(docs/layout.md)."""

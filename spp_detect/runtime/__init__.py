@@ -1,0 +1,2 @@
+"""What runs the work: run-directory paths, atomic artefacts, locks, workers, torchrun, devices
+(docs/layout.md)."""
