@@ -201,7 +201,7 @@ def install_synthetic_trunk(channels: int) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbones.RANDOM_INIT_SEED)
             features = nn.Sequential(nn.Conv2d(3, channels, 16, stride=16), nn.ReLU())
-        return backbones.Backbone(SYNTHETIC, features, "imagenet")
+        return backbones.Backbone(SYNTHETIC, features, "imagenet", {"conv1": 0})
 
     # weights.build_backbone builds the trunk it loads weights into
     backbones.random_trunk = weights.random_trunk = random_trunk

@@ -213,11 +213,15 @@ def stage_options(
             force=force,
             dist=start(dist, device),
         )
-        # 3. The run's record, when the command starts (so that --run-dir alone resumes an
-        # interrupted first run); a config refused above never gets here.
-        if ctx.dist.is_main and records_run(reads_run, keeps_sections, config, ctx.run_dir):
+        # 3. The run's record. A first run's is written when it starts, so that --run-dir alone
+        # resumes it after an interruption; a finished run's changes only when a command
+        # succeeds, so that a call its artefacts refuse leaves the record as it was.
+        records = ctx.dist.is_main and records_run(reads_run, keeps_sections, config, ctx.run_dir)
+        if records and not ctx.run_dir.config_path.is_file():
             config.dump(ctx.run_dir.config_path)
         result = func(ctx=ctx, **kw)
+        if records:
+            config.dump(ctx.run_dir.config_path)
         stop(ctx.dist)
         return result
 

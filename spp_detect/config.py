@@ -30,10 +30,11 @@ VOC_CLASSES = (
 )  # fmt: skip
 PAPER_SCALES = (480, 576, 688, 864, 1200)  # paper §4.3; the released code used 874 for 864
 DEFAULT_SCALES = PAPER_SCALES[:3]  # extract.scales for your own data (BENCHMARKS.md)
-# finetune.iterations 0 sizes the head's training to the split (sized_finetune): this many SGD
-# iterations per training image, within the bounds below. The paper's 90,000 on VOC 2007
+# finetune.iterations SIZED (-1) sizes the head's training to the split (sized_finetune): this
+# many SGD iterations per training image, within the bounds below. The paper's 90,000 on VOC 2007
 # trainval are 18 an image for a 4,096-wide head; a 1,024-wide head on a pretrained trunk
 # needs fewer (docs/method.md#where-the-defaults-differ-from-the-paper).
+SIZED = -1  # finetune.iterations: sized to the training split
 ITERATIONS_PER_IMAGE = 8
 MIN_SIZED_ITERATIONS = 500
 MAX_SIZED_ITERATIONS = 40000
@@ -136,11 +137,12 @@ class FinetuneConfig:
     fg_thresh: float = 0.5  # IoU >= this is foreground (paper)
     bg_thresh_lo: float = 0.1  # background IoU lower bound, inclusive (paper)
     bg_thresh_hi: float = 0.5  # background IoU upper bound, exclusive (paper)
-    # SGD iterations, the last one kept (no test-set selection); 0: sized to the training split
+    # SGD iterations, the last one kept (no test-set selection); -1 (SIZED): sized to the training
+    # split; 0: none, fc6/fc7 as initialised (the paper's "no fine-tuning" rows)
     # (sized_finetune; the paper's 90,000 are in the voc07_* configs)
-    iterations: int = 0
+    iterations: int = SIZED
     lr: float = 1e-3  # base learning rate (released code; paper: 1e-4)
-    # lr x0.1 at these iterations (released code: 30,000 and 60,000); with iterations 0: at 2/3
+    # lr x0.1 at these iterations (released code: 30,000 and 60,000); with SIZED: at 2/3
     lr_steps: tuple[int, ...] = ()
     momentum: float = 0.9  # SGD momentum (released code)
     weight_decay: float = 5e-4  # L2 weight decay (released code)
@@ -260,8 +262,8 @@ def _plain(value: Any) -> Any:
 
 def sized_finetune(settings: FinetuneConfig, num_images: int) -> FinetuneConfig:
     """``settings`` with ``iterations`` and ``lr_steps`` sized to ``num_images`` training
-    images when ``iterations`` is 0; unchanged otherwise."""
-    if settings.iterations:
+    images when ``iterations`` is ``SIZED``; unchanged otherwise."""
+    if settings.iterations != SIZED:
         return settings
     iterations = ITERATIONS_PER_IMAGE * num_images
     iterations = min(max(iterations, MIN_SIZED_ITERATIONS), MAX_SIZED_ITERATIONS)
@@ -495,7 +497,7 @@ _RANGES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("finetune.batch_size", lambda v: 1 <= v <= MAX_BATCH, f"1 to {MAX_BATCH}"),
     ("finetune.checkpoint_every", lambda v: v >= 1, "at least 1"),
     ("finetune.log_every", lambda v: v >= 1, "at least 1"),
-    ("finetune.iterations", lambda v: v >= 0, "at least 0"),
+    ("finetune.iterations", lambda v: v >= SIZED, "-1 (sized to the split) or at least 0"),
     ("finetune.fg_fraction", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     ("finetune.fg_thresh", lambda v: 0.0 <= v <= 1.0, "an IoU in [0, 1]"),
     ("finetune.bg_thresh_lo", lambda v: 0.0 <= v <= 1.0, "an IoU in [0, 1]"),
@@ -589,9 +591,9 @@ def _relation_problems(config: Config) -> list[str]:
         problems.append("finetune thresholds need bg_thresh_lo <= bg_thresh_hi <= fg_thresh")
     if svm.evict_thresh > svm.hard_thresh:
         problems.append("svm.evict_thresh must not exceed svm.hard_thresh")
-    if finetune.lr_steps and not finetune.iterations:
+    if finetune.lr_steps and finetune.iterations == SIZED:
         problems.append(
-            "finetune.lr_steps needs finetune.iterations > 0 (iterations 0 sizes both to the "
+            "finetune.lr_steps needs finetune.iterations set (-1 sizes both to the "
             "split); set both or neither"
         )
     if finetune.conv_from and finetune.val_split:

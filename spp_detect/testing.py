@@ -48,11 +48,21 @@ TOY_SETTINGS = [
     "finetune.lr_steps=[120]",
     "finetune.checkpoint_every=50",
 ]
-# bf16/fp16 autocast against fp32 (runtime/device.py). Measured on the toy run: SVM scores
-# move by at most 0.004 (bf16) and 0.0003 (fp16), conv5 maps by 0.7% and 0.1% of their maximum.
+# bf16/fp16 autocast against fp32 (runtime/device.py). Measured on the toy run with ZF-5: SVM
+# scores moved by at most 0.004 (bf16) and 0.0003 (fp16), conv5 maps by 0.7% and 0.1% of their
+# maximum. The default Lite0 trunk's 30 convs and residual sums drift further: ‖half − full‖ /
+# ‖full‖ from 5.8% to 11.7% in bf16 on the toy test images, with the same mAP (94.4). The map
+# bound catches a broken path; the mAP is the check that matters.
 SCORE_TOLERANCE = 0.05  # SVM margin units; the score threshold is -1.5, a margin 1
-FMAP_TOLERANCE = 0.02  # conv5 maps: max |map - fp32 map| / max fp32 map
+FMAP_TOLERANCE = 0.02  # conv5 maps in float32 by two paths: max |map - map'| / max |map|
+HALF_FMAP_TOLERANCE = 0.15  # conv5 maps in bf16/fp16: ‖half − full‖ / ‖full‖ (map_error)
 MAP_TOLERANCE = 0.005  # mAP, as for the other optimisations (issue 8)
+
+
+def map_error(full, half) -> float:
+    """‖half − full‖ / ‖full‖ of two conv map tensors (C, H, W), on the CPU."""
+    full, half = full.float().cpu(), half.float().cpu()
+    return float((half - full).norm() / full.norm())
 
 
 def cpu_and_cuda() -> tuple:

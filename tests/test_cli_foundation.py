@@ -306,6 +306,10 @@ def test_the_runs_config_is_written_when_the_command_starts(stage_env, tmp_path)
     assert_one_line_error(CliRunner().invoke(cli, args))  # refused: no proposals yet
     saved = load_config(run_dir / "config.yaml")
     assert saved.name == "toy" and saved.finetune.fc_dim == 64
+    # a later call the run refuses leaves its record as it was
+    args[args.index("finetune.fc_dim=64")] = "finetune.fc_dim=32"
+    assert_one_line_error(CliRunner().invoke(cli, args))
+    assert load_config(run_dir / "config.yaml").finetune.fc_dim == 64
 
 
 def test_test_settings_alone_keep_the_runs_record(tmp_path):

@@ -378,7 +378,7 @@ def test_voc07_configs_keep_the_papers_settings(name):
 def test_own_data_defaults_are_the_pretrained_trunk_and_a_sized_schedule():
     config = load_config(None, ["data.root=photos", "data.classes=[cat, dog]"])
     assert (config.extract.backbone, config.extract.weights) == ("efficientnet_lite0", "imagenet")
-    assert config.finetune.iterations == 0 and config.extract.scales == DEFAULT_SCALES
+    assert config.finetune.iterations == -1 and config.extract.scales == DEFAULT_SCALES
     sized = sized_finetune(config.finetune, 160)
     assert (sized.iterations, sized.lr_steps) == (1280, (853,))
     assert sized_finetune(config.finetune, 10).iterations == MIN_SIZED_ITERATIONS
@@ -388,5 +388,6 @@ def test_own_data_defaults_are_the_pretrained_trunk_and_a_sized_schedule():
 
 
 def test_lr_steps_without_iterations_is_refused():
-    with pytest.raises(UserError, match=r"finetune\.lr_steps needs finetune\.iterations > 0"):
+    expected = r"finetune\.lr_steps needs finetune\.iterations set \(-1 sizes both"
+    with pytest.raises(UserError, match=expected):
         load_config(None, ["finetune.lr_steps=[700]"])

@@ -305,7 +305,7 @@ def test_cli_bad_input_is_one_line(toy_root, tmp_path):
 CONV = (
     *FAST,
     "extract.scales=[160, 200]",
-    "finetune.conv_from=stage4",
+    "finetune.conv_from=conv4",
     "finetune.conv_lr_mult=0.1",
     "finetune.images_per_batch=2",
 )
