@@ -320,8 +320,10 @@ def test_every_float_key_refuses_numbers_that_are_not_numbers(key, value):
 @pytest.mark.parametrize("key", _numeric_keys(int))
 def test_every_int_key_refuses_minus_one(key):
     """Every integer key is range-checked when the config loads (seeds were not: svm.seed=-1
-    and finetune.seed=-1 crashed inside the stage)."""
+    and finetune.seed=-1 crashed inside the stage). finetune.iterations takes -1 (sized to the
+    split), so it is refused from -2."""
     value = "[-1]" if key in ("extract.scales", "spp.levels", "finetune.lr_steps") else "-1"
+    value = "-2" if key == "finetune.iterations" else value
     with pytest.raises(UserError, match=re.escape(key)):
         load_config(None, [f"{key}={value}"])
 
