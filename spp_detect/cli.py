@@ -543,7 +543,8 @@ def detect(
 @cli.command("demo")
 @stage_options(default_config="toy", workers=True, limit=False)
 def demo(ctx: StageContext) -> None:
-    """Build the toy dataset (data/toy) and run the whole pipeline on it; CPU, minutes."""
+    """Build the toy dataset (data/toy) and run the whole pipeline on it: minutes on a CPU, on
+    the GPU when there is one (--device cpu to keep to the CPU)."""
     from spp_detect.stages.demo import run_demo
 
     _one_process_only(ctx, "demo")

@@ -2,7 +2,8 @@
 
 Steps:
 1. write the toy dataset (skipped when it is already there with the same arguments);
-2. run every stage with the bundled `toy` config (the CPU unless --device says otherwise);
+2. run every stage with the bundled `toy` config (on the GPU when there is one, as every
+   command; --device cpu keeps it on the CPU);
 3. draw the test detections of a few images to PNG and print their paths.
 """
 
