@@ -258,7 +258,8 @@ def scales_text(scales: list[int]) -> str:
 
 def run_step(step: Step, log_dir: Path, env: dict[str, str]) -> list[list[str]]:
     """Run one step; its table rows [step, setting, result, wall s, status]."""
-    log = log_dir / f"{step.name.replace(' ', '_')}_{step.setting}.log".replace("/", "_")
+    name = f"{step.name}_{step.setting}".replace(" ", "_").replace("/", "_")
+    log = log_dir / f"{name}.log"
     started = time.perf_counter()
     with log.open("w") as out:
         try:
