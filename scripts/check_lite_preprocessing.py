@@ -21,14 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spp_detect.data.image import IMAGENET_MEAN, IMAGENET_STD, LITE_PIXEL_MEAN, LITE_PIXEL_STD
 from spp_detect.models.efficientnet_lite import VARIANTS, load_classifier
 
 MAMMALS = range(151, 398)  # ImageNet class indices from "Chihuahua" to "hog" (dogs to ungulates)
 MILITARY_UNIFORM = 652
 CROP = 224
 CROP_MARGIN = 1.14  # resize the shorter side to 224 × 1.14, then centre-crop (ImageNet eval)
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+# the package's two normalisations (data/image.py), on 0–255 pixels
+MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
 
 class SamePadding(nn.Module):
@@ -68,7 +70,9 @@ def centre_crop(path: Path) -> torch.Tensor:
 
 
 def normalised(pixels: torch.Tensor, kind: str) -> torch.Tensor:
-    return (pixels - 127.0) / 128.0 if kind == "rgb127" else (pixels - IMAGENET_MEAN) / IMAGENET_STD
+    if kind == "rgb127":
+        return (pixels - LITE_PIXEL_MEAN) / LITE_PIXEL_STD
+    return (pixels - MEAN_255) / STD_255
 
 
 def main() -> None:
