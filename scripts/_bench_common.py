@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.config import PAPER_SCALES, SppConfig, TestConfig
+from spp_detect.config import PAPER_SCALES, ProposeConfig, SppConfig, TestConfig
 from spp_detect.data.proposals import propose_image
 from spp_detect.data.voc import read_split
 from spp_detect.models.backbones import BACKBONES, Backbone, output_hw
@@ -57,6 +57,7 @@ DELTA_STD = 0.1  # std of the random regressors' deltas (typical trained dx, dy,
 MODEL_SEED = 0
 TEST = TestConfig()  # docs/method.md#test-time-detection
 SPP = SppConfig()  # levels, target size, box shrink (docs/method.md#projection)
+PROPOSE = ProposeConfig()  # what `spp-detect propose` does by default (docs/method.md#proposals)
 
 
 # ---------------------------------------------------------------- options, machine, tables
@@ -263,17 +264,26 @@ class BenchImage:
     image: np.ndarray  # uint8 (H, W, 3) RGB
     boxes: np.ndarray  # float32 (R, 4) proposals
     ss_boxes: int  # how many of them came from selective search
+    proposal_s: float | None = None  # selective search's seconds on it (None: random boxes)
 
 
-def make_proposals(image: np.ndarray, count: int, source: str, seed: int) -> tuple[np.ndarray, int]:
-    """Exactly ``count`` boxes (R, 4) and how many are selective-search boxes."""
+def make_proposals(
+    image: np.ndarray, count: int, source: str, seed: int
+) -> tuple[np.ndarray, int, float | None]:
+    """Exactly ``count`` boxes (R, 4), how many are selective-search boxes, and the seconds
+    selective search took (None for random boxes). Selective search runs as ``spp-detect
+    propose`` does by default (fast mode, images shrunk to ``propose.max_side``)."""
     rng = np.random.default_rng(seed)
-    boxes = np.zeros((0, 4), np.float32)
+    boxes, seconds = np.zeros((0, 4), np.float32), None
     if source == "ss":
-        boxes = propose_image(image, "selective_search", mode="fast", min_size=MIN_BOX_SIDE)
-        boxes = boxes[:count]
+        started = time.perf_counter()
+        boxes = propose_image(
+            image, "selective_search", mode=PROPOSE.mode, min_size=MIN_BOX_SIDE,
+            max_side=PROPOSE.max_side,
+        )[:count]  # fmt: skip
+        seconds = time.perf_counter() - started
     extra = random_boxes(rng, count - len(boxes), image.shape[:2], min_side=MIN_BOX_SIDE)
-    return np.concatenate([boxes, extra]).astype(np.float32), len(boxes)
+    return np.concatenate([boxes, extra]).astype(np.float32), len(boxes), seconds
 
 
 def load_images(args: argparse.Namespace, count: int | None = None) -> list[BenchImage]:
@@ -287,8 +297,8 @@ def load_images(args: argparse.Namespace, count: int | None = None) -> list[Benc
     images = []
     for index, record in enumerate(records[:count]):
         image = read_record_image(record)
-        boxes, ss = make_proposals(image, args.proposals, args.proposal_source, args.seed + index)
-        images.append(BenchImage(record, image, boxes, ss))
+        proposals = make_proposals(image, args.proposals, args.proposal_source, args.seed + index)
+        images.append(BenchImage(record, image, *proposals))
     return images
 
 

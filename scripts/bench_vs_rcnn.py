@@ -198,24 +198,37 @@ def seconds(value: float) -> str:
     return f"{value:.3f}"
 
 
-def main_table(rows: dict[str, dict]) -> str:
+def main_table(rows: dict[str, dict], proposal_s: float | None) -> str:
+    """The paper's columns, with selective search's seconds and the total a user waits for
+    (proposals + detection) where the proposals were timed."""
     rcnn_total = rows["R-CNN"]["grouped"]["total"]
     rcnn_conv = rows["R-CNN"]["grouped"]["conv"]
+    waits = [] if proposal_s is None else ["proposals s", "with proposals s"]
     lines = []
     for label, r in rows.items():
         g = r["grouped"]
         speedup = "-" if label == "R-CNN" else f"**{rcnn_total / g['total']:.1f}×**"
         conv_speedup = "-" if label == "R-CNN" else f"{rcnn_conv / g['conv']:.0f}×"
+        waited = []
+        if proposal_s is not None:
+            waited = [seconds(proposal_s), seconds(proposal_s + g["total"])]
         lines.append([
             label, seconds(g["conv"]), seconds(g["fc"]), seconds(g["other"]),
-            seconds(g["total"]), speedup, conv_speedup, *paper_cells(label),
+            seconds(g["total"]), *waited, speedup, conv_speedup, *paper_cells(label),
         ])  # fmt: skip
     return markdown_table(
-        ["method", "conv s", "fc s", "other s", "total s", "speed-up (total)",
+        ["method", "conv s", "fc s", "other s", "total s", *waits, "speed-up (total)",
          "speed-up (conv)", "paper conv s (GPU)", "paper fc s", "paper total s",
          "paper speed-up", "paper conv speed-up"],
         lines,
     )  # fmt: skip
+
+
+def median_proposal_seconds(images: list[BenchImage], warmup: int) -> float | None:
+    """Selective search's median seconds over the timed images; None when they got random
+    boxes (``--proposal-source random``)."""
+    timed = [item.proposal_s for item in images[warmup:]]
+    return None if None in timed else float(np.median(timed))
 
 
 def paper_cells(label: str) -> list:
@@ -308,21 +321,24 @@ def main() -> None:
         distinct = rows[label]["counts"]["distinct"]
         print(f"- {label}: {scales_label(scales)}, median {distinct:.0f} distinct windows")
     print()
-    print(main_table(rows))
+    proposal_s = median_proposal_seconds(images, args.warmup)
+    print(main_table(rows, proposal_s))
     print()
     print(parts_table(rows))
     print()
     print(flop_table(rows))
-    write_json(args.json, key_figures(rows))
+    write_json(args.json, key_figures(rows, proposal_s))
 
 
-def key_figures(rows: dict[str, dict]) -> dict:
-    """Per method: median seconds per image, in total and per column, and the speed-up."""
+def key_figures(rows: dict[str, dict], proposal_s: float | None) -> dict:
+    """Per method: median seconds per image, in total and per column, the speed-up, and
+    selective search's seconds (None when not timed)."""
     rcnn_total = rows["R-CNN"]["grouped"]["total"]
     return {
         label: {
             **{f"{column}_s": r["grouped"][column] for column in ("conv", "fc", "other", "total")},
             "speedup": rcnn_total / r["grouped"]["total"],
+            "proposals_s": proposal_s,
         }
         for label, r in rows.items()
     }
