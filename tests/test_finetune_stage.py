@@ -7,6 +7,7 @@ conv5 cache comes from the real extract stage.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def test_a_checkpoint_from_another_device_type_starts_over(toy_root, upstream, t
 
 
 @pytest.mark.slow
-def test_learns_toy_windows(toy_root, upstream, tmp_path):
+def test_learns_toy_windows(toy_root, upstream, tmp_path, caplog):
     run = _copy(upstream, tmp_path)
     extra = (
         "finetune.fc_dim=256",
@@ -182,8 +183,11 @@ def test_learns_toy_windows(toy_root, upstream, tmp_path):
         "finetune.val_split=test",
     )
     ctx = _ctx(toy_root, run, *extra)
-    line = run_finetune(ctx, "trainval")
+    with caplog.at_level(logging.INFO):
+        line = run_finetune(ctx, "trainval")
     assert line.startswith("finetune: 150 items")
+    trunk_lines = [r for r in caplog.records if r.getMessage().startswith("trunk ")]
+    assert len(trunk_lines) == 1, "one trunk line per stage, with a held-out split too"
     history = load_json(RunDir(run).history_path)["entries"]
     assert [e["iteration"] for e in history] == [25, 50, 75, 100, 125, 150]
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]

@@ -45,13 +45,15 @@ def pool_geometry(config: Config, stride: int, offset0: float):
     return PoolGeometry(stride, offset0, spp.offset, tuple(spp.levels), spp.target_size)
 
 
-def build_trunk(config: Config, run_dir: RunDir):
+def build_trunk(config: Config, run_dir: RunDir, announce: bool = True):
     """The conv trunk whose conv5 maps the later stages use: ``extract.backbone`` with
-    ``extract.weights``, or, with ``finetune.conv_from``, the trunk fine-tuned end to end."""
+    ``extract.weights``, or, with ``finetune.conv_from``, the trunk fine-tuned end to end.
+    ``announce`` logs the trunk line (a stage's second source passes False)."""
     from spp_detect.models.weights import build_backbone
 
     settings = config.extract
-    log_trunk(config)
+    if announce:
+        log_trunk(config)
     if not config.finetune.conv_from:
         return build_backbone(settings.backbone, settings.weights, settings.last_stage)
     expected = trunk_digest(config, run_dir)
@@ -63,17 +65,21 @@ def build_trunk(config: Config, run_dir: RunDir):
     return build_backbone(settings.backbone, str(run_dir.trunk_path), settings.last_stage)
 
 
-def open_feature_source(config: Config, run_dir: RunDir, split: str, device: str):
+def open_feature_source(
+    config: Config, run_dir: RunDir, split: str, device: str, announce: bool = True
+):
     """Conv5 maps of ``split`` as a ``features.FeatureSource``: the extract cache (its manifest
-    checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly."""
+    checked) when ``extract.cache`` is disk, else a backbone that computes them on the fly.
+    ``announce``: log the trunk line, once per stage (False for a stage's second source)."""
     from spp_detect.models.features import FeatureSource
 
     if config.extract.cache != "disk":
-        return live_feature_source(config, run_dir, device)
+        return live_feature_source(config, run_dir, device, announce)
     manifest = require_upstream(config, run_dir, "extract", split)
     origin = maps_origin(config, run_dir)
     check_trunk(config, run_dir, manifest, run_dir.features_dir(split), split)
-    log_trunk(config)
+    if announce:
+        log_trunk(config)
     return FeatureSource(
         config.extract.scales,
         pool_geometry(config, int(manifest["stride"]), float(manifest["offset0"])),
@@ -92,13 +98,13 @@ def open_split(config: Config, run_dir: RunDir, split: str, limit: int | None, d
     return records, open_feature_source(config, run_dir, split, device)
 
 
-def live_feature_source(config: Config, run_dir: RunDir, device: str):
+def live_feature_source(config: Config, run_dir: RunDir, device: str, announce: bool = True):
     """A ``features.FeatureSource`` that runs the trunk (``build_trunk``) on each image (no
     cache needed)."""
     from spp_detect.models.features import FeatureSource
 
     settings = config.extract
-    backbone = build_trunk(config, run_dir)
+    backbone = build_trunk(config, run_dir, announce)
     return FeatureSource(
         settings.scales,
         pool_geometry(config, backbone.stride, backbone.offset0),

@@ -248,7 +248,8 @@ def evaluation_windows(
     """
     _check_upstream(config, run_dir, split)
     records = split_records(config, split, limit)
-    source = open_feature_source(config, run_dir, split, device)
+    # the training split's source has named the trunk: one trunk line per stage
+    source = open_feature_source(config, run_dir, split, device, announce=False)
     pool = _window_pool(config, run_dir, split, records, flip=False)
     settings = config.finetune
     if len(pool.labels) == 0:  # the pool keeps only fg and bg windows: nothing to draw
