@@ -1,11 +1,11 @@
 """The trunks side by side on a VOC-layout set: mAP, wall time per stage and peak memory.
 
-Each cell is one `spp-detect run` with a list of `--set` overrides on the bundled raccoon config,
-run once per seed (`finetune.seed` and `svm.seed`). Cells that differ only in their test
-settings (scorer, regressor) reuse a finished run's folders (hard links) and rerun only
-test and eval; seeds of a cell share its proposals and conv5 cache the same way, so their stage
-times read "done before" there. Peak memory is the largest resident set of the run's process
-tree (``os.wait4``).
+Each cell is one `spp-detect run` with a list of `--set` overrides on a bundled config (the
+raccoon one unless the cell names another, or none for the code defaults), run once per seed
+(`finetune.seed` and `svm.seed`). Cells that differ only in their test settings (scorer,
+regressor) reuse a finished run's folders (hard links) and rerun only test and eval; seeds of a
+cell share its proposals and conv5 cache the same way, so their stage times read "done before"
+there. Peak memory is the largest resident set of the run's process tree (``os.wait4``).
 
     python scripts/bench_trunks.py --root ../shared/datasets/raccoon --out runs/bench_trunks \\
         --cells ci_zf5_random,ci_lite0_s16,ci_lite0_s32 --seeds 6 7
@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import mean
+from typing import NamedTuple
 
 # -c raccoon is the CI setting of tests/test_pipeline.py: 1 small scale, a short schedule.
 CI: list[str] = []
@@ -40,28 +41,38 @@ HEAD_BOXES = ["finetune.bbox_loss_weight=1.0"]
 HEAD_REG = ["test.regressor=head"]  # the head's box branch instead of the ridge regressors
 SOFTMAX = ["test.scorer=softmax"]  # the head's classifier instead of the SVMs
 
+
+class Cell(NamedTuple):
+    """One benchmark setting: ``spp-detect run -c CONFIG --set ...`` (no -c: the code defaults),
+    and the cell whose finished run it reuses for all but test and eval ("" for none)."""
+
+    overrides: list[str]
+    reuse: str = ""
+    config: str | None = "raccoon"
+
+
 # What a config naming only data.root and data.classes gets (no -c): the code defaults
 OWN = ["data.classes=[raccoon]"]
 
-# name: (overrides, the cell whose finished run it reuses for all but test and eval, or "")
-CELLS: dict[str, tuple[list[str], str]] = {
-    "ci_zf5_random": ([*CI, *ZF5_RANDOM], ""),
-    "ci_lite0_s16": ([*CI, *LITE0], ""),
-    "ci_lite0_s32": ([*CI, *LITE0, *STRIDE32], ""),
-    "ci_lite0_s16_conv": ([*CI, *LITE0, *CONV], ""),
-    "ci_lite0_s16_box": ([*CI, *LITE0, *HEAD_BOXES], ""),
-    "ci_lite0_s16_box_head": ([*CI, *LITE0, *HEAD_BOXES, *HEAD_REG], "ci_lite0_s16_box"),
-    "ci_lite0_s16_box_softmax": ([*CI, *LITE0, *HEAD_BOXES, *SOFTMAX], "ci_lite0_s16_box"),
-    "ci_lite0_s16_box_softmax_head": (
-        [*CI, *LITE0, *HEAD_BOXES, *SOFTMAX, *HEAD_REG],
-        "ci_lite0_s16_box",
+CELLS: dict[str, Cell] = {
+    "ci_zf5_random": Cell([*CI, *ZF5_RANDOM]),
+    "ci_lite0_s16": Cell([*CI, *LITE0]),
+    "ci_lite0_s32": Cell([*CI, *LITE0, *STRIDE32]),
+    "ci_lite0_s16_conv": Cell([*CI, *LITE0, *CONV]),
+    # the bundled end-to-end config as it stands (its own schedule, box branch and regressor)
+    "raccoon_conv": Cell([*LITE0], config="raccoon_conv"),
+    "ci_lite0_s16_box": Cell([*CI, *LITE0, *HEAD_BOXES]),
+    "ci_lite0_s16_box_head": Cell([*CI, *LITE0, *HEAD_BOXES, *HEAD_REG], "ci_lite0_s16_box"),
+    "ci_lite0_s16_box_softmax": Cell([*CI, *LITE0, *HEAD_BOXES, *SOFTMAX], "ci_lite0_s16_box"),
+    "ci_lite0_s16_box_softmax_head": Cell(
+        [*CI, *LITE0, *HEAD_BOXES, *SOFTMAX, *HEAD_REG], "ci_lite0_s16_box"
     ),
-    "5s_zf5_random": ([*FIVE, *ZF5_RANDOM], ""),
-    "5s_lite0_s16": ([*FIVE, *LITE0], ""),
-    "5s_lite0_s32": ([*FIVE, *LITE0, *STRIDE32], ""),
-    "own_defaults": (OWN, ""),
-    "own_1scale_688": ([*OWN, "extract.scales=[688]"], ""),
-}  # fmt: skip
+    "5s_zf5_random": Cell([*FIVE, *ZF5_RANDOM]),
+    "5s_lite0_s16": Cell([*FIVE, *LITE0]),
+    "5s_lite0_s32": Cell([*FIVE, *LITE0, *STRIDE32]),
+    "own_defaults": Cell(OWN, config=None),
+    "own_1scale_688": Cell([*OWN, "extract.scales=[688]"], config=None),
+}
 SHARED_STAGES = ("proposals", "features")  # what seeds of one cell share (no seed in them)
 TIME_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(ran|done before)\s+([\d.]+)$")
 
@@ -77,10 +88,11 @@ def link_tree(source: Path, target: Path, folders: tuple[str, ...] | None = None
             os.link(path, target / folder)
 
 
-def run_cell(root: Path, run_dir: Path, overrides: list[str], threads: int) -> dict:
+def run_cell(
+    root: Path, run_dir: Path, config: str | None, overrides: list[str], threads: int
+) -> dict:
     """One `spp-detect run`; its mAP, stage times (s), wall time (s) and peak RSS (MiB)."""
-    own = overrides[: len(OWN)] == OWN
-    command = [sys.executable, "-m", "spp_detect", "run", *([] if own else ["-c", "raccoon"])]
+    command = [sys.executable, "-m", "spp_detect", "run", *(["-c", config] if config else [])]
     command += ["--run-dir", str(run_dir), "--workers", str(threads), "--device", "cpu"]
     for item in [f"data.root={root}", *overrides]:
         command += ["--set", item]
@@ -117,7 +129,7 @@ def main() -> None:
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for cell in args.cells.split(","):
-        overrides, reuse = CELLS[cell]
+        overrides, reuse, config = CELLS[cell]
         for index, seed in enumerate(args.seeds):
             key = f"{cell}/seed{seed}"
             if key in results:
@@ -131,7 +143,7 @@ def main() -> None:
             elif index:
                 link_tree(args.out / cell / f"seed{args.seeds[0]}", run_dir, SHARED_STAGES)
             seeded = [*overrides, f"finetune.seed={seed}", f"svm.seed={seed}"]
-            results[key] = run_cell(args.root.resolve(), run_dir, seeded, args.threads)
+            results[key] = run_cell(args.root.resolve(), run_dir, config, seeded, args.threads)
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{key}: mAP {100 * results[key]['mAP']:.2f}", flush=True)
     print_table(results)
