@@ -100,6 +100,25 @@ def test_layers_below_the_first_trainable_one_stay_frozen():
     assert [g["lr_mult"] for g in optimizer.param_groups] == [1.0, 0.1, 0.2]
 
 
+@pytest.mark.parametrize(
+    ("backbone", "first"), [("zf5", "conv3"), ("efficientnet_lite0", "stage4")]
+)
+def test_sgd_moves_exactly_the_trainable_conv_layers(backbone, first):
+    trunk = build_backbone(backbone, "none")
+    index = conv_layer_index(trunk, first)
+    trainable = finetune_conv.freeze_below(trunk, index)
+    optimizer = torch.optim.SGD([{"params": [], "lr_mult": 1.0}], lr=0.1)
+    finetune_conv.add_trunk_to_optimizer(optimizer, trunk, index, lr_mult=1.0)
+    in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in trainable} and trainable
+    before = {name: p.detach().clone() for name, p in trunk.named_parameters()}
+    trunk(torch.rand(1, 3, 64, 64)).square().mean().backward()
+    optimizer.step()
+    moved = {name for name, p in trunk.named_parameters() if not torch.equal(p, before[name])}
+    expected = {name for name, p in trunk.named_parameters() if p.requires_grad}
+    assert moved == expected and len(expected) == len(trainable)
+
+
 def test_conv_layer_names_match_the_trunks():
     for name, layers in CONV_LAYERS.items():
         trunk = build_backbone(name, "none")

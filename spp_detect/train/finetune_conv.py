@@ -104,9 +104,10 @@ def add_trunk_to_optimizer(
 ) -> None:
     """The trainable conv layers join the head's SGD at ``lr_mult`` times its rate, biases
     twice that (the head's multipliers, docs/method.md#fine-tuning-and-sampling)."""
-    layers = trunk.features[first_trainable:]
-    weights = [layer.weight for layer in layers if isinstance(layer, nn.Conv2d)]
-    biases = [layer.bias for layer in layers if isinstance(layer, nn.Conv2d)]
+    # inside blocks too: a Lite trunk's layers are MBConv blocks, not convs
+    convs = [m for m in trunk.features[first_trainable:].modules() if isinstance(m, nn.Conv2d)]
+    weights = [conv.weight for conv in convs]
+    biases = [conv.bias for conv in convs if conv.bias is not None]
     optimizer.add_param_group({"params": weights, "lr_mult": lr_mult})
     optimizer.add_param_group({"params": biases, "lr_mult": lr_mult * BIAS_LR_MULT})
 
