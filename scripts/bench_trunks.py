@@ -35,8 +35,11 @@ FIVE = ["extract.scales=[280,335,400,500,700]"]
 ZF5_RANDOM = ["extract.backbone=zf5", "extract.weights=none"]
 LITE0 = ["extract.backbone=efficientnet_lite0", "extract.weights=imagenet"]
 STRIDE32 = ["extract.last_stage=stage7"]
-# End to end from stage 4 (Fast R-CNN trains conv3_1 on of VGG16: the later two thirds)
-CONV = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=1.0"]
+# End to end from stage 4 (Fast R-CNN trains conv3_1 on of VGG16: the later two thirds) with
+# the conv layers at Fast R-CNN's rate, 0.001: 0.1 × the CI head's 0.01
+CONV = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=0.1"]
+CONV_X1 = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=1.0"]  # at the head's rate
+LONG = ["finetune.iterations=1200", "finetune.lr_steps=[800]"]  # 4× the CI schedule
 HEAD_BOXES = ["finetune.bbox_loss_weight=1.0"]
 HEAD_REG = ["test.regressor=head"]  # the head's box branch instead of the ridge regressors
 SOFTMAX = ["test.scorer=softmax"]  # the head's classifier instead of the SVMs
@@ -59,6 +62,9 @@ CELLS: dict[str, Cell] = {
     "ci_lite0_s16": Cell([*CI, *LITE0]),
     "ci_lite0_s32": Cell([*CI, *LITE0, *STRIDE32]),
     "ci_lite0_s16_conv": Cell([*CI, *LITE0, *CONV]),
+    "ci_lite0_s16_conv_x1": Cell([*CI, *LITE0, *CONV_X1]),
+    "ci_lite0_s16_conv_long": Cell([*CI, *LITE0, *CONV, *LONG]),
+    "ci_lite0_s16_long": Cell([*CI, *LITE0, *LONG]),  # head-only with the same schedule
     # the bundled end-to-end config as it stands (its own schedule, box branch and regressor)
     "raccoon_conv": Cell([*LITE0], config="raccoon_conv"),
     "ci_lite0_s16_box": Cell([*CI, *LITE0, *HEAD_BOXES]),
