@@ -341,12 +341,27 @@ def test_conv_fine_tuning_on_the_toy_set_end_to_end(tmp_path):
         args += ["--set", setting]
     result = invoke("run", *args)
     assert result.exit_code == 0, result.output
-    assert (run / "finetune/trunk.pt").is_file()
+    _assert_trained_from(run / "finetune/trunk.pt", "stage3")
     assert json.loads((run / "eval/test.json").read_text())["mAP"] >= 0.8
     softmax = [*args, "--set", "test.scorer=softmax"]
     assert invoke("test", *softmax, "--force").exit_code == 0
     assert invoke("eval", *softmax).exit_code == 0
     assert json.loads((run / "eval/test.json").read_text())["mAP"] >= 0.8
+
+
+def _assert_trained_from(trunk_path: Path, first: str) -> None:
+    """The saved trunk differs from the packaged weights in every layer from ``first`` on and
+    nowhere before it."""
+    from spp_detect.models.backbones import conv_layer_index
+    from spp_detect.models.weights import build_backbone
+    from spp_detect.runtime.artifacts import load_torch
+
+    loaded = build_backbone("efficientnet_lite0", "imagenet")
+    index = conv_layer_index(loaded, first)
+    trained = load_torch(trunk_path)
+    for name, tensor in loaded.state_dict().items():
+        layer = int(name.split(".")[1])
+        assert torch.equal(trained[name], tensor) == (layer < index), name
 
 
 # The bundled raccoon config is the CI setting (1 small scale, short training) on the default
