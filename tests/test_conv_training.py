@@ -13,6 +13,7 @@ from spp_detect.errors import UserError
 from spp_detect.models.backbones import CONV_LAYERS, conv_layer_index
 from spp_detect.models.weights import build_backbone
 from spp_detect.ops.spp import roi_pool_bins_exact, spatial_pyramid_pool, trainable_pyramid_pool
+from spp_detect.stages.finetune import warn_fast_conv_rate
 from spp_detect.testing import reference_pool
 from spp_detect.train import finetune_conv
 
@@ -117,6 +118,17 @@ def test_sgd_moves_exactly_the_trainable_conv_layers(backbone, first):
     moved = {name for name, p in trunk.named_parameters() if not torch.equal(p, before[name])}
     expected = {name for name, p in trunk.named_parameters() if p.requires_grad}
     assert moved == expected and len(expected) == len(trainable)
+
+
+def test_a_pretrained_trunk_far_above_fast_rcnns_rate_is_warned_about(caplog):
+    fast = load_config(None, ["finetune.conv_from=stage4", "finetune.lr=0.01"]).finetune
+    warn_fast_conv_rate(fast, "imagenet")
+    assert "set finetune.conv_lr_mult=0.1" in caplog.text
+    caplog.clear()
+    warn_fast_conv_rate(fast, "none")  # random filters: the rate is the user's experiment
+    steady = load_config(None, ["finetune.conv_from=stage4"]).finetune  # the defaults: 0.001
+    warn_fast_conv_rate(steady, "imagenet")
+    assert not caplog.records
 
 
 def test_conv_layer_names_match_the_trunks():

@@ -39,6 +39,11 @@ from spp_detect.train.sampling import WindowPool, build_window_pool, warn_missin
 
 logger = logging.getLogger(__name__)
 
+# Fast R-CNN's rate for pretrained conv layers (lr 0.001, conv at the head's rate). On raccoon
+# the Lite0 trunk trained at 10x it lost most of its ImageNet features (BENCHMARKS.md)
+PRETRAINED_CONV_LR = 1e-3
+CONV_LR_WARN_FACTOR = 3.0  # warn above this multiple of PRETRAINED_CONV_LR
+
 
 @locked("finetune", sharded=True)
 def run_finetune(ctx: StageContext, split: str, stop_after: int | None = None) -> str:
@@ -138,6 +143,7 @@ def _train_end_to_end(
     from spp_detect.train import finetune_conv
 
     config, settings = ctx.config, sized_settings(ctx, split)
+    warn_fast_conv_rate(settings, config.extract.weights)
     schedule = _schedule(settings)
     model = _end_to_end_model(ctx, split)
     trainer = _new_trainer(
@@ -163,6 +169,19 @@ def _train_end_to_end(
     if seconds > 0:
         notes.append(f"{(trainer.progress.iteration - start) / seconds:.2f} SGD it/s end to end")
     return trainer, notes
+
+
+def warn_fast_conv_rate(settings: FinetuneConfig, weights: str) -> None:
+    """Warn when pretrained conv layers would train well above Fast R-CNN's rate: the run
+    works, and quietly ends worse than head-only fine-tuning."""
+    rate = settings.lr * settings.conv_lr_mult
+    if weights.strip().lower() == "none" or rate <= CONV_LR_WARN_FACTOR * PRETRAINED_CONV_LR:
+        return
+    logger.warning(
+        "finetune: the pretrained conv layers train at lr x conv_lr_mult = %g, %.0fx Fast "
+        "R-CNN's %g, which wears away their ImageNet features; set finetune.conv_lr_mult=%g",
+        rate, rate / PRETRAINED_CONV_LR, PRETRAINED_CONV_LR, PRETRAINED_CONV_LR / settings.lr,
+    )  # fmt: skip
 
 
 def _end_to_end_model(ctx: StageContext, split: str):
