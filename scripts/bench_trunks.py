@@ -5,7 +5,8 @@ raccoon one unless the cell names another, or none for the code defaults), run o
 (`finetune.seed` and `svm.seed`). Cells that differ only in their test settings (scorer,
 regressor) reuse a finished run's folders (hard links) and rerun only test and eval; seeds of a
 cell share its proposals and conv5 cache the same way, so their stage times read "done before"
-there. Peak memory is the largest resident set of the run's process tree (``os.wait4``).
+there. Peak memory is the largest of the stages' peaks (the run's timings.json) and of its
+processes' resident sets (``os.wait4``: the proposal workers).
 
     python scripts/bench_trunks.py --root ../shared/datasets/raccoon --out runs/bench_trunks \\
         --cells ci_zf5_random,ci_lite0_s16,ci_lite0_s32 --seeds 6 7
@@ -40,6 +41,7 @@ STRIDE32 = ["extract.last_stage=stage7"]
 CONV = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=0.1"]
 CONV_X1 = ["finetune.conv_from=stage4", "finetune.conv_lr_mult=1.0"]  # at the head's rate
 LONG = ["finetune.iterations=1200", "finetune.lr_steps=[800]"]  # 4× the CI schedule
+SLOW_LR = ["finetune.lr=0.003", "finetune.iterations=600", "finetune.lr_steps=[400]"]
 HEAD_BOXES = ["finetune.bbox_loss_weight=1.0"]
 HEAD_REG = ["test.regressor=head"]  # the head's box branch instead of the ridge regressors
 SOFTMAX = ["test.scorer=softmax"]  # the head's classifier instead of the SVMs
@@ -65,8 +67,9 @@ CELLS: dict[str, Cell] = {
     "ci_lite0_s16_conv_x1": Cell([*CI, *LITE0, *CONV_X1]),
     "ci_lite0_s16_conv_long": Cell([*CI, *LITE0, *CONV, *LONG]),
     "ci_lite0_s16_long": Cell([*CI, *LITE0, *LONG]),  # head-only with the same schedule
-    # the bundled end-to-end config as it stands (its own schedule, box branch and regressor)
-    "raccoon_conv": Cell([*LITE0], config="raccoon_conv"),
+    # -c raccoon_conv is ci_lite0_s16_conv; this was it before: the conv layers at 0.003,
+    # twice the CI schedule, the head's box branch
+    "conv_003_box": Cell([*CI, *LITE0, *CONV_X1, *HEAD_BOXES, *HEAD_REG, *SLOW_LR]),
     "ci_lite0_s16_box": Cell([*CI, *LITE0, *HEAD_BOXES]),
     "ci_lite0_s16_box_head": Cell([*CI, *LITE0, *HEAD_BOXES, *HEAD_REG], "ci_lite0_s16_box"),
     "ci_lite0_s16_box_softmax": Cell([*CI, *LITE0, *HEAD_BOXES, *SOFTMAX], "ci_lite0_s16_box"),
@@ -119,8 +122,22 @@ def run_cell(
             key = f"{match.group(1)} ({match.group(2)})"
             stages[key] = stages.get(key, 0.0) + float(match.group(4))
     report = json.loads((run_dir / "eval" / "test.json").read_text())
-    return {"mAP": report["mAP"], "stages": stages, "wall_s": wall,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "trunk": report.get("trunk")}  # fmt: skip
+    peaks = stage_peaks(run_dir, stages)
+    return {"mAP": report["mAP"], "stages": stages, "wall_s": wall, "stage_peak_mib": peaks,
+            "peak_rss_mib": max([usage.ru_maxrss / 1024, *peaks.values()]),
+            "trunk": report.get("trunk")}  # fmt: skip
+
+
+def stage_peaks(run_dir: Path, stages: dict[str, float]) -> dict[str, float]:
+    """Peak resident memory (MiB) of each stage that ran, from the run's timings.json. The
+    process's own ru_maxrss misses them: the package resets the peak at each stage
+    (/proc/self/clear_refs), so it holds the last stage's, or a proposal worker's."""
+    timings = json.loads((run_dir / "timings.json").read_text())
+    peaks = {}
+    for key in stages:
+        stage, split = key.removesuffix(")").split(" (")
+        peaks[key] = timings[f"{stage}/{split}"]["peak_rss_mib"]
+    return peaks
 
 
 def main() -> None:
