@@ -15,7 +15,7 @@ proposal throughput with the number of worker processes.
    starting the pool.
 
 Models and parts as in bench_test_time.py (the package's ``Detector``, random weights of the
-paper's sizes). Example (notes/bench_perf.md):
+paper's sizes). Example (docs/benchmarks-history.md):
 
     python scripts/bench_scaling.py          # 1 warm-up + 3 images; 8 images for proposals
 """

@@ -13,7 +13,7 @@ Each part is the median over the timed images, after warm-up. In the same run: a
 ``torch.mm`` of fc6's and fc7's shapes (the matrix-multiply reference) and ``Detector.detect``
 end to end, untouched (its total should match the sum of the parts).
 
-Example (the figures in notes/bench_perf.md):
+Example (figures in BENCHMARKS.md and docs/benchmarks-history.md):
 
     python scripts/bench_test_time.py                 # zf5, 1 + 5 warm-up/timed images
     python scripts/bench_test_time.py --backbone alexnet

@@ -18,13 +18,16 @@ those steps cost the same for every window (same input size), so time ∝ window
 NMS and regression are measured on all R rows (the measured windows' pooled rows repeated: the
 cost of a dense product does not depend on the values). Columns follow the paper: conv = image
 → conv5 (resize/crop/warp + trunk), fc = pooling + fc6/fc7 + SVM scores, other = projection,
-NMS, regression (not in the paper's table); all per image, median over the timed images.
+NMS, regression (not in the paper's table); all per image, median over the timed images. With
+``--proposal-source ss`` two more: selective search's seconds (as ``spp-detect propose`` runs it
+by default) and the total a user waits for, proposals included.
 
-Example (the figures in notes/bench_perf.md):
+Example (figures in BENCHMARKS.md and docs/benchmarks-history.md):
 
     python scripts/bench_vs_rcnn.py                       # zf5, 1 + 3 images, 2,000 proposals
     python scripts/bench_vs_rcnn.py --backbone alexnet
-    python scripts/bench_vs_rcnn.py --backbone efficientnet_lite0
+    python scripts/bench_vs_rcnn.py --backbone efficientnet_lite0 --weights imagenet \
+        --proposal-source ss                              # BENCHMARKS.md's speed table
 """
 
 from __future__ import annotations
