@@ -79,6 +79,13 @@ CELLS: dict[str, Cell] = {
     "5s_zf5_random": Cell([*FIVE, *ZF5_RANDOM]),
     "5s_lite0_s16": Cell([*FIVE, *LITE0]),
     "5s_lite0_s32": Cell([*FIVE, *LITE0, *STRIDE32]),
+    "5s_lite0_s16_conv": Cell([*FIVE, *LITE0, *CONV]),
+    "5s_lite0_s16_box": Cell([*FIVE, *LITE0, *HEAD_BOXES]),
+    "5s_lite0_s16_box_head": Cell([*FIVE, *LITE0, *HEAD_BOXES, *HEAD_REG], "5s_lite0_s16_box"),
+    "5s_lite0_s16_box_softmax": Cell([*FIVE, *LITE0, *HEAD_BOXES, *SOFTMAX], "5s_lite0_s16_box"),
+    "5s_lite0_s16_box_softmax_head": Cell(
+        [*FIVE, *LITE0, *HEAD_BOXES, *SOFTMAX, *HEAD_REG], "5s_lite0_s16_box"
+    ),
     "own_defaults": Cell(OWN, config=None),
     "own_1scale_688": Cell([*OWN, "extract.scales=[688]"], config=None),
 }
