@@ -67,6 +67,7 @@ CELLS: dict[str, Cell] = {
     "ci_lite0_s16_conv_x1": Cell([*CI, *LITE0, *CONV_X1]),
     "ci_lite0_s16_conv_long": Cell([*CI, *LITE0, *CONV, *LONG]),
     "ci_lite0_s16_long": Cell([*CI, *LITE0, *LONG]),  # head-only with the same schedule
+    "ci_lite0_s16_paper_lr": Cell([*CI, *LITE0, *LONG, "finetune.lr=0.001"]),  # the paper's rate
     # -c raccoon_conv is ci_lite0_s16_conv; this was it before: the conv layers at 0.003,
     # twice the CI schedule, the head's box branch
     "conv_003_box": Cell([*CI, *LITE0, *CONV_X1, *HEAD_BOXES, *HEAD_REG, *SLOW_LR]),
