@@ -365,9 +365,10 @@ def _assert_trained_from(trunk_path: Path, first: str) -> None:
 
 
 # The bundled raccoon config is the CI setting (1 small scale, short training) on the default
-# pretrained Lite0 trunk. It measured 89.7 and 88.1 with two seeds (BENCHMARKS.md); the floor
-# leaves room for thread counts and seeds, and random conv weights (55-61) fail it.
-RACCOON_MAP_FLOOR = 0.80
+# pretrained Lite0 trunk. Seeds 6-10 measured 76.3 to 90.0 (BENCHMARKS.md: 40 test photos make
+# a wide spread); the floor leaves room for seeds and thread counts, and random conv weights
+# (55.2 to 61.4 on the same seeds) fail it.
+RACCOON_MAP_FLOOR = 0.70
 
 
 @pytest.mark.slow
