@@ -19,7 +19,7 @@ from tqdm import tqdm
 from spp_detect.config import Config, FinetuneConfig, sized_finetune
 from spp_detect.errors import UserError
 from spp_detect.models.head import head_state
-from spp_detect.models.weights import trunk_state
+from spp_detect.models.weights import is_random, trunk_state
 from spp_detect.runtime.artifacts import check_free_space, save_json, save_torch, tensor_bytes
 from spp_detect.runtime.run_dir import RunDir
 from spp_detect.stages.builders import load_proposals, open_feature_source, pool_geometry
@@ -175,7 +175,7 @@ def warn_fast_conv_rate(settings: FinetuneConfig, weights: str) -> None:
     """Warn when pretrained conv layers would train well above Fast R-CNN's rate: the run
     works, and quietly ends worse than head-only fine-tuning."""
     rate = settings.lr * settings.conv_lr_mult
-    if weights.strip().lower() == "none" or rate <= CONV_LR_WARN_FACTOR * PRETRAINED_CONV_LR:
+    if is_random(weights) or rate <= CONV_LR_WARN_FACTOR * PRETRAINED_CONV_LR:
         return
     logger.warning(
         "finetune: the pretrained conv layers train at lr x conv_lr_mult = %g, %.0fx Fast "
